@@ -1,8 +1,13 @@
 //! deepis: a GPU compute engine for the DeepIS 3D segmenter of refractive-index tomograms.
 pub mod backend;
+pub mod cli;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod gpu;
+pub mod io;
+pub mod model;
 pub mod tensor;
+pub mod weights;
 
 pub use error::{Error, Result};

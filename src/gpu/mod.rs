@@ -38,3 +38,9 @@ pub trait Device {
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
 }
+
+pub mod cuda;
+pub mod emu;
+pub mod kernels;
+pub mod nvrtc;
+pub mod ops;

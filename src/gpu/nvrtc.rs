@@ -1,0 +1,1 @@
+//! nvrtc (in progress).

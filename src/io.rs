@@ -1,0 +1,1 @@
+//! Volume I/O (in progress).

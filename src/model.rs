@@ -1,0 +1,1 @@
+//! Model graph (in progress).
