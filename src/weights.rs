@@ -1,1 +1,347 @@
-//! Weights (in progress).
+//! DeepIS weights: safetensors files, memory-mapped, float32/float16/bfloat16 tensors named as the
+//! oracle's `state_dict()` (a DataParallel `module.` prefix is accepted), with the config in
+//! `__metadata__`. `param_specs` is the one place that lists every tensor a config needs; it drives
+//! validation, random initialisation, checkpoints and the parameter count.
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The format_version this build reads and writes.
+pub const FORMAT_VERSION: &str = "1";
+
+/// What a tensor is, which decides how it is initialised and whether it is learnable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    ConvWeight,
+    ConvBias,
+    BnWeight,
+    BnBias,
+    BnMean,
+    BnVar,
+}
+
+impl ParamKind {
+    pub fn learnable(self) -> bool {
+        !matches!(self, ParamKind::BnMean | ParamKind::BnVar)
+    }
+}
+
+/// Where a tensor is used: by the inference graph, only in training (deep-supervision heads),
+/// or never (ConBR0 exists in the published model but is unused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    Inference,
+    Training,
+    Unused,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    /// PyTorch shape (a conv weight is [cout, cin, k0, k1, k2]).
+    pub shape: Vec<usize>,
+    pub kind: ParamKind,
+    pub used: Use,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Every tensor of the model for `cfg`, in `state_dict()` order.
+pub fn param_specs(cfg: &Config) -> Vec<ParamSpec> {
+    let mut v = Vec::new();
+    let w = cfg.widths;
+    let t = cfg.trans_feature;
+    let conv = |v: &mut Vec<ParamSpec>, name: &str, cout: usize, cin: usize, k: [usize; 3], bias: bool, used: Use| {
+        v.push(ParamSpec { name: format!("{name}.weight"), shape: vec![cout, cin, k[0], k[1], k[2]], kind: ParamKind::ConvWeight, used });
+        if bias {
+            v.push(ParamSpec { name: format!("{name}.bias"), shape: vec![cout], kind: ParamKind::ConvBias, used });
+        }
+    };
+    let bn = |v: &mut Vec<ParamSpec>, name: &str, c: usize, used: Use| {
+        for (suffix, kind) in [("weight", ParamKind::BnWeight), ("bias", ParamKind::BnBias), ("running_mean", ParamKind::BnMean), ("running_var", ParamKind::BnVar)] {
+            v.push(ParamSpec { name: format!("{name}.{suffix}"), shape: vec![c], kind, used });
+        }
+    };
+    let inf = Use::Inference;
+    let k3 = [3, 3, 3];
+    let k1 = [1, 1, 1];
+    conv(&mut v, "conv1.conv1.0", w[0], 1, k3, true, inf);
+    bn(&mut v, "conv1.conv1.1", w[0], inf);
+    conv(&mut v, "conv1.conv2.0", w[0], w[0], k3, true, inf);
+    bn(&mut v, "conv1.conv2.1", w[0], inf);
+    for i in 0..4 {
+        let mid = w[i] / 2;
+        for j in 0..cfg.blocks[i] {
+            let p = format!("layer{}.blocks.{j}", i + 1);
+            let cin = if j == 0 { w[i] } else { w[i + 1] };
+            conv(&mut v, &format!("{p}.reduce.0"), mid, cin, k1, true, inf);
+            bn(&mut v, &format!("{p}.reduce.1"), mid, inf);
+            conv(&mut v, &format!("{p}.conv3.0"), mid, mid, k3, true, inf);
+            bn(&mut v, &format!("{p}.conv3.1"), mid, inf);
+            conv(&mut v, &format!("{p}.increase.0"), w[i + 1], mid, k1, true, inf);
+            bn(&mut v, &format!("{p}.increase.1"), w[i + 1], inf);
+            if j == 0 {
+                conv(&mut v, &format!("{p}.proj.0"), w[i + 1], cin, k1, true, inf);
+                bn(&mut v, &format!("{p}.proj.1"), w[i + 1], inf);
+            }
+        }
+    }
+    conv(&mut v, "gcn1", t, w[0], k1, true, inf);
+    for i in 0..4 {
+        let k = cfg.gcn_kernels[i];
+        let cin = w[i + 1];
+        let p = format!("gcn{}", i + 2);
+        conv(&mut v, &format!("{p}.conv_l1"), t, cin, [k, 1, 1], true, inf);
+        conv(&mut v, &format!("{p}.conv_l2"), t, t, [1, 1, k], true, inf);
+        conv(&mut v, &format!("{p}.conv_l3"), t, t, [1, k, 1], true, inf);
+        conv(&mut v, &format!("{p}.conv_r1"), t, cin, [1, k, 1], true, inf);
+        conv(&mut v, &format!("{p}.conv_r2"), t, t, [1, 1, k], true, inf);
+        conv(&mut v, &format!("{p}.conv_r3"), t, t, [k, 1, 1], true, inf);
+    }
+    for i in 0..5 {
+        let used = if i == 0 { Use::Unused } else { inf };
+        conv(&mut v, &format!("ConBR{i}.conv1"), t, t, k1, true, used);
+        conv(&mut v, &format!("ConBR{i}.conv2"), t, t, k3, true, used);
+        conv(&mut v, &format!("ConBR{i}.conv3"), t, t, k3, true, used);
+    }
+    conv(&mut v, "final.0", cfg.head_channels(), t, k1, true, inf);
+    for c in ["classifier3", "classifier4"] {
+        conv(&mut v, &format!("{c}.0"), t / 2, t, k3, false, Use::Training);
+        bn(&mut v, &format!("{c}.1"), t / 2, Use::Training);
+        conv(&mut v, &format!("{c}.4"), 3, t / 2, k1, true, Use::Training);
+    }
+    v
+}
+
+/// Where the tensor bytes live: a memory-mapped file (zero-copy) or owned bytes.
+enum Storage {
+    Mmap(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mmap(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// A loaded, validated weights file.
+pub struct Weights {
+    pub config: Config,
+    /// The file it came from, for messages.
+    pub origin: PathBuf,
+    storage: Storage,
+    entries: HashMap<String, Entry>,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Weights({}, {} tensors)", self.origin.display(), self.entries.len())
+    }
+}
+
+impl Weights {
+    /// Memory-maps and validates a safetensors file: header, metadata, and every tensor the config
+    /// needs for inference (presence, shape, dtype). Nothing is computed before this succeeds.
+    pub fn load(path: &Path) -> Result<Weights> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and lives as long as `Weights`; a file truncated by another
+        // process while mapped is the usual mmap caveat, accepted by every safetensors loader.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_storage(Storage::Mmap(map), path.to_path_buf())
+    }
+
+    /// Parses weights held in memory (e.g. just serialised).
+    pub fn from_bytes(bytes: Vec<u8>, origin: impl Into<PathBuf>) -> Result<Weights> {
+        Self::from_storage(Storage::Owned(bytes), origin.into())
+    }
+
+    fn from_storage(storage: Storage, origin: PathBuf) -> Result<Weights> {
+        let bad = |m: String| Error::format(&origin, m);
+        let bytes = storage.bytes();
+        if bytes.len() < 8 {
+            return Err(bad(format!("not a safetensors file: {} bytes, shorter than the 8-byte header length", bytes.len())));
+        }
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+        let config = config_from_metadata(meta.metadata().as_ref()).map_err(|e| match e {
+            Error::Config(m) => bad(format!("config in __metadata__: {m}")),
+            other => other,
+        })?;
+        let base = bytes.as_ptr() as usize;
+        let mut entries = HashMap::new();
+        for (name, view) in st.iter() {
+            let start = view.data().as_ptr() as usize - base;
+            let entry = Entry { dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + view.data().len() };
+            let key = name.strip_prefix("module.").unwrap_or(name).to_string();
+            if entries.insert(key.clone(), entry).is_some() {
+                return Err(bad(format!("tensor {key} appears twice (with and without the `module.` prefix)")));
+            }
+        }
+        let w = Weights { config, origin, storage, entries };
+        w.check(Use::Inference)?;
+        Ok(w)
+    }
+
+    /// Checks presence, shape and dtype of every tensor needed for `level` (Inference, or Training
+    /// which also needs the deep-supervision heads).
+    pub fn check(&self, level: Use) -> Result<()> {
+        for spec in param_specs(&self.config) {
+            let needed = match level {
+                Use::Inference => spec.used == Use::Inference,
+                Use::Training => spec.used != Use::Unused,
+                Use::Unused => true,
+            };
+            if !needed && !self.entries.contains_key(&spec.name) {
+                continue;
+            }
+            let e = self.entries.get(&spec.name).ok_or_else(|| {
+                Error::format(&self.origin, format!("tensor {} is missing (expected shape {:?} for this config)", spec.name, spec.shape))
+            })?;
+            if e.shape != spec.shape {
+                return Err(Error::format(
+                    &self.origin,
+                    format!("tensor {} has shape {:?}, the config needs {:?}", spec.name, e.shape, spec.shape),
+                ));
+            }
+            if !matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                return Err(Error::format(&self.origin, format!("tensor {} has dtype {:?}; float32, float16 or bfloat16 expected", spec.name, e.dtype)));
+            }
+        }
+        Ok(())
+    }
+
+    /// A tensor as float32 values (PyTorch layout).
+    pub fn get(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self.entries.get(name).ok_or_else(|| Error::format(&self.origin, format!("tensor {name} is missing")))?;
+        let raw = &self.storage.bytes()[e.start..e.end];
+        Ok(match e.dtype {
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            d => return Err(Error::format(&self.origin, format!("tensor {name} has unsupported dtype {d:?}"))),
+        })
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Learnable parameters of the whole model (as PyTorch's `sum(p.numel() for p in model.parameters())`).
+    pub fn param_count(&self) -> usize {
+        param_count(&self.config)
+    }
+
+    /// Random weights and BN statistics that keep every activation O(1) (the golden cases' scheme).
+    pub fn random(config: &Config, seed: u64) -> Weights {
+        let mut rng = Rng::new(seed);
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = param_specs(config)
+            .into_iter()
+            .map(|s| {
+                let n = s.numel();
+                let fan_in: usize = s.shape[1..].iter().product();
+                let data: Vec<f32> = (0..n)
+                    .map(|_| match s.kind {
+                        ParamKind::ConvWeight => (rng.normal() / (fan_in as f64).sqrt()) as f32,
+                        ParamKind::ConvBias | ParamKind::BnBias => (0.1 * rng.normal()) as f32,
+                        ParamKind::BnWeight => (0.8 + 0.4 * rng.uniform()) as f32,
+                        ParamKind::BnMean => (0.2 * rng.normal()) as f32,
+                        ParamKind::BnVar => (0.5 + rng.uniform()) as f32,
+                    })
+                    .collect();
+                (s.name, s.shape, data)
+            })
+            .collect();
+        Weights::from_tensors(config, &tensors).expect("random weights are valid by construction")
+    }
+
+    /// Builds weights from named float32 tensors (PyTorch layout).
+    pub fn from_tensors(config: &Config, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Weights> {
+        let bytes = serialize(config, tensors)?;
+        Weights::from_bytes(bytes, "<memory>")
+    }
+
+    /// Every tensor held, as float32, in name order.
+    pub fn to_tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        let names: BTreeMap<&String, &Entry> = self.entries.iter().collect();
+        names.into_iter().map(|(n, e)| Ok((n.clone(), e.shape.clone(), self.get(n)?))).collect()
+    }
+
+    /// Writes the weights (float32) with the config metadata, to a temporary file renamed into place.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = serialize(&self.config, &self.to_tensors()?)?;
+        crate::io::write_atomic(path, |w| w.write_all(&bytes))
+    }
+}
+
+use std::io::Write as _;
+
+/// safetensors bytes with `format`, `format_version` and `config` metadata.
+pub fn serialize(config: &Config, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.clone(), s.clone(), bytemuck::cast_slice::<f32, u8>(d).to_vec()))
+        .collect();
+    let mut views = Vec::with_capacity(raw.len());
+    for (n, s, b) in &raw {
+        let v = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Weights(format!("{n}: {e}")))?;
+        views.push((n.clone(), v));
+    }
+    safetensors::serialize(views, Some(metadata(config))).map_err(|e| Error::Weights(e.to_string()))
+}
+
+/// The `__metadata__` of a deepis weights file.
+pub fn metadata(config: &Config) -> HashMap<String, String> {
+    HashMap::from([
+        ("format".to_string(), "deepis".to_string()),
+        ("format_version".to_string(), FORMAT_VERSION.to_string()),
+        ("config".to_string(), config.to_json()),
+    ])
+}
+
+fn config_from_metadata(meta: Option<&HashMap<String, String>>) -> Result<Config> {
+    let Some(meta) = meta else {
+        return Err(Error::Config("no __metadata__: a deepis weights file carries format, format_version and config".into()));
+    };
+    match meta.get("format").map(String::as_str) {
+        Some("deepis") => {}
+        Some(f) => return Err(Error::Config(format!("format is {f:?}, expected \"deepis\""))),
+        None => return Err(Error::Config("no `format` key (expected \"deepis\")".into())),
+    }
+    match meta.get("format_version").map(String::as_str) {
+        Some(FORMAT_VERSION) => {}
+        Some(v) => return Err(Error::Config(format!("unknown format_version {v:?}: this build reads format_version {FORMAT_VERSION}"))),
+        None => return Err(Error::Config("no `format_version` key".into())),
+    }
+    match meta.get("config") {
+        Some(json) => Config::from_json(json),
+        None => Ok(Config::default()),
+    }
+}
+
+/// Learnable parameter count of the whole model for `cfg`.
+pub fn param_count(cfg: &Config) -> usize {
+    param_specs(cfg).iter().filter(|s| s.kind.learnable()).map(ParamSpec::numel).sum()
+}
