@@ -1,1 +1,159 @@
-//! cuda (in progress).
+//! The real GPU: a `Device` on cudarc. At creation every kernel source is compiled by NVRTC
+//! straight to cubin for the device's compute capability (so no PTX JIT and no driver-version
+//! mismatch), loaded as modules, and each kernel's function looked up once by name.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{Error, Result};
+use crate::gpu::{kernels, nvrtc, Device, KArg, LaunchCfg};
+
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_DYN_SMEM: u32 = 48 * 1024;
+
+/// Whether a CUDA driver is installed and reports at least one device. Never panics.
+pub fn cuda_available() -> bool {
+    // SAFETY: only dlopens the candidate names of libcuda; cudarc panics on use without it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return false;
+    }
+    matches!(CudaContext::device_count(), Ok(n) if n > 0)
+}
+
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    _modules: Vec<Arc<CudaModule>>,
+    funcs: HashMap<&'static str, CudaFunction>,
+    name: String,
+    arch: String,
+}
+
+fn drv(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::backend("cuda", format!("{what}: {e}"))
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal` and compiles and loads every kernel for it.
+    pub fn new(ordinal: usize) -> Result<CudaDevice> {
+        // SAFETY: only dlopens the candidate names of libcuda.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::backend("cuda", "no GPU: libcuda (the NVIDIA driver) is not installed"));
+        }
+        let count = CudaContext::device_count().map_err(|e| drv("cuInit / device count", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::backend("cuda", format!("no GPU {ordinal}: {count} device(s) found")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| drv("context", e))?;
+        let (major, minor) = ctx.compute_capability().map_err(|e| drv("compute capability", e))?;
+        let arch = format!("sm_{major}{minor}");
+        let dev_name = ctx.name().map_err(|e| drv("device name", e))?;
+        let stream = ctx.default_stream();
+        let mut modules = Vec::new();
+        let mut funcs = HashMap::new();
+        for &(file, src) in kernels::SOURCES {
+            let compiled = nvrtc::compile_cubin(file, src, &arch)?;
+            let module = ctx
+                .load_module(Ptx::from_binary(compiled.cubin))
+                .map_err(|e| Error::kernel(file, format!("loading the {arch} cubin: {e}")))?;
+            for kernel in kernels::kernels_of(file) {
+                let f = module.load_function(kernel).map_err(|e| Error::kernel(kernel, format!("lookup: {e}")))?;
+                funcs.insert(kernel, f);
+            }
+            modules.push(module);
+        }
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            _modules: modules,
+            funcs,
+            name: format!("cuda:{ordinal} {dev_name} ({arch})"),
+            arch,
+        })
+    }
+
+    /// The architecture the kernels were compiled for ("sm_90").
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+}
+
+impl Device for CudaDevice {
+    type Buf = CudaSlice<f32>;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn alloc_zeros(&self, len: usize) -> Result<Self::Buf> {
+        if len == 0 {
+            return self.stream.null::<f32>().map_err(|e| drv("alloc", e));
+        }
+        self.stream.alloc_zeros::<f32>(len).map_err(|e| drv("alloc", e))
+    }
+
+    fn htod(&self, data: &[f32]) -> Result<Self::Buf> {
+        if data.is_empty() {
+            return self.alloc_zeros(0);
+        }
+        self.stream.clone_htod(data).map_err(|e| drv("copy to device", e))
+    }
+
+    fn dtoh(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
+        self.stream.clone_dtoh(buf).map_err(|e| drv("copy to host", e))
+    }
+
+    fn buf_len(&self, buf: &Self::Buf) -> usize {
+        buf.len()
+    }
+
+    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()> {
+        let f = self.funcs.get(kernel).ok_or_else(|| Error::kernel(kernel, "not a known kernel"))?;
+        if cfg.shmem > DEFAULT_DYN_SMEM {
+            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, cfg.shmem as i32)
+                .map_err(|e| Error::kernel(kernel, format!("{} bytes of dynamic shared memory: {e}", cfg.shmem)))?;
+        }
+        // Scalars must outlive the builder, which keeps pointers to them.
+        let ints: Vec<i32> = args.iter().filter_map(|a| if let KArg::I32(v) = a { Some(*v) } else { None }).collect();
+        let floats: Vec<f32> = args.iter().filter_map(|a| if let KArg::F32(v) = a { Some(*v) } else { None }).collect();
+        let (mut ni, mut nf) = (0, 0);
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                KArg::Buf(buf) => {
+                    b.arg(*buf);
+                }
+                KArg::I32(_) => {
+                    b.arg(&ints[ni]);
+                    ni += 1;
+                }
+                KArg::F32(_) => {
+                    b.arg(&floats[nf]);
+                    nf += 1;
+                }
+            }
+        }
+        let lc = LaunchConfig {
+            grid_dim: (cfg.grid[0], cfg.grid[1], cfg.grid[2]),
+            block_dim: (cfg.block[0], cfg.block[1], cfg.block[2]),
+            shared_mem_bytes: cfg.shmem,
+        };
+        // SAFETY: `args` is the kernel's parameter list in order, built by `ops` from the kernel's
+        // signature in kernels/*.cu: every `gptr<float>` gets a live CudaSlice<f32> (a device
+        // pointer), every `int` an i32 and every `float` an f32, all alive until the launch is queued;
+        // `ops` checks every index the kernel computes against the buffer lengths.
+        unsafe { b.launch(lc) }.map_err(|e| Error::kernel(kernel, format!("launch {cfg:?}: {e}")))?;
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| drv("synchronize", e))
+    }
+}

@@ -1,1 +1,71 @@
-//! kernels (in progress).
+//! The one place that names kernels and embeds their sources. Every kernel of `kernels/*.cu` is
+//! listed here with its file; the launch code (`ops`) uses these names, NVRTC compiles `SOURCES`.
+
+/// Name of the device header as the sources include it.
+pub const HEADER_NAME: &str = "deepis_device.h";
+/// The device header (its NVRTC half is what NVRTC sees).
+pub const HEADER: &str = include_str!("../../kernels/deepis_device.h");
+
+/// (file, source) of every kernel family.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("conv3d.cu", include_str!("../../kernels/conv3d.cu")),
+    ("elementwise.cu", include_str!("../../kernels/elementwise.cu")),
+    ("pool.cu", include_str!("../../kernels/pool.cu")),
+    ("upsample.cu", include_str!("../../kernels/upsample.cu")),
+    ("softmax.cu", include_str!("../../kernels/softmax.cu")),
+];
+
+pub const CONV3D_DIRECT: &str = "conv3d_direct";
+pub const CONV3D_TILED: &str = "conv3d_tiled";
+pub const CHANNEL_AFFINE: &str = "channel_affine";
+pub const RELU: &str = "relu";
+pub const ADD: &str = "add";
+pub const SIGMOID: &str = "sigmoid";
+pub const MAXPOOL2: &str = "maxpool2";
+pub const UPSAMPLE_TRILINEAR: &str = "upsample_trilinear";
+pub const SOFTMAX_CHANNELS: &str = "softmax_channels";
+
+/// (file, kernel) for every kernel.
+pub const KERNELS: &[(&str, &str)] = &[
+    ("conv3d.cu", CONV3D_DIRECT),
+    ("conv3d.cu", CONV3D_TILED),
+    ("elementwise.cu", CHANNEL_AFFINE),
+    ("elementwise.cu", RELU),
+    ("elementwise.cu", ADD),
+    ("elementwise.cu", SIGMOID),
+    ("pool.cu", MAXPOOL2),
+    ("upsample.cu", UPSAMPLE_TRILINEAR),
+    ("softmax.cu", SOFTMAX_CHANNELS),
+];
+
+pub fn all_kernel_names() -> Vec<&'static str> {
+    KERNELS.iter().map(|&(_, k)| k).collect()
+}
+
+/// The kernels defined in `file`.
+pub fn kernels_of(file: &str) -> impl Iterator<Item = &'static str> + '_ {
+    KERNELS.iter().filter(move |&&(f, _)| f == file).map(|&(_, k)| k)
+}
+
+/// The file that defines `kernel`.
+pub fn file_of(kernel: &str) -> Option<&'static str> {
+    KERNELS.iter().find(|&&(_, k)| k == kernel).map(|&(f, _)| f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_is_defined_in_its_file() {
+        for &(file, kernel) in KERNELS {
+            let src = SOURCES.iter().find(|&&(f, _)| f == file).expect("file listed in SOURCES").1;
+            let decl = format!("__global__ void {kernel}(");
+            assert!(src.contains(&decl), "{kernel} not found in {file}");
+        }
+        for &(file, src) in SOURCES {
+            let n = src.matches("extern \"C\" __global__").count();
+            assert_eq!(n, kernels_of(file).count(), "{file}: kernels in source vs KERNELS");
+        }
+    }
+}

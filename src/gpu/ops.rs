@@ -1,1 +1,268 @@
-//! ops (in progress).
+//! The GPU backend: every op of `Backend` as kernel launches on any `Device` (the real GPU or the
+//! host emulator run the same code). Each op checks shapes, computes its grid, block, shared memory
+//! and argument list here, in one place, then calls `Device::launch`. The argument lists follow the
+//! kernel signatures of `kernels/*.cu` exactly.
+use crate::backend::{Backend, ConvSpec, DevTensor};
+use crate::error::{Error, Result};
+use crate::gpu::{kernels as k, Device, KArg, LaunchCfg};
+use crate::tensor::{Shape, Tensor};
+
+/// Threads per block of the one-thread-per-element kernels.
+const BLOCK: u32 = 256;
+/// Tile of `conv3d_tiled`: output voxels x output channels per block (see conv3d.cu).
+const TILE_M: usize = 64;
+const TILE_N: usize = 64;
+const TILED_THREADS: u32 = 256;
+
+/// The kernels that implement conv3d; all take the same arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConvVariant {
+    /// One thread per output (voxel, cout).
+    Direct,
+    /// Implicit GEMM, 64x64 output tile per block, staged in shared memory.
+    Tiled,
+}
+
+impl ConvVariant {
+    pub const ALL: [ConvVariant; 2] = [ConvVariant::Direct, ConvVariant::Tiled];
+
+    pub fn kernel(self) -> &'static str {
+        match self {
+            ConvVariant::Direct => k::CONV3D_DIRECT,
+            ConvVariant::Tiled => k::CONV3D_TILED,
+        }
+    }
+
+    /// The variant for a shape: a tile of 64 output channels wastes most of its work below 16.
+    pub fn choose(spec: &ConvSpec, _out: Shape) -> Self {
+        if spec.cout >= 16 {
+            ConvVariant::Tiled
+        } else {
+            ConvVariant::Direct
+        }
+    }
+
+    fn launch_cfg(self, out: Shape) -> LaunchCfg {
+        match self {
+            ConvVariant::Direct => LaunchCfg::linear(out.len(), BLOCK),
+            ConvVariant::Tiled => LaunchCfg {
+                grid: [(out.n * out.voxels()).div_ceil(TILE_M) as u32, out.c.div_ceil(TILE_N) as u32, 1],
+                block: [TILED_THREADS, 1, 1],
+                shmem: 0,
+            },
+        }
+    }
+}
+
+pub struct GpuBackend<D: Device> {
+    dev: D,
+    conv_variant: Option<ConvVariant>,
+}
+
+/// Kernels index with `int`: every buffer they touch must fit.
+fn fits_i32(what: &str, n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| Error::Shape(format!("{what}: {n} elements exceed the kernels' int indexing")))
+}
+
+/// An `int` kernel argument (sizes were checked against i32 by `fits_i32`).
+fn int<'a, B>(v: usize) -> KArg<'a, B> {
+    KArg::I32(v as i32)
+}
+
+impl<D: Device> GpuBackend<D> {
+    pub fn new(dev: D) -> Self {
+        GpuBackend { dev, conv_variant: None }
+    }
+
+    /// Forces one conv variant for every shape (tests and benchmarks); `None` chooses per shape.
+    pub fn with_conv_variant(mut self, v: Option<ConvVariant>) -> Self {
+        self.conv_variant = v;
+        self
+    }
+
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    fn check_buf(&self, what: &str, buf: &D::Buf, len: usize) -> Result<()> {
+        let have = self.dev.buf_len(buf);
+        if have != len {
+            return Err(Error::Shape(format!("{what}: buffer holds {have} values, the shape needs {len}")));
+        }
+        fits_i32(what, len)?;
+        Ok(())
+    }
+
+    fn check_tensor(&self, what: &str, t: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_buf(what, &t.data, t.shape.len())
+    }
+
+    /// The output buffer of an op.
+    fn alloc_out(&self, what: &str, out: Shape) -> Result<D::Buf> {
+        fits_i32(what, out.len())?;
+        self.dev.alloc_zeros(out.len())
+    }
+
+    /// Launches unless the output is empty (a grid of zero blocks is not a launch).
+    fn launch(&self, kernel: &str, out: Shape, cfg: LaunchCfg, args: &[KArg<'_, D::Buf>]) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.dev.launch(kernel, cfg, args)
+    }
+
+    /// One thread per element: y = f(x) for the unary kernels with signature (y, x, total).
+    fn unary(&self, kernel: &str, x: &DevTensor<D::Buf>) -> Result<DevTensor<D::Buf>> {
+        self.check_tensor(kernel, x)?;
+        let n = x.shape.len();
+        let y = self.alloc_out(kernel, x.shape)?;
+        self.launch(kernel, x.shape, LaunchCfg::linear(n, BLOCK), &[KArg::Buf(&y), KArg::Buf(&x.data), int(n)])?;
+        Ok(DevTensor { shape: x.shape, data: y })
+    }
+}
+
+impl<D: Device> Backend for GpuBackend<D> {
+    type S = D::Buf;
+
+    fn name(&self) -> String {
+        self.dev.name()
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<DevTensor<Self::S>> {
+        if t.data.len() != t.shape.len() {
+            return Err(Error::Shape(format!("upload: {} needs {} values, got {}", t.shape, t.shape.len(), t.data.len())));
+        }
+        Ok(DevTensor { shape: t.shape, data: self.dev.htod(&t.data)? })
+    }
+
+    fn download(&self, t: &DevTensor<Self::S>) -> Result<Tensor> {
+        self.check_tensor("download", t)?;
+        Tensor::new(t.shape, self.dev.dtoh(&t.data)?)
+    }
+
+    fn upload_param(&self, data: &[f32]) -> Result<Self::S> {
+        self.dev.htod(data)
+    }
+
+    fn conv3d(&self, x: &DevTensor<Self::S>, w: &Self::S, bias: Option<&Self::S>, spec: &ConvSpec)
+        -> Result<DevTensor<Self::S>> {
+        self.check_tensor("conv3d input", x)?;
+        if x.shape.c != spec.cin {
+            return Err(Error::Shape(format!("conv3d: input {} has {} channels, the conv takes {}", x.shape, x.shape.c, spec.cin)));
+        }
+        if spec.cout == 0 || (0..3).any(|a| spec.k[a] == 0 || spec.stride[a] == 0) {
+            return Err(Error::Shape(format!("conv3d: degenerate {spec:?}")));
+        }
+        if (0..3).any(|a| x.shape.d[a] + 2 * spec.pad[a] < spec.k[a]) {
+            return Err(Error::Shape(format!("conv3d: kernel {:?} larger than padded input {}", spec.k, x.shape)));
+        }
+        self.check_buf("conv3d weight", w, spec.weight_len())?;
+        if let Some(b) = bias {
+            self.check_buf("conv3d bias", b, spec.cout)?;
+        }
+        let out = Shape::new(x.shape.n, spec.out_dims(x.shape.d), spec.cout);
+        let v = self.conv_variant.unwrap_or_else(|| ConvVariant::choose(spec, out));
+        // Without a bias the kernel never reads `bias`; any live buffer stands in.
+        let (bias_buf, has_bias) = match bias {
+            Some(b) => (b, 1),
+            None => (w, 0),
+        };
+        let [d0, d1, d2] = x.shape.d;
+        let [o0, o1, o2] = out.d;
+        let y = self.alloc_out(v.kernel(), out)?;
+        let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data), KArg::Buf(w), KArg::Buf(bias_buf)];
+        let scalars = [
+            has_bias, x.shape.n, d0, d1, d2, spec.cin, o0, o1, o2, spec.cout,
+            spec.k[0], spec.k[1], spec.k[2], spec.stride[0], spec.stride[1], spec.stride[2],
+            spec.pad[0], spec.pad[1], spec.pad[2],
+        ];
+        a.extend(scalars.into_iter().map(int));
+        self.launch(v.kernel(), out, v.launch_cfg(out), &a)?;
+        drop(a);
+        Ok(DevTensor { shape: out, data: y })
+    }
+
+    fn channel_affine(&self, x: &DevTensor<Self::S>, scale: &Self::S, shift: &Self::S, relu: bool)
+        -> Result<DevTensor<Self::S>> {
+        self.check_tensor("channel_affine", x)?;
+        self.check_buf("channel_affine scale", scale, x.shape.c)?;
+        self.check_buf("channel_affine shift", shift, x.shape.c)?;
+        let n = x.shape.len();
+        let y = self.alloc_out(k::CHANNEL_AFFINE, x.shape)?;
+        let a = [
+            KArg::Buf(&y), KArg::Buf(&x.data), KArg::Buf(scale), KArg::Buf(shift),
+            int(n), int(x.shape.c), int(relu as usize),
+        ];
+        self.launch(k::CHANNEL_AFFINE, x.shape, LaunchCfg::linear(n, BLOCK), &a)?;
+        Ok(DevTensor { shape: x.shape, data: y })
+    }
+
+    fn relu(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
+        self.unary(k::RELU, x)
+    }
+
+    fn add(&self, a: &DevTensor<Self::S>, b: &DevTensor<Self::S>, relu: bool) -> Result<DevTensor<Self::S>> {
+        self.check_tensor("add a", a)?;
+        self.check_tensor("add b", b)?;
+        if a.shape != b.shape {
+            return Err(Error::Shape(format!("add: {} vs {}", a.shape, b.shape)));
+        }
+        let n = a.shape.len();
+        let y = self.alloc_out(k::ADD, a.shape)?;
+        let args = [KArg::Buf(&y), KArg::Buf(&a.data), KArg::Buf(&b.data), int(n), int(relu as usize)];
+        self.launch(k::ADD, a.shape, LaunchCfg::linear(n, BLOCK), &args)?;
+        Ok(DevTensor { shape: a.shape, data: y })
+    }
+
+    fn maxpool2(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
+        self.check_tensor("maxpool2", x)?;
+        let od = x.shape.d.map(|d| d / 2);
+        if od.contains(&0) {
+            return Err(Error::Shape(format!("maxpool2: input {} has a spatial size below 2", x.shape)));
+        }
+        let out = x.shape.with_d(od);
+        let [d0, d1, d2] = x.shape.d;
+        let [o0, o1, o2] = od;
+        let y = self.alloc_out(k::MAXPOOL2, out)?;
+        let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data)];
+        a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
+        self.launch(k::MAXPOOL2, out, LaunchCfg::linear(out.len(), BLOCK), &a)?;
+        drop(a);
+        Ok(DevTensor { shape: out, data: y })
+    }
+
+    fn upsample(&self, x: &DevTensor<Self::S>, size: [usize; 3]) -> Result<DevTensor<Self::S>> {
+        self.check_tensor("upsample", x)?;
+        if size.contains(&0) || x.shape.d.contains(&0) {
+            return Err(Error::Shape(format!("upsample: {} to {:?}", x.shape, size)));
+        }
+        let out = x.shape.with_d(size);
+        // align_corners=True: source = out_index * (in - 1) / (out - 1), in float32 as PyTorch.
+        let ratio = |a: usize| if size[a] > 1 { (x.shape.d[a] - 1) as f32 / (size[a] - 1) as f32 } else { 0.0 };
+        let [d0, d1, d2] = x.shape.d;
+        let [o0, o1, o2] = size;
+        let y = self.alloc_out(k::UPSAMPLE_TRILINEAR, out)?;
+        let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data)];
+        a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
+        a.extend([KArg::F32(ratio(0)), KArg::F32(ratio(1)), KArg::F32(ratio(2))]);
+        self.launch(k::UPSAMPLE_TRILINEAR, out, LaunchCfg::linear(out.len(), BLOCK), &a)?;
+        drop(a);
+        Ok(DevTensor { shape: out, data: y })
+    }
+
+    fn sigmoid(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
+        self.unary(k::SIGMOID, x)
+    }
+
+    fn softmax(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
+        self.check_tensor("softmax", x)?;
+        if x.shape.c == 0 {
+            return Err(Error::Shape(format!("softmax: {} has no channels", x.shape)));
+        }
+        let voxels = x.shape.n * x.shape.voxels();
+        let y = self.alloc_out(k::SOFTMAX_CHANNELS, x.shape)?;
+        let a = [KArg::Buf(&y), KArg::Buf(&x.data), int(voxels), int(x.shape.c)];
+        self.launch(k::SOFTMAX_CHANNELS, x.shape, LaunchCfg::linear(voxels, BLOCK), &a)?;
+        Ok(DevTensor { shape: x.shape, data: y })
+    }
+}

@@ -1,0 +1,38 @@
+// elementwise.cu — per-element ops on channels-last tensors. Each kernel: one thread per element,
+// 1D grid of ceil(total / 256) blocks of 256 threads, no shared memory.
+//   channel_affine — y = x * scale[c] + shift[c], then ReLU if relu != 0   (CpuBackend::channel_affine)
+//   relu           — y = max(x, 0)                                         (CpuBackend::relu)
+//   add            — y = a + b, then ReLU if relu != 0                     (CpuBackend::add)
+//   sigmoid        — y = 1 / (1 + exp(-x))                                 (CpuBackend::sigmoid)
+#include "deepis_device.h"
+
+extern "C" __global__ void channel_affine(gptr<float> y, gptr<float> x, gptr<float> scale,
+                                          gptr<float> shift, int total, int c, int relu) {
+    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= total) return;
+    const int ch = i % c;
+    float v = x[i] * scale[ch] + shift[ch];
+    if (relu && !(v > 0.0f)) v = 0.0f;
+    y[i] = v;
+}
+
+extern "C" __global__ void relu(gptr<float> y, gptr<float> x, int total) {
+    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= total) return;
+    const float v = x[i];
+    y[i] = v > 0.0f ? v : 0.0f;
+}
+
+extern "C" __global__ void add(gptr<float> y, gptr<float> a, gptr<float> b, int total, int relu) {
+    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= total) return;
+    float v = a[i] + b[i];
+    if (relu && !(v > 0.0f)) v = 0.0f;
+    y[i] = v;
+}
+
+extern "C" __global__ void sigmoid(gptr<float> y, gptr<float> x, int total) {
+    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= total) return;
+    y[i] = 1.0f / (1.0f + expf(-x[i]));
+}

@@ -1,0 +1,26 @@
+// pool.cu — 2x2x2 max-pool, stride 2, floor of odd sizes (PyTorch MaxPool3d(2)).
+//   maxpool2 — one thread per output element (channel fastest, so reads coalesce across channels);
+//              1D grid of ceil(N*O0*O1*O2*C / 256) blocks of 256 threads, no shared memory.
+// CPU reference: CpuBackend::maxpool2.
+#include "deepis_device.h"
+
+extern "C" __global__ void maxpool2(gptr<float> y, gptr<float> x, int n, int d0, int d1, int d2,
+                                    int c, int o0, int o1, int o2) {
+    const int total = n * o0 * o1 * o2 * c;
+    const int idx = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (idx >= total) return;
+    const int ch = idx % c;
+    int v = idx / c;
+    const int j2 = v % o2; v /= o2;
+    const int j1 = v % o1; v /= o1;
+    const int j0 = v % o0;
+    const int b = v / o0;
+    float m = x[(((b * d0 + 2 * j0) * d1 + 2 * j1) * d2 + 2 * j2) * c + ch];
+    for (int t0 = 0; t0 < 2; ++t0)
+        for (int t1 = 0; t1 < 2; ++t1)
+            for (int t2 = 0; t2 < 2; ++t2) {
+                const float e = x[(((b * d0 + 2 * j0 + t0) * d1 + 2 * j1 + t1) * d2 + 2 * j2 + t2) * c + ch];
+                m = e > m ? e : m;
+            }
+    y[idx] = m;
+}

@@ -1,0 +1,70 @@
+//! Every kernel compiles to real machine code (cubin) for sm_80 and sm_90 with no spill.
+//! Needs only libnvrtc (no GPU, no driver). Skips when NVRTC is absent, except under CI=true.
+use deepis::gpu::nvrtc;
+
+const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
+
+/// Test-only kernels (`kernels/testing/*.cu`), compiled with the same header as the real ones.
+fn testing_sources() -> Vec<(String, String)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels").join("testing");
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "cu") {
+                let name = format!("testing/{}", p.file_name().unwrap().to_string_lossy());
+                out.push((name, std::fs::read_to_string(&p).expect("readable test kernel")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
+    if let Err(e) = nvrtc::ensure_loaded() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true and NVRTC is missing: {e}");
+        }
+        eprintln!("SKIPPED: {e}");
+        return;
+    }
+    let (major, minor) = nvrtc::version().expect("nvrtcVersion");
+    println!("NVRTC {major}.{minor} from {}", nvrtc::ensure_loaded().unwrap());
+    let archs: Vec<String> = ARCHS.iter().map(|s| s.to_string()).collect();
+    let mut reports = match nvrtc::compile_report(&archs) {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    for (file, src) in testing_sources() {
+        match nvrtc::compile_source_report(&file, &src, &archs) {
+            Ok(r) => reports.extend(r),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    println!("{}", nvrtc::format_table(&reports));
+
+    // Every named kernel has a report for every arch.
+    for name in deepis::gpu::kernels::all_kernel_names() {
+        for arch in ARCHS {
+            assert!(
+                reports.iter().any(|r| r.kernel == name && r.arch == arch),
+                "no ptxas report for {name} on {arch}"
+            );
+        }
+    }
+    let spills: Vec<_> = reports.iter().filter(|r| r.spill_stores > 0 || r.spill_loads > 0).collect();
+    assert!(spills.is_empty(), "kernels spill registers:\n{}", nvrtc::format_table(&spills.into_iter().cloned().collect::<Vec<_>>()));
+}
+
+#[test]
+fn compile_error_carries_the_full_log() {
+    if nvrtc::ensure_loaded().is_err() {
+        eprintln!("SKIPPED: NVRTC is missing");
+        return;
+    }
+    let bad = "#include \"deepis_device.h\"\nextern \"C\" __global__ void broken(gptr<float> y) { y[0] = undefined_name; }\n";
+    let err = nvrtc::compile_cubin("broken.cu", bad, "sm_90").err().expect("must not compile").to_string();
+    assert!(err.contains("undefined_name"), "log missing from error: {err}");
+}
