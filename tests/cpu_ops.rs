@@ -112,6 +112,8 @@ fn conv_cases() -> Vec<(ConvSpec, Shape, bool)> {
     v.push((spec(8, 35, [3; 3], [1; 3], [1; 3]), Shape::new(1, [3, 4, 9], 8), true));
     v.push((spec(17, 32, [3; 3], [2; 3], [1; 3]), Shape::new(2, [4, 5, 11], 17), true));
     v.push((spec(32, 16, [3; 3], [1; 3], [1; 3]), Shape::new(1, [2, 3, 6], 32), false));
+    v.push((spec(64, 64, [3; 3], [1; 3], [1; 3]), Shape::new(1, [3, 4, 10], 64), true));
+    v.push((spec(64, 48, [3; 3], [2; 3], [1; 3]), Shape::new(1, [5, 4, 9], 64), true));
     // 1x1x1 stride 1 and 2 (reduce, increase, proj, gcn1, ConBR c1, final, classifier out)
     v.push((spec(3, 5, [1; 3], [1; 3], [0; 3]), odd(3), true));
     v.push((spec(4, 3, [1; 3], [2; 3], [0; 3]), odd(4), true));
@@ -403,9 +405,11 @@ fn upload_download_roundtrip() {
 #[test]
 #[ignore]
 fn conv3d_timing() {
-    let be = CpuBackend::new();
     let mut rng = Rng::new(31);
-    for (cin, cout, k, s, p) in [(64, 64, 3, 1, 1), (64, 64, 1, 1, 0), (128, 128, 3, 1, 1)] {
+    let cases = [(64, 64, 3, 1, 1), (64, 64, 1, 1, 0), (128, 128, 3, 1, 1), (64, 64, 3, 1, 1)];
+    for (i, (cin, cout, k, s, p)) in cases.into_iter().enumerate() {
+        // the last case: the portable path (no AVX2/FMA dispatch) for comparison
+        let be = if i + 1 == cases.len() { CpuBackend::portable() } else { CpuBackend::new() };
         let sp = spec(cin, cout, [k; 3], [s; 3], [p; 3]);
         let shape = Shape::new(1, [32, 32, 32], cin);
         let x = DevTensor { shape, data: rng.vec(shape.len()) };
