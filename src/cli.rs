@@ -1,1 +1,492 @@
-//! Command line (in progress).
+//! The `deepis` command line: predict, info, kernels, bench.
+//!
+//! Every failure comes back as an `Error` (main prints `error: <message>` and exits 1); nothing
+//! here panics on bad input, and outputs are written atomically (a failed run leaves no file).
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::backend::Backend;
+use crate::config::{Config, Head};
+use crate::cpu::CpuBackend;
+use crate::error::{Error, Result};
+use crate::gpu::cuda::{cuda_available, CudaDevice};
+use crate::gpu::ops::GpuBackend;
+use crate::gpu::{nvrtc, Device};
+use crate::io;
+use crate::model::{flops, Network};
+use crate::rng::Rng;
+use crate::tensor::{Shape, Tensor};
+use crate::weights::Weights;
+
+const ABOUT: &str = "DeepIS: 3D segmentation of refractive-index tomograms of CAR-T cells meeting their target cells";
+
+const LONG_ABOUT: &str = "\
+DeepIS: 3D segmentation of refractive-index (RI) tomograms of CAR-T cells meeting their target
+cells, with the published DeepIS network (no Python or PyTorch needed).
+
+Start with:
+  deepis info WEIGHTS.safetensors            what a weights file holds and what this machine can run
+  deepis predict --weights WEIGHTS.safetensors VOLUME.npy -o MASKS.npy
+                                             segment one volume (or a batch of volumes)
+Run `deepis help predict` for the input and output formats.";
+
+const PREDICT_LONG: &str = "\
+Runs the network on RI volumes and writes its raw output, one value per voxel.
+
+INPUT: one volume or a batch of volumes, with any voxel values the network was trained on
+(the weights' input_offset / input_scale are applied first; see `deepis info`):
+  .npy   float32, float64, uint16 or uint8 array, shaped
+           D0 x D1 x D2            one volume
+           N x D0 x D1 x D2        N volumes
+           N x 1 x D0 x D1 x D2    N volumes (the PyTorch layout)
+  .tif   a multi-page grayscale stack (8/16-bit or float32): D0 pages of D1 x D2 pixels.
+The published model was trained on 128 x 128 x 64 volumes (in the order X, Y, Z); other sizes
+work, but max-pool networks need every side to be at least 16 voxels.
+NaN or infinite values are refused.
+
+OUTPUT: float32 .npy or .tif (chosen by the extension of -o), the same D0 x D1 x D2 as the input:
+  distance head (the published model): a signed distance map, > 0 inside the effector CAR-T
+      cell, < 0 inside the target cell, near 0 in the background and at the immunological
+      synapse between the two cells; the further from 0, the deeper inside the cell.
+  sigmoid head: C probability maps in [0, 1], one per mask.
+  Shape: C x D0 x D1 x D2 for a one-volume input (C = 1 for the distance head),
+         N x C x D0 x D1 x D2 for a batch. A .tif output holds N*C*D0 pages, ordered by
+         volume, then channel, then slice.
+The output is written to a temporary file and renamed: a failed run leaves no output file.
+
+Example:
+  deepis predict --weights tests/data/readme/weights.safetensors tests/data/readme/input.npy -o out.npy";
+
+#[derive(Parser, Debug)]
+#[command(name = "deepis", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Segment RI volumes: write the network's output (signed distance map or probabilities)
+    #[command(long_about = PREDICT_LONG)]
+    Predict(PredictArgs),
+    /// Show a weights file's configuration, size and cost, and the backends this machine has
+    Info(InfoArgs),
+    /// Compile every CUDA kernel with NVRTC and print registers, spills and shared memory (no GPU needed)
+    Kernels(KernelsArgs),
+    /// Time the forward pass (random weights of the published model unless --weights is given)
+    Bench(BenchArgs),
+}
+
+/// Where the network runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// The GPU when one is found, otherwise the CPU
+    Auto,
+    /// The CPU (all cores)
+    Cpu,
+    /// The CUDA kernels emulated on the CPU (slow; for checking the GPU code without a GPU)
+    Emu,
+    /// The first NVIDIA GPU
+    Cuda,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// Trained network (.safetensors), e.g. tests/data/readme/weights.safetensors
+    #[arg(short, long, value_name = "WEIGHTS")]
+    pub weights: PathBuf,
+    /// RI volume(s): .npy (D0xD1xD2, NxD0xD1xD2 or Nx1xD0xD1xD2) or a multi-page .tif stack
+    #[arg(value_name = "INPUT")]
+    pub input: PathBuf,
+    /// Where to write the output: .npy or .tif (float32)
+    #[arg(short, long, value_name = "OUT")]
+    pub output: PathBuf,
+    /// Where to run the network
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+    /// Volumes per forward pass (more uses more memory)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Trained network (.safetensors)
+    #[arg(value_name = "WEIGHTS")]
+    pub weights: PathBuf,
+    /// Volume size D0,D1,D2 for the cost estimate
+    #[arg(long, value_name = "D0,D1,D2", default_value = "128,128,64", value_parser = parse_size)]
+    pub size: [usize; 3],
+}
+
+#[derive(Args, Debug)]
+pub struct KernelsArgs {
+    /// GPU architectures to compile for (sm_80 = A100, sm_90 = H100)
+    #[arg(long, value_name = "ARCHS", value_delimiter = ',', default_value = "sm_80,sm_90", value_parser = parse_arch)]
+    pub arch: Vec<String>,
+}
+
+/// Published model (widths 64..1024) or the README variant (widths 32..512).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchConfig {
+    Published,
+    Readme,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Trained network to time (default: random weights of --config)
+    #[arg(short, long, value_name = "WEIGHTS")]
+    pub weights: Option<PathBuf>,
+    /// Model to build with random weights when no --weights is given
+    #[arg(long, value_enum, default_value_t = BenchConfig::Published)]
+    pub config: BenchConfig,
+    /// Volume size D0,D1,D2
+    #[arg(long, value_name = "D0,D1,D2", default_value = "128,128,64", value_parser = parse_size)]
+    pub size: [usize; 3],
+    /// Volumes per forward pass
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
+    /// Where to run the network
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    /// Timed runs (the median is reported)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
+    /// Untimed runs first
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u32,
+}
+
+fn parse_size(s: &str) -> std::result::Result<[usize; 3], String> {
+    let v: Vec<usize> = s
+        .split([',', 'x', 'X'])
+        .map(|p| p.trim().parse::<usize>().map_err(|_| format!("`{p}` is not a whole number")))
+        .collect::<std::result::Result<_, _>>()?;
+    match v[..] {
+        [a, b, c] if a > 0 && b > 0 && c > 0 => Ok([a, b, c]),
+        _ => Err(format!("expected three positive sizes like 128,128,64, got `{s}`")),
+    }
+}
+
+fn parse_arch(s: &str) -> std::result::Result<String, String> {
+    let s = s.trim();
+    match s.strip_prefix("sm_") {
+        Some(n) if !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric()) => Ok(s.to_string()),
+        _ => Err(format!("expected an architecture like sm_80 or sm_90, got `{s}`")),
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Predict(a) => predict(&a),
+        Command::Info(a) => info(&a),
+        Command::Kernels(a) => kernels(&a),
+        Command::Bench(a) => bench(&a),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend dispatch: `Network` is generic over the backend, so the work is a `Job` run once per kind.
+
+/// Work that needs a concrete backend.
+trait Job {
+    type Out;
+    fn run<B: Backend>(self, backend: B) -> Result<Self::Out>;
+}
+
+/// Opens the backend `kind` names (auto: CUDA when a GPU opens, else the CPU, saying so) and runs `job` on it.
+fn with_backend<J: Job>(kind: BackendKind, job: J) -> Result<J::Out> {
+    match kind {
+        BackendKind::Cpu => job.run(CpuBackend::new()),
+        // TODO(emu): `job.run(GpuBackend::new(crate::gpu::emu::EmuDevice::new()))` once the emulator lands.
+        BackendKind::Emu => Err(Error::backend("emu", "the kernel emulator is not built into this version yet")),
+        BackendKind::Cuda => job.run(GpuBackend::new(CudaDevice::new(0)?)),
+        BackendKind::Auto => {
+            if !cuda_available() {
+                eprintln!("no GPU found: using the CPU backend");
+                return job.run(CpuBackend::new());
+            }
+            match CudaDevice::new(0) {
+                Ok(dev) => job.run(GpuBackend::new(dev)),
+                Err(e) => {
+                    eprintln!("no usable GPU ({e}): using the CPU backend");
+                    job.run(CpuBackend::new())
+                }
+            }
+        }
+    }
+}
+
+fn describe<B: Backend>(b: &B) -> String {
+    b.name()
+}
+
+/// Runs the network on every volume of `x`, `batch` volumes at a time; returns the output and the
+/// seconds spent in the forward passes.
+fn forward_batched<B: Backend>(net: &Network<B>, x: &Tensor, batch: usize) -> Result<(Tensor, f64)> {
+    let per = x.shape.voxels();
+    let n = x.shape.n;
+    let mut out: Option<Tensor> = None;
+    let mut secs = 0.0;
+    let mut i = 0;
+    while i < n {
+        let m = batch.min(n - i);
+        let xb = Tensor::new(Shape::new(m, x.shape.d, 1), x.data[i * per..(i + m) * per].to_vec())?;
+        let t0 = Instant::now();
+        let yb = net.forward(&xb)?;
+        secs += t0.elapsed().as_secs_f64();
+        if n > m {
+            eprintln!("  volumes {}..{} of {n}: {:.2} s", i + 1, i + m, t0.elapsed().as_secs_f64());
+        }
+        out = Some(match out {
+            None => {
+                let mut t = Tensor::zeros(Shape::new(n, yb.shape.d, yb.shape.c));
+                t.data[..yb.data.len()].copy_from_slice(&yb.data);
+                t
+            }
+            Some(mut t) => {
+                let off = i * t.shape.voxels() * t.shape.c;
+                t.data[off..off + yb.data.len()].copy_from_slice(&yb.data);
+                t
+            }
+        });
+        i += m;
+    }
+    out.map(|t| (t, secs)).ok_or_else(|| Error::Input("no volume to run".into()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// predict
+
+struct Predict<'a> {
+    weights: &'a Weights,
+    x: &'a Tensor,
+    batch: usize,
+}
+
+impl Job for Predict<'_> {
+    type Out = Tensor;
+    fn run<B: Backend>(self, backend: B) -> Result<Tensor> {
+        eprintln!("backend: {}", describe(&backend));
+        let t0 = Instant::now();
+        let net = Network::new(backend, self.weights)?;
+        let setup = t0.elapsed().as_secs_f64();
+        let (y, secs) = forward_batched(&net, self.x, self.batch)?;
+        let n = self.x.shape.n;
+        let gflop = flops(&self.weights.config, self.x.shape.d) * n as f64 / 1e9;
+        eprintln!(
+            "forward: {n} volume(s) of {}x{}x{} in {secs:.2} s ({:.3} s/volume, {:.1} GFLOP/s); weights upload {setup:.2} s",
+            self.x.shape.d[0],
+            self.x.shape.d[1],
+            self.x.shape.d[2],
+            secs / n as f64,
+            gflop / secs.max(1e-9)
+        );
+        Ok(y)
+    }
+}
+
+fn predict(a: &PredictArgs) -> Result<()> {
+    io::check_output_path(&a.output)?;
+    let weights = Weights::load(&a.weights)?;
+    let vol = io::read_volume(&a.input)?;
+    weights
+        .config
+        .check_input_size(vol.tensor.shape.d)
+        .map_err(|e| Error::Input(format!("{}: {}", a.input.display(), strip_prefix(&e))))?;
+    eprintln!(
+        "input: {} volume(s) of {}x{}x{} from {}",
+        vol.tensor.shape.n,
+        vol.tensor.shape.d[0],
+        vol.tensor.shape.d[1],
+        vol.tensor.shape.d[2],
+        a.input.display()
+    );
+    let y = with_backend(a.backend, Predict { weights: &weights, x: &vol.tensor, batch: a.batch as usize })?;
+    io::write_output(&a.output, &y, vol.rank)?;
+    let dims = io::output_dims(&y, vol.rank)?;
+    eprintln!("wrote {} ({})", a.output.display(), head_meaning(&weights.config, &dims));
+    Ok(())
+}
+
+/// The message of an `Input` error without its "input: " prefix (the caller adds the file).
+fn strip_prefix(e: &Error) -> String {
+    match e {
+        Error::Input(m) => m.clone(),
+        e => e.to_string(),
+    }
+}
+
+fn head_meaning(cfg: &Config, dims: &[usize]) -> String {
+    let shape = dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" x ");
+    match cfg.head {
+        Head::Distance => format!("float32 {shape}: signed distance map, > 0 effector CAR-T cell, < 0 target cell"),
+        Head::Sigmoid => format!("float32 {shape}: {} probability map(s) in [0, 1]", cfg.out_channels),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// info
+
+fn info(a: &InfoArgs) -> Result<()> {
+    let w = Weights::load(&a.weights)?;
+    let c = &w.config;
+    println!("weights: {}", a.weights.display());
+    println!("config:");
+    println!("  widths          {:?}", c.widths);
+    println!("  trans_feature   {}", c.trans_feature);
+    println!("  blocks          {:?}", c.blocks);
+    println!("  gcn_kernels     {:?}", c.gcn_kernels);
+    println!("  downsample      {}", format!("{:?}", c.downsample).to_lowercase());
+    match c.head {
+        Head::Distance => println!("  head            distance (signed distance map: + effector CAR-T cell, - target cell)"),
+        Head::Sigmoid => println!("  head            sigmoid ({} probability map(s))", c.out_channels),
+    }
+    println!("  input           (x - {}) / {}", c.input_offset, c.input_scale);
+    println!("  bn_eps          {}", c.bn_eps);
+    let p = w.param_count();
+    println!("parameters: {} ({:.2} M)", group_thousands(p), p as f64 / 1e6);
+    let [d0, d1, d2] = a.size;
+    match c.check_input_size(a.size) {
+        Ok(()) => println!("cost: {:.1} GFLOP per {d0}x{d1}x{d2} volume", flops(c, a.size) / 1e9),
+        Err(e) => println!("cost: {d0}x{d1}x{d2} cannot be run: {}", strip_prefix(&e)),
+    }
+    println!("backends on this machine:");
+    let cpu = CpuBackend::new();
+    println!("  cpu    yes: {} threads, convolution path {:?}", cpu.threads(), cpu.conv_path());
+    // TODO(emu): "yes: the CUDA kernels emulated on the CPU" once the emulator lands.
+    println!("  emu    no: the kernel emulator is not built into this version yet");
+    if cuda_available() {
+        match CudaDevice::new(0) {
+            Ok(d) => println!("  cuda   yes: {}", d.name()),
+            Err(e) => println!("  cuda   no: a driver is present but the GPU cannot be used: {e}"),
+        }
+    } else {
+        println!("  cuda   no: no NVIDIA driver or GPU found");
+    }
+    match nvrtc::ensure_loaded() {
+        Ok(path) => {
+            let v = nvrtc::version().map(|(a, b)| format!("{a}.{b}")).unwrap_or_else(|e| format!("unknown version: {e}"));
+            println!("  nvrtc  yes: {path} (version {v}); `deepis kernels` compiles every kernel")
+        }
+        Err(e) => println!("  nvrtc  no: {}", strip_backend(&e)),
+    }
+    Ok(())
+}
+
+fn strip_backend(e: &Error) -> String {
+    match e {
+        Error::Backend { msg, .. } => msg.clone(),
+        e => e.to_string(),
+    }
+}
+
+fn group_thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernels
+
+fn kernels(a: &KernelsArgs) -> Result<()> {
+    let path = nvrtc::ensure_loaded()?;
+    eprintln!("nvrtc: {path}");
+    let reports = nvrtc::compile_report(&a.arch)?;
+    print!("{}", nvrtc::format_table(&reports));
+    let spills: Vec<String> = reports
+        .iter()
+        .filter(|r| r.spill_stores > 0 || r.spill_loads > 0)
+        .map(|r| format!("{} ({}, {} bytes stored, {} loaded)", r.kernel, r.arch, r.spill_stores, r.spill_loads))
+        .collect();
+    if !spills.is_empty() {
+        return Err(Error::Other(format!("{} kernel(s) spill registers: {}", spills.len(), spills.join(", "))));
+    }
+    eprintln!("{} kernel builds, no spills", reports.len());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench
+
+struct Bench<'a> {
+    weights: &'a Weights,
+    x: &'a Tensor,
+    runs: u32,
+    warmup: u32,
+}
+
+impl Job for Bench<'_> {
+    type Out = ();
+    fn run<B: Backend>(self, backend: B) -> Result<()> {
+        let name = describe(&backend);
+        let net = Network::new(backend, self.weights)?;
+        let n = self.x.shape.n;
+        let gflop = flops(&self.weights.config, self.x.shape.d) * n as f64 / 1e9;
+        println!("backend: {name}");
+        println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", self.x.shape.d);
+        for i in 0..self.warmup {
+            let t0 = Instant::now();
+            net.forward(self.x)?;
+            eprintln!("  warmup {}: {:.3} s", i + 1, t0.elapsed().as_secs_f64());
+        }
+        let mut times = Vec::new();
+        for i in 0..self.runs {
+            let t0 = Instant::now();
+            net.forward(self.x)?;
+            let t = t0.elapsed().as_secs_f64();
+            eprintln!("  run {}: {t:.3} s", i + 1);
+            times.push(t);
+        }
+        times.sort_by(f64::total_cmp);
+        let med = times[times.len() / 2];
+        println!(
+            "median of {} run(s): {:.3} s per volume, {:.1} GFLOP/s",
+            times.len(),
+            med / n as f64,
+            gflop / med.max(1e-9)
+        );
+        Ok(())
+    }
+}
+
+fn bench(a: &BenchArgs) -> Result<()> {
+    let weights = match &a.weights {
+        Some(p) => Weights::load(p)?,
+        None => {
+            let cfg = match a.config {
+                BenchConfig::Published => Config::default(),
+                BenchConfig::Readme => Config::readme_widths(),
+            };
+            Weights::random(&cfg, 1)
+        }
+    };
+    weights.config.check_input_size(a.size)?;
+    let shape = Shape::new(a.batch as usize, a.size, 1);
+    let mut rng = Rng::new(7);
+    let x = Tensor::new(shape, (0..shape.len()).map(|_| rng.normal() as f32).collect())?;
+    with_backend(a.backend, Bench { weights: &weights, x: &x, runs: a.runs, warmup: a.warmup })
+}
+
+/// Exposed for `main`: parse the process arguments (clap prints help/usage and exits itself).
+pub fn main_entry() -> i32 {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}

@@ -216,6 +216,21 @@ where
     Ok(())
 }
 
+/// Checks, before any work, that an output can be written at `path`: a known extension and an
+/// existing folder.
+pub fn check_output_path(path: &Path) -> Result<()> {
+    kind_of(path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(Error::format(path, format!("the output folder {} does not exist", dir.display())));
+        }
+    }
+    if path.is_dir() {
+        return Err(Error::format(path, "is a folder; give the output file's name"));
+    }
+    Ok(())
+}
+
 /// The dims of the output file for a head output `t` of an input of rank `rank`:
 /// C x D0 x D1 x D2 for a 3D input, N x C x D0 x D1 x D2 otherwise.
 pub fn output_dims(t: &Tensor, rank: usize) -> Result<Vec<usize>> {

@@ -1,1 +1,4 @@
-fn main(){}
+//! The `deepis` binary: see `deepis --help`.
+fn main() {
+    std::process::exit(deepis::cli::main_entry());
+}
