@@ -1,1 +1,231 @@
-//! emu (in progress).
+//! The kernel emulator: the `kernels/*.cu` sources compiled for the host (build.rs, with
+//! kernels/emu/emu.h), each CUDA thread a fiber, launched through the same [`Device`] trait as a GPU.
+//! It checks what a GPU would not report: out-of-bounds accesses of `gptr` arguments and dynamic
+//! shared memory, barriers reached by part of a block, warp collectives that would deadlock; and a
+//! race shows up as a difference between [`Schedule::Forward`] and [`Schedule::Reverse`].
+use std::cell::UnsafeCell;
+use std::ffi::{c_char, c_void, CStr};
+
+use super::{Device, KArg, LaunchCfg};
+use crate::error::{Error, Result};
+
+/// The order in which the threads of a block run between barriers, and the order of the blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Schedule {
+    /// Threads 0..n-1, blocks 0..b-1.
+    #[default]
+    Forward,
+    /// Threads n-1..0, blocks b-1..0.
+    Reverse,
+}
+
+/// H100 limits, so that a launch the emulator accepts also launches on the GPU.
+const MAX_BLOCK_THREADS: u64 = 1024;
+const MAX_BLOCK_DIM: [u32; 3] = [1024, 1024, 64];
+const MAX_GRID_DIM: [u32; 3] = [i32::MAX as u32, 65535, 65535];
+pub const MAX_SHMEM_BYTES: u32 = 227 * 1024;
+
+#[repr(C)]
+struct EmuLaunch {
+    grid: [u32; 3],
+    block: [u32; 3],
+    shmem: u32,
+    schedule: i32,
+    threads: i32,
+    err: *mut c_char,
+    err_cap: u32,
+}
+
+#[repr(C)]
+struct EmuBufArg {
+    ptr: *mut c_void,
+    bytes: u64,
+}
+
+struct EmuKernel {
+    name: &'static str,
+    file: &'static str,
+    run: unsafe extern "C" fn(*const EmuLaunch, *const *mut c_void) -> i32,
+    sig: unsafe extern "C" fn() -> *const c_char,
+}
+
+include!(concat!(env!("OUT_DIR"), "/emu_kernels.rs"));
+
+/// The kernels the emulator can run (those of `kernels/*.cu` and `kernels/testing/*.cu`).
+pub fn kernel_names() -> &'static [&'static str] {
+    EMU_KERNEL_NAMES
+}
+
+/// The source file a kernel comes from, e.g. `kernels/conv3d.cu`.
+pub fn kernel_file(name: &str) -> Option<&'static str> {
+    EMU_KERNELS.iter().find(|k| k.name == name).map(|k| k.file)
+}
+
+/// Kernels whose .cu file did not compile for the host (build.rs printed the compiler's errors):
+/// (kernel, file).
+pub fn host_build_failures() -> &'static [(&'static str, &'static str)] {
+    EMU_FAILED
+}
+
+/// A device buffer in host memory. Kernels write through `&EmuBuf` (as through a device pointer).
+pub struct EmuBuf {
+    data: UnsafeCell<Vec<f32>>,
+}
+
+impl EmuBuf {
+    fn ptr(&self) -> *mut f32 {
+        // SAFETY: the Vec itself is never resized after creation; only its elements are written.
+        unsafe { (*self.data.get()).as_mut_ptr() }
+    }
+    fn len(&self) -> usize {
+        // SAFETY: reading the length of a Vec that is never resized.
+        unsafe { (*self.data.get()).len() }
+    }
+}
+
+/// The host emulator of the CUDA device.
+#[derive(Clone, Debug, Default)]
+pub struct EmuDevice {
+    schedule: Schedule,
+    threads: usize,
+}
+
+impl EmuDevice {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn with_schedule(schedule: Schedule) -> Self {
+        EmuDevice { schedule, threads: 0 }
+    }
+    /// Runs blocks on `threads` OS threads (0: the default, `DEEPIS_EMU_THREADS` or the core count).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+}
+
+fn check_cfg(kernel: &str, cfg: &LaunchCfg) -> Result<()> {
+    let bad = |m: String| Err(Error::kernel(kernel, m));
+    for d in 0..3 {
+        if cfg.block[d] == 0 || cfg.block[d] > MAX_BLOCK_DIM[d] {
+            return bad(format!("block {:?}: dimension {d} must be in 1..={}", cfg.block, MAX_BLOCK_DIM[d]));
+        }
+        if cfg.grid[d] == 0 || cfg.grid[d] > MAX_GRID_DIM[d] {
+            return bad(format!("grid {:?}: dimension {d} must be in 1..={}", cfg.grid, MAX_GRID_DIM[d]));
+        }
+    }
+    let n: u64 = cfg.block.iter().map(|&b| b as u64).product();
+    if n > MAX_BLOCK_THREADS {
+        return bad(format!("block {:?} has {n} threads (at most {MAX_BLOCK_THREADS})", cfg.block));
+    }
+    if cfg.shmem > MAX_SHMEM_BYTES {
+        return bad(format!("{} bytes of dynamic shared memory (at most {MAX_SHMEM_BYTES})", cfg.shmem));
+    }
+    Ok(())
+}
+
+fn check_args(k: &EmuKernel, args: &[KArg<'_, EmuBuf>]) -> Result<()> {
+    // SAFETY: the generated signature function returns a static NUL-terminated string.
+    let sig = unsafe { CStr::from_ptr((k.sig)()) }.to_string_lossy();
+    let want = |c: char| match c {
+        'B' | 'b' => "a buffer",
+        'i' => "an int",
+        _ => "a float",
+    };
+    if sig.len() != args.len() {
+        return Err(Error::kernel(k.name, format!("takes {} arguments ({sig}), got {}", sig.len(), args.len())));
+    }
+    for (i, (c, a)) in sig.chars().zip(args).enumerate() {
+        let ok = matches!((c, a), ('B' | 'b', KArg::Buf(_)) | ('i', KArg::I32(_)) | ('f', KArg::F32(_)));
+        if !ok {
+            return Err(Error::kernel(k.name, format!("argument {i} must be {}", want(c))));
+        }
+    }
+    Ok(())
+}
+
+impl Device for EmuDevice {
+    type Buf = EmuBuf;
+
+    fn name(&self) -> String {
+        "emu".into()
+    }
+    fn alloc_zeros(&self, len: usize) -> Result<EmuBuf> {
+        Ok(EmuBuf { data: UnsafeCell::new(vec![0.0; len]) })
+    }
+    fn htod(&self, data: &[f32]) -> Result<EmuBuf> {
+        Ok(EmuBuf { data: UnsafeCell::new(data.to_vec()) })
+    }
+    fn dtoh(&self, buf: &EmuBuf) -> Result<Vec<f32>> {
+        // SAFETY: launches are synchronous, so no kernel writes the buffer while it is read.
+        Ok(unsafe { (*buf.data.get()).clone() })
+    }
+    fn buf_len(&self, buf: &EmuBuf) -> usize {
+        buf.len()
+    }
+
+    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, EmuBuf>]) -> Result<()> {
+        let Some(k) = EMU_KERNELS.iter().find(|k| k.name == kernel) else {
+            if let Some((_, file)) = EMU_FAILED.iter().find(|(n, _)| *n == kernel) {
+                return Err(Error::kernel(kernel, format!("{file} did not compile for the host emulator (see the build warnings)")));
+            }
+            return Err(Error::kernel(kernel, "unknown kernel: no `extern \"C\" __global__` of that name in kernels/"));
+        };
+        check_cfg(kernel, &cfg)?;
+        check_args(k, args)?;
+
+        // Every argument gets a slot that outlives the call; `ptrs` points into `slots`.
+        enum Slot {
+            Buf(EmuBufArg),
+            I32(i32),
+            F32(f32),
+        }
+        let mut slots: Vec<Slot> = args
+            .iter()
+            .map(|a| match a {
+                KArg::Buf(b) => Slot::Buf(EmuBufArg { ptr: b.ptr().cast(), bytes: (b.len() * 4) as u64 }),
+                KArg::I32(v) => Slot::I32(*v),
+                KArg::F32(v) => Slot::F32(*v),
+            })
+            .collect();
+        let ptrs: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| match s {
+                Slot::Buf(b) => (b as *mut EmuBufArg).cast(),
+                Slot::I32(v) => (v as *mut i32).cast(),
+                Slot::F32(v) => (v as *mut f32).cast(),
+            })
+            .collect();
+        let mut err = vec![0 as c_char; 2048];
+        let l = EmuLaunch {
+            grid: cfg.grid,
+            block: cfg.block,
+            shmem: cfg.shmem,
+            schedule: match self.schedule {
+                Schedule::Forward => 0,
+                Schedule::Reverse => 1,
+            },
+            threads: self.threads.min(64) as i32,
+            err: err.as_mut_ptr(),
+            err_cap: err.len() as u32,
+        };
+        // SAFETY: check_args matched the argument list with the kernel's parameter kinds ('B'/'b' a
+        // buffer descriptor, 'i' an i32, 'f' an f32) and the generated wrapper reads exactly those;
+        // buffer descriptors carry their byte length and every access is bounds-checked.
+        let rc = unsafe { (k.run)(&l, ptrs.as_ptr()) };
+        drop(slots);
+        if rc != 0 {
+            // SAFETY: the runtime wrote a NUL-terminated message within err_cap bytes.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+            return Err(Error::kernel(kernel, msg));
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}
