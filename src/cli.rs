@@ -12,6 +12,7 @@ use crate::config::{Config, Head};
 use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::gpu::cuda::{cuda_available, CudaDevice};
+use crate::gpu::emu::EmuDevice;
 use crate::gpu::ops::GpuBackend;
 use crate::gpu::{nvrtc, Device};
 use crate::io;
@@ -202,8 +203,7 @@ trait Job {
 fn with_backend<J: Job>(kind: BackendKind, job: J) -> Result<J::Out> {
     match kind {
         BackendKind::Cpu => job.run(CpuBackend::new()),
-        // TODO(emu): `job.run(GpuBackend::new(crate::gpu::emu::EmuDevice::new()))` once the emulator lands.
-        BackendKind::Emu => Err(Error::backend("emu", "the kernel emulator is not built into this version yet")),
+        BackendKind::Emu => job.run(GpuBackend::new(EmuDevice::new())),
         BackendKind::Cuda => job.run(GpuBackend::new(CudaDevice::new(0)?)),
         BackendKind::Auto => {
             if !cuda_available() {
@@ -358,8 +358,14 @@ fn info(a: &InfoArgs) -> Result<()> {
     println!("backends on this machine:");
     let cpu = CpuBackend::new();
     println!("  cpu    yes: {} threads, convolution path {:?}", cpu.threads(), cpu.conv_path());
-    // TODO(emu): "yes: the CUDA kernels emulated on the CPU" once the emulator lands.
-    println!("  emu    no: the kernel emulator is not built into this version yet");
+    let missing = crate::gpu::emu::host_build_failures();
+    if missing.is_empty() {
+        println!("  emu    yes: the CUDA kernels emulated on the CPU (slow; for checking the GPU code)");
+    } else {
+        let mut files: Vec<&str> = missing.iter().map(|&(_, file)| file).collect();
+        files.dedup();
+        println!("  emu    partly: the CUDA kernels emulated on the CPU, except {} (no host build)", files.join(", "));
+    }
     if cuda_available() {
         match CudaDevice::new(0) {
             Ok(d) => println!("  cuda   yes: {}", d.name()),

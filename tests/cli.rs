@@ -69,6 +69,21 @@ fn predict_tiny_matches_the_golden_output() {
 }
 
 #[test]
+fn predict_on_the_kernel_emulator_matches_the_golden_outputs() {
+    // The CUDA kernels, run on the host emulator, through the same command a GPU user runs.
+    let dir = tempfile::tempdir().unwrap();
+    for case in ["tiny", "readme"] {
+        let out = dir.path().join(format!("{case}.npy"));
+        let err = predict_ok(&data(case, "weights.safetensors"), &data(case, "input.npy"), &out, &["--backend", "emu"]);
+        assert!(err.contains("backend: emu"), "{err}");
+        let (dims, got) = load_npy(&out);
+        let (edims, want) = load_npy(&data(case, "expected.npy"));
+        assert_eq!(dims, edims);
+        check_close(&format!("{case} on emu"), &got, &want);
+    }
+}
+
+#[test]
 fn predict_auto_says_which_backend_it_uses() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.npy");
