@@ -184,6 +184,22 @@ fn barrier_in_divergent_code_is_caught() {
 }
 
 #[test]
+fn different_barriers_are_caught_and_barrier_votes_count() {
+    let dev = EmuDevice::new();
+    let y = dev.alloc_zeros(64).unwrap();
+    let (k, msg) = kernel_err(dev.launch("emu_mismatched_barriers", cfg(1, 64, 0), &[KArg::Buf(&y)]));
+    println!("{k}: {msg}");
+    assert!(msg.contains("threads wait at different barriers"), "{msg}");
+
+    let x = data(96);
+    let xb = dev.htod(&x).unwrap();
+    let y = dev.alloc_zeros(96).unwrap();
+    dev.launch("emu_sync_count", cfg(1, 96, 0), &[KArg::Buf(&xb), KArg::Buf(&y)]).unwrap();
+    let c = x.iter().filter(|v| **v > 0.0).count() as f32;
+    assert!(dev.dtoh(&y).unwrap().iter().all(|v| *v == c + 1000.0));
+}
+
+#[test]
 fn launch_is_validated() {
     let dev = EmuDevice::new();
     let y = dev.alloc_zeros(64).unwrap();

@@ -13,6 +13,8 @@
 //  emu_copy_off_by_one      y[i] = x[i] for i <= n: reads x[n] (out of bounds)
 //  emu_divergent_barrier    threads >= 16 return before a __syncthreads
 //  emu_divergent_shfl       lanes < 16 shuffle with a full mask while lanes >= 16 wait at __syncthreads
+//  emu_mismatched_barriers  threads < 32 and threads >= 32 wait at two different __syncthreads
+//  emu_sync_count           block n: y[t] = __syncthreads_count(x[t] > 0) (+ 1000 * __syncthreads_or(..))
 //  emu_bench_barriers       y[i] = after `rounds` barrier-separated rotations in shared memory
 #include "deepis_device.h"
 
@@ -119,6 +121,27 @@ extern "C" __global__ void emu_divergent_shfl(gptr<float> y) {
     if (t < 16) v += __shfl_down_sync(0xffffffffu, v, 1);  // BUG (on purpose): lanes 16..31 are not there
     __syncthreads();
     y[t] = v;
+}
+
+extern "C" __global__ void emu_mismatched_barriers(gptr<float> y) {
+    __shared__ float s[64];
+    int t = threadIdx.x;
+    s[t] = (float)t;
+    if (t < 32) {
+        __syncthreads();  // BUG (on purpose): the other half waits at the barrier below
+        y[t] = s[63 - t];
+    } else {
+        __syncthreads();
+        y[t] = s[63 - t];
+    }
+}
+
+extern "C" __global__ void emu_sync_count(gptr<const float> x, gptr<float> y) {
+    int t = threadIdx.x;
+    bool p = x[t] > 0.0f;
+    int c = __syncthreads_count(p);
+    int o = __syncthreads_or(p);
+    y[t] = (float)c + 1000.0f * (float)o;
 }
 
 extern "C" __global__ void emu_bench_barriers(gptr<float> y, int rounds) {
