@@ -1,10 +1,11 @@
 // conv3d.cu — 3D convolution, float32 with float32 accumulation, zero padding.
 // Layouts: x (N, D0, D1, D2, Cin) channels-last; w [k0][k1][k2][cin][cout]; y (N, O0, O1, O2, Cout).
-// Both kernels take the same parameter list, so the launch code picks a variant per shape:
-//   conv3d_direct — one thread per output (voxel, cout); cout fastest across threads so weight reads
+// Kernels are named {op}_{dtype} (candle's pattern); both take the same parameter list, so the
+// launch code (src/gpu/ops.rs, ConvVariant) picks a variant per shape:
+//   conv3d_direct_f32 — one thread per output (voxel, cout); cout fastest across threads so weight reads
 //                   coalesce and the input value is a broadcast. 1D grid of ceil(N*O*Cout / 256)
 //                   blocks of 256 threads, no shared memory. Best for small Cout (heads: Cout 1..3).
-//   conv3d_tiled  — implicit GEMM: M = N*O0*O1*O2 output voxels, Ncol = Cout, K = k0*k1*k2*Cin.
+//   conv3d_tiled_f32  — implicit GEMM: M = N*O0*O1*O2 output voxels, Ncol = Cout, K = k0*k1*k2*Cin.
 //                   Block = 256 threads computes a 64 (voxels) x 64 (cout) tile, 4x4 outputs per
 //                   thread; K walked in steps of 16 with the input patch (zero padded, gathered on
 //                   the fly) and the weight slab staged in static shared memory (8.25 KiB).
@@ -12,7 +13,7 @@
 // CPU reference: CpuBackend::conv3d (src/cpu/).
 #include "deepis_device.h"
 
-extern "C" __global__ void conv3d_direct(gptr<float> y, gptr<float> x, gptr<float> w, gptr<float> bias,
+extern "C" __global__ void conv3d_direct_f32(gptr<float> y, gptr<float> x, gptr<float> w, gptr<float> bias,
                                          int has_bias, int n, int d0, int d1, int d2, int cin,
                                          int o0, int o1, int o2, int cout, int k0, int k1, int k2,
                                          int s0, int s1, int s2, int p0, int p1, int p2) {
@@ -25,7 +26,8 @@ extern "C" __global__ void conv3d_direct(gptr<float> y, gptr<float> x, gptr<floa
     const int j1 = v % o1; v /= o1;
     const int j0 = v % o0;
     const int b = v / o0;
-    float acc = 0.0f;
+    // Start from the bias and sum taps then channels in order, as the CPU reference does.
+    float acc = has_bias ? bias[co] : 0.0f;
     for (int t0 = 0; t0 < k0; ++t0) {
         const int i0 = j0 * s0 - p0 + t0;
         if (i0 < 0 || i0 >= d0) continue;
@@ -41,7 +43,6 @@ extern "C" __global__ void conv3d_direct(gptr<float> y, gptr<float> x, gptr<floa
             }
         }
     }
-    if (has_bias) acc += bias[co];
     y[idx] = acc;
 }
 
@@ -50,7 +51,7 @@ extern "C" __global__ void conv3d_direct(gptr<float> y, gptr<float> x, gptr<floa
 #define CT_BK 16   // reduction step
 #define CT_AS 68   // padded row stride of the A tile (fewer bank conflicts on the transposed store)
 
-extern "C" __global__ void conv3d_tiled(gptr<float> y, gptr<float> x, gptr<float> w, gptr<float> bias,
+extern "C" __global__ void conv3d_tiled_f32(gptr<float> y, gptr<float> x, gptr<float> w, gptr<float> bias,
                                         int has_bias, int n, int d0, int d1, int d2, int cin,
                                         int o0, int o1, int o2, int cout, int k0, int k1, int k2,
                                         int s0, int s1, int s2, int p0, int p1, int p2) {
@@ -92,9 +93,13 @@ extern "C" __global__ void conv3d_tiled(gptr<float> y, gptr<float> x, gptr<float
     const int ty = tid >> 4;
     const int k12 = k1 * k2;
 
+    // Start from the bias and walk K in order (taps, then channels), as the CPU reference does.
     float acc[4][4];
-    for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    for (int j = 0; j < 4; ++j) {
+        const int co = n0 + tx + 16 * j;
+        const float b0 = (has_bias && co < cout) ? bias[co] : 0.0f;
+        for (int i = 0; i < 4; ++i) acc[i][j] = b0;
+    }
 
     for (int kt = 0; kt < K; kt += CT_BK) {
         const int k = kt + a_k;
@@ -134,9 +139,7 @@ extern "C" __global__ void conv3d_tiled(gptr<float> y, gptr<float> x, gptr<float
         for (int j = 0; j < 4; ++j) {
             const int co = n0 + tx + 16 * j;
             if (co >= cout) continue;
-            float v = acc[i][j];
-            if (has_bias) v += bias[co];
-            y[m * cout + co] = v;
+            y[m * cout + co] = acc[i][j];
         }
     }
 }

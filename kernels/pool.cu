@@ -1,10 +1,10 @@
 // pool.cu — 2x2x2 max-pool, stride 2, floor of odd sizes (PyTorch MaxPool3d(2)).
-//   maxpool2 — one thread per output element (channel fastest, so reads coalesce across channels);
+//   maxpool2_f32 — one thread per output element (channel fastest, so reads coalesce across channels);
 //              1D grid of ceil(N*O0*O1*O2*C / 256) blocks of 256 threads, no shared memory.
 // CPU reference: CpuBackend::maxpool2.
 #include "deepis_device.h"
 
-extern "C" __global__ void maxpool2(gptr<float> y, gptr<float> x, int n, int d0, int d1, int d2,
+extern "C" __global__ void maxpool2_f32(gptr<float> y, gptr<float> x, int n, int d0, int d1, int d2,
                                     int c, int o0, int o1, int o2) {
     const int total = n * o0 * o1 * o2 * c;
     const int idx = (int)(blockIdx.x * blockDim.x + threadIdx.x);

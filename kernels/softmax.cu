@@ -1,11 +1,11 @@
 // softmax.cu — softmax over the channels of each voxel (channels-last, so one voxel's channels are
 // contiguous). The classifier heads have 3 channels, so one thread per voxel is the right shape.
-//   softmax_channels — one thread per (n, voxel); 1D grid of ceil(N*D0*D1*D2 / 256) blocks of 256
+//   softmax_channels_f32 — one thread per (n, voxel); 1D grid of ceil(N*D0*D1*D2 / 256) blocks of 256
 //                      threads, no shared memory. Max-subtracted, float32 sum.
 // CPU reference: CpuBackend::softmax.
 #include "deepis_device.h"
 
-extern "C" __global__ void softmax_channels(gptr<float> y, gptr<float> x, int voxels, int c) {
+extern "C" __global__ void softmax_channels_f32(gptr<float> y, gptr<float> x, int voxels, int c) {
     const int p = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (p >= voxels) return;
     const int base = p * c;

@@ -1,12 +1,12 @@
 // upsample.cu — trilinear up-sampling with align_corners=True to an arbitrary size (PyTorch
 // F.interpolate(mode="trilinear", align_corners=True)). Source coordinate = r * out_index with
 // r = (in - 1) / (out - 1) computed on the host in float32 (0 when out == 1); size-1 dims read index 0.
-//   upsample_trilinear — one thread per output element (channel fastest); 1D grid of
+//   upsample_trilinear_f32 — one thread per output element (channel fastest); 1D grid of
 //                        ceil(N*O0*O1*O2*C / 256) blocks of 256 threads, no shared memory.
 // CPU reference: CpuBackend::upsample.
 #include "deepis_device.h"
 
-extern "C" __global__ void upsample_trilinear(gptr<float> y, gptr<float> x, int n, int d0, int d1,
+extern "C" __global__ void upsample_trilinear_f32(gptr<float> y, gptr<float> x, int n, int d0, int d1,
                                               int d2, int c, int o0, int o1, int o2, float r0,
                                               float r1, float r2) {
     const int total = n * o0 * o1 * o2 * c;

@@ -15,15 +15,15 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("softmax.cu", include_str!("../../kernels/softmax.cu")),
 ];
 
-pub const CONV3D_DIRECT: &str = "conv3d_direct";
-pub const CONV3D_TILED: &str = "conv3d_tiled";
-pub const CHANNEL_AFFINE: &str = "channel_affine";
-pub const RELU: &str = "relu";
-pub const ADD: &str = "add";
-pub const SIGMOID: &str = "sigmoid";
-pub const MAXPOOL2: &str = "maxpool2";
-pub const UPSAMPLE_TRILINEAR: &str = "upsample_trilinear";
-pub const SOFTMAX_CHANNELS: &str = "softmax_channels";
+pub const CONV3D_DIRECT: &str = "conv3d_direct_f32";
+pub const CONV3D_TILED: &str = "conv3d_tiled_f32";
+pub const CHANNEL_AFFINE: &str = "channel_affine_f32";
+pub const RELU: &str = "relu_f32";
+pub const ADD: &str = "add_f32";
+pub const SIGMOID: &str = "sigmoid_f32";
+pub const MAXPOOL2: &str = "maxpool2_f32";
+pub const UPSAMPLE_TRILINEAR: &str = "upsample_trilinear_f32";
+pub const SOFTMAX_CHANNELS: &str = "softmax_channels_f32";
 
 /// (file, kernel) for every kernel.
 pub const KERNELS: &[(&str, &str)] = &[

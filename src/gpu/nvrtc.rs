@@ -41,13 +41,13 @@ struct Loaded {
 
 static NVRTC: OnceLock<std::result::Result<Loaded, String>> = OnceLock::new();
 
-/// Candidate locations of libnvrtc, in order: env DEEPIS_NVRTC, the PyPI wheel
-/// nvidia-cuda-nvrtc-cu12 of python3, then the system loader's search path.
+/// Candidate locations of libnvrtc: env DEEPIS_NVRTC alone when set (an explicit choice that
+/// fails loudly), else the PyPI wheel nvidia-cuda-nvrtc-cu12 of python3, then the system loader.
 fn candidates() -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(p) = std::env::var("DEEPIS_NVRTC") {
         if !p.is_empty() {
-            out.push(p);
+            return vec![p];
         }
     }
     let wheel = std::process::Command::new("python3")
@@ -62,8 +62,10 @@ fn candidates() -> Vec<String> {
             }
         }
     }
-    out.push("libnvrtc.so.12".into());
-    out.push("libnvrtc.so".into());
+    // The system loader; a CUDA 13 toolkit has only libnvrtc.so.13 (and its libnvrtc.so link).
+    for name in ["libnvrtc.so.12", "libnvrtc.so", "libnvrtc.so.13"] {
+        out.push(name.into());
+    }
     out
 }
 

@@ -80,6 +80,10 @@ impl<D: Device> GpuBackend<D> {
         self
     }
 
+    pub fn set_conv_variant(&mut self, v: Option<ConvVariant>) {
+        self.conv_variant = v;
+    }
+
     pub fn device(&self) -> &D {
         &self.dev
     }
