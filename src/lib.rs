@@ -7,6 +7,7 @@ pub mod error;
 pub mod gpu;
 pub mod io;
 pub mod model;
+pub mod plan;
 pub mod rng;
 pub mod tensor;
 pub mod weights;
