@@ -1,4 +1,5 @@
 //! deepis: a GPU compute engine for the DeepIS 3D segmenter of refractive-index tomograms.
+pub mod analysis;
 pub mod backend;
 pub mod cli;
 pub mod config;

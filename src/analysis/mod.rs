@@ -1,0 +1,469 @@
+//! Immunological-synapse analysis of label volumes (0 background, 1 effector, 2 target): per frame,
+//! the volume, surface area, sphericity and dry mass of each cell, the synapse area and its mean
+//! refractive index, and the distance between the cells' centroids.
+//!
+//! Conventions: array axes (D0, D1, D2) with voxel sizes in um; voxel (i, j, k) has its centre at
+//! (i d0, j d1, k d2). Surfaces are marching-cubes iso-surfaces at level 1/2 of the mask after a
+//! [1 2 1]/4 smoothing along each axis (see [`SURFACE_SMOOTHING`]): on a raw 0/1 mask every vertex
+//! sits on an edge midpoint and the staircase inflates areas by 5-10 %; the smoothing moves vertices
+//! onto the boundary and keeps a flat boundary where it is.
+pub mod components;
+pub mod edt;
+pub mod marching_cubes;
+
+use crate::error::{Error, Result};
+use crate::io::{read_volume, Volume};
+use rayon::prelude::*;
+use std::path::Path;
+
+/// Medium (culture medium) refractive index.
+pub const MEDIUM_RI: f64 = 1.337;
+/// Whether masks are smoothed before marching cubes (see the module docs).
+pub const SURFACE_SMOOTHING: bool = true;
+
+pub const EFFECTOR: u8 = 1;
+pub const TARGET: u8 = 2;
+
+/// The CSV columns, in order.
+pub const COLUMNS: [&str; 12] = [
+    "frame",
+    "effector_volume_um3",
+    "target_volume_um3",
+    "effector_area_um2",
+    "target_area_um2",
+    "effector_sphericity",
+    "target_sphericity",
+    "effector_dry_mass_pg",
+    "target_dry_mass_pg",
+    "is_area_um2",
+    "is_mean_ri",
+    "centroid_distance_um",
+];
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// Voxel size along D0, D1, D2 in um.
+    pub voxel_size: [f64; 3],
+    /// The synapse is the part of the effector's surface within this distance (um) of the target.
+    pub is_distance: f64,
+    /// Refractive-index increment in um^3/pg (= mL/g).
+    pub dn_dc: f64,
+    /// Refractive index of the medium.
+    pub medium_ri: f64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { voxel_size: [0.2, 0.2, 0.4], is_distance: 1.0, dn_dc: 0.19, medium_ri: MEDIUM_RI }
+    }
+}
+
+impl Options {
+    pub fn validate(&self) -> Result<()> {
+        check_voxel_size(self.voxel_size)?;
+        if !(self.is_distance.is_finite() && self.is_distance >= 0.0) {
+            return Err(Error::Input(format!("--is-distance must be a finite distance >= 0 um, got {}", self.is_distance)));
+        }
+        if !(self.dn_dc.is_finite() && self.dn_dc > 0.0) {
+            return Err(Error::Input(format!("--dn-dc must be positive (um^3/pg), got {}", self.dn_dc)));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses zero, negative or non-finite voxel sizes.
+pub fn check_voxel_size(v: [f64; 3]) -> Result<()> {
+    if let Some(i) = v.iter().position(|x| !(x.is_finite() && *x > 0.0)) {
+        return Err(Error::Input(format!(
+            "voxel size {:?}: the size along axis D{i} is {}; every voxel size must be a positive number of um",
+            v, v[i]
+        )));
+    }
+    Ok(())
+}
+
+/// Metrics of one frame. Quantities of an absent cell (or of the synapse when a cell is absent)
+/// are 0 for volumes and areas and NaN for ratios, dry masses without RI, and distances.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameMetrics {
+    pub frame: usize,
+    pub effector_volume_um3: f64,
+    pub target_volume_um3: f64,
+    pub effector_area_um2: f64,
+    pub target_area_um2: f64,
+    pub effector_sphericity: f64,
+    pub target_sphericity: f64,
+    pub effector_dry_mass_pg: f64,
+    pub target_dry_mass_pg: f64,
+    pub is_area_um2: f64,
+    pub is_mean_ri: f64,
+    pub centroid_distance_um: f64,
+}
+
+impl FrameMetrics {
+    /// The values in [`COLUMNS`] order (frame as a float).
+    pub fn values(&self) -> [f64; 12] {
+        [
+            self.frame as f64,
+            self.effector_volume_um3,
+            self.target_volume_um3,
+            self.effector_area_um2,
+            self.target_area_um2,
+            self.effector_sphericity,
+            self.target_sphericity,
+            self.effector_dry_mass_pg,
+            self.target_dry_mass_pg,
+            self.is_area_um2,
+            self.is_mean_ri,
+            self.centroid_distance_um,
+        ]
+    }
+}
+
+/// Sphericity pi^(1/3) (6V)^(2/3) / A: 1 for a ball, less for anything else.
+pub fn sphericity(volume: f64, area: f64) -> f64 {
+    if area > 0.0 {
+        std::f64::consts::PI.cbrt() * (6.0 * volume).powf(2.0 / 3.0) / area
+    } else {
+        f64::NAN
+    }
+}
+
+/// Checks that every value is 0, 1 or 2 and converts to u8; the error names the first bad voxel.
+pub fn labels_from_f32(values: &[f32], dims: &[usize], what: &Path) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(values.len());
+    for (i, &v) in values.iter().enumerate() {
+        if v == 0.0 || v == 1.0 || v == 2.0 {
+            out.push(v as u8);
+        } else {
+            let mut idx = vec![0usize; dims.len()];
+            let mut r = i;
+            for k in (0..dims.len()).rev() {
+                idx[k] = r % dims[k];
+                r /= dims[k];
+            }
+            return Err(Error::format(
+                what,
+                format!("label {v} at index {idx:?}: a label volume holds 0 (background), 1 (effector) and 2 (target) only"),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Metrics of one frame: `labels` (0/1/2) and optional `ri`, both D0 x D1 x D2 in C order.
+pub fn analyze_frame(frame: usize, labels: &[u8], ri: Option<&[f32]>, dims: [usize; 3], opt: &Options) -> FrameMetrics {
+    let n = dims[0] * dims[1] * dims[2];
+    assert_eq!(labels.len(), n, "analyze_frame: labels length");
+    if let Some(r) = ri {
+        assert_eq!(r.len(), n, "analyze_frame: ri length");
+    }
+    let vox = opt.voxel_size;
+    let vv = vox[0] * vox[1] * vox[2];
+    let eff: Vec<bool> = labels.iter().map(|&l| l == EFFECTOR).collect();
+    let tgt: Vec<bool> = labels.iter().map(|&l| l == TARGET).collect();
+    let count = |m: &[bool]| m.iter().filter(|&&b| b).count();
+    let (ne, nt) = (count(&eff), count(&tgt));
+    let (ve, vt) = (ne as f64 * vv, nt as f64 * vv);
+
+    let dry = |m: &[bool]| match ri {
+        Some(r) => {
+            let s: f64 = m.iter().zip(r).filter(|(&b, _)| b).map(|(_, &x)| x as f64 - opt.medium_ri).sum();
+            s * vv / opt.dn_dc
+        }
+        None => f64::NAN,
+    };
+
+    // Distance (um) from every voxel centre to the nearest target voxel centre.
+    let to_target = if nt > 0 && ne > 0 { Some(edt::edt(&tgt, dims, vox)) } else { None };
+    let mut is_area = 0.0;
+    let ae = mask_surface(&eff, dims, vox, |t| {
+        let a = marching_cubes::triangle_area(&t);
+        if let Some(d) = &to_target {
+            let c: [f64; 3] = std::array::from_fn(|k| (t[0][k] + t[1][k] + t[2][k]) / 3.0 / vox[k]);
+            if trilinear(d, dims, c) <= opt.is_distance {
+                is_area += a;
+            }
+        }
+        a
+    });
+    let at = mask_surface(&tgt, dims, vox, marching_cubes::triangle_area_ref);
+
+    let is_mean_ri = match (&to_target, ri) {
+        (Some(d), Some(r)) => {
+            let (mut s, mut c) = (0.0, 0usize);
+            for i in 0..n {
+                if eff[i] && d[i] <= opt.is_distance {
+                    s += r[i] as f64;
+                    c += 1;
+                }
+            }
+            if c > 0 {
+                s / c as f64
+            } else {
+                f64::NAN
+            }
+        }
+        _ => f64::NAN,
+    };
+
+    let centroid = |m: &[bool]| -> Option<[f64; 3]> {
+        let mut s = [0.0f64; 3];
+        let mut c = 0usize;
+        for (p, _) in m.iter().enumerate().filter(|(_, &b)| b) {
+            let idx = [p / (dims[1] * dims[2]), p / dims[2] % dims[1], p % dims[2]];
+            for k in 0..3 {
+                s[k] += idx[k] as f64 * vox[k];
+            }
+            c += 1;
+        }
+        (c > 0).then(|| s.map(|x| x / c as f64))
+    };
+    let cd = match (centroid(&eff), centroid(&tgt)) {
+        (Some(a), Some(b)) => ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt(),
+        _ => f64::NAN,
+    };
+
+    FrameMetrics {
+        frame,
+        effector_volume_um3: ve,
+        target_volume_um3: vt,
+        effector_area_um2: ae,
+        target_area_um2: at,
+        effector_sphericity: sphericity(ve, ae),
+        target_sphericity: sphericity(vt, at),
+        effector_dry_mass_pg: if ne > 0 { dry(&eff) } else { f64::NAN },
+        target_dry_mass_pg: if nt > 0 { dry(&tgt) } else { f64::NAN },
+        is_area_um2: is_area,
+        is_mean_ri,
+        centroid_distance_um: cd,
+    }
+}
+
+/// Trilinear interpolation of `f` at fractional voxel index `c` (clamped into the array).
+fn trilinear(f: &[f64], dims: [usize; 3], c: [f64; 3]) -> f64 {
+    let mut i0 = [0usize; 3];
+    let mut w = [0f64; 3];
+    for k in 0..3 {
+        let x = c[k].clamp(0.0, (dims[k] - 1) as f64);
+        i0[k] = (x.floor() as usize).min(dims[k].saturating_sub(2));
+        w[k] = if dims[k] > 1 { x - i0[k] as f64 } else { 0.0 };
+    }
+    let mut s = 0.0;
+    for corner in 0..8 {
+        let o = [corner & 1, corner >> 1 & 1, corner >> 2 & 1];
+        let mut wt = 1.0;
+        let mut idx = [0usize; 3];
+        for k in 0..3 {
+            wt *= if o[k] == 1 { w[k] } else { 1.0 - w[k] };
+            idx[k] = (i0[k] + o[k]).min(dims[k] - 1);
+        }
+        if wt > 0.0 {
+            s += wt * f[(idx[0] * dims[1] + idx[1]) * dims[2] + idx[2]];
+        }
+    }
+    s
+}
+
+/// Sum over the triangles of the mask's surface of `per_triangle(triangle)` (corners in um, in the
+/// frame of the whole volume). Works on the mask's bounding box, padded so the surface closes.
+pub fn mask_surface(mask: &[bool], dims: [usize; 3], spacing: [f64; 3], per_triangle: impl FnMut([[f64; 3]; 3]) -> f64) -> f64 {
+    mask_surface_with(mask, dims, spacing, SURFACE_SMOOTHING, per_triangle)
+}
+
+/// [`mask_surface`] with the smoothing chosen by the caller (`false`: marching cubes on the raw mask).
+pub fn mask_surface_with(
+    mask: &[bool],
+    dims: [usize; 3],
+    spacing: [f64; 3],
+    smooth: bool,
+    mut per_triangle: impl FnMut([[f64; 3]; 3]) -> f64,
+) -> f64 {
+    let Some((lo, hi)) = bbox(mask, dims) else { return 0.0 };
+    let pad = if smooth { 2 } else { 1 };
+    let org: [isize; 3] = std::array::from_fn(|k| lo[k] as isize - pad);
+    let ld: [usize; 3] = std::array::from_fn(|k| hi[k] - lo[k] + 1 + 2 * pad as usize);
+    let mut f = vec![0f32; ld[0] * ld[1] * ld[2]];
+    for i in lo[0]..=hi[0] {
+        for j in lo[1]..=hi[1] {
+            for k in lo[2]..=hi[2] {
+                if mask[(i * dims[1] + j) * dims[2] + k] {
+                    let (a, b, c) = ((i as isize - org[0]) as usize, (j as isize - org[1]) as usize, (k as isize - org[2]) as usize);
+                    f[(a * ld[1] + b) * ld[2] + c] = 1.0;
+                }
+            }
+        }
+    }
+    if smooth {
+        for axis in 0..3 {
+            smooth_121(&mut f, ld, axis);
+        }
+    }
+    let off: [f64; 3] = std::array::from_fn(|k| org[k] as f64 * spacing[k]);
+    let mut total = 0.0;
+    marching_cubes::for_each_triangle(&f, ld, spacing, 0.5, |t| {
+        let g = t.map(|p| std::array::from_fn(|k| p[k] + off[k]));
+        total += per_triangle(g);
+    });
+    total
+}
+
+/// In place [1 2 1]/4 along `axis` (zero outside).
+fn smooth_121(f: &mut [f32], d: [usize; 3], axis: usize) {
+    let stride = [d[1] * d[2], d[2], 1][axis];
+    let n = d[axis];
+    let src = f.to_vec();
+    for p in 0..f.len() {
+        let i = p / stride % n;
+        let l = if i > 0 { src[p - stride] } else { 0.0 };
+        let r = if i + 1 < n { src[p + stride] } else { 0.0 };
+        f[p] = 0.25 * l + 0.5 * src[p] + 0.25 * r;
+    }
+}
+
+/// Inclusive bounding box of the true voxels, or None for an empty mask.
+fn bbox(mask: &[bool], dims: [usize; 3]) -> Option<([usize; 3], [usize; 3])> {
+    let mut lo = [usize::MAX; 3];
+    let mut hi = [0usize; 3];
+    let mut any = false;
+    for (p, _) in mask.iter().enumerate().filter(|(_, &b)| b) {
+        let idx = [p / (dims[1] * dims[2]), p / dims[2] % dims[1], p % dims[2]];
+        for k in 0..3 {
+            lo[k] = lo[k].min(idx[k]);
+            hi[k] = hi[k].max(idx[k]);
+        }
+        any = true;
+    }
+    any.then_some((lo, hi))
+}
+
+/// The frames of a label or RI file: a 3D file is one frame; 4D (T x D0 x D1 x D2) and
+/// 5D (T x 1 x D0 x D1 x D2) files hold T frames.
+pub fn frame_dims(v: &Volume) -> (usize, [usize; 3]) {
+    (v.tensor.shape.n, v.tensor.shape.d)
+}
+
+/// Reads the labels (and RI) files, checks them, and analyses every frame (in parallel).
+pub fn analyze_files(labels_path: &Path, ri_path: Option<&Path>, opt: &Options) -> Result<Vec<FrameMetrics>> {
+    opt.validate()?;
+    let lv = read_volume(labels_path)?;
+    let (t, dims) = frame_dims(&lv);
+    let file_dims = volume_file_dims(&lv);
+    let labels = labels_from_f32(&lv.tensor.data, &file_dims, labels_path)?;
+    let ri = match ri_path {
+        Some(p) => {
+            let rv = read_volume(p)?; // refuses NaN and infinite values
+            if frame_dims(&rv) != (t, dims) {
+                return Err(Error::Input(format!(
+                    "the RI volume {} has shape {:?} but the labels {} have shape {:?}: they must describe the same voxels",
+                    p.display(),
+                    volume_file_dims(&rv),
+                    labels_path.display(),
+                    file_dims
+                )));
+            }
+            Some(rv.tensor.data)
+        }
+        None => None,
+    };
+    let n = dims[0] * dims[1] * dims[2];
+    Ok((0..t)
+        .into_par_iter()
+        .map(|f| analyze_frame(f, &labels[f * n..(f + 1) * n], ri.as_ref().map(|r| &r[f * n..(f + 1) * n]), dims, opt))
+        .collect())
+}
+
+/// The dims as the file has them.
+fn volume_file_dims(v: &Volume) -> Vec<usize> {
+    let s = v.tensor.shape;
+    match v.rank {
+        3 => s.d.to_vec(),
+        4 => vec![s.n, s.d[0], s.d[1], s.d[2]],
+        _ => vec![s.n, 1, s.d[0], s.d[1], s.d[2]],
+    }
+}
+
+/// The metrics as CSV text: a header of [`COLUMNS`] and one row per frame.
+pub fn to_csv(rows: &[FrameMetrics]) -> String {
+    let mut s = COLUMNS.join(",");
+    s.push('\n');
+    for r in rows {
+        let v = r.values();
+        s.push_str(&r.frame.to_string());
+        for x in &v[1..] {
+            s.push(',');
+            s.push_str(&format_value(*x));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn format_value(x: f64) -> String {
+    if x.is_nan() {
+        "NaN".to_string()
+    } else {
+        format!("{x:.6}")
+    }
+}
+
+/// Writes the CSV atomically.
+pub fn write_csv(path: &Path, rows: &[FrameMetrics]) -> Result<()> {
+    let text = to_csv(rows);
+    crate::io::write_atomic(path, |w| std::io::Write::write_all(w, text.as_bytes()))
+}
+
+/// A fixed-width table of the metrics for the terminal.
+pub fn format_table(rows: &[FrameMetrics]) -> String {
+    let heads = ["frame", "V_eff", "V_tgt", "A_eff", "A_tgt", "sph_eff", "sph_tgt", "m_eff", "m_tgt", "IS_area", "IS_RI", "dist"];
+    let mut s = String::new();
+    for h in heads {
+        s.push_str(&format!("{h:>9}"));
+    }
+    s.push('\n');
+    for r in rows {
+        let v = r.values();
+        s.push_str(&format!("{:>9}", r.frame));
+        for (i, x) in v[1..].iter().enumerate() {
+            let prec = match i + 1 {
+                5 | 6 => 3,
+                10 => 4,
+                _ => 1,
+            };
+            s.push_str(&format!("{:>9.*}", prec, x));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Writes a uint8 label volume (C-order `dims`, rank 3 or 4) as `.npy`, or as a multi-page 8-bit
+/// `.tif` (pages ordered along the leading axes, each D1 rows x D2 columns), atomically.
+pub fn write_labels(path: &Path, dims: &[usize], data: &[u8]) -> Result<()> {
+    if dims.iter().product::<usize>() != data.len() || dims.len() < 2 {
+        return Err(Error::Shape(format!("labels of shape {dims:?} need {} values, got {}", dims.iter().product::<usize>(), data.len())));
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("npy") => crate::io::write_atomic(path, |w| {
+            use npyz::WriterBuilder;
+            let shape: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+            let mut npy = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(w).begin_nd()?;
+            npy.extend(data.iter().copied())?;
+            npy.finish()
+        }),
+        Some("tif") | Some("tiff") => {
+            let (h, wd) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+            crate::io::write_atomic(path, |w| {
+                use tiff::encoder::{colortype::Gray8, TiffEncoder};
+                let terr = |e: tiff::TiffError| std::io::Error::other(format!("cannot write TIFF: {e}"));
+                let mut enc = TiffEncoder::new(w).map_err(terr)?;
+                for page in data.chunks((h * wd).max(1)) {
+                    enc.write_image::<Gray8>(wd as u32, h as u32, page).map_err(terr)?;
+                }
+                Ok(())
+            })
+        }
+        _ => Err(Error::format(path, "unsupported file type for labels: expected .npy or .tif")),
+    }
+}

@@ -1,0 +1,204 @@
+//! `analyze` against analytic geometry: a voxelised ball, two boxes across a gap, a known RI field,
+//! and the errors for bad inputs.
+use deepis::analysis::{self, analyze_frame, marching_cubes, Options};
+use std::f64::consts::PI;
+
+fn idx(d: [usize; 3], i: usize, j: usize, k: usize) -> usize {
+    (i * d[1] + j) * d[2] + k
+}
+
+/// A ball of radius r (um) centred in a grid of voxel size v, as 0/1 labels of `class`.
+fn ball(d: [usize; 3], v: [f64; 3], r: f64, class: u8) -> Vec<u8> {
+    let c: [f64; 3] = std::array::from_fn(|k| (d[k] as f64 - 1.0) / 2.0 * v[k]);
+    let mut l = vec![0u8; d[0] * d[1] * d[2]];
+    for i in 0..d[0] {
+        for j in 0..d[1] {
+            for k in 0..d[2] {
+                let p = [i as f64 * v[0], j as f64 * v[1], k as f64 * v[2]];
+                let q: f64 = (0..3).map(|a| (p[a] - c[a]).powi(2)).sum();
+                if q <= r * r {
+                    l[idx(d, i, j, k)] = class;
+                }
+            }
+        }
+    }
+    l
+}
+
+fn opts(v: [f64; 3]) -> Options {
+    Options { voxel_size: v, ..Options::default() }
+}
+
+#[test]
+fn ball_volume_area_sphericity() {
+    println!("{:>16} {:>6} {:>10} {:>10} {:>10} {:>10}", "voxel um", "r um", "vol err", "area err", "raw MC err", "sph");
+    for (v, r, d) in [([0.2, 0.2, 0.4], 3.0, [36, 36, 20]), ([0.2, 0.2, 0.2], 2.0, [26, 26, 26]), ([0.3, 0.2, 0.5], 4.0, [32, 46, 22])] {
+        let l = ball(d, v, r, 1);
+        let m = analyze_frame(0, &l, None, d, &opts(v));
+        let count = l.iter().filter(|&&x| x == 1).count();
+        assert_eq!(m.effector_volume_um3, count as f64 * (v[0] * v[1] * v[2]), "volume is the voxel count x voxel volume");
+        let (va, aa) = (4.0 / 3.0 * PI * r.powi(3), 4.0 * PI * r * r);
+        let mask: Vec<bool> = l.iter().map(|&x| x == 1).collect();
+        let raw = analysis::mask_surface_with(&mask, d, v, false, marching_cubes::triangle_area_ref);
+        let (ev, ea, er) = (m.effector_volume_um3 / va - 1.0, m.effector_area_um2 / aa - 1.0, raw / aa - 1.0);
+        println!("{:>16} {:>6.1} {:>+10.4} {:>+10.4} {:>+10.4} {:>10.4}", format!("{v:?}"), r, ev, ea, er, m.effector_sphericity);
+        assert!(ev.abs() < 0.03, "volume error {ev}");
+        assert!(ea.abs() < 0.03, "area error {ea}");
+        assert!((m.effector_sphericity - 1.0).abs() < 0.03, "sphericity {}", m.effector_sphericity);
+        assert_eq!(m.target_volume_um3, 0.0);
+        assert!(m.target_sphericity.is_nan() && m.centroid_distance_um.is_nan());
+        assert_eq!(m.is_area_um2, 0.0);
+    }
+}
+
+/// Effector box [a0, a1] and target box [b0, b1] along D0, both over [lo, hi) in D1 and D2.
+fn boxes(d: [usize; 3], a: (usize, usize), b: (usize, usize), lo: [usize; 2], hi: [usize; 2]) -> Vec<u8> {
+    let mut l = vec![0u8; d[0] * d[1] * d[2]];
+    for i in 0..d[0] {
+        for j in lo[0]..hi[0] {
+            for k in lo[1]..hi[1] {
+                if (a.0..=a.1).contains(&i) {
+                    l[idx(d, i, j, k)] = 1;
+                } else if (b.0..=b.1).contains(&i) {
+                    l[idx(d, i, j, k)] = 2;
+                }
+            }
+        }
+    }
+    l
+}
+
+#[test]
+fn boxes_across_a_gap_synapse_is_the_facing_area() {
+    let v = [0.2, 0.2, 0.4];
+    let d = [40, 28, 16];
+    // Effector voxels 4..=17 and target 20..=33 along D0: two empty voxels between them, so the
+    // effector's face (half a voxel past its last centre) is 2.5 voxels = 0.5 um from the target.
+    let l = boxes(d, (4, 17), (20, 33), [4, 4], [24, 12]);
+    let face = (20.0 * v[1]) * (8.0 * v[2]);
+    // The smoothed surface rounds the box's rim over about a voxel: with --is-distance one voxel
+    // (0.2 um) past the gap the synapse is the face; just below the gap it is empty.
+    for (is_d, expect, tol) in [(0.7, face, 0.05), (0.45, 0.0, 0.0)] {
+        let m = analyze_frame(0, &l, None, d, &Options { is_distance: is_d, ..opts(v) });
+        println!("is-distance {is_d}: IS area {:.3} um2, facing area {face:.3} um2, rel err {:+.4}", m.is_area_um2, m.is_area_um2 / face - 1.0);
+        assert!((m.is_area_um2 - expect).abs() <= tol * face, "IS area {} vs {expect}", m.is_area_um2);
+        let centres = (20.0 + 33.0) / 2.0 - (4.0 + 17.0) / 2.0;
+        assert!((m.centroid_distance_um - centres * v[0]).abs() < 1e-9);
+    }
+    // The box surface: 2 (ab + bc + ca) of a 14 x 20 x 8 voxel box.
+    let (x, y, z) = (14.0 * v[0], 20.0 * v[1], 8.0 * v[2]);
+    let m = analyze_frame(0, &l, None, d, &opts(v));
+    let area = 2.0 * (x * y + y * z + z * x);
+    println!("box area {:.3} vs {area:.3} ({:+.4})", m.effector_area_um2, m.effector_area_um2 / area - 1.0);
+    // Smooth cells are measured to ~1 %; a box loses its sharp edges and corners to the smoothing
+    // (about a voxel of rounding radius: -10 % on this 14 x 20 x 8 voxel box).
+    assert!((m.effector_area_um2 / area - 1.0).abs() < 0.12);
+    assert_eq!(m.effector_volume_um3, 14.0 * 20.0 * 8.0 * (v[0] * v[1] * v[2]));
+}
+
+#[test]
+fn dry_mass_and_synapse_ri_of_a_known_field() {
+    let v = [0.25, 0.2, 0.5];
+    let d = [40, 20, 10];
+    let l = boxes(d, (4, 17), (19, 33), [3, 2], [17, 8]);
+    let n = l.len();
+    let mut ri = vec![1.337f32; n];
+    for p in 0..n {
+        ri[p] = match l[p] {
+            1 => 1.375,
+            2 => 1.36 + 0.001 * (p % 7) as f32,
+            _ => 1.337 + 0.0005 * (p % 3) as f32,
+        };
+    }
+    let o = Options { dn_dc: 0.19, ..opts(v) };
+    let m = analyze_frame(0, &l, Some(&ri), d, &o);
+    let vv = v[0] * v[1] * v[2];
+    let expect = |class: u8| -> f64 { (0..n).filter(|&p| l[p] == class).map(|p| ri[p] as f64 - 1.337).sum::<f64>() * vv / 0.19 };
+    println!("dry mass effector {:.6} pg (expect {:.6}), target {:.6} pg (expect {:.6})", m.effector_dry_mass_pg, expect(1), m.target_dry_mass_pg, expect(2));
+    assert!((m.effector_dry_mass_pg - expect(1)).abs() <= 1e-12 * expect(1));
+    assert!((m.target_dry_mass_pg - expect(2)).abs() <= 1e-12 * expect(2));
+    // 14 x 14 x 6 voxels of RI 1.375: (0.038 x 1176 x 0.025) / 0.19 pg.
+    assert!((m.effector_dry_mass_pg - (1.375f32 as f64 - 1.337) * 1176.0 * vv / 0.19).abs() < 1e-9);
+    assert_eq!(m.is_mean_ri, 1.375, "the effector's voxels at the synapse all have RI 1.375");
+    assert!(m.is_area_um2 > 0.0);
+    // Without RI: NaN dry masses and synapse RI, everything else unchanged.
+    let m2 = analyze_frame(0, &l, None, d, &o);
+    assert!(m2.effector_dry_mass_pg.is_nan() && m2.is_mean_ri.is_nan());
+    assert_eq!(m2.is_area_um2, m.is_area_um2);
+}
+
+mod files {
+    use super::*;
+    use deepis::analysis::{analyze_files, write_labels, COLUMNS};
+    use std::path::Path;
+
+    fn err(labels: &Path, ri: Option<&Path>, v: [f64; 3]) -> String {
+        analyze_files(labels, ri, &opts(v)).expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn bad_inputs_get_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let d = [12, 10, 8];
+        let mut l = ball(d, [0.2; 3], 0.7, 1);
+        write_labels(&p("ok.npy"), &d, &l).unwrap();
+        l[idx(d, 1, 2, 3)] = 3;
+        write_labels(&p("bad.npy"), &d, &l).unwrap();
+        let e = err(&p("bad.npy"), None, [0.2; 3]);
+        println!("{e}");
+        assert!(e.contains("label 3 at index [1, 2, 3]") && e.contains("0 (background), 1 (effector) and 2 (target)"), "{e}");
+
+        let e = err(&p("ok.npy"), None, [0.2, 0.0, 0.2]);
+        println!("{e}");
+        assert!(e.contains("axis D1") && e.contains("positive"), "{e}");
+        let e = err(&p("ok.npy"), None, [0.2, -1.0, 0.2]);
+        assert!(e.contains("axis D1"), "{e}");
+
+        deepis::io::write_npy(&p("ri_small.npy"), &[12, 10, 7], &vec![1.34; 12 * 10 * 7]).unwrap();
+        let e = err(&p("ok.npy"), Some(&p("ri_small.npy")), [0.2; 3]);
+        println!("{e}");
+        assert!(e.contains("[12, 10, 7]") && e.contains("[12, 10, 8]") && e.contains("same voxels"), "{e}");
+
+        let mut ri = vec![1.34f32; 12 * 10 * 8];
+        ri[5] = f32::NAN;
+        deepis::io::write_npy(&p("ri_nan.npy"), &[12, 10, 8], &ri).unwrap();
+        let e = err(&p("ok.npy"), Some(&p("ri_nan.npy")), [0.2; 3]);
+        println!("{e}");
+        assert!(e.contains("NaN") && e.contains("finite"), "{e}");
+
+        let e = analyze_files(&p("ok.npy"), None, &Options { is_distance: -1.0, ..opts([0.2; 3]) }).unwrap_err().to_string();
+        assert!(e.contains("--is-distance"), "{e}");
+        let e = err(&p("missing.npy"), None, [0.2; 3]);
+        assert!(e.contains("missing.npy"), "{e}");
+    }
+
+    #[test]
+    fn time_lapse_gives_one_row_per_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = [16, 16, 12];
+        let v = [0.2, 0.2, 0.4];
+        let mut all = Vec::new();
+        for t in 0..3 {
+            all.extend(ball(d, v, 0.8 + 0.3 * t as f64, 1));
+        }
+        let path = dir.path().join("labels.tif");
+        write_labels(&path, &[3 * 16, 16, 12], &all).unwrap(); // a .tif stack is one 3D frame
+        let rows = analyze_files(&path, None, &opts(v)).unwrap();
+        assert_eq!(rows.len(), 1);
+        let path = dir.path().join("labels.npy");
+        write_labels(&path, &[3, 16, 16, 12], &all).unwrap();
+        let rows = analyze_files(&path, None, &opts(v)).unwrap();
+        assert_eq!(rows.len(), 3);
+        assert!(rows.windows(2).all(|w| w[1].effector_volume_um3 > w[0].effector_volume_um3));
+        let csv = analysis::to_csv(&rows);
+        let mut lines = csv.lines();
+        assert_eq!(lines.next().unwrap(), COLUMNS.join(","));
+        assert_eq!(COLUMNS.join(", "), "frame, effector_volume_um3, target_volume_um3, effector_area_um2, target_area_um2, effector_sphericity, target_sphericity, effector_dry_mass_pg, target_dry_mass_pg, is_area_um2, is_mean_ri, centroid_distance_um");
+        for (t, line) in lines.enumerate() {
+            let cells: Vec<&str> = line.split(',').collect();
+            assert_eq!(cells.len(), 12);
+            assert_eq!(cells[0], t.to_string());
+        }
+    }
+}
