@@ -16,6 +16,11 @@
 //  emu_mismatched_barriers  threads < 32 and threads >= 32 wait at two different __syncthreads
 //  emu_sync_count           block n: y[t] = __syncthreads_count(x[t] > 0) (+ 1000 * __syncthreads_or(..))
 //  emu_bench_barriers       y[i] = after `rounds` barrier-separated rotations in shared memory
+//
+// Seen on an H100 (driver 580, sm_90 cubin from NVRTC 12.9): every correct kernel above gives the
+// emulator's results; emu_block_sum_nosync gives a wrong sum there too; emu_divergent_barrier
+// completes (exited threads count as arrived; CUDA calls it undefined, the emulator rejects it);
+// emu_divergent_shfl hangs the GPU (the emulator reports the deadlock).
 #include "deepis_device.h"
 
 extern "C" __global__ void emu_block_sum(gptr<const float> x, gptr<float> out, int n) {
