@@ -85,8 +85,10 @@ pub enum Command {
 pub enum BackendKind {
     /// The GPU when one is found, otherwise the CPU
     Auto,
-    /// The CPU (all cores)
+    /// The CPU (all cores): the fused inference plan (`deepis::plan`)
     Cpu,
+    /// The CPU, unfused reference backend (op by op; for checking)
+    CpuRef,
     /// The CUDA kernels emulated on the CPU (slow; for checking the GPU code without a GPU)
     Emu,
     /// The first NVIDIA GPU
@@ -202,7 +204,7 @@ trait Job {
 /// Opens the backend `kind` names (auto: CUDA when a GPU opens, else the CPU, saying so) and runs `job` on it.
 fn with_backend<J: Job>(kind: BackendKind, job: J) -> Result<J::Out> {
     match kind {
-        BackendKind::Cpu => job.run(CpuBackend::new()),
+        BackendKind::Cpu | BackendKind::CpuRef => job.run(CpuBackend::new()),
         BackendKind::Emu => job.run(GpuBackend::new(EmuDevice::new())),
         BackendKind::Cuda => job.run(GpuBackend::new(CudaDevice::new(0)?)),
         BackendKind::Auto => {
@@ -306,7 +308,11 @@ fn predict(a: &PredictArgs) -> Result<()> {
         vol.tensor.shape.d[2],
         a.input.display()
     );
-    let y = with_backend(a.backend, Predict { weights: &weights, x: &vol.tensor, batch: a.batch as usize })?;
+    let y = if uses_plan(a.backend) {
+        predict_plan(&weights, &vol.tensor)?
+    } else {
+        with_backend(a.backend, Predict { weights: &weights, x: &vol.tensor, batch: a.batch as usize })?
+    };
     io::write_output(&a.output, &y, vol.rank)?;
     let dims = io::output_dims(&y, vol.rank)?;
     eprintln!("wrote {} ({})", a.output.display(), head_meaning(&weights.config, &dims));
@@ -482,7 +488,88 @@ fn bench(a: &BenchArgs) -> Result<()> {
     let shape = Shape::new(a.batch as usize, a.size, 1);
     let mut rng = Rng::new(7);
     let x = Tensor::new(shape, (0..shape.len()).map(|_| rng.normal() as f32).collect())?;
+    if uses_plan(a.backend) {
+        return bench_plan(&weights, &x, a.runs, a.warmup);
+    }
     with_backend(a.backend, Bench { weights: &weights, x: &x, runs: a.runs, warmup: a.warmup })
+}
+
+// ---------------------------------------------------------------------------------------------
+// the fused CPU plan (`--backend cpu`, and `auto` without a GPU)
+
+fn uses_plan(kind: BackendKind) -> bool {
+    match kind {
+        BackendKind::Cpu => true,
+        BackendKind::Auto if !cuda_available() => {
+            eprintln!("no GPU found: using the CPU");
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Peak resident memory of this process so far (Linux VmHWM), in bytes.
+fn peak_rss() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse::<usize>().ok()?;
+    Some(kb * 1024)
+}
+
+fn mib(b: usize) -> f64 {
+    b as f64 / 1048576.0
+}
+
+/// The plan runs volume by volume (peak memory is one volume's), so `--batch` changes nothing here.
+fn predict_plan(weights: &Weights, x: &Tensor) -> Result<Tensor> {
+    let t0 = Instant::now();
+    let plan = crate::plan::Plan::new(weights, x.shape.d, crate::plan::PlanOptions::default())?;
+    eprintln!("backend: cpu, {} threads; {}", rayon::current_num_threads(), plan.summary());
+    let setup = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let y = plan.run(x)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let n = x.shape.n;
+    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
+    eprintln!(
+        "forward: {n} volume(s) of {}x{}x{} in {secs:.2} s ({:.3} s/volume, {:.1} GFLOP/s); plan built in {setup:.2} s",
+        x.shape.d[0],
+        x.shape.d[1],
+        x.shape.d[2],
+        secs / n as f64,
+        gflop / secs.max(1e-9)
+    );
+    Ok(y)
+}
+
+fn bench_plan(weights: &Weights, x: &Tensor, runs: u32, warmup: u32) -> Result<()> {
+    let plan = crate::plan::Plan::new(weights, x.shape.d, crate::plan::PlanOptions::default())?;
+    let n = x.shape.n;
+    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
+    println!("backend: cpu (fused plan), {} threads", rayon::current_num_threads());
+    println!("{}", plan.summary());
+    println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", x.shape.d);
+    for i in 0..warmup {
+        let t0 = Instant::now();
+        plan.run(x)?;
+        eprintln!("  warmup {}: {:.3} s", i + 1, t0.elapsed().as_secs_f64());
+    }
+    let mut times = Vec::new();
+    for i in 0..runs {
+        let t0 = Instant::now();
+        plan.run(x)?;
+        let t = t0.elapsed().as_secs_f64();
+        eprintln!("  run {}: {t:.3} s", i + 1);
+        times.push(t);
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    println!("median of {} run(s): {:.3} s per volume, {:.1} GFLOP/s", times.len(), med / n as f64, gflop / med.max(1e-9));
+    println!(
+        "peak memory: plan {:.1} MiB (planned), process {}",
+        mib(plan.peak_bytes()),
+        peak_rss().map_or("unknown".to_string(), |b| format!("{:.1} MiB (VmHWM)", mib(b)))
+    );
+    Ok(())
 }
 
 /// Exposed for `main`: parse the process arguments (clap prints help/usage and exits itself).
