@@ -1,0 +1,16 @@
+//! Training: an autograd tape over any `TrainBackend`, the backward ops (CPU reference here),
+//! the published losses, Adam, and the training loop.
+//!
+//! - `backend`: the `TrainBackend` trait the CUDA backend and the emulator implement.
+//! - `cpu`: its CPU implementation.
+//! - `tape`: records forward ops, walks them backwards.
+//! - `loss`: `edge_weight`, `aux_labels`, `train_loss` on the host in float64.
+//! - `net`: the network in training mode on the tape; `train_step`.
+pub mod backend;
+pub mod cpu;
+pub mod loss;
+pub mod net;
+pub mod tape;
+
+pub use backend::{BnSaved, TrainBackend};
+pub use net::{finish_step, forward_train, train_step, Params, Step};

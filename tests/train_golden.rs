@@ -1,0 +1,173 @@
+//! Training-mode parity with the PyTorch oracle (float64 golden cases, stored float32): the
+//! training-mode output, the edge weight map, the aux labels, the loss and every parameter's
+//! gradient of one `train_loss` step (dropout off), on the CPU backend.
+//! Metric: max|a-e| / max(1e-3, max|e|) <= 1e-3 (the issue's); weight map and labels exactly.
+//!
+//! ReLU kinks: where a pre-activation lies within float32 rounding of 0 (|v| < 1e-7 max|v|), the
+//! float32 engine and the float64 oracle may take different sides, and that voxel's whole
+//! gradient goes one way or the other (small: one voxel of layer2.blocks.0.conv3 at 1.2e-7 moves
+//! its BN bias gradient by 14%). Such voxels are listed; when there are any, every combination of
+//! their decisions (at most 2^12) is scored and the test passes when one matches the oracle.
+mod common;
+use common::*;
+use deepis::config::Head;
+use deepis::cpu::CpuBackend;
+use deepis::tensor::rel_err;
+use deepis::train::loss::{aux_labels, edge_weight, EdgeWeight};
+use deepis::train::tape::Var;
+use deepis::train::{finish_step, forward_train, Params, Step};
+use deepis::weights::Weights;
+use std::time::Instant;
+
+const TOL: f32 = 1e-3;
+
+fn check_case(case: &str) {
+    let t0 = Instant::now();
+    let w = Weights::load(&data(case, "weights.safetensors")).unwrap();
+    let (p, fresh) = Params::from_weights(&w, 0).unwrap();
+    assert!(fresh.is_empty(), "{case}: golden weights lack {fresh:?}");
+    let x = read_5d(&data(case, "input.npy"));
+    let target = read_5d(&data(case, "target.npy"));
+    let b = CpuBackend::new();
+    let dev = p.upload(&b).unwrap();
+    let run = |flips: &[(Var, usize)]| -> Step {
+        let mut f = forward_train(&b, &p, &dev, &x, None).unwrap();
+        f.tape.relu_flips = flips.to_vec();
+        finish_step(&b, &p, f, &target, None).unwrap()
+    };
+    // ReLU inputs within float32 rounding of the kink
+    let mut kinks = Vec::new();
+    {
+        let f = forward_train(&b, &p, &dev, &x, None).unwrap();
+        for (inp, out) in f.tape.relus() {
+            let v = &f.tape.value(inp).data;
+            let tau = 1e-7 * v.iter().fold(0.0f32, |m, a| m.max(a.abs()));
+            kinks.extend(v.iter().enumerate().filter(|(_, a)| a.abs() < tau && **a != 0.0).map(|(e, a)| (out, e, *a)));
+        }
+    }
+    let step = run(&[]);
+    let secs = t0.elapsed().as_secs_f64();
+    println!("{case:<7} {} ReLU pre-activation(s) within 1e-7 max|v| of 0: {:?}", kinks.len(), kinks.iter().map(|k| k.2).collect::<Vec<_>>());
+    assert!(kinks.len() <= 12, "{case}: too many ambiguous ReLU decisions to try");
+
+    let want_out = read_5d(&data(case, "train_output.npy"));
+    let e_out = rel_err(&step.out.data, &want_out.data, 1e-3);
+    println!("{case:<7} train_output       rel err {e_out:.3e}");
+    assert!(e_out <= TOL, "{case}: training-mode output rel err {e_out:.3e}");
+
+    // the weight map: computed by deepis from its own output, and from the golden output
+    let want_w = read_5d(&data(case, "weight.npy"));
+    if p.cfg.head == Head::Distance {
+        let mine = step.weight.as_ref().unwrap();
+        let diff = mine.data.iter().zip(&want_w.data).filter(|(a, b)| a != b).count();
+        let from_golden = edge_weight(&want_out, &target, EdgeWeight::default()).unwrap();
+        let diff_g = from_golden.data.iter().zip(&want_w.data).filter(|(a, b)| a != b).count();
+        println!("{case:<7} weight.npy         {diff} voxels differ (from the golden output: {diff_g})");
+        assert_eq!(diff_g, 0, "{case}: edge_weight of the golden output differs from weight.npy");
+        assert_eq!(diff, 0, "{case}: weight map from the engine's output differs in {diff} voxels");
+    } else {
+        assert!(want_w.data.iter().all(|&v| v == 1.0));
+    }
+    for (file, f) in [("aux3.npy", 4), ("aux4.npy", 8)] {
+        let (dims, want) = read_npy(&data(case, file));
+        let (ld, lab) = aux_labels(&target, p.cfg.head, f);
+        assert_eq!(dims, ld, "{case}: {file} dims");
+        let diff = lab.iter().zip(&want).filter(|(&a, &b)| a as f32 != b).count();
+        println!("{case:<7} {file:<18} {dims:?}, {diff} labels differ");
+        assert_eq!(diff, 0, "{case}: {file}");
+    }
+
+    let golden = read_safetensors(&data(case, "train_step.safetensors"));
+    // Backward is linear in the ReLU decisions' effects (to first order: a flip upstream of another
+    // kink changes what the second one routes), so each flip's gradient change is measured once
+    // and every combination is scored from those; the best is then run for real.
+    let deltas: Vec<Vec<Option<Vec<f32>>>> = kinks
+        .iter()
+        .map(|kk| {
+            let s1 = run(&[(kk.0, kk.1)]);
+            s1.grads.iter().zip(&step.grads).map(|(a, b)| a.as_ref().zip(b.as_ref()).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x - y).collect())).collect()
+        })
+        .collect();
+    let mut best: Option<(usize, f32, u32)> = None;
+    for mask in 0..(1u32 << kinks.len()) {
+        let mut grads = step.grads.clone();
+        for (k, d) in deltas.iter().enumerate().filter(|(k, _)| mask >> k & 1 == 1) {
+            for (g, dd) in grads.iter_mut().zip(d) {
+                if let (Some(g), Some(dd)) = (g.as_mut(), dd.as_ref()) {
+                    g.iter_mut().zip(dd).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+        let (bad, worst) = compare(case, &p, step.loss, &grads, &golden, false);
+        if best.map_or(true, |b| (bad, worst) < (b.0, b.1)) {
+            best = Some((bad, worst, mask));
+        }
+    }
+    let (_, _, mask) = best.unwrap();
+    let flips: Vec<(Var, usize)> = kinks.iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, k)| (k.0, k.1)).collect();
+    let st = if mask == 0 { None } else { Some(run(&flips)) };
+    if mask != 0 {
+        println!("{case:<7} matching the oracle takes the other side at {} ReLU kink(s): {:?}", flips.len(), kinks.iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, k)| k.2).collect::<Vec<_>>());
+    }
+    let st = st.as_ref().unwrap_or(&step);
+    let (bad, worst) = compare(case, &p, st.loss, &st.grads, &golden, true);
+    println!("{case:<7} worst gradient rel err {worst:.3e}; one step {secs:.2} s");
+    assert_eq!(bad, 0, "{case}: {bad} gradients over the tolerance");
+}
+
+/// (gradients over the tolerance, worst rel err) of a step against the oracle's.
+fn compare(case: &str, p: &Params, loss: f64, grads: &[Option<Vec<f32>>], golden: &[(String, Vec<usize>, Vec<f32>)], verbose: bool) -> (usize, f32) {
+    let mut worst = (0.0f32, String::new());
+    let mut bad = 0;
+    let mut n = 0;
+    for (name, dims, want) in golden {
+        if name == "loss" {
+            let e = ((loss - want[0] as f64).abs() / (want[0].abs() as f64).max(1e-3)) as f32;
+            if verbose {
+                println!("{case:<7} loss {:.6} (golden {:.6}) rel err {e:.3e}", loss, want[0]);
+            }
+            bad += (e > TOL) as usize;
+            continue;
+        }
+        let pname = name.strip_prefix("grad.").unwrap();
+        let i = p.idx(pname).unwrap();
+        assert_eq!(&p.specs[i].shape, dims, "{case}: {name}");
+        let got = grads[i].as_ref().unwrap_or_else(|| panic!("{case}: no gradient for {pname}"));
+        let e = rel_err(got, want, 1e-3);
+        if e > worst.0 {
+            worst = (e, pname.to_string());
+        }
+        if verbose && e > TOL {
+            println!("{case:<7} {name:<44} rel err {e:.3e} OVER");
+        }
+        bad += (e > TOL) as usize;
+        n += 1;
+    }
+    let extra: Vec<_> = p.specs.iter().enumerate().filter(|(i, s)| grads[*i].is_some() && !golden.iter().any(|g| g.0 == format!("grad.{}", s.name))).map(|(_, s)| s.name.clone()).collect();
+    assert!(extra.is_empty(), "{case}: gradients PyTorch has not: {extra:?}");
+    if verbose {
+        println!("{case:<7} {n} gradients, worst rel err {:.3e} ({})", worst.0, worst.1);
+    }
+    (bad, worst.0)
+}
+
+#[test]
+fn golden_train_step_tiny() {
+    check_case("tiny");
+}
+
+#[test]
+fn golden_train_step_small() {
+    check_case("small");
+}
+
+#[test]
+fn golden_train_step_readme() {
+    check_case("readme");
+}
+
+#[test]
+fn golden_train_step_mid() {
+    check_case("mid");
+}
+
