@@ -201,25 +201,41 @@ trait Job {
     fn run<B: Backend>(self, backend: B) -> Result<Self::Out>;
 }
 
-/// Opens the backend `kind` names (auto: CUDA when a GPU opens, else the CPU, saying so) and runs `job` on it.
-fn with_backend<J: Job>(kind: BackendKind, job: J) -> Result<J::Out> {
-    match kind {
-        BackendKind::Cpu | BackendKind::CpuRef => job.run(CpuBackend::new()),
-        BackendKind::Emu => job.run(GpuBackend::new(EmuDevice::new())),
-        BackendKind::Cuda => job.run(GpuBackend::new(CudaDevice::new(0)?)),
-        BackendKind::Auto => {
-            if !cuda_available() {
-                eprintln!("no GPU found: using the CPU backend");
-                return job.run(CpuBackend::new());
-            }
-            match CudaDevice::new(0) {
-                Ok(dev) => job.run(GpuBackend::new(dev)),
-                Err(e) => {
-                    eprintln!("no usable GPU ({e}): using the CPU backend");
-                    job.run(CpuBackend::new())
-                }
-            }
+/// A backend chosen and opened: the fused CPU plan, one of the op-by-op backends, or a GPU.
+enum Chosen {
+    Plan,
+    CpuRef,
+    Emu,
+    Cuda(CudaDevice),
+}
+
+/// Resolves `kind` once (auto: CUDA when a GPU opens, else the CPU plan, saying so on stderr).
+fn choose(kind: BackendKind) -> Result<Chosen> {
+    Ok(match kind {
+        BackendKind::Cpu => Chosen::Plan,
+        BackendKind::CpuRef => Chosen::CpuRef,
+        BackendKind::Emu => Chosen::Emu,
+        BackendKind::Cuda => Chosen::Cuda(CudaDevice::new(0)?),
+        BackendKind::Auto if !cuda_available() => {
+            eprintln!("no GPU found: using the CPU backend");
+            Chosen::Plan
         }
+        BackendKind::Auto => match CudaDevice::new(0) {
+            Ok(dev) => Chosen::Cuda(dev),
+            Err(e) => {
+                eprintln!("no usable GPU ({e}): using the CPU backend");
+                Chosen::Plan
+            }
+        },
+    })
+}
+
+/// Runs `job` on an op-by-op backend (the fused plan is not a `Backend`: callers handle `Plan`).
+fn with_backend<J: Job>(chosen: Chosen, job: J) -> Result<J::Out> {
+    match chosen {
+        Chosen::Plan | Chosen::CpuRef => job.run(CpuBackend::new()),
+        Chosen::Emu => job.run(GpuBackend::new(EmuDevice::new())),
+        Chosen::Cuda(dev) => job.run(GpuBackend::new(dev)),
     }
 }
 
@@ -308,10 +324,9 @@ fn predict(a: &PredictArgs) -> Result<()> {
         vol.tensor.shape.d[2],
         a.input.display()
     );
-    let y = if uses_plan(a.backend) {
-        predict_plan(&weights, &vol.tensor)?
-    } else {
-        with_backend(a.backend, Predict { weights: &weights, x: &vol.tensor, batch: a.batch as usize })?
+    let y = match choose(a.backend)? {
+        Chosen::Plan => predict_plan(&weights, &vol.tensor)?,
+        chosen => with_backend(chosen, Predict { weights: &weights, x: &vol.tensor, batch: a.batch as usize })?,
     };
     io::write_output(&a.output, &y, vol.rank)?;
     let dims = io::output_dims(&y, vol.rank)?;
@@ -488,25 +503,14 @@ fn bench(a: &BenchArgs) -> Result<()> {
     let shape = Shape::new(a.batch as usize, a.size, 1);
     let mut rng = Rng::new(7);
     let x = Tensor::new(shape, (0..shape.len()).map(|_| rng.normal() as f32).collect())?;
-    if uses_plan(a.backend) {
-        return bench_plan(&weights, &x, a.runs, a.warmup);
+    match choose(a.backend)? {
+        Chosen::Plan => bench_plan(&weights, &x, a.runs, a.warmup),
+        chosen => with_backend(chosen, Bench { weights: &weights, x: &x, runs: a.runs, warmup: a.warmup }),
     }
-    with_backend(a.backend, Bench { weights: &weights, x: &x, runs: a.runs, warmup: a.warmup })
 }
 
 // ---------------------------------------------------------------------------------------------
 // the fused CPU plan (`--backend cpu`, and `auto` without a GPU)
-
-fn uses_plan(kind: BackendKind) -> bool {
-    match kind {
-        BackendKind::Cpu => true,
-        BackendKind::Auto if !cuda_available() => {
-            eprintln!("no GPU found: using the CPU");
-            true
-        }
-        _ => false,
-    }
-}
 
 /// Peak resident memory of this process so far (Linux VmHWM), in bytes.
 fn peak_rss() -> Option<usize> {

@@ -60,12 +60,15 @@ fn predict_ok(weights: &Path, input: &Path, out: &Path, extra: &[&str]) -> Strin
 fn predict_tiny_matches_the_golden_output() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.npy");
-    let err = predict_ok(&data("tiny", "weights.safetensors"), &data("tiny", "input.npy"), &out, &["--backend", "cpu"]);
-    assert!(err.contains("backend: cpu") && err.contains("s/volume"), "backend and timing are reported: {err}");
-    let (dims, got) = load_npy(&out);
-    let (edims, want) = load_npy(&data("tiny", "expected.npy"));
-    assert_eq!(dims, edims);
-    check_close("tiny 5D", &got, &want);
+    // cpu = the fused plan, cpu-ref = the op-by-op reference backend.
+    for backend in ["cpu", "cpu-ref"] {
+        let err = predict_ok(&data("tiny", "weights.safetensors"), &data("tiny", "input.npy"), &out, &["--backend", backend]);
+        assert!(err.contains("backend: cpu") && err.contains("s/volume"), "backend and timing are reported: {err}");
+        let (dims, got) = load_npy(&out);
+        let (edims, want) = load_npy(&data("tiny", "expected.npy"));
+        assert_eq!(dims, edims);
+        check_close(&format!("tiny 5D on {backend}"), &got, &want);
+    }
 }
 
 #[test]
