@@ -224,3 +224,45 @@ fn shape_errors_are_errors() {
     let other = gpu.upload(&Tensor::zeros(Shape::new(1, [3, 3, 2], 4))).unwrap();
     assert!(matches!(gpu.add(&x, &other, false), Err(deepis::Error::Shape(_))));
 }
+
+/// Napkin-math throughput of the conv variants on the published model's widest full-resolution
+/// shape (3x3x3, 64 -> 64 channels, 128 x 128 x 64). Run on a GPU: `cargo test --release --test
+/// gpu_ops -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn cuda_conv_throughput() {
+    if !cuda_available() {
+        eprintln!("SKIPPED (no GPU)");
+        return;
+    }
+    let mut gpu = GpuBackend::new(CudaDevice::new(0).unwrap_or_else(|e| panic!("{e}")));
+    println!("device: {}", gpu.device().name());
+    let shapes = [
+        (ConvSpec { cin: 64, cout: 64, k: [3; 3], stride: [1; 3], pad: [1; 3] }, [128, 128, 64]),
+        (ConvSpec { cin: 64, cout: 64, k: [1; 3], stride: [1; 3], pad: [0; 3] }, [128, 128, 64]),
+        (ConvSpec { cin: 256, cout: 256, k: [3; 3], stride: [1; 3], pad: [1; 3] }, [32, 32, 16]),
+        (ConvSpec { cin: 64, cout: 1, k: [1; 3], stride: [1; 3], pad: [0; 3] }, [128, 128, 64]),
+    ];
+    println!("{:<30} {:<8} {:>9} {:>9}", "conv", "variant", "ms", "TFLOP/s");
+    for (spec, d) in shapes {
+        let xs = Shape::new(1, d, spec.cin);
+        let x = gpu.upload(&Tensor::new(xs, values(xs.len(), 1)).unwrap()).unwrap();
+        let w = gpu.upload_param(&values(spec.weight_len(), 2)).unwrap();
+        let b = gpu.upload_param(&values(spec.cout, 3)).unwrap();
+        let out = Shape::new(1, spec.out_dims(d), spec.cout);
+        for v in ConvVariant::ALL {
+            gpu.set_conv_variant(Some(v));
+            gpu.conv3d(&x, &w, Some(&b), &spec).unwrap();
+            gpu.device().synchronize().unwrap();
+            let reps = 5;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                gpu.conv3d(&x, &w, Some(&b), &spec).unwrap();
+            }
+            gpu.device().synchronize().unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            let name = format!("{}x{}x{} {}->{} {:?}", spec.k[0], spec.k[1], spec.k[2], spec.cin, spec.cout, d);
+            println!("{name:<30} {:<8} {ms:>9.3} {:>9.2}", format!("{v:?}"), spec.flops(out) / ms / 1e9);
+        }
+    }
+}

@@ -233,7 +233,7 @@ fn quoted_after(line: &str, key: &str) -> Option<String> {
 /// The integer just before `key` in `line` ("Used 32 registers" -> 32).
 fn number_before(line: &str, key: &str) -> Option<u32> {
     let head = &line[..line.find(key)?];
-    head.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+    head.split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
 }
 
 /// Compiles `src` for every arch and returns ptxas's report for each kernel.

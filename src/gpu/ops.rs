@@ -182,7 +182,6 @@ impl<D: Device> Backend for GpuBackend<D> {
         ];
         a.extend(scalars.into_iter().map(int));
         self.launch(v.kernel(), out, v.launch_cfg(out), &a)?;
-        drop(a);
         Ok(DevTensor { shape: out, data: y })
     }
 
@@ -231,7 +230,6 @@ impl<D: Device> Backend for GpuBackend<D> {
         let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data)];
         a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
         self.launch(k::MAXPOOL2, out, LaunchCfg::linear(out.len(), BLOCK), &a)?;
-        drop(a);
         Ok(DevTensor { shape: out, data: y })
     }
 
@@ -250,7 +248,6 @@ impl<D: Device> Backend for GpuBackend<D> {
         a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
         a.extend([KArg::F32(ratio(0)), KArg::F32(ratio(1)), KArg::F32(ratio(2))]);
         self.launch(k::UPSAMPLE_TRILINEAR, out, LaunchCfg::linear(out.len(), BLOCK), &a)?;
-        drop(a);
         Ok(DevTensor { shape: out, data: y })
     }
 
