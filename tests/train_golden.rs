@@ -91,7 +91,7 @@ fn check_case(case: &str) {
     let mut best: Option<(usize, f32, u32)> = None;
     for mask in 0..(1u32 << kinks.len()) {
         let mut grads = step.grads.clone();
-        for (k, d) in deltas.iter().enumerate().filter(|(k, _)| mask >> k & 1 == 1) {
+        for (_, d) in deltas.iter().enumerate().filter(|(k, _)| mask >> k & 1 == 1) {
             for (g, dd) in grads.iter_mut().zip(d) {
                 if let (Some(g), Some(dd)) = (g.as_mut(), dd.as_ref()) {
                     g.iter_mut().zip(dd).for_each(|(a, b)| *a += b);

@@ -6,10 +6,14 @@
 //! - `tape`: records forward ops, walks them backwards.
 //! - `loss`: `edge_weight`, `aux_labels`, `train_loss` on the host in float64.
 //! - `net`: the network in training mode on the tape; `train_step`.
+//! - `adam`: torch.optim.Adam with the published betas.
+pub mod adam;
 pub mod backend;
 pub mod cpu;
+pub mod data;
 pub mod loss;
 pub mod net;
+pub mod run;
 pub mod tape;
 
 pub use backend::{BnSaved, TrainBackend};

@@ -1,0 +1,307 @@
+//! The training loop of `deepis train`: epochs over shuffled, augmented batches, Adam, a
+//! validation pass, an atomic checkpoint after every epoch, the best validation checkpoint, a
+//! CSV log, and `--resume` that continues bit-for-bit.
+//!
+//! Files in RUN_DIR:
+//!   last.safetensors   after every epoch: every model tensor (PyTorch names, loadable by
+//!                      `deepis predict`), `adam.m.<name>`, `adam.v.<name>`, and in __metadata__
+//!                      the config and `train_state` (epoch, Adam step, RNG state, options, best).
+//!   best.safetensors   the model of the epoch with the lowest validation loss (training loss
+//!                      when there is no validation set).
+//!   log.csv            epoch,steps,train_loss,train_main,train_aux,val_loss,seconds
+//! Bit-for-bit resumption: every op of the CPU backend reduces in a fixed order, and one seeded
+//! generator (saved in the checkpoint) drives the shuffle, the augmentation and the dropout masks.
+use super::adam::Adam;
+use super::backend::TrainBackend;
+use super::data::{stack, Augment, Sample};
+use super::loss::{edge_weight, train_loss, EdgeWeight};
+use super::net::{train_step, Params, DROPOUT};
+use crate::config::Head;
+use crate::error::{Error, Result};
+use crate::model::Network;
+use crate::rng::Rng;
+use crate::weights::{metadata, Weights};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What a run was asked for (saved in checkpoints; a resumed run keeps them, except `epochs`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Fraction of the samples held out for validation (at least one when there are two or more).
+    pub val_fraction: f64,
+    pub augment: bool,
+    pub dropout: f32,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions { epochs: 100, batch: 2, lr: 1e-4, weight_decay: 0.0, seed: 0, val_fraction: 0.2, augment: true, dropout: DROPOUT }
+    }
+}
+
+/// Progress and RNG state, saved in every checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub options: TrainOptions,
+    /// Epochs completed.
+    pub epoch: usize,
+    pub adam_step: u64,
+    pub rng_state: u64,
+    pub best_val: Option<f64>,
+    pub best_epoch: usize,
+    /// Names of the validation samples.
+    pub val: Vec<String>,
+}
+
+/// One line of the log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub steps: u64,
+    pub train_loss: f64,
+    pub train_main: f64,
+    pub train_aux: f64,
+    pub val_loss: Option<f64>,
+    pub seconds: f64,
+}
+
+const LOG_HEADER: &str = "epoch,steps,train_loss,train_main,train_aux,val_loss,seconds";
+
+fn log_line(l: &EpochLog) -> String {
+    format!(
+        "{},{},{:.6},{:.6},{:.6},{},{:.2}",
+        l.epoch,
+        l.steps,
+        l.train_loss,
+        l.train_main,
+        l.train_aux,
+        l.val_loss.map(|v| format!("{v:.6}")).unwrap_or_default(),
+        l.seconds
+    )
+}
+
+/// Writes a checkpoint: model tensors, Adam moments, and the state in the metadata.
+pub fn save_checkpoint(path: &Path, p: &Params, adam: &Adam, state: &TrainState) -> Result<()> {
+    let mut tensors = p.to_tensors();
+    for (i, s) in p.specs.iter().enumerate() {
+        if let (Some(m), Some(v)) = (&adam.m[i], &adam.v[i]) {
+            tensors.push((format!("adam.m.{}", s.name), s.shape.clone(), m.clone()));
+            tensors.push((format!("adam.v.{}", s.name), s.shape.clone(), v.clone()));
+        }
+    }
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), bytemuck::cast_slice::<f32, u8>(d).to_vec())).collect();
+    let mut views = Vec::new();
+    for (n, s, b) in &raw {
+        views.push((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map_err(|e| Error::Weights(format!("{n}: {e}")))?));
+    }
+    let mut meta = metadata(&p.cfg);
+    meta.insert("train_state".into(), serde_json::to_string(state).map_err(|e| Error::Other(e.to_string()))?);
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Weights(e.to_string()))?;
+    crate::io::write_atomic(path, |w| std::io::Write::write_all(w, &bytes))
+}
+
+/// Reads a checkpoint written by `save_checkpoint`.
+pub fn load_checkpoint(path: &Path) -> Result<(Params, Adam, TrainState)> {
+    let w = Weights::load(path)?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(path, e.to_string()))?;
+    let st = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("train_state"))
+        .ok_or_else(|| Error::format(path, "no train_state in __metadata__: not a deepis training checkpoint"))?;
+    let state: TrainState = serde_json::from_str(st).map_err(|e| Error::format(path, format!("train_state: {e}")))?;
+    let (p, fresh) = Params::from_weights(&w, 0)?;
+    if !fresh.is_empty() {
+        return Err(Error::format(path, format!("checkpoint lacks {fresh:?}")));
+    }
+    let mut adam = Adam::new(p.specs.len(), state.options.lr, state.options.weight_decay);
+    adam.step = state.adam_step;
+    for (i, s) in p.specs.iter().enumerate() {
+        if w.contains(&format!("adam.m.{}", s.name)) {
+            adam.m[i] = Some(w.get(&format!("adam.m.{}", s.name))?);
+            adam.v[i] = Some(w.get(&format!("adam.v.{}", s.name))?);
+        }
+    }
+    Ok((p, adam, state))
+}
+
+/// The validation loss of one sample: the head term of `train_loss` on the eval-mode output
+/// (running statistics, no dropout), with the weight map computed from that output.
+pub fn val_loss<B: TrainBackend + Clone>(b: &B, p: &Params, samples: &[&Sample]) -> Result<f64> {
+    let w = p.to_weights()?;
+    let net = Network::new(b.clone(), &w)?;
+    let mut total = 0.0;
+    for s in samples {
+        let out = net.forward(&s.input)?;
+        let weight = if p.cfg.head == Head::Distance { Some(edge_weight(&out, &s.target, EdgeWeight::default())?) } else { None };
+        // the aux heads do not run in eval mode: zero-size placeholders are not needed for the head term
+        let c = |f: usize| crate::tensor::Tensor::zeros(crate::tensor::Shape::new(1, s.input.shape.d.map(|d| d.div_ceil(f)), 3));
+        let lg = train_loss(&p.cfg, &out, &c(4), &c(8), &s.target, weight.as_ref())?;
+        total += lg.main;
+    }
+    Ok(total / samples.len().max(1) as f64)
+}
+
+/// What `train` reports.
+pub struct RunReport {
+    pub log: Vec<EpochLog>,
+    pub last: PathBuf,
+    pub best: PathBuf,
+}
+
+/// Trains from `init` (or resumes from `run_dir/last.safetensors` when `resume`), on `samples`,
+/// writing into `run_dir`. `stop_after`: end this process's run after that many epochs (tests
+/// use it to emulate an interruption). `progress`: draw a progress bar.
+pub fn train<B: TrainBackend + Clone>(
+    b: &B,
+    init: Params,
+    samples: &[Sample],
+    run_dir: &Path,
+    opts: TrainOptions,
+    resume: bool,
+    stop_after: Option<usize>,
+    progress: bool,
+) -> Result<RunReport> {
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let (last, best, csv) = (run_dir.join("last.safetensors"), run_dir.join("best.safetensors"), run_dir.join("log.csv"));
+    if samples.is_empty() {
+        return Err(Error::Input("no training samples".into()));
+    }
+    let (mut p, mut adam, mut state, mut rng, mut log_lines) = if resume && last.is_file() {
+        let (p, adam, mut state) = load_checkpoint(&last)?;
+        if p.cfg != init.cfg {
+            return Err(Error::format(&last, "the checkpoint's config differs from the model being trained"));
+        }
+        state.options.epochs = opts.epochs;
+        let rng = Rng::from_state(state.rng_state);
+        let text = std::fs::read_to_string(&csv).unwrap_or_default();
+        let lines: Vec<String> = text
+            .lines()
+            .skip(1)
+            .filter(|l| l.split(',').next().and_then(|e| e.parse::<usize>().ok()).is_some_and(|e| e <= state.epoch))
+            .map(str::to_string)
+            .collect();
+        eprintln!("resuming {} after epoch {} (Adam step {})", last.display(), state.epoch, state.adam_step);
+        (p, adam, state, rng, lines)
+    } else {
+        if resume {
+            eprintln!("no {} yet: starting a new run", last.display());
+        }
+        let mut rng = Rng::new(opts.seed);
+        // validation split: a seeded shuffle of the sample indices, the last ones held out
+        let mut idx: Vec<usize> = (0..samples.len()).collect();
+        shuffle(&mut idx, &mut rng);
+        let nval = if samples.len() >= 2 { ((samples.len() as f64 * opts.val_fraction).ceil() as usize).clamp(0, samples.len() - 1) } else { 0 };
+        let val: Vec<String> = idx[samples.len() - nval..].iter().map(|&i| samples[i].name.clone()).collect();
+        let adam = Adam::new(init.specs.len(), opts.lr, opts.weight_decay);
+        let state = TrainState { options: opts.clone(), epoch: 0, adam_step: 0, rng_state: rng.state(), best_val: None, best_epoch: 0, val };
+        (init, adam, state, rng, Vec::new())
+    };
+    let o = state.options.clone();
+    let train_set: Vec<&Sample> = samples.iter().filter(|s| !state.val.contains(&s.name)).collect();
+    let val_set: Vec<&Sample> = samples.iter().filter(|s| state.val.contains(&s.name)).collect();
+    if train_set.is_empty() {
+        return Err(Error::Input("every sample is in the validation set".into()));
+    }
+    let steps_per_epoch = train_set.len().div_ceil(o.batch);
+    let mut log = Vec::new();
+    let mut ran = 0;
+    while state.epoch < o.epochs && stop_after.is_none_or(|s| ran < s) {
+        let t0 = Instant::now();
+        let epoch = state.epoch + 1;
+        let mut order: Vec<usize> = (0..train_set.len()).collect();
+        shuffle(&mut order, &mut rng);
+        let bar = if progress {
+            let pb = indicatif::ProgressBar::new(steps_per_epoch as u64);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template("epoch {prefix} {bar:30} {pos}/{len} steps, {msg}, ETA {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            pb.set_prefix(format!("{epoch}/{}", o.epochs));
+            Some(pb)
+        } else {
+            None
+        };
+        let (mut sl, mut sm, mut sa, mut n) = (0.0, 0.0, 0.0, 0usize);
+        for chunk in order.chunks(o.batch) {
+            let mut xs = Vec::new();
+            let mut ts = Vec::new();
+            for &i in chunk {
+                let s = train_set[i];
+                let aug = if o.augment { Augment::random(&mut rng, s.input.shape.d) } else { Augment::NONE };
+                xs.push(aug.apply(&s.input));
+                ts.push(aug.apply(&s.target));
+            }
+            let (x, t) = (stack(&xs)?, stack(&ts)?);
+            let step = train_step(b, &p, &x, &t, None, Some((o.dropout, &mut rng)))?;
+            if !step.loss.is_finite() {
+                return Err(Error::Other(format!("epoch {epoch}: the loss is {} (lower --lr?)", step.loss)));
+            }
+            p.update_running_stats(&step.bn)?;
+            adam.update(&mut p, &step.grads)?;
+            sl += step.loss;
+            sm += step.main;
+            sa += step.aux;
+            n += 1;
+            if let Some(pb) = &bar {
+                pb.set_message(format!("loss {:.4} (mean {:.4})", step.loss, sl / n as f64));
+                pb.inc(1);
+            }
+        }
+        if let Some(pb) = bar {
+            pb.finish_and_clear();
+        }
+        let vl = if val_set.is_empty() { None } else { Some(val_loss(b, &p, &val_set)?) };
+        let entry = EpochLog {
+            epoch,
+            steps: adam.step,
+            train_loss: sl / n as f64,
+            train_main: sm / n as f64,
+            train_aux: sa / n as f64,
+            val_loss: vl,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        let score = vl.unwrap_or(entry.train_loss);
+        let improved = state.best_val.is_none_or(|b| score < b);
+        state.epoch = epoch;
+        state.adam_step = adam.step;
+        state.rng_state = rng.state();
+        if improved {
+            state.best_val = Some(score);
+            state.best_epoch = epoch;
+            p.to_weights()?.save(&best)?;
+        }
+        save_checkpoint(&last, &p, &adam, &state)?;
+        log_lines.push(log_line(&entry));
+        let text = format!("{LOG_HEADER}\n{}\n", log_lines.join("\n"));
+        crate::io::write_atomic(&csv, |w| std::io::Write::write_all(w, text.as_bytes()))?;
+        eprintln!(
+            "epoch {epoch}/{}: train loss {:.5} (head {:.5}, aux {:.5}){} in {:.1} s{}",
+            o.epochs,
+            entry.train_loss,
+            entry.train_main,
+            entry.train_aux,
+            vl.map(|v| format!(", validation {v:.5}")).unwrap_or_default(),
+            entry.seconds,
+            if improved { " (best)" } else { "" }
+        );
+        log.push(entry);
+        ran += 1;
+    }
+    Ok(RunReport { log, last, best })
+}
+
+/// Fisher-Yates with the run's generator.
+fn shuffle(v: &mut [usize], rng: &mut Rng) {
+    for i in (1..v.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        v.swap(i, j);
+    }
+}
