@@ -78,6 +78,12 @@ pub enum Command {
     Kernels(KernelsArgs),
     /// Time the forward pass (random weights of the published model unless --weights is given)
     Bench(BenchArgs),
+    /// One training step: write the loss and every parameter's gradient (for parity checks)
+    #[command(name = "train-step", long_about = crate::train::cli::TRAIN_STEP_LONG)]
+    TrainStep(crate::train::cli::TrainStepArgs),
+    /// Train or fine-tune on pairs of input and target volumes
+    #[command(long_about = crate::train::cli::TRAIN_LONG)]
+    Train(crate::train::cli::TrainArgs),
 }
 
 /// Where the network runs.
@@ -189,6 +195,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info(&a),
         Command::Kernels(a) => kernels(&a),
         Command::Bench(a) => bench(&a),
+        Command::TrainStep(a) => crate::train::cli::train_step_cmd(&a),
+        Command::Train(a) => crate::train::cli::train_cmd(&a),
     }
 }
 

@@ -9,6 +9,7 @@
 //! - `adam`: torch.optim.Adam with the published betas.
 pub mod adam;
 pub mod backend;
+pub mod cli;
 pub mod cpu;
 pub mod data;
 pub mod loss;

@@ -1,0 +1,201 @@
+//! The `train-step` and `train` subcommands (wired into `crate::cli`).
+use super::data::{load_samples, read_target};
+use super::net::{train_step, Params};
+use super::run::{train, TrainOptions};
+use crate::config::Config;
+use crate::cpu::CpuBackend;
+use crate::error::{Error, Result};
+use crate::io::read_volume;
+use crate::weights::{metadata, Weights};
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Where training runs. Only the CPU has backward ops so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TrainBackendKind {
+    /// The CPU (all cores), the reference backward ops
+    Cpu,
+    /// The CUDA kernels emulated on the CPU (needs the backward kernels)
+    Emu,
+    /// The first NVIDIA GPU (needs the backward kernels)
+    Cuda,
+}
+
+fn cpu_only(k: TrainBackendKind) -> Result<CpuBackend> {
+    match k {
+        TrainBackendKind::Cpu => Ok(CpuBackend::new()),
+        other => Err(Error::backend(format!("{other:?}").to_lowercase(), "training has no backward kernels on this backend yet: use --backend cpu")),
+    }
+}
+
+pub const TRAIN_STEP_LONG: &str = "\
+One training-mode step of the published objective, for comparing gradients with a reference
+framework: batch norm on batch statistics, dropout off, loss = the head term (distance head:
+mean(weight * |out - target|); sigmoid head: BCE + mean(1 - soft Dice)) + 0.5 x (CE(c3) + CE(c4))
+of the deep-supervision heads. Writes `loss` and `grad.<parameter name>` (PyTorch names and
+layouts) as float32 safetensors. Parameters are not changed.
+
+--input: as for predict (.npy or .tif; N volumes). --target: distance head, the input's shape;
+sigmoid head, C x D0 x D1 x D2 or N x C x D0 x D1 x D2 (.npy). --weight: the distance head's
+weight map (default: the published edge weight map, computed from the training-mode output).
+
+Example:
+  deepis train-step --weights tests/data/tiny/weights.safetensors --input tests/data/tiny/input.npy \\
+      --target tests/data/tiny/target.npy -o grads.safetensors";
+
+#[derive(Args, Debug)]
+pub struct TrainStepArgs {
+    /// Model (.safetensors); the classifier heads are initialised randomly if the file lacks them
+    #[arg(short, long, value_name = "WEIGHTS")]
+    pub weights: PathBuf,
+    /// Input volume(s)
+    #[arg(long, value_name = "INPUT")]
+    pub input: PathBuf,
+    /// Target of the head
+    #[arg(long, value_name = "TARGET")]
+    pub target: PathBuf,
+    /// Weight map of the distance head (default: computed by deepis)
+    #[arg(long, value_name = "WEIGHT")]
+    pub weight: Option<PathBuf>,
+    /// Where to write `loss` and `grad.<name>` (.safetensors)
+    #[arg(short, long, value_name = "OUT")]
+    pub output: PathBuf,
+    #[arg(long, value_enum, default_value_t = TrainBackendKind::Cpu)]
+    pub backend: TrainBackendKind,
+}
+
+pub fn train_step_cmd(a: &TrainStepArgs) -> Result<()> {
+    let b = cpu_only(a.backend)?;
+    let w = Weights::load(&a.weights)?;
+    let (p, fresh) = Params::from_weights(&w, 0)?;
+    if !fresh.is_empty() {
+        eprintln!("note: {} tensor(s) missing from {} were initialised randomly (e.g. {})", fresh.len(), a.weights.display(), fresh[0]);
+    }
+    let x = read_volume(&a.input)?.tensor;
+    p.cfg.check_input_size(x.shape.d)?;
+    let t = read_target(&a.target, x.shape.n, x.shape.d, p.cfg.head_channels())?;
+    let wm = match &a.weight {
+        Some(path) => Some(read_target(path, x.shape.n, x.shape.d, 1)?),
+        None => None,
+    };
+    let t0 = Instant::now();
+    let step = train_step(&b, &p, &x, &t, wm.as_ref(), None)?;
+    eprintln!("loss {:.6} (head {:.6}, aux {:.6}) in {:.2} s", step.loss, step.main, step.aux, t0.elapsed().as_secs_f64());
+    let mut tensors = vec![("loss".to_string(), vec![1], vec![step.loss as f32])];
+    for (s, g) in p.specs.iter().zip(&step.grads) {
+        if let Some(g) = g {
+            tensors.push((format!("grad.{}", s.name), s.shape.clone(), g.clone()));
+        }
+    }
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), bytemuck::cast_slice::<f32, u8>(d).to_vec())).collect();
+    let mut views = Vec::new();
+    for (n, s, d) in &raw {
+        views.push((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).map_err(|e| Error::Weights(format!("{n}: {e}")))?));
+    }
+    let bytes = safetensors::serialize(views, Some(metadata(&p.cfg))).map_err(|e| Error::Weights(e.to_string()))?;
+    crate::io::write_atomic(&a.output, |f| std::io::Write::write_all(f, &bytes))?;
+    eprintln!("wrote {} ({} gradients)", a.output.display(), tensors.len() - 1);
+    Ok(())
+}
+
+pub const TRAIN_LONG: &str = "\
+Trains (or fine-tunes) DeepIS on pairs of input and target volumes with the published objective
+and Adam (betas 0.5, 0.999).
+
+DATA (--data DIR), either
+  DIR/NAME_input.npy + DIR/NAME_target.npy pairs (.tif works too), or
+  DIR/input/NAME.npy + DIR/target/NAME.npy (the same file names in two folders).
+A file may hold one volume (D0 x D1 x D2) or several (N x D0 x D1 x D2); each volume is a sample.
+Targets: distance head (the published model), a signed distance map (> 0 effector, < 0 target
+cell, 0 background); sigmoid head, C masks in {0, 1} (C x D0 x D1 x D2 or N x C x D0 x D1 x D2).
+Volumes in one batch must have the same size. A seeded --val-fraction of the samples is held out.
+Augmentation: random flips of each axis and quarter turns in the D0-D1 plane (half turns when
+D0 != D1); --no-augment turns it off.
+
+RUN_DIR (-o) receives, after every epoch (written atomically):
+  last.safetensors   model + Adam state + RNG state (loadable by `deepis predict`)
+  best.safetensors   the model with the lowest validation loss so far
+  log.csv            epoch,steps,train_loss,train_main,train_aux,val_loss,seconds
+--resume continues from RUN_DIR/last.safetensors, bit-for-bit as if never interrupted
+(the options of the first run are kept, except --epochs).
+
+Example:
+  deepis train --data my_tomograms -o runs/ft1 --init published.safetensors --epochs 20 --lr 1e-5";
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Folder of training pairs (see above)
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Run folder: checkpoints and log
+    #[arg(short, long, value_name = "RUN_DIR")]
+    pub output: PathBuf,
+    /// Start from these weights (fine-tuning); default: random weights of --config
+    #[arg(long, value_name = "WEIGHTS")]
+    pub init: Option<PathBuf>,
+    /// Model config for a random start: a JSON file with keys of DEFAULT_CONFIG (default: the published model)
+    #[arg(long, value_name = "CONFIG.json", conflicts_with = "init")]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+    /// Volumes per step (2 as published)
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
+    /// Adam learning rate
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// L2 weight decay (as torch.optim.Adam)
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Seed of the initialisation, split, shuffle, augmentation and dropout
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Fraction of samples held out for validation
+    #[arg(long, default_value_t = 0.2)]
+    pub val_fraction: f64,
+    /// No random flips and rotations
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Continue RUN_DIR/last.safetensors
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, value_enum, default_value_t = TrainBackendKind::Cpu)]
+    pub backend: TrainBackendKind,
+}
+
+pub fn train_cmd(a: &TrainArgs) -> Result<()> {
+    let b = cpu_only(a.backend)?;
+    if !(a.lr.is_finite() && a.lr > 0.0) || !(0.0..1.0).contains(&a.val_fraction) {
+        return Err(Error::Input("--lr must be positive and --val-fraction in [0, 1)".into()));
+    }
+    let params = match (&a.init, &a.config) {
+        (Some(w), _) => {
+            let (p, fresh) = Params::from_weights(&Weights::load(w)?, a.seed)?;
+            if !fresh.is_empty() {
+                eprintln!("note: {} tensor(s) missing from {} initialised randomly (e.g. {})", fresh.len(), w.display(), fresh[0]);
+            }
+            p
+        }
+        (None, Some(c)) => {
+            let text = std::fs::read_to_string(c).map_err(|e| Error::io(c, e))?;
+            Params::random(&Config::from_json(&text)?, a.seed)
+        }
+        (None, None) => Params::random(&Config::default(), a.seed),
+    };
+    let samples = load_samples(&a.data, &params.cfg)?;
+    eprintln!("data: {} sample(s) from {}", samples.len(), a.data.display());
+    let opts = TrainOptions {
+        epochs: a.epochs,
+        batch: a.batch as usize,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+        val_fraction: a.val_fraction,
+        augment: !a.no_augment,
+        ..TrainOptions::default()
+    };
+    let rep = train(&b, params, &samples, &a.output, opts, a.resume, None, true)?;
+    eprintln!("done: {} and {}", rep.last.display(), rep.best.display());
+    Ok(())
+}
