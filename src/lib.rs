@@ -10,6 +10,7 @@ pub mod io;
 pub mod model;
 pub mod plan;
 pub mod rng;
+pub mod segment;
 pub mod synth;
 pub mod tensor;
 pub mod train;

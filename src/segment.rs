@@ -1,0 +1,376 @@
+//! `deepis segment`: the network's output turned into label volumes (0 background, 1 effector,
+//! 2 target), for volumes of any size.
+//!
+//! Large volumes are cut into tiles on the 16-voxel grid of the network's four down-samplings
+//! (so the tiles see the same sampling grid as the whole volume would), overlapping by
+//! `overlap` voxels. Each tile's prediction is weighted by a window that is 0 on its outer
+//! `overlap/4` voxels (where the zero padding at the tile's edge changes the prediction), rises
+//! as sin^2 over the rest of the overlap and is 1 inside and at the volume's own borders; the
+//! weighted predictions are summed and divided by the summed weights. Only one tile's activations
+//! exist at a time; the output volume and one weight per voxel are the only full-size buffers.
+use crate::analysis::components::remove_small_components;
+use crate::config::Head;
+use crate::error::{Error, Result};
+use crate::tensor::{Shape, Tensor};
+use crate::weights::Weights;
+use std::path::{Path, PathBuf};
+
+/// Tile starts on the grid of the network's 4 down-samplings (16 voxels) when the step allows.
+const GRID: usize = 16;
+
+/// A prediction function: N x D0 x D1 x D2 x 1 in, N x D0 x D1 x D2 x C out.
+pub type Predictor<'a> = dyn FnMut(&Tensor) -> Result<Tensor> + 'a;
+
+/// Starts of the tiles along one axis of `n` voxels.
+pub fn tile_starts(n: usize, tile: usize, overlap: usize) -> Vec<usize> {
+    if n <= tile {
+        return vec![0];
+    }
+    let mut step = tile - overlap;
+    if step >= GRID {
+        step -= step % GRID;
+    }
+    let mut v = Vec::new();
+    let mut s = 0;
+    while s + tile < n {
+        v.push(s);
+        s += step;
+    }
+    v.push(n - tile);
+    v
+}
+
+/// The window along one axis for a tile [s, s + len) of an axis of `n` voxels.
+fn axis_window(s: usize, len: usize, n: usize, overlap: usize) -> Vec<f32> {
+    let dead = overlap / 4;
+    let ramp = overlap - dead;
+    let edge = |i: usize| -> f64 {
+        if i < dead {
+            0.0
+        } else if i >= dead + ramp {
+            1.0
+        } else {
+            let t = (i - dead) as f64 + 0.5;
+            (std::f64::consts::FRAC_PI_2 * t / ramp as f64).sin().powi(2)
+        }
+    };
+    (0..len)
+        .map(|i| {
+            let lo = if s == 0 { 1.0 } else { edge(i) };
+            let hi = if s + len == n { 1.0 } else { edge(len - 1 - i) };
+            (lo * hi) as f32
+        })
+        .collect()
+}
+
+/// Checks the tile geometry.
+pub fn check_tiling(tile: [usize; 3], overlap: usize) -> Result<()> {
+    if tile.iter().any(|&t| t == 0) {
+        return Err(Error::Input(format!("--tile {tile:?}: every side must be at least 1 voxel")));
+    }
+    if let Some(&t) = tile.iter().find(|&&t| overlap >= t) {
+        return Err(Error::Input(format!("--overlap {overlap} must be smaller than every tile side (got a side of {t})")));
+    }
+    Ok(())
+}
+
+/// Runs `predict` over overlapping tiles of every volume of `x` (N x D0 x D1 x D2 x 1) and blends
+/// them. A volume no larger than the tile is predicted whole.
+pub fn predict_tiled(x: &Tensor, tile: [usize; 3], overlap: usize, predict: &mut Predictor<'_>) -> Result<Tensor> {
+    check_tiling(tile, overlap)?;
+    if x.shape.c != 1 {
+        return Err(Error::Shape(format!("the network takes 1-channel volumes, got {} channels", x.shape.c)));
+    }
+    let d = x.shape.d;
+    let len: [usize; 3] = std::array::from_fn(|k| tile[k].min(d[k]));
+    let starts: [Vec<usize>; 3] = std::array::from_fn(|k| tile_starts(d[k], len[k], overlap));
+    let single = starts.iter().all(|s| s.len() == 1);
+    let vox = x.shape.voxels();
+    let mut out: Option<Tensor> = None;
+    let mut wsum = vec![0f32; if single { 0 } else { vox }];
+    for n in 0..x.shape.n {
+        let xn = &x.data[n * vox..(n + 1) * vox];
+        if single {
+            let y = predict(&Tensor::new(Shape::new(1, d, 1), xn.to_vec())?)?;
+            let o = out.get_or_insert_with(|| Tensor::zeros(Shape::new(x.shape.n, d, y.shape.c)));
+            o.data[n * vox * y.shape.c..(n + 1) * vox * y.shape.c].copy_from_slice(&y.data);
+            continue;
+        }
+        if n == 0 {
+            // The weights depend on the geometry only: the same for every volume.
+            for &s0 in &starts[0] {
+                for &s1 in &starts[1] {
+                    for &s2 in &starts[2] {
+                        let w = tile_window([s0, s1, s2], len, d, overlap);
+                        add_tile(&mut wsum, d, [s0, s1, s2], len, 1, |p, _| w[p]);
+                    }
+                }
+            }
+        }
+        for &s0 in &starts[0] {
+            for &s1 in &starts[1] {
+                for &s2 in &starts[2] {
+                    let s = [s0, s1, s2];
+                    let xt = crop(xn, d, s, len);
+                    let y = predict(&Tensor::new(Shape::new(1, len, 1), xt)?)?;
+                    if y.shape.d != len || y.shape.n != 1 {
+                        return Err(Error::Shape(format!("the predictor gave {} for a {:?} tile", y.shape, len)));
+                    }
+                    let c = y.shape.c;
+                    let o = out.get_or_insert_with(|| Tensor::zeros(Shape::new(x.shape.n, d, c)));
+                    let w = tile_window(s, len, d, overlap);
+                    let dst = &mut o.data[n * vox * c..(n + 1) * vox * c];
+                    add_tile(dst, d, s, len, c, |p, ch| w[p] * y.data[p * c + ch]);
+                }
+            }
+        }
+        let o = out.as_mut().expect("at least one tile");
+        let c = o.shape.c;
+        for (p, &ws) in wsum.iter().enumerate() {
+            for ch in 0..c {
+                o.data[(n * vox + p) * c + ch] /= ws;
+            }
+        }
+    }
+    out.ok_or_else(|| Error::Input("no volume to segment".into()))
+}
+
+/// The separable window of one tile, as a flat D0 x D1 x D2 array of the tile's size.
+fn tile_window(s: [usize; 3], len: [usize; 3], d: [usize; 3], overlap: usize) -> Vec<f32> {
+    let w: [Vec<f32>; 3] = std::array::from_fn(|k| axis_window(s[k], len[k], d[k], overlap));
+    let mut out = Vec::with_capacity(len[0] * len[1] * len[2]);
+    for a in &w[0] {
+        for b in &w[1] {
+            for c in &w[2] {
+                out.push(a * b * c);
+            }
+        }
+    }
+    out
+}
+
+/// dst[voxel of the tile, ch] += value(tile voxel index, ch).
+fn add_tile(dst: &mut [f32], d: [usize; 3], s: [usize; 3], len: [usize; 3], c: usize, value: impl Fn(usize, usize) -> f32) {
+    for i in 0..len[0] {
+        for j in 0..len[1] {
+            for k in 0..len[2] {
+                let p = (i * len[1] + j) * len[2] + k;
+                let q = ((s[0] + i) * d[1] + s[1] + j) * d[2] + s[2] + k;
+                for ch in 0..c {
+                    dst[q * c + ch] += value(p, ch);
+                }
+            }
+        }
+    }
+}
+
+fn crop(x: &[f32], d: [usize; 3], s: [usize; 3], len: [usize; 3]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len[0] * len[1] * len[2]);
+    for i in 0..len[0] {
+        for j in 0..len[1] {
+            let q = ((s[0] + i) * d[1] + s[1] + j) * d[2] + s[2];
+            out.extend_from_slice(&x[q..q + len[2]]);
+        }
+    }
+    out
+}
+
+/// Labels (0/1/2) of every voxel of a head output (N x D0 x D1 x D2 x C):
+/// distance head: effector where d > tau, target where d < -tau;
+/// sigmoid head: effector where channel 0 > 0.5, else target where channel 1 > 0.5.
+pub fn masks(y: &Tensor, head: Head, tau: f64) -> Result<Vec<u8>> {
+    let c = y.shape.c;
+    let tau = tau as f32;
+    Ok(match head {
+        Head::Distance => {
+            if c != 1 {
+                return Err(Error::Shape(format!("a distance head has 1 channel, the output has {c}")));
+            }
+            y.data.iter().map(|&d| if d > tau { 1 } else if d < -tau { 2 } else { 0 }).collect()
+        }
+        Head::Sigmoid => y
+            .data
+            .chunks_exact(c)
+            .map(|p| {
+                if p[0] > 0.5 {
+                    1
+                } else if c > 1 && p[1] > 0.5 {
+                    2
+                } else {
+                    0
+                }
+            })
+            .collect(),
+    })
+}
+
+/// Masks of every volume, with the components of each class smaller than `min_size` voxels removed
+/// (the largest of each class always kept). Returns the labels and the voxels removed.
+pub fn labels_from_output(y: &Tensor, head: Head, tau: f64, min_size: usize) -> Result<(Vec<u8>, usize)> {
+    let mut l = masks(y, head, tau)?;
+    let vox = y.shape.voxels();
+    let mut removed = 0;
+    for v in l.chunks_mut(vox) {
+        removed += remove_small_components(v, y.shape.d, &[1, 2], min_size);
+    }
+    Ok((l, removed))
+}
+
+/// Input files from arguments that are files, folders (their .npy/.tif/.tiff files, sorted) or
+/// glob patterns.
+pub fn expand_inputs(args: &[String]) -> Result<Vec<PathBuf>> {
+    let is_volume = |p: &Path| {
+        matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("npy" | "tif" | "tiff"))
+    };
+    let mut out = Vec::new();
+    for a in args {
+        let p = Path::new(a);
+        if p.is_dir() {
+            let rd = std::fs::read_dir(p).map_err(|e| Error::io(p, e))?;
+            let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|q| q.is_file() && is_volume(q)).collect();
+            if v.is_empty() {
+                return Err(Error::Input(format!("{}: the folder holds no .npy, .tif or .tiff file", p.display())));
+            }
+            v.sort();
+            out.extend(v);
+        } else if p.exists() {
+            out.push(p.to_path_buf());
+        } else if a.contains(['*', '?', '[']) {
+            let g = glob::glob(a).map_err(|e| Error::Input(format!("bad pattern {a:?}: {e}")))?;
+            let mut v: Vec<PathBuf> = g.filter_map(|e| e.ok()).filter(|q| q.is_file() && is_volume(q)).collect();
+            if v.is_empty() {
+                return Err(Error::Input(format!("{a}: no .npy, .tif or .tiff file matches")));
+            }
+            v.sort();
+            out.extend(v);
+        } else {
+            return Err(Error::io(p, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
+        }
+    }
+    Ok(out)
+}
+
+/// Output label file format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabelFormat {
+    Npy,
+    Tif,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SegmentArgs {
+    /// Trained network (.safetensors)
+    #[arg(short, long, value_name = "WEIGHTS")]
+    pub weights: PathBuf,
+    /// RI volumes: files (.npy, .tif), folders of them, or glob patterns such as 'data/*.npy'
+    #[arg(value_name = "INPUT", required = true)]
+    pub inputs: Vec<String>,
+    /// Folder for the label volumes (<input name>_labels.npy; created if missing)
+    #[arg(short, long = "output", value_name = "OUT_DIR")]
+    pub out_dir: PathBuf,
+    /// Distance head threshold (um): effector where d > tau, target where d < -tau
+    #[arg(long, default_value_t = 0.5)]
+    pub tau: f64,
+    /// Tile size D0,D1,D2: larger volumes are processed in overlapping tiles
+    #[arg(long, default_value = "128,128,64", value_parser = parse_size3)]
+    pub tile: [usize; 3],
+    /// Overlap of neighbouring tiles, in voxels
+    #[arg(long, default_value_t = 16)]
+    pub overlap: usize,
+    /// Components smaller than this (voxels) are removed; the largest of each class is kept
+    #[arg(long, default_value_t = 1000)]
+    pub min_size: usize,
+    /// Label file format (uint8)
+    #[arg(long, value_enum, default_value_t = LabelFormat::Npy)]
+    pub format: LabelFormat,
+    /// Where to run the network
+    #[arg(long, value_enum, default_value_t = crate::cli::BackendKind::Auto)]
+    pub backend: crate::cli::BackendKind,
+}
+
+/// Parses "A,B,C" (or AxBxC) into three positive sizes.
+pub fn parse_size3(s: &str) -> std::result::Result<[usize; 3], String> {
+    let v: Vec<usize> = s
+        .split([',', 'x', 'X'])
+        .map(|p| p.trim().parse::<usize>().map_err(|_| format!("`{p}` is not a whole number")))
+        .collect::<std::result::Result<_, _>>()?;
+    match v[..] {
+        [a, b, c] if a > 0 && b > 0 && c > 0 => Ok([a, b, c]),
+        _ => Err(format!("expected three positive sizes like 128,128,64, got `{s}`")),
+    }
+}
+
+/// Where the labels of `input` go.
+pub fn output_path(out_dir: &Path, input: &Path, format: LabelFormat) -> PathBuf {
+    let stem = input.file_stem().and_then(|s| s.to_str()).unwrap_or("volume");
+    let ext = match format {
+        LabelFormat::Npy => "npy",
+        LabelFormat::Tif => "tif",
+    };
+    out_dir.join(format!("{stem}_labels.{ext}"))
+}
+
+/// Segments every input with `predict` (the CLI builds it for the chosen backend). Returns the
+/// label files written.
+pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> Result<Vec<PathBuf>> {
+    check_tiling(a.tile, a.overlap)?;
+    if !(a.tau.is_finite() && a.tau >= 0.0) {
+        return Err(Error::Input(format!("--tau must be a finite number >= 0, got {}", a.tau)));
+    }
+    let inputs = expand_inputs(&a.inputs)?;
+    std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
+    let pb = indicatif::ProgressBar::new(inputs.len() as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} files, {elapsed} elapsed, ETA {eta} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut written = Vec::new();
+    for input in &inputs {
+        pb.set_message(input.display().to_string());
+        let vol = crate::io::read_volume(input)?;
+        let d = vol.tensor.shape.d;
+        let len: [usize; 3] = std::array::from_fn(|k| a.tile[k].min(d[k]));
+        weights.config.check_input_size(len).map_err(|e| Error::Input(format!("{}: tiles of {len:?}: {e}", input.display())))?;
+        let t0 = std::time::Instant::now();
+        let y = predict_tiled(&vol.tensor, a.tile, a.overlap, predict).map_err(|e| match e {
+            Error::Input(m) => Error::Input(format!("{}: {m}", input.display())),
+            e => e,
+        })?;
+        let (labels, removed) = labels_from_output(&y, weights.config.head, a.tau, a.min_size)?;
+        let s = vol.tensor.shape;
+        let dims: Vec<usize> = if vol.rank == 3 { s.d.to_vec() } else { vec![s.n, s.d[0], s.d[1], s.d[2]] };
+        let out = output_path(&a.out_dir, input, a.format);
+        crate::analysis::write_labels(&out, &dims, &labels)?;
+        let count = |c: u8| labels.iter().filter(|&&l| l == c).count();
+        pb.println(format!(
+            "{} -> {}: {} volume(s) of {:?} in {:.1} s; effector {} voxels, target {} voxels, {} spurious voxels removed",
+            input.display(),
+            out.display(),
+            s.n,
+            s.d,
+            t0.elapsed().as_secs_f64(),
+            count(1),
+            count(2),
+            removed
+        ));
+        written.push(out);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(written)
+}
+
+/// A predictor on the fused CPU plan, one plan per tile size met.
+pub fn plan_predictor(weights: &Weights) -> impl FnMut(&Tensor) -> Result<Tensor> + '_ {
+    let mut plans: Vec<([usize; 3], crate::plan::Plan)> = Vec::new();
+    move |x: &Tensor| {
+        let d = x.shape.d;
+        if let Some((_, p)) = plans.iter().find(|(s, _)| *s == d) {
+            return p.run(x);
+        }
+        let p = crate::plan::Plan::new(weights, d, crate::plan::PlanOptions::default())?;
+        let y = p.run(x);
+        plans.push((d, p));
+        y
+    }
+}

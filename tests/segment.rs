@@ -1,0 +1,190 @@
+//! `segment`: tiled prediction equals untiled prediction, masks and component filtering, the file
+//! front end and its errors.
+use deepis::config::{Config, Head};
+use deepis::cpu::CpuBackend;
+use deepis::model::Network;
+use deepis::segment::{self, expand_inputs, labels_from_output, masks, predict_tiled, tile_starts, SegmentArgs};
+use deepis::tensor::{Shape, Tensor};
+use deepis::weights::Weights;
+
+fn small_config() -> Config {
+    Config { widths: [4, 8, 8, 8, 8], trans_feature: 4, blocks: [1; 4], gcn_kernels: [3; 4], ..Config::default() }
+}
+
+fn random_volume(d: [usize; 3], seed: u64) -> Tensor {
+    let mut r = deepis::rng::Rng::new(seed);
+    Tensor::new(Shape::new(1, d, 1), (0..d[0] * d[1] * d[2]).map(|_| r.normal() as f32).collect()).unwrap()
+}
+
+/// Random weights with every path below full resolution zeroed (gcn2..5, ConBR2..4): the output
+/// is final(ConBR1(gcn1(conv1(x)))), whose receptive field reaches 4 voxels, so a tile whose
+/// window ignores its outer 4 voxels must reproduce the whole-volume prediction.
+fn local_weights(seed: u64) -> Weights {
+    let cfg = small_config();
+    let w = Weights::random(&cfg, seed);
+    let deep = ["gcn2.", "gcn3.", "gcn4.", "gcn5.", "ConBR2.", "ConBR3.", "ConBR4."];
+    let t: Vec<_> = w
+        .to_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(n, s, d)| if deep.iter().any(|p| n.starts_with(p)) { (n, s, vec![0.0; d.len()]) } else { (n, s, d) })
+        .collect();
+    Weights::from_tensors(&cfg, &t).unwrap()
+}
+
+#[test]
+fn tile_starts_cover_the_axis_on_the_grid() {
+    for (n, t, o) in [(100, 32, 16), (64, 64, 16), (50, 64, 8), (129, 48, 8), (70, 20, 4)] {
+        let s = tile_starts(n, t, o);
+        let len = t.min(n);
+        assert_eq!(s[0], 0);
+        assert_eq!(*s.last().unwrap() + len, n);
+        for w in s.windows(2) {
+            assert!(w[1] > w[0] && w[1] - w[0] <= len - o, "{n} {t} {o}: {s:?}");
+        }
+        if t - o >= 16 {
+            assert!(s[..s.len() - 1].iter().all(|x| x % 16 == 0), "{s:?}");
+        }
+    }
+}
+
+#[test]
+fn blending_reproduces_a_pointwise_predictor_exactly() {
+    let x = random_volume([37, 29, 21], 1);
+    let mut f = |t: &Tensor| -> deepis::Result<Tensor> {
+        let data = t.data.iter().flat_map(|&v| [2.0 * v + 1.0, -v]).collect();
+        Tensor::new(t.shape.with_c(2), data)
+    };
+    let whole = f(&x).unwrap();
+    for (tile, overlap) in [([16, 16, 16], 8), ([20, 12, 40], 4), ([17, 17, 9], 0), ([64, 64, 64], 16)] {
+        let y = predict_tiled(&x, tile, overlap, &mut f).unwrap();
+        let e = deepis::tensor::rel_err(&y.data, &whole.data, 1.0);
+        assert!(e < 1e-6, "tile {tile:?} overlap {overlap}: {e}");
+    }
+}
+
+#[test]
+fn tiled_network_prediction_equals_untiled() {
+    let w = local_weights(3);
+    let net = Network::new(CpuBackend::new(), &w).unwrap();
+    let x = random_volume([56, 44, 40], 2);
+    let t0 = std::time::Instant::now();
+    let whole = net.forward(&x).unwrap();
+    let t_whole = t0.elapsed().as_secs_f64();
+    let t0 = std::time::Instant::now();
+    let tiled = predict_tiled(&x, [32, 32, 24], 16, &mut |t| net.forward(t)).unwrap();
+    let t_tiled = t0.elapsed().as_secs_f64();
+    let max = whole.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let e = deepis::tensor::rel_err(&tiled.data, &whole.data, 1e-3);
+    println!("local network: tiled vs whole max rel err {e:.2e} (max |y| {max:.3}); whole {t_whole:.2} s, 3x3x3 tiles {t_tiled:.2} s");
+    assert!(e <= 1e-4, "{e}");
+
+    // The full network sees the whole volume (global convolutions, align_corners up-sampling):
+    // tiles then differ near their seams; what must hold is that one tile is the untiled run.
+    let full = Weights::random(&small_config(), 4);
+    let net = Network::new(CpuBackend::new(), &full).unwrap();
+    let whole = net.forward(&x).unwrap();
+    let one = predict_tiled(&x, [64, 64, 64], 16, &mut |t| net.forward(t)).unwrap();
+    assert_eq!(one.data, whole.data);
+    let tiled = predict_tiled(&x, [32, 32, 24], 16, &mut |t| net.forward(t)).unwrap();
+    println!("full random network: tiled vs whole max rel err {:.3}", deepis::tensor::rel_err(&tiled.data, &whole.data, 1e-3));
+}
+
+#[test]
+fn masks_follow_the_head() {
+    let y = Tensor::new(Shape::new(1, [1, 1, 5], 1), vec![0.7, 0.5, 0.0, -0.6, -0.4]).unwrap();
+    assert_eq!(masks(&y, Head::Distance, 0.5).unwrap(), vec![1, 0, 0, 2, 0]);
+    assert_eq!(masks(&y, Head::Distance, 0.3).unwrap(), vec![1, 1, 0, 2, 2]);
+    let s = Tensor::new(Shape::new(1, [1, 1, 4], 2), vec![0.9, 0.9, 0.2, 0.8, 0.4, 0.3, 0.6, 0.1]).unwrap();
+    assert_eq!(masks(&s, Head::Sigmoid, 0.5).unwrap(), vec![1, 2, 0, 1]);
+    assert!(masks(&s, Head::Distance, 0.5).is_err());
+}
+
+#[test]
+fn small_components_are_removed_but_the_largest_is_kept() {
+    let d = [20, 20, 20];
+    let mut y = Tensor::zeros(Shape::new(1, d, 1));
+    let mut put = |lo: [usize; 3], hi: [usize; 3], v: f32| {
+        for i in lo[0]..hi[0] {
+            for j in lo[1]..hi[1] {
+                for k in lo[2]..hi[2] {
+                    y.data[(i * d[1] + j) * d[2] + k] = v;
+                }
+            }
+        }
+    };
+    put([1, 1, 1], [9, 9, 9], 2.0); // effector, 512 voxels
+    put([12, 12, 12], [14, 14, 14], 2.0); // effector debris, 8 voxels
+    put([15, 1, 1], [16, 2, 2], 2.0); // effector debris, 1 voxel
+    put([1, 12, 1], [4, 15, 4], -2.0); // target, 27 voxels only: the largest target, kept
+    put([10, 1, 10], [11, 2, 11], -2.0); // target debris, 1 voxel
+    put([10, 10, 1], [11, 11, 2], 2.0); // 26-connected to nothing
+    let (l, removed) = labels_from_output(&y, Head::Distance, 0.5, 100).unwrap();
+    assert_eq!(removed, 8 + 1 + 1 + 1);
+    assert_eq!(l.iter().filter(|&&v| v == 1).count(), 512);
+    assert_eq!(l.iter().filter(|&&v| v == 2).count(), 27);
+    // Diagonal neighbours are connected (26-connectivity).
+    let mut y2 = Tensor::zeros(Shape::new(1, [3, 3, 3], 1));
+    y2.data[0] = 1.0;
+    y2.data[13] = 1.0;
+    y2.data[26] = 1.0;
+    let (l2, removed2) = labels_from_output(&y2, Head::Distance, 0.5, 3).unwrap();
+    assert_eq!((removed2, l2.iter().filter(|&&v| v == 1).count()), (0, 3));
+}
+
+fn args(inputs: Vec<String>, out: &std::path::Path, w: &std::path::Path) -> SegmentArgs {
+    SegmentArgs {
+        weights: w.to_path_buf(),
+        inputs,
+        out_dir: out.to_path_buf(),
+        tau: 0.5,
+        tile: [32, 32, 24],
+        overlap: 8,
+        min_size: 10,
+        format: segment::LabelFormat::Npy,
+        backend: deepis::cli::BackendKind::CpuRef,
+    }
+}
+
+#[test]
+fn files_folders_globs_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    std::fs::create_dir(p("in")).unwrap();
+    std::fs::create_dir(p("empty")).unwrap();
+    let cfg = small_config();
+    let w = Weights::random(&cfg, 9);
+    w.save(&p("w.safetensors")).unwrap();
+    let x = random_volume([40, 36, 20], 5);
+    deepis::io::write_npy(&p("in/a.npy"), &[40, 36, 20], &x.data).unwrap();
+    let x2 = random_volume([20, 20, 20], 6);
+    let two: Vec<f32> = x2.data.iter().chain(&x2.data).copied().collect();
+    deepis::io::write_npy(&p("in/b.npy"), &[2, 20, 20, 20], &two).unwrap();
+    std::fs::write(p("in/notes.txt"), "not a volume").unwrap();
+
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let folder = p("in").display().to_string();
+    let pattern = format!("{}/*.npy", folder);
+    assert_eq!(expand_inputs(&s(&[&folder])).unwrap().len(), 2);
+    assert_eq!(expand_inputs(&s(&[&pattern])).unwrap().len(), 2);
+
+    let net = Network::new(CpuBackend::new(), &w).unwrap();
+    let a = args(s(&[&pattern]), &p("out"), &p("w.safetensors"));
+    let written = segment::run(&a, &w, &mut |t| net.forward(t)).unwrap();
+    assert_eq!(written, vec![p("out/a_labels.npy"), p("out/b_labels.npy")]);
+    let la = deepis::io::read_volume(&written[0]).unwrap();
+    assert_eq!((la.rank, la.tensor.shape.d), (3, [40, 36, 20]));
+    assert!(la.tensor.data.iter().all(|&v| v == 0.0 || v == 1.0 || v == 2.0));
+    let lb = deepis::io::read_volume(&written[1]).unwrap();
+    assert_eq!((lb.rank, lb.tensor.shape.n), (4, 2));
+
+    let err = |a: &SegmentArgs| segment::run(a, &w, &mut |t| net.forward(t)).unwrap_err().to_string();
+    let e = err(&args(s(&[p("nope.npy").to_str().unwrap()]), &p("out"), &p("w.safetensors")));
+    assert!(e.contains("nope.npy") && e.contains("no such file"), "{e}");
+    let e = err(&args(s(&[p("empty").to_str().unwrap()]), &p("out"), &p("w.safetensors")));
+    assert!(e.contains("no .npy, .tif or .tiff"), "{e}");
+    let e = err(&SegmentArgs { overlap: 24, ..args(s(&[&folder]), &p("out"), &p("w.safetensors")) });
+    assert!(e.contains("--overlap 24"), "{e}");
+    let e = err(&SegmentArgs { tau: -1.0, ..args(s(&[&folder]), &p("out"), &p("w.safetensors")) });
+    assert!(e.contains("--tau"), "{e}");
+}
