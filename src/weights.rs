@@ -180,8 +180,11 @@ impl Weights {
         if bytes.len() < 8 {
             return Err(bad(format!("not a safetensors file: {} bytes, shorter than the 8-byte header length", bytes.len())));
         }
-        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+        let not_weights = |e: safetensors::SafeTensorError| {
+            bad(format!("not a deepis weights file: the safetensors header does not parse ({e}); is it truncated, or another kind of file?"))
+        };
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(not_weights)?;
+        let st = SafeTensors::deserialize(bytes).map_err(not_weights)?;
         let config = config_from_metadata(meta.metadata().as_ref()).map_err(|e| match e {
             Error::Config(m) => bad(format!("config in __metadata__: {m}")),
             other => other,
