@@ -367,34 +367,62 @@ unsafe fn tile<S: Simd, const P: usize, const NV: usize>(t: &TileArgs, o: usize)
     let mut acc = [[S::zero(); NV]; P];
     for v in 0..NV {
         let b = S::load(t.bias.add(v * S::W));
-        for a in acc.iter_mut() {
-            a[v] = b;
+        for p in 0..P {
+            acc[p][v] = b;
         }
     }
     for tap in t.taps {
-        let xp = t.src.add(tap.x + o * t.xstep);
-        let mut wp = t.wb.add(tap.w);
-        for ci in 0..t.cin {
-            let mut wv = [S::zero(); NV];
-            for (v, w) in wv.iter_mut().enumerate() {
-                *w = S::load(wp.add(v * S::W));
-            }
-            for (p, a) in acc.iter_mut().enumerate() {
-                let xv = S::splat(xp.add(p * t.xstep + ci));
-                for v in 0..NV {
-                    a[v] = S::fma(xv, wv[v], a[v]);
-                }
-            }
-            wp = wp.add(t.cbw);
+        acc = accumulate::<S, P, NV>(acc, t.src.add(tap.x + o * t.xstep), t.wb.add(tap.w), t.cin, t.xstep, t.cbw);
+    }
+    // The accumulators go through a stack buffer once per tile: indexing them only with constants
+    // keeps them in registers inside the hot loop (LLVM otherwise stored them every iteration).
+    let mut buf = [0.0f32; 12 * 4 * 16];
+    debug_assert!(P * NV * S::W <= buf.len());
+    for p in 0..P {
+        for v in 0..NV {
+            S::store(buf.as_mut_ptr().add((p * NV + v) * S::W), acc[p][v]);
         }
     }
-    let full = t.valid == NV * S::W;
-    for (p, a) in acc.iter().enumerate() {
+    epilogue::<S>(t, o, P, NV, &buf);
+}
+
+/// acc += sum over ci of x[p * xstep + ci] * w[ci * cbw + v * W ..] for one tap.
+#[inline(always)]
+unsafe fn accumulate<S: Simd, const P: usize, const NV: usize>(
+    mut acc: [[S::V; NV]; P],
+    xp: *const f32,
+    mut wp: *const f32,
+    cin: usize,
+    xstep: usize,
+    cbw: usize,
+) -> [[S::V; NV]; P] {
+    for ci in 0..cin {
+        let mut wv = [S::zero(); NV];
+        for v in 0..NV {
+            wv[v] = S::load(wp.add(v * S::W));
+        }
+        for p in 0..P {
+            let xv = S::splat(xp.add(p * xstep + ci));
+            for v in 0..NV {
+                acc[p][v] = S::fma(xv, wv[v], acc[p][v]);
+            }
+        }
+        wp = wp.add(cbw);
+    }
+    acc
+}
+
+/// Residual, activation and store of a tile's P x NV vectors held in `buf`.
+#[inline(always)]
+unsafe fn epilogue<S: Simd>(t: &TileArgs, o: usize, np: usize, nv: usize, buf: &[f32]) {
+    let full = t.valid == nv * S::W;
+    for p in 0..np {
         let op = t.out.add((o + p) * t.ostep);
         let rp = if t.res.is_null() { t.res } else { t.res.add((o + p) * t.ostep) };
+        let bp = buf.as_ptr().add(p * nv * S::W);
         if full {
-            for v in 0..NV {
-                let mut y = a[v];
+            for v in 0..nv {
+                let mut y = S::load(bp.add(v * S::W));
                 if !rp.is_null() {
                     y = S::add(y, S::load(rp.add(v * S::W)));
                 }
@@ -404,13 +432,9 @@ unsafe fn tile<S: Simd, const P: usize, const NV: usize>(t: &TileArgs, o: usize)
                 S::store(op.add(v * S::W), y);
             }
         } else {
-            // a partial block (cout not a multiple of the vector width): through a stack buffer
-            let mut buf = [0.0f32; 64];
-            for v in 0..NV {
-                S::store(buf.as_mut_ptr().add(v * S::W), a[v]);
-            }
-            for (j, y) in buf.iter().enumerate().take(t.valid) {
-                let mut y = *y;
+            // a partial block (cout not a multiple of the vector width)
+            for j in 0..t.valid {
+                let mut y = *bp.add(j);
                 if !rp.is_null() {
                     y += *rp.add(j);
                 }
