@@ -46,6 +46,10 @@ fn conv3d_backward_is_the_adjoint() {
         (spec(2, 18, [1, 3, 1], 1), [2, 3, 3]),
         (spec(1, 4, [3, 3, 3], 1), [3, 5, 4]),
         (spec(6, 3, [3, 3, 3], 1), [1, 1, 1]),
+        // full register blocks of the weight-gradient kernel (4 cin x 16 cout) plus tails
+        (spec(9, 33, [3, 3, 3], 2), [5, 4, 7]),
+        (spec(20, 16, [1, 1, 1], 1), [3, 3, 5]),
+        (spec(16, 16, [1, 7, 1], 1), [2, 7, 3]),
     ];
     for (sp, d) in cases {
         let x = rand_t(Shape::new(2, d, sp.cin), &mut rng);

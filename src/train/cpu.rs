@@ -96,18 +96,73 @@ pub fn flip_weights(w: &[f32], spec: &ConvSpec) -> Vec<f32> {
     out
 }
 
-/// The weight gradient of one output line: w[t][ci][co] += x[o * s + t][ci] * dy[o][co].
+/// Output channels per register block of the weight-gradient kernel.
+const WCB: usize = 16;
+/// Input channels per register block.
+const WCI: usize = 4;
+
 #[inline(always)]
-fn wgrad_line(x: &[f32], dy: &[f32], w: &mut [f32], n_out: usize, s: usize, k: usize, cin: usize, cout: usize) {
+fn fma<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// The weight gradient of one output line: w[t][ci][co] += x[o * s + t][ci] * dy[o][co] over o.
+/// Register blocks of WCI input x WCB output channels accumulate over the whole line, so each
+/// weight is loaded and stored once per line and tap, not once per output voxel.
+#[inline(always)]
+fn wgrad_line<const FUSED: bool>(x: &[f32], dy: &[f32], w: &mut [f32], n_out: usize, s: usize, k: usize, cin: usize, cout: usize) {
+    assert!(n_out > 0 && x.len() >= ((n_out - 1) * s + k) * cin && dy.len() >= n_out * cout && w.len() >= k * cin * cout);
+    let cb_full = cout / WCB * WCB;
+    let ci_full = cin / WCI * WCI;
     for t in 0..k {
         let wt = &mut w[t * cin * cout..(t + 1) * cin * cout];
-        for o in 0..n_out {
-            let d = &dy[o * cout..(o + 1) * cout];
-            let xo = &x[(o * s + t) * cin..(o * s + t + 1) * cin];
-            for (ci, &xv) in xo.iter().enumerate() {
-                let wr = &mut wt[ci * cout..(ci + 1) * cout];
-                for (wv, &dv) in wr.iter_mut().zip(d) {
-                    *wv += xv * dv;
+        for cb in (0..cb_full).step_by(WCB) {
+            let mut ci = 0;
+            while ci < ci_full {
+                let mut acc = [[0.0f32; WCB]; WCI];
+                for (q, a) in acc.iter_mut().enumerate() {
+                    a.copy_from_slice(&wt[(ci + q) * cout + cb..][..WCB]);
+                }
+                for o in 0..n_out {
+                    let d: &[f32; WCB] = dy[o * cout + cb..][..WCB].try_into().unwrap();
+                    let xo: &[f32; WCI] = x[(o * s + t) * cin + ci..][..WCI].try_into().unwrap();
+                    for q in 0..WCI {
+                        for j in 0..WCB {
+                            acc[q][j] = fma::<FUSED>(xo[q], d[j], acc[q][j]);
+                        }
+                    }
+                }
+                for (q, a) in acc.iter().enumerate() {
+                    wt[(ci + q) * cout + cb..][..WCB].copy_from_slice(a);
+                }
+                ci += WCI;
+            }
+            for ci in ci_full..cin {
+                let mut acc = [0.0f32; WCB];
+                acc.copy_from_slice(&wt[ci * cout + cb..][..WCB]);
+                for o in 0..n_out {
+                    let xv = x[(o * s + t) * cin + ci];
+                    let d = &dy[o * cout + cb..][..WCB];
+                    for j in 0..WCB {
+                        acc[j] = fma::<FUSED>(xv, d[j], acc[j]);
+                    }
+                }
+                wt[ci * cout + cb..][..WCB].copy_from_slice(&acc);
+            }
+        }
+        if cb_full < cout {
+            for o in 0..n_out {
+                let d = &dy[o * cout + cb_full..(o + 1) * cout];
+                let xo = &x[(o * s + t) * cin..(o * s + t + 1) * cin];
+                for (ci, &xv) in xo.iter().enumerate() {
+                    let wr = &mut wt[ci * cout + cb_full..(ci + 1) * cout];
+                    for (wv, &dv) in wr.iter_mut().zip(d) {
+                        *wv = fma::<FUSED>(xv, dv, *wv);
+                    }
                 }
             }
         }
@@ -117,7 +172,7 @@ fn wgrad_line(x: &[f32], dy: &[f32], w: &mut [f32], n_out: usize, s: usize, k: u
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn wgrad_line_avx2(x: &[f32], dy: &[f32], w: &mut [f32], n_out: usize, s: usize, k: usize, cin: usize, cout: usize) {
-    wgrad_line(x, dy, w, n_out, s, k, cin, cout)
+    wgrad_line::<true>(x, dy, w, n_out, s, k, cin, cout)
 }
 
 fn has_avx2() -> bool {
@@ -177,7 +232,7 @@ pub fn conv3d_wgrad(x: &[f32], xs: Shape, dy: &[f32], spec: &ConvSpec) -> Vec<f3
                                 wgrad_line_avx2(xl, dyl, wt, od[2], s2, k2n, cin, cout)
                             };
                         } else {
-                            wgrad_line(xl, dyl, wt, od[2], s2, k2n, cin, cout);
+                            wgrad_line::<false>(xl, dyl, wt, od[2], s2, k2n, cin, cout);
                         }
                     }
                 }
