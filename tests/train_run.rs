@@ -144,3 +144,29 @@ fn augmentation_flips_and_rotates_consistently() {
         assert_eq!(Augment::random(&mut rng, [4, 6, 3]).rot % 2, 0);
     }
 }
+
+/// Seconds per training step on the CPU (not a CI test):
+/// `cargo test --release --test train_run bench_train_step -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_train_step() {
+    use deepis::tensor::{Shape, Tensor};
+    let b = CpuBackend::new();
+    let mid = Config { widths: [16, 32, 64, 128, 256], trans_feature: 32, ..Config::default() };
+    for (name, cfg, n, d) in [("mid (golden 'mid' config)", mid, 1, [64, 64, 32]), ("README widths 32..512", Config::readme_widths(), 2, [64, 64, 32])] {
+        let p = Params::random(&cfg, 1);
+        let mut rng = Rng::new(2);
+        let s = Shape::new(n, d, 1);
+        let x = Tensor::new(s, (0..s.len()).map(|_| rng.normal() as f32).collect()).unwrap();
+        let t = Tensor::new(s, (0..s.len()).map(|_| (rng.normal() * 0.3) as f32).collect()).unwrap();
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            deepis::train::train_step(&b, &p, &x, &t, None, None).unwrap();
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let gflop = deepis::model::flops(&cfg, d) * n as f64 / 1e9;
+        println!("{name}: batch {n} x {d:?}: median {:.2} s per training step ({} threads; forward convs {gflop:.1} GFLOP)", times[1], b.threads());
+    }
+}
