@@ -26,6 +26,7 @@ impl Adam {
     }
 
     /// One update of every trainable parameter that has a gradient.
+    #[allow(clippy::needless_range_loop)]
     pub fn update(&mut self, p: &mut Params, grads: &[Option<Vec<f32>>]) -> Result<()> {
         if grads.len() != p.data.len() || self.m.len() != p.data.len() {
             return Err(Error::Other(format!("adam: {} gradients and {} moments for {} parameters", grads.len(), self.m.len(), p.data.len())));

@@ -18,6 +18,11 @@ pub struct BnSaved<S> {
     pub var: S,
 }
 
+/// A training-mode batch norm's output and what its backward needs.
+pub type BnForward<S> = (DevTensor<S>, BnSaved<S>);
+/// (dx, dgamma, dbeta) of a batch norm.
+pub type BnBackward<S> = (DevTensor<S>, S, S);
+
 /// Backward ops of every op of the DeepIS network, plus the few helpers the tape needs.
 pub trait TrainBackend: Backend {
     /// A parameter-sized vector back to the host (gradients, batch statistics).
@@ -45,12 +50,12 @@ pub trait TrainBackend: Backend {
     /// Training-mode batch norm: normalises with the batch mean and biased variance over
     /// (N, D0, D1, D2), y = (x - mean) * invstd * gamma + beta.
     fn batch_norm_train(&self, x: &DevTensor<Self::S>, gamma: &Self::S, beta: &Self::S, eps: f64)
-        -> Result<(DevTensor<Self::S>, BnSaved<Self::S>)>;
+        -> Result<BnForward<Self::S>>;
     /// Backward of `batch_norm_train`: (dx, dgamma, dbeta) with
     /// xhat = (x - mean) * invstd, dbeta = sum dy, dgamma = sum dy * xhat,
     /// dx = gamma * invstd * (dy - dbeta / M - xhat * dgamma / M), M = N * voxels.
     fn batch_norm_backward(&self, dy: &DevTensor<Self::S>, x: &DevTensor<Self::S>, gamma: &Self::S, saved: &BnSaved<Self::S>)
-        -> Result<(DevTensor<Self::S>, Self::S, Self::S)>;
+        -> Result<BnBackward<Self::S>>;
 
     /// dx = dy where y > 0, else 0 (PyTorch's threshold_backward on the output).
     fn relu_backward(&self, dy: &DevTensor<Self::S>, y: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>>;

@@ -166,7 +166,7 @@ pub struct TrainArgs {
 
 pub fn train_cmd(a: &TrainArgs) -> Result<()> {
     let b = cpu_only(a.backend)?;
-    if !(a.lr.is_finite() && a.lr > 0.0) || !(0.0..1.0).contains(&a.val_fraction) {
+    if !(a.lr.is_finite() && a.lr > 0.0 && (0.0..1.0).contains(&a.val_fraction)) {
         return Err(Error::Input("--lr must be positive and --val-fraction in [0, 1)".into()));
     }
     let params = match (&a.init, &a.config) {

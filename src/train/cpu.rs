@@ -5,7 +5,7 @@
 //! float64: the results are the same bits on every run and every machine with the same build.
 //! Input gradients of convolutions reuse the forward kernel: for stride 1 with weights flipped in
 //! space and transposed in channels; for stride 2 on a zero-dilated, explicitly padded gradient.
-use super::backend::{BnSaved, TrainBackend};
+use super::backend::{BnBackward, BnForward, BnSaved, TrainBackend};
 use crate::backend::{Backend, ConvSpec, DevTensor};
 use crate::cpu::{ops::lin_weights, CpuBackend};
 use crate::error::{Error, Result};
@@ -96,6 +96,16 @@ pub fn flip_weights(w: &[f32], spec: &ConvSpec) -> Vec<f32> {
     out
 }
 
+/// One line of the weight gradient: `n_out` outputs, stride `s`, `k` taps along d2, channels.
+#[derive(Clone, Copy)]
+struct WLine {
+    n_out: usize,
+    s: usize,
+    k: usize,
+    cin: usize,
+    cout: usize,
+}
+
 /// Output channels per register block of the weight-gradient kernel.
 const WCB: usize = 16;
 /// Input channels per register block.
@@ -114,7 +124,8 @@ fn fma<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// Register blocks of WCI input x WCB output channels accumulate over the whole line, so each
 /// weight is loaded and stored once per line and tap, not once per output voxel.
 #[inline(always)]
-fn wgrad_line<const FUSED: bool>(x: &[f32], dy: &[f32], w: &mut [f32], n_out: usize, s: usize, k: usize, cin: usize, cout: usize) {
+fn wgrad_line<const FUSED: bool>(x: &[f32], dy: &[f32], w: &mut [f32], g: WLine) {
+    let WLine { n_out, s, k, cin, cout } = g;
     assert!(n_out > 0 && x.len() >= ((n_out - 1) * s + k) * cin && dy.len() >= n_out * cout && w.len() >= k * cin * cout);
     let cb_full = cout / WCB * WCB;
     let ci_full = cin / WCI * WCI;
@@ -171,8 +182,8 @@ fn wgrad_line<const FUSED: bool>(x: &[f32], dy: &[f32], w: &mut [f32], n_out: us
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn wgrad_line_avx2(x: &[f32], dy: &[f32], w: &mut [f32], n_out: usize, s: usize, k: usize, cin: usize, cout: usize) {
-    wgrad_line::<true>(x, dy, w, n_out, s, k, cin, cout)
+unsafe fn wgrad_line_avx2(x: &[f32], dy: &[f32], w: &mut [f32], g: WLine) {
+    wgrad_line::<true>(x, dy, w, g)
 }
 
 fn has_avx2() -> bool {
@@ -202,6 +213,7 @@ pub fn conv3d_wgrad(x: &[f32], xs: Shape, dy: &[f32], spec: &ConvSpec) -> Vec<f3
     let padded = (d2 + 2 * p2) * cin;
     let wrow = k2n * cin * cout;
     let avx = has_avx2();
+    let line = WLine { n_out: od[2], s: s2, k: k2n, cin, cout };
     let parts: Vec<Vec<f32>> = (0..lines.div_ceil(per))
         .into_par_iter()
         .map(|ch| {
@@ -229,10 +241,10 @@ pub fn conv3d_wgrad(x: &[f32], xs: Shape, dy: &[f32], spec: &ConvSpec) -> Vec<f3
                             #[cfg(target_arch = "x86_64")]
                             // SAFETY: `avx` is true only when the CPU reports AVX2 and FMA.
                             unsafe {
-                                wgrad_line_avx2(xl, dyl, wt, od[2], s2, k2n, cin, cout)
+                                wgrad_line_avx2(xl, dyl, wt, line)
                             };
                         } else {
-                            wgrad_line::<false>(xl, dyl, wt, od[2], s2, k2n, cin, cout);
+                            wgrad_line::<false>(xl, dyl, wt, line);
                         }
                     }
                 }
@@ -338,7 +350,7 @@ impl TrainBackend for CpuBackend {
         Ok(s.into_iter().map(|v| v as f32).collect())
     }
 
-    fn batch_norm_train(&self, x: &T, gamma: &Vec<f32>, beta: &Vec<f32>, eps: f64) -> Result<(T, BnSaved<Vec<f32>>)> {
+    fn batch_norm_train(&self, x: &T, gamma: &Vec<f32>, beta: &Vec<f32>, eps: f64) -> Result<BnForward<Vec<f32>>> {
         check("batch_norm_train", x)?;
         let c = x.shape.c;
         param("batch_norm_train", "gamma", gamma, c)?;
@@ -368,7 +380,7 @@ impl TrainBackend for CpuBackend {
         Ok((y, BnSaved { mean: f(&mean), invstd: f(&invstd), var: f(&var) }))
     }
 
-    fn batch_norm_backward(&self, dy: &T, x: &T, gamma: &Vec<f32>, saved: &BnSaved<Vec<f32>>) -> Result<(T, Vec<f32>, Vec<f32>)> {
+    fn batch_norm_backward(&self, dy: &T, x: &T, gamma: &Vec<f32>, saved: &BnSaved<Vec<f32>>) -> Result<BnBackward<Vec<f32>>> {
         same("batch_norm_backward", dy, x)?;
         let c = x.shape.c;
         param("batch_norm_backward", "gamma", gamma, c)?;

@@ -28,12 +28,12 @@ fn dilate_axis(v: &[bool], d: [usize; 3], n: usize, axis: usize, r: usize) -> Ve
     let len = d[axis];
     let mut out = vec![false; v.len()];
     let vol = d[0] * d[1] * d[2];
-    for base in 0..n * vol {
+    for (base, o) in out.iter_mut().enumerate().take(n * vol) {
         let pos = (base % vol) / st % len;
         let lo = pos.saturating_sub(r);
         let hi = (pos + r).min(len - 1);
         let start = base - pos * st;
-        out[base] = (lo..=hi).any(|j| v[start + j * st]);
+        *o = (lo..=hi).any(|j| v[start + j * st]);
     }
     out
 }

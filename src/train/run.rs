@@ -159,6 +159,7 @@ pub struct RunReport {
 /// Trains from `init` (or resumes from `run_dir/last.safetensors` when `resume`), on `samples`,
 /// writing into `run_dir`. `stop_after`: end this process's run after that many epochs (tests
 /// use it to emulate an interruption). `progress`: draw a progress bar.
+#[allow(clippy::too_many_arguments)]
 pub fn train<B: TrainBackend + Clone>(
     b: &B,
     init: Params,
