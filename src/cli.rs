@@ -84,6 +84,12 @@ pub enum Command {
     /// Train or fine-tune on pairs of input and target volumes
     #[command(long_about = crate::train::cli::TRAIN_LONG)]
     Train(crate::train::cli::TrainArgs),
+    /// Make a synthetic RI time-lapse of an effector cell meeting a target (inputs, labels, distance targets)
+    Synth(crate::synth::SynthArgs),
+    /// Segment RI volumes into uint8 label volumes (0 background, 1 effector, 2 target); any size, in tiles
+    Segment(crate::segment::SegmentArgs),
+    /// Measure the cells and their synapse in label volumes: one CSV row per frame, and a plot
+    Analyze(crate::analysis::AnalyzeArgs),
 }
 
 /// Where the network runs.
@@ -197,6 +203,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench(&a),
         Command::TrainStep(a) => crate::train::cli::train_step_cmd(&a),
         Command::Train(a) => crate::train::cli::train_cmd(&a),
+        Command::Synth(a) => crate::synth::run_cli(&a),
+        Command::Segment(a) => segment(&a),
+        Command::Analyze(a) => crate::analysis::run_cli(&a),
     }
 }
 
@@ -582,6 +591,34 @@ fn bench_plan(weights: &Weights, x: &Tensor, runs: u32, warmup: u32) -> Result<(
         peak_rss().map_or("unknown".to_string(), |b| format!("{:.1} MiB (VmHWM)", mib(b)))
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// segment: the backend is chosen as for predict; tiling, masks and files live in crate::segment.
+
+struct Segment<'a> {
+    args: &'a crate::segment::SegmentArgs,
+    weights: &'a Weights,
+}
+
+impl Job for Segment<'_> {
+    type Out = ();
+    fn run<B: Backend>(self, backend: B) -> Result<()> {
+        eprintln!("backend: {}", describe(&backend));
+        let net = Network::new(backend, self.weights)?;
+        crate::segment::run(self.args, self.weights, &mut |x| net.forward(x)).map(|_| ())
+    }
+}
+
+fn segment(a: &crate::segment::SegmentArgs) -> Result<()> {
+    let weights = Weights::load(&a.weights)?;
+    match choose(a.backend)? {
+        Chosen::Plan => {
+            eprintln!("backend: cpu (fused plan), {} threads", rayon::current_num_threads());
+            crate::segment::run(a, &weights, &mut crate::segment::plan_predictor(&weights)).map(|_| ())
+        }
+        chosen => with_backend(chosen, Segment { args: a, weights: &weights }),
+    }
 }
 
 /// Exposed for `main`: parse the process arguments (clap prints help/usage and exits itself).

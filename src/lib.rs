@@ -9,6 +9,7 @@ pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod plan;
+pub mod plot;
 pub mod rng;
 pub mod segment;
 pub mod synth;

@@ -202,3 +202,46 @@ mod files {
         }
     }
 }
+
+#[test]
+fn edt_is_exact_against_brute_force() {
+    let d = [9, 7, 11];
+    let v = [0.3, 0.2, 0.5];
+    let mut r = deepis::rng::Rng::new(5);
+    for density in [0.02, 0.2, 0.7] {
+        let site: Vec<bool> = (0..d[0] * d[1] * d[2]).map(|_| r.uniform() < density).collect();
+        let got = analysis::edt::edt_sq(&site, d, v);
+        for p in 0..site.len() {
+            let pi = [p / (d[1] * d[2]), p / d[2] % d[1], p % d[2]];
+            let mut best = f64::INFINITY;
+            for q in (0..site.len()).filter(|&q| site[q]) {
+                let qi = [q / (d[1] * d[2]), q / d[2] % d[1], q % d[2]];
+                best = best.min((0..3).map(|k| ((pi[k] as f64 - qi[k] as f64) * v[k]).powi(2)).sum());
+            }
+            assert!((got[p] - best).abs() <= 1e-9 * best.max(1.0), "voxel {pi:?}: {} vs {best}", got[p]);
+        }
+    }
+}
+
+#[test]
+fn plots_are_written_as_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = [16, 16, 12];
+    let v = [0.2, 0.2, 0.4];
+    let rows: Vec<_> = (0..4).map(|t| analyze_frame(t, &ball(d, v, 0.6 + 0.2 * t as f64, 1), None, d, &opts(v))).collect();
+    for (name, r) in [("series.png", &rows[..]), ("one.png", &rows[..1])] {
+        let p = dir.path().join(name);
+        deepis::plot::plot_metrics(&p, r).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(bytes.len() > 10_000, "{name}: {} bytes", bytes.len());
+        if let Ok(keep) = std::env::var("DEEPIS_KEEP_PLOTS") {
+            std::fs::copy(&p, std::path::Path::new(&keep).join(name)).unwrap();
+        }
+    }
+    let l = ball(d, v, 1.0, 1);
+    let ri: Vec<f32> = l.iter().map(|&x| 1.337 + 0.03 * x as f32).collect();
+    let p = dir.path().join("slices.png");
+    deepis::plot::plot_slices(&p, &ri, &l, d, v, "frame 0", 4).unwrap();
+    assert_eq!(&std::fs::read(&p).unwrap()[..4], b"\x89PNG");
+}

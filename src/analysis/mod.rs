@@ -467,3 +467,57 @@ pub fn write_labels(path: &Path, dims: &[usize], data: &[u8]) -> Result<()> {
         _ => Err(Error::format(path, "unsupported file type for labels: expected .npy or .tif")),
     }
 }
+
+/// Parses "D0,D1,D2" voxel sizes in um (positivity is checked by [`check_voxel_size`], whose
+/// error says which axis is wrong).
+pub fn parse_voxel_size(s: &str) -> std::result::Result<[f64; 3], String> {
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f64>().map_err(|_| format!("`{p}` is not a number")))
+        .collect::<std::result::Result<_, _>>()?;
+    match v[..] {
+        [a, b, c] => Ok([a, b, c]),
+        _ => Err(format!("expected three voxel sizes in um like 0.2,0.2,0.4, got `{s}`")),
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AnalyzeArgs {
+    /// Label volume(s): 0 background, 1 effector, 2 target; 3D = one frame, 4D (T x D0 x D1 x D2) = T frames
+    #[arg(value_name = "LABELS")]
+    pub labels: std::path::PathBuf,
+    /// RI volume(s) of the same shape, for dry masses and the synapse's RI
+    #[arg(long, value_name = "RI")]
+    pub ri: Option<std::path::PathBuf>,
+    /// Voxel size in um along D0, D1, D2, e.g. 0.2,0.2,0.4
+    #[arg(long, value_name = "D0,D1,D2", value_parser = parse_voxel_size, allow_hyphen_values = true)]
+    pub voxel_size: [f64; 3],
+    /// The synapse: the effector's surface within this distance (um) of the target
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub is_distance: f64,
+    /// Refractive-index increment (um^3/pg = mL/g) for dry mass
+    #[arg(long, default_value_t = 0.19, allow_hyphen_values = true)]
+    pub dn_dc: f64,
+    /// The CSV to write (one row per frame)
+    #[arg(short, long, value_name = "CSV")]
+    pub output: std::path::PathBuf,
+    /// Also draw the time series as a PNG
+    #[arg(long, value_name = "PNG")]
+    pub plot: Option<std::path::PathBuf>,
+}
+
+/// `deepis analyze`: the CSV, the table on stdout, the plot if asked.
+pub fn run_cli(a: &AnalyzeArgs) -> Result<()> {
+    let opt = Options { voxel_size: a.voxel_size, is_distance: a.is_distance, dn_dc: a.dn_dc, medium_ri: MEDIUM_RI };
+    opt.validate()?;
+    let t0 = std::time::Instant::now();
+    let rows = analyze_files(&a.labels, a.ri.as_deref(), &opt)?;
+    write_csv(&a.output, &rows)?;
+    print!("{}", format_table(&rows));
+    eprintln!("{} frame(s) analysed in {:.2} s; wrote {}", rows.len(), t0.elapsed().as_secs_f64(), a.output.display());
+    if let Some(p) = &a.plot {
+        crate::plot::plot_metrics(p, &rows)?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
