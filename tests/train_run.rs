@@ -170,3 +170,53 @@ fn bench_train_step() {
         println!("{name}: batch {n} x {d:?}: median {:.2} s per training step ({} threads; forward convs {gflop:.1} GFLOP)", times[1], b.threads());
     }
 }
+
+#[test]
+fn sigmoid_head_trains_from_input_and_target_folders() {
+    // the README variant: max-pool down-sampling, two sigmoid masks (C x D0 x D1 x D2 targets)
+    let data = tempfile::tempdir().unwrap();
+    let (ip, tp) = (data.path().join("input"), data.path().join("target"));
+    std::fs::create_dir_all(&ip).unwrap();
+    std::fs::create_dir_all(&tp).unwrap();
+    let d = 16usize;
+    let mut rng = Rng::new(4);
+    for i in 0..4 {
+        let shift = rng.uniform() * 2.0;
+        let mut x = vec![0f32; d * d * d];
+        let mut t = vec![0f32; 2 * d * d * d];
+        for k in 0..d * d * d {
+            let p = [(k / (d * d)) as f64, (k / d % d) as f64, (k % d) as f64];
+            let r = |c: f64, s: f64| ((p[0] - c).powi(2) + (p[1] - 8.0).powi(2) + (p[2] - 8.0).powi(2)).sqrt() / s;
+            x[k] = 1.337 + (rng.normal() * 0.003) as f32;
+            if r(5.0 + shift, 3.5) < 1.0 {
+                x[k] += 0.035;
+                t[k] = 1.0;
+            } else if r(11.0, 4.0) < 1.0 {
+                x[k] += 0.025;
+                t[d * d * d + k] = 1.0;
+            }
+        }
+        write_npy(&ip.join(format!("s{i}.npy")), &[d, d, d], &x).unwrap();
+        write_npy(&tp.join(format!("s{i}.npy")), &[2, d, d, d], &t).unwrap();
+    }
+    let cfg = Config {
+        widths: [4, 8, 8, 16, 16],
+        trans_feature: 4,
+        downsample: deepis::config::Downsample::Maxpool,
+        head: deepis::config::Head::Sigmoid,
+        out_channels: 2,
+        input_offset: 1.337,
+        input_scale: 0.03,
+        ..Config::default()
+    };
+    let samples = load_samples(data.path(), &cfg).unwrap();
+    assert_eq!(samples.len(), 4);
+    assert_eq!(samples[0].target.shape.c, 2);
+    let run = tempfile::tempdir().unwrap();
+    let rep = train(&CpuBackend::new(), Params::random(&cfg, 3), &samples, run.path(), opts(8), false, None, false).unwrap();
+    let (first, last) = (rep.log[0].train_loss, rep.log.last().unwrap().train_loss);
+    println!("sigmoid head: train loss {first:.4} -> {last:.4}, validation Dice {:?}", rep.log.last().unwrap().val_dice);
+    assert!(last < first, "{first} -> {last}");
+    let csv = std::fs::read_to_string(run.path().join("log.csv")).unwrap();
+    assert!(csv.starts_with("epoch,steps,train_loss,train_main,train_aux,val_loss,val_dice,seconds"), "{csv}");
+}

@@ -116,7 +116,8 @@ D0 != D1); --no-augment turns it off.
 RUN_DIR (-o) receives, after every epoch (written atomically):
   last.safetensors   model + Adam state + RNG state (loadable by `deepis predict`)
   best.safetensors   the model with the lowest validation loss so far
-  log.csv            epoch,steps,train_loss,train_main,train_aux,val_loss,seconds
+  log.csv            epoch,steps,train_loss,train_main,train_aux,val_loss,val_dice,seconds
+                     (val_dice: mean Dice of the effector and target masks)
 --resume continues from RUN_DIR/last.safetensors, bit-for-bit as if never interrupted
 (the options of the first run are kept, except --epochs).
 

@@ -8,7 +8,9 @@
 //!                      the config and `train_state` (epoch, Adam step, RNG state, options, best).
 //!   best.safetensors   the model of the epoch with the lowest validation loss (training loss
 //!                      when there is no validation set).
-//!   log.csv            epoch,steps,train_loss,train_main,train_aux,val_loss,seconds
+//!   log.csv            epoch,steps,train_loss,train_main,train_aux,val_loss,val_dice,seconds
+//!                      (val_dice: mean Dice of the effector and target masks of the eval-mode
+//!                      output, distance > 0.1 / < -0.1, or sigmoid channels 0 / 1 > 0.5)
 //! Bit-for-bit resumption: every op of the CPU backend reduces in a fixed order, and one seeded
 //! generator (saved in the checkpoint) drives the shuffle, the augmentation and the dropout masks.
 use super::adam::Adam;
@@ -20,6 +22,7 @@ use crate::config::Head;
 use crate::error::{Error, Result};
 use crate::model::Network;
 use crate::rng::Rng;
+use crate::tensor::Tensor;
 use crate::weights::{metadata, Weights};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -68,20 +71,22 @@ pub struct EpochLog {
     pub train_main: f64,
     pub train_aux: f64,
     pub val_loss: Option<f64>,
+    pub val_dice: Option<f64>,
     pub seconds: f64,
 }
 
-const LOG_HEADER: &str = "epoch,steps,train_loss,train_main,train_aux,val_loss,seconds";
+const LOG_HEADER: &str = "epoch,steps,train_loss,train_main,train_aux,val_loss,val_dice,seconds";
 
 fn log_line(l: &EpochLog) -> String {
     format!(
-        "{},{},{:.6},{:.6},{:.6},{},{:.2}",
+        "{},{},{:.6},{:.6},{:.6},{},{},{:.2}",
         l.epoch,
         l.steps,
         l.train_loss,
         l.train_main,
         l.train_aux,
         l.val_loss.map(|v| format!("{v:.6}")).unwrap_or_default(),
+        l.val_dice.map(|v| format!("{v:.4}")).unwrap_or_default(),
         l.seconds
     )
 }
@@ -132,12 +137,35 @@ pub fn load_checkpoint(path: &Path) -> Result<(Params, Adam, TrainState)> {
     Ok((p, adam, state))
 }
 
-/// The validation loss of one sample: the head term of `train_loss` on the eval-mode output
-/// (running statistics, no dropout), with the weight map computed from that output.
-pub fn val_loss<B: TrainBackend + Clone>(b: &B, p: &Params, samples: &[&Sample]) -> Result<f64> {
+/// Mean Dice of the effector and target masks of an output against its target.
+pub fn mask_dice(head: Head, out: &Tensor, target: &Tensor) -> f64 {
+    let c = out.shape.c;
+    let class = |t: &[f32], k: usize| -> bool {
+        match head {
+            Head::Distance => if k == 0 { t[0] > 0.1 } else { t[0] < -0.1 },
+            Head::Sigmoid => t.get(k).is_some_and(|&v| v > 0.5),
+        }
+    };
+    let mut total = 0.0;
+    for k in 0..2 {
+        let (mut inter, mut sum) = (0usize, 0usize);
+        for (o, t) in out.data.chunks_exact(c).zip(target.data.chunks_exact(c)) {
+            let (a, b) = (class(o, k), class(t, k));
+            inter += (a && b) as usize;
+            sum += a as usize + b as usize;
+        }
+        total += if sum == 0 { 1.0 } else { 2.0 * inter as f64 / sum as f64 };
+    }
+    total / 2.0
+}
+
+/// Validation of the held-out samples: (loss, Dice). The loss is the head term of `train_loss`
+/// on the eval-mode output (running statistics, no dropout), with the weight map computed from
+/// that output; the Dice is `mask_dice`. Both are means over the samples.
+pub fn validate<B: TrainBackend + Clone>(b: &B, p: &Params, samples: &[&Sample]) -> Result<(f64, f64)> {
     let w = p.to_weights()?;
     let net = Network::new(b.clone(), &w)?;
-    let mut total = 0.0;
+    let (mut total, mut dice) = (0.0, 0.0);
     for s in samples {
         let out = net.forward(&s.input)?;
         let weight = if p.cfg.head == Head::Distance { Some(edge_weight(&out, &s.target, EdgeWeight::default())?) } else { None };
@@ -145,8 +173,10 @@ pub fn val_loss<B: TrainBackend + Clone>(b: &B, p: &Params, samples: &[&Sample])
         let c = |f: usize| crate::tensor::Tensor::zeros(crate::tensor::Shape::new(1, s.input.shape.d.map(|d| d.div_ceil(f)), 3));
         let lg = train_loss(&p.cfg, &out, &c(4), &c(8), &s.target, weight.as_ref())?;
         total += lg.main;
+        dice += mask_dice(p.cfg.head, &out, &s.target);
     }
-    Ok(total / samples.len().max(1) as f64)
+    let n = samples.len().max(1) as f64;
+    Ok((total / n, dice / n))
 }
 
 /// What `train` reports.
@@ -259,7 +289,12 @@ pub fn train<B: TrainBackend + Clone>(
         if let Some(pb) = bar {
             pb.finish_and_clear();
         }
-        let vl = if val_set.is_empty() { None } else { Some(val_loss(b, &p, &val_set)?) };
+        let (vl, vd) = if val_set.is_empty() {
+            (None, None)
+        } else {
+            let (l, d) = validate(b, &p, &val_set)?;
+            (Some(l), Some(d))
+        };
         let entry = EpochLog {
             epoch,
             steps: adam.step,
@@ -267,6 +302,7 @@ pub fn train<B: TrainBackend + Clone>(
             train_main: sm / n as f64,
             train_aux: sa / n as f64,
             val_loss: vl,
+            val_dice: vd,
             seconds: t0.elapsed().as_secs_f64(),
         };
         let score = vl.unwrap_or(entry.train_loss);
@@ -279,17 +315,19 @@ pub fn train<B: TrainBackend + Clone>(
             state.best_epoch = epoch;
             p.to_weights()?.save(&best)?;
         }
-        save_checkpoint(&last, &p, &adam, &state)?;
+        // The checkpoint is written last: it is the commit point of the epoch. A kill before it
+        // leaves the previous checkpoint, and a resume drops log rows newer than it.
         log_lines.push(log_line(&entry));
         let text = format!("{LOG_HEADER}\n{}\n", log_lines.join("\n"));
         crate::io::write_atomic(&csv, |w| std::io::Write::write_all(w, text.as_bytes()))?;
+        save_checkpoint(&last, &p, &adam, &state)?;
         eprintln!(
             "epoch {epoch}/{}: train loss {:.5} (head {:.5}, aux {:.5}){} in {:.1} s{}",
             o.epochs,
             entry.train_loss,
             entry.train_main,
             entry.train_aux,
-            vl.map(|v| format!(", validation {v:.5}")).unwrap_or_default(),
+            vl.zip(vd).map(|(v, d)| format!(", validation {v:.5} (Dice {d:.3})")).unwrap_or_default(),
             entry.seconds,
             if improved { " (best)" } else { "" }
         );
