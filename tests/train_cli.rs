@@ -35,6 +35,11 @@ fn train_step_writes_the_golden_gradients() {
     let worst = got.iter().zip(&want).map(|(a, b)| rel_err(&a.2, &b.2, 1e-3)).fold(0.0f32, f32::max);
     println!("tiny via the CLI: {} tensors, worst rel err {worst:.2e}", got.len());
     assert!(worst <= 1e-3);
+    // the golden weight map given explicitly gives the same gradients
+    let g2 = out.path().join("grads_w.safetensors");
+    let st = deepis().args(["train-step", "--weights"]).arg(data("tiny", "weights.safetensors")).arg("--input").arg(data("tiny", "input.npy")).arg("--target").arg(data("tiny", "target.npy")).arg("--weight").arg(data("tiny", "weight.npy")).arg("-o").arg(&g2).status().unwrap();
+    assert!(st.success());
+    assert!(read_safetensors(&g2) == got);
     // a sigmoid-head target with two channels, and a missing target file
     let st = deepis().args(["train-step", "--weights"]).arg(data("readme", "weights.safetensors")).arg("--input").arg(data("readme", "input.npy")).arg("--target").arg(data("readme", "target.npy")).arg("-o").arg(out.path().join("r.safetensors")).status().unwrap();
     assert!(st.success());
