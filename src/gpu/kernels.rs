@@ -13,6 +13,9 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("pool.cu", include_str!("../../kernels/pool.cu")),
     ("upsample.cu", include_str!("../../kernels/upsample.cu")),
     ("softmax.cu", include_str!("../../kernels/softmax.cu")),
+    ("backward.cu", include_str!("../../kernels/backward.cu")),
+    ("conv3d_backward.cu", include_str!("../../kernels/conv3d_backward.cu")),
+    ("batchnorm.cu", include_str!("../../kernels/batchnorm.cu")),
 ];
 
 pub const CONV3D_DIRECT: &str = "conv3d_direct_f32";
@@ -24,6 +27,26 @@ pub const SIGMOID: &str = "sigmoid_f32";
 pub const MAXPOOL2: &str = "maxpool2_f32";
 pub const UPSAMPLE_TRILINEAR: &str = "upsample_trilinear_f32";
 pub const SOFTMAX_CHANNELS: &str = "softmax_channels_f32";
+// Backward kernels (training; launched by src/gpu/train_ops.rs).
+pub const RELU_BACKWARD: &str = "relu_backward_f32";
+pub const SIGMOID_BACKWARD: &str = "sigmoid_backward_f32";
+pub const MUL: &str = "mul_f32";
+pub const ACCUMULATE: &str = "accumulate_f32";
+pub const COPY: &str = "copy_f32";
+pub const MAXPOOL2_BACKWARD: &str = "maxpool2_backward_f32";
+pub const UPSAMPLE_TRILINEAR_BACKWARD: &str = "upsample_trilinear_backward_f32";
+pub const SOFTMAX_BACKWARD: &str = "softmax_backward_f32";
+pub const CONV3D_FLIP_WEIGHTS: &str = "conv3d_flip_weights_f32";
+pub const CONV3D_BACKWARD_INPUT: &str = "conv3d_backward_input_f32";
+pub const CONV3D_WGRAD_PARTIAL: &str = "conv3d_wgrad_partial_f32";
+pub const SUM_PARTIALS: &str = "sum_partials_f32";
+pub const CHANNEL_SUM_PARTIAL: &str = "channel_sum_partial_f32";
+pub const BN_SQDEV_PARTIAL: &str = "bn_sqdev_partial_f32";
+pub const BN_BACKWARD_PARTIAL: &str = "bn_backward_partial_f32";
+pub const SUM_PARTIALS_F64: &str = "sum_partials_f64_f32";
+pub const BN_STATS: &str = "bn_stats_f32";
+pub const BN_BACKWARD_PARAMS: &str = "bn_backward_params_f32";
+pub const BN_BACKWARD_DX: &str = "bn_backward_dx_f32";
 
 /// (file, kernel) for every kernel.
 pub const KERNELS: &[(&str, &str)] = &[
@@ -36,6 +59,25 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("pool.cu", MAXPOOL2),
     ("upsample.cu", UPSAMPLE_TRILINEAR),
     ("softmax.cu", SOFTMAX_CHANNELS),
+    ("backward.cu", RELU_BACKWARD),
+    ("backward.cu", SIGMOID_BACKWARD),
+    ("backward.cu", MUL),
+    ("backward.cu", ACCUMULATE),
+    ("backward.cu", COPY),
+    ("backward.cu", MAXPOOL2_BACKWARD),
+    ("backward.cu", UPSAMPLE_TRILINEAR_BACKWARD),
+    ("backward.cu", SOFTMAX_BACKWARD),
+    ("conv3d_backward.cu", CONV3D_FLIP_WEIGHTS),
+    ("conv3d_backward.cu", CONV3D_BACKWARD_INPUT),
+    ("conv3d_backward.cu", CONV3D_WGRAD_PARTIAL),
+    ("conv3d_backward.cu", SUM_PARTIALS),
+    ("batchnorm.cu", CHANNEL_SUM_PARTIAL),
+    ("batchnorm.cu", BN_SQDEV_PARTIAL),
+    ("batchnorm.cu", BN_BACKWARD_PARTIAL),
+    ("batchnorm.cu", SUM_PARTIALS_F64),
+    ("batchnorm.cu", BN_STATS),
+    ("batchnorm.cu", BN_BACKWARD_PARAMS),
+    ("batchnorm.cu", BN_BACKWARD_DX),
 ];
 
 pub fn all_kernel_names() -> Vec<&'static str> {

@@ -44,3 +44,4 @@ pub mod emu;
 pub mod kernels;
 pub mod nvrtc;
 pub mod ops;
+pub mod train_ops;
