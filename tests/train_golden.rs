@@ -50,6 +50,11 @@ fn check_case(case: &str) {
     println!("{case:<7} {} ReLU pre-activation(s) within 1e-7 max|v| of 0: {:?}", kinks.len(), kinks.iter().map(|k| k.2).collect::<Vec<_>>());
     assert!(kinks.len() <= 12, "{case}: too many ambiguous ReLU decisions to try");
 
+    // eval mode through the same graph code (validation uses it)
+    let ev = deepis::train::forward_eval(&b, &p, &x).unwrap();
+    let e_ev = rel_err(&ev.data, &read_5d(&data(case, "expected.npy")).data, 1.0);
+    println!("{case:<7} eval-mode output    rel err {e_ev:.3e}");
+    assert!(e_ev <= 1e-4, "{case}: eval-mode output rel err {e_ev:.3e}");
     let want_out = read_5d(&data(case, "train_output.npy"));
     let e_out = rel_err(&step.out.data, &want_out.data, 1e-3);
     println!("{case:<7} train_output       rel err {e_out:.3e}");

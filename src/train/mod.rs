@@ -18,4 +18,4 @@ pub mod run;
 pub mod tape;
 
 pub use backend::{BnSaved, TrainBackend};
-pub use net::{finish_step, forward_train, train_step, Params, Step};
+pub use net::{finish_step, forward_eval, forward_train, train_step, Params, Step};

@@ -156,6 +156,8 @@ struct Builder<'a, 'r, B: TrainBackend> {
     tape: Tape<'a, B>,
     bn: Vec<BnStat>,
     dropout: Option<(f32, &'r mut Rng)>,
+    /// Eval mode: batch norm on the running statistics, no gradient (validation).
+    eval: bool,
 }
 
 impl<B: TrainBackend> Builder<'_, '_, B> {
@@ -167,6 +169,17 @@ impl<B: TrainBackend> Builder<'_, '_, B> {
     }
 
     fn bn(&mut self, name: &str, x: Var) -> Result<Var> {
+        if self.eval {
+            let g = |s: &str| self.p.get(&format!("{name}.{s}"));
+            let (gamma, beta, mean, var) = (g("weight")?, g("bias")?, g("running_mean")?, g("running_var")?);
+            let eps = self.p.cfg.bn_eps;
+            let scale: Vec<f64> = gamma.iter().zip(var).map(|(&g, &v)| g as f64 / (v as f64 + eps).sqrt()).collect();
+            let shift: Vec<f32> = beta.iter().zip(mean).zip(&scale).map(|((&b, &m), &s)| (b as f64 - m as f64 * s) as f32).collect();
+            let scale: Vec<f32> = scale.iter().map(|&s| s as f32).collect();
+            let b = self.tape.backend();
+            let y = b.channel_affine(self.tape.value(x), &b.upload_param(&scale)?, &b.upload_param(&shift)?, false)?;
+            return Ok(self.tape.leaf(y));
+        }
         let (g, b) = (self.p.idx(&format!("{name}.weight"))?, self.p.idx(&format!("{name}.bias"))?);
         let count = {
             let s = self.tape.value(x).shape;
@@ -245,6 +258,25 @@ pub fn forward_train<'a, B: TrainBackend>(
     x: &Tensor,
     dropout: Option<(f32, &mut Rng)>,
 ) -> Result<Forward<'a, B>> {
+    graph(b, p, dev, x, dropout, false)
+}
+
+/// The eval-mode head output (batch norm on the running statistics, no dropout, no aux heads),
+/// as `model::Network` computes it, on any `TrainBackend` (validation during training).
+pub fn forward_eval<B: TrainBackend>(b: &B, p: &Params, x: &Tensor) -> Result<Tensor> {
+    let dev = p.upload(b)?;
+    let f = graph(b, p, &dev, x, None, true)?;
+    b.download(f.tape.value(f.out))
+}
+
+fn graph<'a, B: TrainBackend>(
+    b: &'a B,
+    p: &'a Params,
+    dev: &'a [Option<B::S>],
+    x: &Tensor,
+    dropout: Option<(f32, &mut Rng)>,
+    eval: bool,
+) -> Result<Forward<'a, B>> {
     let cfg = &p.cfg;
     if x.shape.c != 1 {
         return Err(Error::Shape(format!("the network takes 1-channel volumes, got {} channels", x.shape.c)));
@@ -252,7 +284,7 @@ pub fn forward_train<'a, B: TrainBackend>(
     cfg.check_input_size(x.shape.d)?;
     let (off, sc) = (cfg.input_offset, cfg.input_scale);
     let xs = Tensor::new(x.shape, x.data.iter().map(|&v| ((v as f64 - off) / sc) as f32).collect())?;
-    let mut g = Builder { p, tape: Tape::new(b, dev), bn: Vec::new(), dropout };
+    let mut g = Builder { p, tape: Tape::new(b, dev), bn: Vec::new(), dropout, eval };
     let x = g.tape.leaf(b.upload(&xs)?);
     let h = g.conv_bn("conv1.conv1", x, 1, true)?;
     let mut fm = vec![g.conv_bn("conv1.conv2", h, 1, true)?];
@@ -275,6 +307,9 @@ pub fn forward_train<'a, B: TrainBackend>(
     let mut out = g.conv("final.0", fs1, 1)?;
     if cfg.head == Head::Sigmoid {
         out = g.tape.sigmoid(out)?;
+    }
+    if eval {
+        return Ok(Forward { tape: g.tape, out, c3: out, c4: out, bn: g.bn });
     }
     let c3 = g.classifier("classifier3", fs3)?;
     let c4 = g.classifier("classifier4", fs4)?;

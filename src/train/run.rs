@@ -17,10 +17,9 @@ use super::adam::Adam;
 use super::backend::TrainBackend;
 use super::data::{stack, Augment, Sample};
 use super::loss::{edge_weight, train_loss, EdgeWeight};
-use super::net::{train_step, Params, DROPOUT};
+use super::net::{forward_eval, train_step, Params, DROPOUT};
 use crate::config::Head;
 use crate::error::{Error, Result};
-use crate::model::Network;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::weights::{metadata, Weights};
@@ -162,12 +161,10 @@ pub fn mask_dice(head: Head, out: &Tensor, target: &Tensor) -> f64 {
 /// Validation of the held-out samples: (loss, Dice). The loss is the head term of `train_loss`
 /// on the eval-mode output (running statistics, no dropout), with the weight map computed from
 /// that output; the Dice is `mask_dice`. Both are means over the samples.
-pub fn validate<B: TrainBackend + Clone>(b: &B, p: &Params, samples: &[&Sample]) -> Result<(f64, f64)> {
-    let w = p.to_weights()?;
-    let net = Network::new(b.clone(), &w)?;
+pub fn validate<B: TrainBackend>(b: &B, p: &Params, samples: &[&Sample]) -> Result<(f64, f64)> {
     let (mut total, mut dice) = (0.0, 0.0);
     for s in samples {
-        let out = net.forward(&s.input)?;
+        let out = forward_eval(b, p, &s.input)?;
         let weight = if p.cfg.head == Head::Distance { Some(edge_weight(&out, &s.target, EdgeWeight::default())?) } else { None };
         // the aux heads do not run in eval mode: zero-size placeholders are not needed for the head term
         let c = |f: usize| crate::tensor::Tensor::zeros(crate::tensor::Shape::new(1, s.input.shape.d.map(|d| d.div_ceil(f)), 3));
@@ -190,7 +187,7 @@ pub struct RunReport {
 /// writing into `run_dir`. `stop_after`: end this process's run after that many epochs (tests
 /// use it to emulate an interruption). `progress`: draw a progress bar.
 #[allow(clippy::too_many_arguments)]
-pub fn train<B: TrainBackend + Clone>(
+pub fn train<B: TrainBackend>(
     b: &B,
     init: Params,
     samples: &[Sample],
