@@ -204,13 +204,43 @@ pub fn masks(y: &Tensor, head: Head, tau: f64) -> Result<Vec<u8>> {
     })
 }
 
-/// Masks of every volume, with the components of each class smaller than `min_size` voxels removed
-/// (the largest of each class always kept). Returns the labels and the voxels removed.
-pub fn labels_from_output(y: &Tensor, head: Head, tau: f64, min_size: usize) -> Result<(Vec<u8>, usize)> {
+/// Grows the distance head's cores (|d| > tau) back to the cell boundary (d = 0): every voxel with
+/// d > 0 connected (26-neighbours) to an effector core through voxels with d > 0 becomes effector,
+/// and likewise target for d < 0. The threshold tau separates touching cells and drops weak blobs;
+/// without this step each cell would lose a rim of tau um (with the default tau = 0.5 um and
+/// 0.2 x 0.2 x 0.4 um voxels, Dice 0.84 for the effector even from the exact distance map).
+pub fn regrow(labels: &mut [u8], d: &[f32], dims: [usize; 3]) {
+    let [n0, n1, n2] = dims;
+    let mut stack: Vec<usize> = (0..labels.len()).filter(|&p| labels[p] != 0).collect();
+    while let Some(p) = stack.pop() {
+        let c = labels[p];
+        let (i, j, k) = (p / (n1 * n2), p / n2 % n1, p % n2);
+        for a in i.saturating_sub(1)..(i + 2).min(n0) {
+            for b in j.saturating_sub(1)..(j + 2).min(n1) {
+                for e in k.saturating_sub(1)..(k + 2).min(n2) {
+                    let q = (a * n1 + b) * n2 + e;
+                    let same_sign = if c == 1 { d[q] > 0.0 } else { d[q] < 0.0 };
+                    if labels[q] == 0 && same_sign {
+                        labels[q] = c;
+                        stack.push(q);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Masks of every volume (the distance head's cores regrown to d = 0 when `grow`), with the
+/// components of each class smaller than `min_size` voxels removed (the largest of each class
+/// always kept). Returns the labels and the voxels removed.
+pub fn labels_from_output(y: &Tensor, head: Head, tau: f64, grow: bool, min_size: usize) -> Result<(Vec<u8>, usize)> {
     let mut l = masks(y, head, tau)?;
     let vox = y.shape.voxels();
     let mut removed = 0;
-    for v in l.chunks_mut(vox) {
+    for (v, d) in l.chunks_mut(vox).zip(y.data.chunks(vox * y.shape.c)) {
+        if grow && head == Head::Distance {
+            regrow(v, d, y.shape.d);
+        }
         removed += remove_small_components(v, y.shape.d, &[1, 2], min_size);
     }
     Ok((l, removed))
@@ -268,9 +298,13 @@ pub struct SegmentArgs {
     /// Folder for the label volumes (<input name>_labels.npy; created if missing)
     #[arg(short, long = "output", value_name = "OUT_DIR")]
     pub out_dir: PathBuf,
-    /// Distance head threshold (um): effector where d > tau, target where d < -tau
+    /// Distance head threshold (um): effector cores where d > tau, target cores where d < -tau
     #[arg(long, default_value_t = 0.5)]
     pub tau: f64,
+    /// Keep the cores as they are (by default they are regrown to the d = 0 boundary through
+    /// voxels of the same sign, so cells do not lose a tau-thick rim)
+    #[arg(long)]
+    pub no_regrow: bool,
     /// Tile size D0,D1,D2: larger volumes are processed in overlapping tiles
     #[arg(long, default_value = "128,128,64", value_parser = parse_size3)]
     pub tile: [usize; 3],
@@ -336,13 +370,14 @@ pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> R
             Error::Input(m) => Error::Input(format!("{}: {m}", input.display())),
             e => e,
         })?;
-        let (labels, removed) = labels_from_output(&y, weights.config.head, a.tau, a.min_size)?;
+        let (labels, removed) = labels_from_output(&y, weights.config.head, a.tau, !a.no_regrow, a.min_size)?;
         let s = vol.tensor.shape;
         let dims: Vec<usize> = if vol.rank == 3 { s.d.to_vec() } else { vec![s.n, s.d[0], s.d[1], s.d[2]] };
         let out = output_path(&a.out_dir, input, a.format);
         crate::analysis::write_labels(&out, &dims, &labels)?;
         let count = |c: u8| labels.iter().filter(|&&l| l == c).count();
-        pb.println(format!(
+        // A hidden bar (stderr not a terminal) drops its println: print directly then.
+        let line = format!(
             "{} -> {}: {} volume(s) of {:?} in {:.1} s; effector {} voxels, target {} voxels, {} spurious voxels removed",
             input.display(),
             out.display(),
@@ -352,7 +387,12 @@ pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> R
             count(1),
             count(2),
             removed
-        ));
+        );
+        if pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            pb.println(line);
+        }
         written.push(out);
         pb.inc(1);
     }
