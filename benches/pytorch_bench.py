@@ -75,6 +75,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: cuDNN, timed host to host like `deepis bench`")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores in cuDNN (default: strict float32)")
     a = ap.parse_args()
     size = [int(s) for s in a.size.split(",")]
     if a.make_weights or a.make_input:
@@ -86,7 +88,12 @@ def main():
         return
     torch.set_num_threads(a.threads)
     model, cfg = load(a.weights)
-    model = model.to(memory_format=torch.channels_last_3d)
+    cuda = a.device == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = a.tf32
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32
+    model = model.to(a.device, memory_format=torch.channels_last_3d)
     vol = np.load(a.input) if a.input else np.random.default_rng(7).standard_normal(size).astype(np.float32)
     x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32)).reshape(1, 1, *vol.shape[-3:])
     x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -95,7 +102,8 @@ def main():
     with torch.inference_mode():
         for i in range(a.warmup + a.runs):
             t0 = time.perf_counter()
-            y = model(x)
+            # host to host, as deepis bench times it: upload, forward, download
+            y = model(x.to(a.device).contiguous(memory_format=torch.channels_last_3d)).cpu() if cuda else model(x)
             t = time.perf_counter() - t0
             kind = "warmup" if i < a.warmup else "run"
             print(f"  {kind} {i + 1 if i < a.warmup else i - a.warmup + 1}: {t:.3f} s", file=sys.stderr)
@@ -105,7 +113,9 @@ def main():
     if a.output:
         np.save(a.output, y.contiguous().numpy())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"pytorch {torch.__version__}, {torch.get_num_threads()} threads, channels_last_3d, widths {cfg.get('widths')}")
+    where = (f"{torch.cuda.get_device_name()} cuDNN {torch.backends.cudnn.version()} tf32={a.tf32}" if cuda
+             else f"{torch.get_num_threads()} threads")
+    print(f"pytorch {torch.__version__}, {where}, channels_last_3d, widths {cfg.get('widths')}")
     print(f"median of {len(times)} run(s): {med:.3f} s per volume")
     print(f"peak RSS: {rss:.1f} MiB")
 
