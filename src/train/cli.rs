@@ -1,6 +1,7 @@
 //! The `train-step` and `train` subcommands (wired into `crate::cli`).
 use super::data::{load_samples, read_target};
 use super::net::{train_step, Params};
+use super::backend::TrainBackend;
 use super::run::{train, TrainOptions};
 use crate::config::Config;
 use crate::cpu::CpuBackend;
@@ -22,9 +23,16 @@ pub enum TrainBackendKind {
     Cuda,
 }
 
-fn cpu_only(k: TrainBackendKind) -> Result<CpuBackend> {
-    match k {
-        TrainBackendKind::Cpu => Ok(CpuBackend::new()),
+/// Work that needs a concrete `TrainBackend`.
+trait TrainJob {
+    fn run<B: TrainBackend>(self, b: &B) -> Result<()>;
+}
+
+/// Runs `job` on the backend `kind` names. The GPU backends join here once they implement
+/// `TrainBackend` (src/gpu/train_ops.rs).
+fn with_train_backend<J: TrainJob>(kind: TrainBackendKind, job: J) -> Result<()> {
+    match kind {
+        TrainBackendKind::Cpu => job.run(&CpuBackend::new()),
         other => Err(Error::backend(format!("{other:?}").to_lowercase(), "training has no backward kernels on this backend yet: use --backend cpu")),
     }
 }
@@ -66,7 +74,19 @@ pub struct TrainStepArgs {
 }
 
 pub fn train_step_cmd(a: &TrainStepArgs) -> Result<()> {
-    let b = cpu_only(a.backend)?;
+    with_train_backend(a.backend, StepJob(a))
+}
+
+struct StepJob<'a>(&'a TrainStepArgs);
+
+impl TrainJob for StepJob<'_> {
+    fn run<B: TrainBackend>(self, b: &B) -> Result<()> {
+        train_step_on(b, self.0)
+    }
+}
+
+fn train_step_on<B: TrainBackend>(b: &B, a: &TrainStepArgs) -> Result<()> {
+    eprintln!("backend: {}", b.name());
     let w = Weights::load(&a.weights)?;
     let (p, fresh) = Params::from_weights(&w, 0)?;
     if !fresh.is_empty() {
@@ -80,7 +100,7 @@ pub fn train_step_cmd(a: &TrainStepArgs) -> Result<()> {
         None => None,
     };
     let t0 = Instant::now();
-    let step = train_step(&b, &p, &x, &t, wm.as_ref(), None)?;
+    let step = train_step(b, &p, &x, &t, wm.as_ref(), None)?;
     eprintln!("loss {:.6} (head {:.6}, aux {:.6}) in {:.2} s", step.loss, step.main, step.aux, t0.elapsed().as_secs_f64());
     let mut tensors = vec![("loss".to_string(), vec![1], vec![step.loss as f32])];
     for (s, g) in p.specs.iter().zip(&step.grads) {
@@ -166,7 +186,19 @@ pub struct TrainArgs {
 }
 
 pub fn train_cmd(a: &TrainArgs) -> Result<()> {
-    let b = cpu_only(a.backend)?;
+    with_train_backend(a.backend, RunJob(a))
+}
+
+struct RunJob<'a>(&'a TrainArgs);
+
+impl TrainJob for RunJob<'_> {
+    fn run<B: TrainBackend>(self, b: &B) -> Result<()> {
+        train_on(b, self.0)
+    }
+}
+
+fn train_on<B: TrainBackend>(b: &B, a: &TrainArgs) -> Result<()> {
+    eprintln!("backend: {}", b.name());
     if !(a.lr.is_finite() && a.lr > 0.0 && (0.0..1.0).contains(&a.val_fraction)) {
         return Err(Error::Input("--lr must be positive and --val-fraction in [0, 1)".into()));
     }
@@ -196,7 +228,7 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
         augment: !a.no_augment,
         ..TrainOptions::default()
     };
-    let rep = train(&b, params, &samples, &a.output, opts, a.resume, None, true)?;
+    let rep = train(b, params, &samples, &a.output, opts, a.resume, None, true)?;
     eprintln!("done: {} and {}", rep.last.display(), rep.best.display());
     Ok(())
 }
