@@ -1,6 +1,7 @@
 //! Training-mode parity with the PyTorch oracle (float64 golden cases, stored float32): the
 //! training-mode output, the edge weight map, the aux labels, the loss and every parameter's
-//! gradient of one `train_loss` step (dropout off), on the CPU backend.
+//! gradient of one `train_loss` step (dropout off), on the CPU backend, and for tiny and readme
+//! through the CUDA kernels on the emulator (`GpuBackend<EmuDevice>`).
 //! Metric: max|a-e| / max(1e-3, max|e|) <= 1e-3 (the issue's); weight map and labels exactly.
 //!
 //! ReLU kinks: where a pre-activation lies within float32 rounding of 0 (|v| < 1e-7 max|v|), the
@@ -12,23 +13,24 @@ mod common;
 use common::*;
 use deepis::config::Head;
 use deepis::cpu::CpuBackend;
+use deepis::gpu::emu::EmuDevice;
+use deepis::gpu::ops::GpuBackend;
 use deepis::tensor::rel_err;
 use deepis::train::loss::{aux_labels, edge_weight, EdgeWeight};
 use deepis::train::tape::Var;
-use deepis::train::{finish_step, forward_train, Params, Step};
+use deepis::train::{finish_step, forward_train, Params, Step, TrainBackend};
 use deepis::weights::Weights;
 use std::time::Instant;
 
 const TOL: f32 = 1e-3;
 
-fn check_case(case: &str) {
+fn check_case<B: TrainBackend>(case: &str, b: B) {
     let t0 = Instant::now();
     let w = Weights::load(&data(case, "weights.safetensors")).unwrap();
     let (p, fresh) = Params::from_weights(&w, 0).unwrap();
     assert!(fresh.is_empty(), "{case}: golden weights lack {fresh:?}");
     let x = read_5d(&data(case, "input.npy"));
     let target = read_5d(&data(case, "target.npy"));
-    let b = CpuBackend::new();
     let dev = p.upload(&b).unwrap();
     let run = |flips: &[(Var, usize)]| -> Step {
         let mut f = forward_train(&b, &p, &dev, &x, None).unwrap();
@@ -40,7 +42,7 @@ fn check_case(case: &str) {
     {
         let f = forward_train(&b, &p, &dev, &x, None).unwrap();
         for (inp, out) in f.tape.relus() {
-            let v = &f.tape.value(inp).data;
+            let v = &b.download(f.tape.value(inp)).unwrap().data;
             let tau = 1e-7 * v.iter().fold(0.0f32, |m, a| m.max(a.abs()));
             kinks.extend(v.iter().enumerate().filter(|(_, a)| a.abs() < tau && **a != 0.0).map(|(e, a)| (out, e, *a)));
         }
@@ -158,21 +160,31 @@ fn compare(case: &str, p: &Params, loss: f64, grads: &[Option<Vec<f32>>], golden
 
 #[test]
 fn golden_train_step_tiny() {
-    check_case("tiny");
+    check_case("tiny", CpuBackend::new());
 }
 
 #[test]
 fn golden_train_step_small() {
-    check_case("small");
+    check_case("small", CpuBackend::new());
 }
 
 #[test]
 fn golden_train_step_readme() {
-    check_case("readme");
+    check_case("readme", CpuBackend::new());
 }
 
 #[test]
 fn golden_train_step_mid() {
-    check_case("mid");
+    check_case("mid", CpuBackend::new());
 }
 
+/// The same step through the backward kernels on the emulator (slow: run on the host).
+#[test]
+fn golden_train_step_tiny_emu() {
+    check_case("tiny", GpuBackend::new(EmuDevice::new()));
+}
+
+#[test]
+fn golden_train_step_readme_emu() {
+    check_case("readme", GpuBackend::new(EmuDevice::new()));
+}
