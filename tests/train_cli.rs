@@ -35,6 +35,14 @@ fn train_step_writes_the_golden_gradients() {
     let worst = got.iter().zip(&want).map(|(a, b)| rel_err(&a.2, &b.2, 1e-3)).fold(0.0f32, f32::max);
     println!("tiny via the CLI: {} tensors, worst rel err {worst:.2e}", got.len());
     assert!(worst <= 1e-3);
+    // through the backward kernels on the emulator
+    let ge = out.path().join("grads_emu.safetensors");
+    let st = deepis().args(["train-step", "--backend", "emu", "--weights"]).arg(data("tiny", "weights.safetensors")).arg("--input").arg(data("tiny", "input.npy")).arg("--target").arg(data("tiny", "target.npy")).arg("-o").arg(&ge).status().unwrap();
+    assert!(st.success());
+    let emu = read_safetensors(&ge);
+    let worst_emu = emu.iter().zip(&want).map(|(a, b)| rel_err(&a.2, &b.2, 1e-3)).fold(0.0f32, f32::max);
+    println!("tiny via the CLI on emu: worst rel err {worst_emu:.2e}");
+    assert!(worst_emu <= 1e-3);
     // the golden weight map given explicitly gives the same gradients
     let g2 = out.path().join("grads_w.safetensors");
     let st = deepis().args(["train-step", "--weights"]).arg(data("tiny", "weights.safetensors")).arg("--input").arg(data("tiny", "input.npy")).arg("--target").arg(data("tiny", "target.npy")).arg("--weight").arg(data("tiny", "weight.npy")).arg("-o").arg(&g2).status().unwrap();

@@ -12,14 +12,14 @@ use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Where training runs. Only the CPU has backward ops so far.
+/// Where training runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TrainBackendKind {
     /// The CPU (all cores), the reference backward ops
     Cpu,
-    /// The CUDA kernels emulated on the CPU (needs the backward kernels)
+    /// The CUDA backward kernels emulated on the CPU (slow; for checking the GPU code)
     Emu,
-    /// The first NVIDIA GPU (needs the backward kernels)
+    /// The first NVIDIA GPU
     Cuda,
 }
 
@@ -28,12 +28,13 @@ trait TrainJob {
     fn run<B: TrainBackend>(self, b: &B) -> Result<()>;
 }
 
-/// Runs `job` on the backend `kind` names. The GPU backends join here once they implement
-/// `TrainBackend` (src/gpu/train_ops.rs).
+/// Runs `job` on the backend `kind` names (the GPU backends' backward ops: src/gpu/train_ops.rs).
 fn with_train_backend<J: TrainJob>(kind: TrainBackendKind, job: J) -> Result<()> {
+    use crate::gpu::{cuda::CudaDevice, emu::EmuDevice, ops::GpuBackend};
     match kind {
         TrainBackendKind::Cpu => job.run(&CpuBackend::new()),
-        other => Err(Error::backend(format!("{other:?}").to_lowercase(), "training has no backward kernels on this backend yet: use --backend cpu")),
+        TrainBackendKind::Emu => job.run(&GpuBackend::new(EmuDevice::new())),
+        TrainBackendKind::Cuda => job.run(&GpuBackend::new(CudaDevice::new(0)?)),
     }
 }
 
