@@ -65,7 +65,7 @@ fn axis_window(s: usize, len: usize, n: usize, overlap: usize) -> Vec<f32> {
 
 /// Checks the tile geometry.
 pub fn check_tiling(tile: [usize; 3], overlap: usize) -> Result<()> {
-    if tile.iter().any(|&t| t == 0) {
+    if tile.contains(&0) {
         return Err(Error::Input(format!("--tile {tile:?}: every side must be at least 1 voxel")));
     }
     if let Some(&t) = tile.iter().find(|&&t| overlap >= t) {

@@ -138,7 +138,7 @@ impl Body {
     }
 
     fn with_bumps(mut self, r: &mut Rng, n: usize, amp: f64) -> Self {
-        self.bumps = (0..n).map(|_| (unit(r), uniform(r, 1.5, 3.5), amp * uniform(r, 0.5, 1.0), uniform(r, 0.0, 6.283))).collect();
+        self.bumps = (0..n).map(|_| (unit(r), uniform(r, 1.5, 3.5), amp * uniform(r, 0.5, 1.0), uniform(r, 0.0, std::f64::consts::TAU))).collect();
         self
     }
 
@@ -260,7 +260,7 @@ impl Scene {
             target_nucleus: tc + uniform(&mut r, 0.003, 0.005),
         };
         let texture = (0..5)
-            .map(|_| (scale(unit(&mut r), uniform(&mut r, 0.25, 0.6)), uniform(&mut r, 0.0008, 0.0016), uniform(&mut r, 0.0, 6.283)))
+            .map(|_| (scale(unit(&mut r), uniform(&mut r, 0.25, 0.6)), uniform(&mut r, 0.0008, 0.0016), uniform(&mut r, 0.0, std::f64::consts::TAU)))
             .collect();
         let mut drift = vec![[0.0; 3]; o.frames];
         let side = norm(cross([0.0, 0.0, 1.0], u));

@@ -211,14 +211,14 @@ fn edt_is_exact_against_brute_force() {
     for density in [0.02, 0.2, 0.7] {
         let site: Vec<bool> = (0..d[0] * d[1] * d[2]).map(|_| r.uniform() < density).collect();
         let got = analysis::edt::edt_sq(&site, d, v);
-        for p in 0..site.len() {
+        for (p, &g) in got.iter().enumerate() {
             let pi = [p / (d[1] * d[2]), p / d[2] % d[1], p % d[2]];
             let mut best = f64::INFINITY;
             for q in (0..site.len()).filter(|&q| site[q]) {
                 let qi = [q / (d[1] * d[2]), q / d[2] % d[1], q % d[2]];
                 best = best.min((0..3).map(|k| ((pi[k] as f64 - qi[k] as f64) * v[k]).powi(2)).sum());
             }
-            assert!((got[p] - best).abs() <= 1e-9 * best.max(1.0), "voxel {pi:?}: {} vs {best}", got[p]);
+            assert!((g - best).abs() <= 1e-9 * best.max(1.0), "voxel {pi:?}: {g} vs {best}");
         }
     }
 }

@@ -125,6 +125,9 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, p: &Pan
     Ok(())
 }
 
+/// One slice panel: columns, voxel index of (row, column) if inside, pixel width, left edge.
+type Slice<'a> = (usize, Box<dyn Fn(usize, usize) -> Option<usize> + 'a>, usize, usize);
+
 /// Mid-slices (D0-D1 at the middle of D2, D0-D2 at the middle of D1) of a volume in grey (its
 /// 0.5 and 99.5 percentiles mapped to black and white) with the label outlines drawn (effector
 /// red, target blue) and the cells lightly tinted; `scale` pixels per smallest voxel side, each
@@ -146,7 +149,6 @@ pub fn plot_slices(path: &Path, ri: &[f32], labels: &[u8], dims: [usize; 3], vox
     let w = dims[1] * px[1] + dims[2] * px[2] + 30;
     let h = dims[0] * px[0] + head + 10;
     let idx = |i: usize, j: usize, k: usize| (i * dims[1] + j) * dims[2] + k;
-    // (rows, columns, voxel index of (row, column), pixel sizes, left edge)
     let mid = (dims[2] / 2, dims[1] / 2);
     write_png(path, (w as u32, h as u32), |root| {
         root.draw(&Text::new(title.to_string(), (10, 10), ("sans-serif", 20))).map_err(perr)?;
@@ -161,7 +163,7 @@ pub fn plot_slices(path: &Path, ri: &[f32], labels: &[u8], dims: [usize; 3], vox
                 _ => tint([0.0; 3], 0.0),
             }
         };
-        let panels: [(usize, Box<dyn Fn(usize, usize) -> Option<usize>>, usize, usize); 2] = [
+        let panels: [Slice<'_>; 2] = [
             (dims[1], Box::new(move |r: usize, c: usize| (r < dims[0] && c < dims[1]).then(|| idx(r, c, mid.0))), px[1], 10),
             (dims[2], Box::new(move |r: usize, c: usize| (r < dims[0] && c < dims[2]).then(|| idx(r, mid.1, c))), px[2], 20 + dims[1] * px[1]),
         ];
