@@ -364,7 +364,13 @@ pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> R
         let vol = crate::io::read_volume(input)?;
         let d = vol.tensor.shape.d;
         let len: [usize; 3] = std::array::from_fn(|k| a.tile[k].min(d[k]));
-        weights.config.check_input_size(len).map_err(|e| Error::Input(format!("{}: tiles of {len:?}: {e}", input.display())))?;
+        weights.config.check_input_size(len).map_err(|e| {
+            let m = match e {
+                Error::Input(m) => m,
+                e => e.to_string(),
+            };
+            Error::Input(format!("{}: tiles of {len:?}: {m}", input.display()))
+        })?;
         let t0 = std::time::Instant::now();
         let y = predict_tiled(&vol.tensor, a.tile, a.overlap, predict).map_err(|e| match e {
             Error::Input(m) => Error::Input(format!("{}: {m}", input.display())),
