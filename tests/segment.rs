@@ -212,3 +212,28 @@ fn cores_regrow_to_the_exact_masks_from_the_true_distance() {
     assert!(dice(&cores, 1) < 0.95);
     assert_eq!(grown, f.labels);
 }
+
+#[test]
+fn cli_synth_segment_analyze() {
+    let exe = env!("CARGO_BIN_EXE_deepis");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(exe).args(args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (ok, err) = run(&["synth", "-o", &s(&d.join("syn")), "--frames", "2", "--size", "32,32,16", "--voxel-size", "0.8,0.8,1.6", "--seed", "4"]);
+    assert!(ok, "{err}");
+    assert!(d.join("syn/preview.png").is_file());
+    let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tiny/weights.safetensors");
+    let (ok, err) = run(&["segment", "--weights", weights, &s(&d.join("syn/input.npy")), "-o", &s(&d.join("seg")), "--tile", "32,32,16", "--overlap", "4", "--backend", "cpu"]);
+    assert!(ok, "{err}");
+    let csv = d.join("m.csv");
+    let (ok, err) = run(&["analyze", &s(&d.join("seg/input_labels.npy")), "--ri", &s(&d.join("syn/input.npy")), "--voxel-size", "0.8,0.8,1.6", "-o", &s(&csv), "--plot", &s(&d.join("m.png"))]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 3);
+    assert!(d.join("m.png").is_file());
+    let (ok, err) = run(&["analyze", &s(&d.join("syn/labels.npy")), "--voxel-size", "0.8,0,1.6", "-o", &s(&csv)]);
+    assert!(!ok && err.contains("axis D1"), "{err}");
+}
