@@ -92,3 +92,33 @@ fn odd_sizes_follow_pytorch_rules() {
     cfg.downsample = deepis::config::Downsample::Maxpool;
     assert_eq!(cfg.level_sizes([33, 17, 16])[4], [2, 1, 1]);
 }
+
+#[test]
+fn float16_weights_load_and_run() {
+    // A float16 file must give exactly what float32 weights rounded to float16 give.
+    let w = Weights::load(&data("tiny", "weights.safetensors")).unwrap();
+    let tensors = w.to_tensors().unwrap();
+    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.clone(), s.clone(), d.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<_> = halves
+        .iter()
+        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F16, s.clone(), b).unwrap()))
+        .collect();
+    let bytes = safetensors::serialize(views, Some(deepis::weights::metadata(&w.config))).unwrap();
+    let w16 = Weights::from_bytes(bytes, "tiny-f16").unwrap();
+    let rounded: Vec<_> = tensors
+        .into_iter()
+        .map(|(n, s, d)| (n, s, d.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect::<Vec<f32>>()))
+        .collect();
+    let w32 = Weights::from_tensors(&w.config, &rounded).unwrap();
+    let x = read_5d(&data("tiny", "input.npy"));
+    let a = Network::new(CpuBackend::new(), &w16).unwrap().forward(&x).unwrap();
+    let b = Network::new(CpuBackend::new(), &w32).unwrap().forward(&x).unwrap();
+    assert_eq!(a, b);
+    let want = read_5d(&data("tiny", "expected.npy"));
+    let e = rel_err(&a.data, &want.data, 1.0);
+    println!("tiny with float16 weights: rel err {e:.3e} against the float32 golden output");
+    assert!(e < 1e-2, "{e}");
+}
