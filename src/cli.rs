@@ -175,7 +175,8 @@ pub struct BenchArgs {
     pub warmup: u32,
 }
 
-fn parse_size(s: &str) -> std::result::Result<[usize; 3], String> {
+/// Parses "A,B,C" (or AxBxC) into three positive sizes: every `--size`-like option.
+pub fn parse_size(s: &str) -> std::result::Result<[usize; 3], String> {
     let v: Vec<usize> = s
         .split([',', 'x', 'X'])
         .map(|p| p.trim().parse::<usize>().map_err(|_| format!("`{p}` is not a whole number")))

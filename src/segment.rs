@@ -306,7 +306,7 @@ pub struct SegmentArgs {
     #[arg(long)]
     pub no_regrow: bool,
     /// Tile size D0,D1,D2: larger volumes are processed in overlapping tiles
-    #[arg(long, default_value = "128,128,64", value_parser = parse_size3)]
+    #[arg(long, default_value = "128,128,64", value_parser = crate::cli::parse_size)]
     pub tile: [usize; 3],
     /// Overlap of neighbouring tiles, in voxels
     #[arg(long, default_value_t = 16)]
@@ -320,18 +320,6 @@ pub struct SegmentArgs {
     /// Where to run the network
     #[arg(long, value_enum, default_value_t = crate::cli::BackendKind::Auto)]
     pub backend: crate::cli::BackendKind,
-}
-
-/// Parses "A,B,C" (or AxBxC) into three positive sizes.
-pub fn parse_size3(s: &str) -> std::result::Result<[usize; 3], String> {
-    let v: Vec<usize> = s
-        .split([',', 'x', 'X'])
-        .map(|p| p.trim().parse::<usize>().map_err(|_| format!("`{p}` is not a whole number")))
-        .collect::<std::result::Result<_, _>>()?;
-    match v[..] {
-        [a, b, c] if a > 0 && b > 0 && c > 0 => Ok([a, b, c]),
-        _ => Err(format!("expected three positive sizes like 128,128,64, got `{s}`")),
-    }
 }
 
 /// Where the labels of `input` go.
