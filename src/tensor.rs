@@ -29,6 +29,16 @@ impl Shape {
     pub fn with_d(&self, d: [usize; 3]) -> Self {
         Shape { d, ..*self }
     }
+    /// (n, i0, i1) of line `r`, the lines being the runs of d2 x c values in memory order (the
+    /// unit of work of the line-parallel ops).
+    pub fn line_coords(&self, r: usize) -> (usize, usize, usize) {
+        let [d0, d1, _] = self.d;
+        (r / (d1 * d0), (r / d1) % d0, r % d1)
+    }
+    /// Offset of the first value of line (n, i0, i1).
+    pub fn line_start(&self, n: usize, i0: usize, i1: usize) -> usize {
+        ((n * self.d[0] + i0) * self.d[1] + i1) * self.d[2] * self.c
+    }
     /// The NCDHW dims as the oracle writes them.
     pub fn ncdhw(&self) -> [usize; 5] {
         [self.n, self.c, self.d[0], self.d[1], self.d[2]]

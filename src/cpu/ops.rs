@@ -48,21 +48,24 @@ pub fn channel_affine(x: &[f32], scale: &[f32], shift: &[f32], do_relu: bool) ->
 
 /// 2x2x2 max-pool with stride 2; odd sizes are floored. `os` is the output shape (d / 2).
 pub fn maxpool2(x: &[f32], xs: Shape, os: Shape) -> Vec<f32> {
-    let c = xs.c;
-    let [d0, d1, d2] = xs.d;
-    let [o0n, o1n, o2n] = os.d;
     let mut out = vec![0.0f32; os.len()];
-    if os.is_empty() {
-        return out;
+    maxpool2_into(x, xs, &mut out, os);
+    out
+}
+
+/// `maxpool2` into `out` (os.len() values), for the plan's preallocated buffers.
+pub fn maxpool2_into(x: &[f32], xs: Shape, out: &mut [f32], os: Shape) {
+    let c = xs.c;
+    let d2 = xs.d[2];
+    if out.is_empty() {
+        return;
     }
-    out.par_chunks_mut(o2n * c).enumerate().for_each(|(r, orow)| {
-        let o1 = r % o1n;
-        let o0 = (r / o1n) % o0n;
-        let n = r / (o1n * o0n);
+    out.par_chunks_mut(os.d[2] * c).enumerate().for_each(|(r, orow)| {
+        let (n, o0, o1) = os.line_coords(r);
         orow.fill(f32::NEG_INFINITY);
         for a in 0..2 {
             for b in 0..2 {
-                let start = ((n * d0 + 2 * o0 + a) * d1 + 2 * o1 + b) * d2 * c;
+                let start = xs.line_start(n, 2 * o0 + a, 2 * o1 + b);
                 let line = &x[start..start + d2 * c];
                 for (o, pair) in orow.chunks_exact_mut(c).zip(line.chunks_exact(2 * c)) {
                     let (p, q) = pair.split_at(c);
@@ -73,7 +76,6 @@ pub fn maxpool2(x: &[f32], xs: Shape, os: Shape) -> Vec<f32> {
             }
         }
     });
-    out
 }
 
 /// max that propagates NaN, like torch's max-pool.
@@ -100,29 +102,43 @@ pub fn lin_weights(inp: usize, out: usize) -> Vec<(usize, usize, f32, f32)> {
 
 /// Trilinear up-sampling (align_corners=True) of `x` (shape xs) to `os` (same n and c).
 pub fn upsample(x: &[f32], xs: Shape, os: Shape) -> Vec<f32> {
-    let c = xs.c;
-    let [d0, d1, d2] = xs.d;
-    let [o0n, o1n, o2n] = os.d;
-    let w0 = lin_weights(d0, o0n);
-    let w1 = lin_weights(d1, o1n);
-    let w2 = lin_weights(d2, o2n);
+    let up = Upsampler::new(xs, os);
     let mut out = vec![0.0f32; os.len()];
     if os.is_empty() {
         return out;
     }
-    out.par_chunks_mut(o2n * c).enumerate().for_each(|(r, orow)| {
-        let o1 = r % o1n;
-        let o0 = (r / o1n) % o0n;
-        let n = r / (o1n * o0n);
-        let (a0, a1, la0, la1) = w0[o0];
-        let (b0, b1, lb0, lb1) = w1[o1];
-        orow.fill(0.0);
+    out.par_chunks_mut(os.d[2] * os.c).enumerate().for_each(|(r, orow)| up.add_line(x, r, orow));
+    out
+}
+
+/// Trilinear up-sampling (align_corners=True) from `xs` to `os` (same n and c), one output line
+/// at a time: the reference op and the plan's fused up-sample + skip share this, so both sum the
+/// same terms in the same order.
+pub(crate) struct Upsampler {
+    xs: Shape,
+    os: Shape,
+    w: [Vec<(usize, usize, f32, f32)>; 3],
+}
+
+impl Upsampler {
+    pub(crate) fn new(xs: Shape, os: Shape) -> Self {
+        let w = std::array::from_fn(|i| lin_weights(xs.d[i], os.d[i]));
+        Upsampler { xs, os, w }
+    }
+
+    /// orow += output line `r` (os.d[2] x c values) of the up-sampling of `x`.
+    pub(crate) fn add_line(&self, x: &[f32], r: usize, orow: &mut [f32]) {
+        let c = self.xs.c;
+        let xline = self.xs.d[2] * c;
+        let (n, o0, o1) = self.os.line_coords(r);
+        let (a0, a1, la0, la1) = self.w[0][o0];
+        let (b0, b1, lb0, lb1) = self.w[1][o1];
         for (i0, l0) in [(a0, la0), (a1, la1)] {
             for (i1, l1) in [(b0, lb0), (b1, lb1)] {
                 let wl = l0 * l1;
-                let start = ((n * d0 + i0) * d1 + i1) * d2 * c;
-                let line = &x[start..start + d2 * c];
-                for (o, &(e0, e1, le0, le1)) in orow.chunks_exact_mut(c).zip(&w2) {
+                let start = self.xs.line_start(n, i0, i1);
+                let line = &x[start..start + xline];
+                for (o, &(e0, e1, le0, le1)) in orow.chunks_exact_mut(c).zip(&self.w[2]) {
                     let (p, q) = (&line[e0 * c..e0 * c + c], &line[e1 * c..e1 * c + c]);
                     let (wp, wq) = (wl * le0, wl * le1);
                     for ((o, &p), &q) in o.iter_mut().zip(p).zip(q) {
@@ -131,8 +147,7 @@ pub fn upsample(x: &[f32], xs: Shape, os: Shape) -> Vec<f32> {
                 }
             }
         }
-    });
-    out
+    }
 }
 
 /// Numerically stable softmax over the last axis (channels), `c > 0`.

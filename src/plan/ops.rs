@@ -1,15 +1,13 @@
 //! The plan's non-convolution steps, channels-last, in place where the plan allows it, parallel
 //! over lines with rayon. Each matches the CPU reference op of the same name (`cpu::ops`).
-use crate::cpu::ops::lin_weights;
+use crate::cpu::ops::{relu, sigmoid, Upsampler};
 use crate::tensor::Shape;
 use rayon::prelude::*;
 
-const CHUNK: usize = 1 << 14;
+/// 2x2x2 max-pool into the plan's buffer: the reference op itself.
+pub use crate::cpu::ops::maxpool2_into as maxpool2;
 
-#[inline(always)]
-fn relu(v: f32) -> f32 {
-    if v < 0.0 { 0.0 } else { v }
-}
+const CHUNK: usize = 1 << 14;
 
 /// x = x * scale[c] + shift[c], then ReLU if `do_relu` (batch norm, bias, input scaling).
 pub fn affine(x: &mut [f32], scale: &[f32], shift: &[f32], do_relu: bool) {
@@ -40,77 +38,25 @@ pub fn relu_inplace(x: &mut [f32]) {
 }
 
 pub fn sigmoid_inplace(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK).for_each(|x| x.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())));
+    x.par_chunks_mut(CHUNK).for_each(|x| x.iter_mut().for_each(|v| *v = sigmoid(*v)));
 }
 
 /// acc (shape `hs`) += trilinear up-sampling (align_corners=True) of `low` (shape `ls`, same n and c).
 pub fn upsample_add(acc: &mut [f32], hs: Shape, low: &[f32], ls: Shape) {
-    let c = hs.c;
-    let [d0, d1, d2] = ls.d;
-    let [o0n, o1n, o2n] = hs.d;
-    let (w0, w1, w2) = (lin_weights(d0, o0n), lin_weights(d1, o1n), lin_weights(d2, o2n));
+    let up = Upsampler::new(ls, hs);
     if acc.is_empty() {
         return;
     }
-    acc.par_chunks_mut(o2n * c).enumerate().for_each_init(
-        || vec![0.0f32; o2n * c],
-        |up, (r, orow)| {
-            let o1 = r % o1n;
-            let o0 = (r / o1n) % o0n;
-            let n = r / (o1n * o0n);
-            let (a0, a1, la0, la1) = w0[o0];
-            let (b0, b1, lb0, lb1) = w1[o1];
-            up.fill(0.0);
+    let line = hs.d[2] * hs.c;
+    acc.par_chunks_mut(line).enumerate().for_each_init(
+        || vec![0.0f32; line],
+        |buf, (r, orow)| {
+            buf.fill(0.0);
+            up.add_line(low, r, buf);
             // the reference's order of terms: the up-sampled value first, then the skip
-            for (i0, l0) in [(a0, la0), (a1, la1)] {
-                for (i1, l1) in [(b0, lb0), (b1, lb1)] {
-                    let wl = l0 * l1;
-                    let start = ((n * d0 + i0) * d1 + i1) * d2 * c;
-                    let line = &low[start..start + d2 * c];
-                    for (o, &(e0, e1, le0, le1)) in up.chunks_exact_mut(c).zip(&w2) {
-                        let (p, q) = (&line[e0 * c..e0 * c + c], &line[e1 * c..e1 * c + c]);
-                        let (wp, wq) = (wl * le0, wl * le1);
-                        for ((o, &p), &q) in o.iter_mut().zip(p).zip(q) {
-                            *o += wp * p + wq * q;
-                        }
-                    }
-                }
-            }
-            for (o, &u) in orow.iter_mut().zip(up.iter()) {
+            for (o, &u) in orow.iter_mut().zip(buf.iter()) {
                 *o += u;
             }
         },
     );
-}
-
-/// 2x2x2 max-pool, stride 2, odd sizes floored (NaN propagates, as in torch).
-pub fn maxpool2(x: &[f32], xs: Shape, out: &mut [f32], os: Shape) {
-    let c = xs.c;
-    let [d0, d1, d2] = xs.d;
-    let [o0n, o1n, o2n] = os.d;
-    if out.is_empty() {
-        return;
-    }
-    out.par_chunks_mut(o2n * c).enumerate().for_each(|(r, orow)| {
-        let o1 = r % o1n;
-        let o0 = (r / o1n) % o0n;
-        let n = r / (o1n * o0n);
-        orow.fill(f32::NEG_INFINITY);
-        for a in 0..2 {
-            for b in 0..2 {
-                let start = ((n * d0 + 2 * o0 + a) * d1 + 2 * o1 + b) * d2 * c;
-                let line = &x[start..start + d2 * c];
-                for (o, pair) in orow.chunks_exact_mut(c).zip(line.chunks_exact(2 * c)) {
-                    let (p, q) = pair.split_at(c);
-                    for ((o, &p), &q) in o.iter_mut().zip(p).zip(q) {
-                        for v in [p, q] {
-                            if v > *o || v.is_nan() {
-                                *o = v;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    });
 }
