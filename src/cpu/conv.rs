@@ -82,47 +82,67 @@ pub fn conv3d(x: &[f32], xs: Shape, w: &[f32], bias: Option<&[f32]>, spec: &Conv
     if os.is_empty() {
         return (os, out);
     }
-    let [d0, d1, d2] = xs.d;
-    let [k0n, k1n, k2n] = spec.k;
-    let [s0, s1, s2] = spec.stride;
-    let [p0, p1, p2] = spec.pad;
-    let (cin, cout) = (spec.cin, spec.cout);
-    let line = Line { n_out: od[2], s: s2, k: k2n, cin, cout };
-    let xline = d2 * cin; // one input line
-    let padded = (d2 + 2 * p2) * cin; // one zero-padded input line
-    let wrow = k2n * cin * cout; // weights of one (k0, k1) tap row
+    let k2n = spec.k[2];
+    let line = Line { n_out: od[2], s: spec.stride[2], k: k2n, cin: spec.cin, cout: spec.cout };
+    let wrow = k2n * spec.cin * spec.cout; // weights of one (k0, k1) tap row
 
-    out.par_chunks_mut(od[2] * cout).enumerate().for_each_init(
-        || vec![0.0f32; if p2 > 0 { padded } else { 0 }],
-        |buf, (r, orow)| {
-            let o1 = r % od[1];
-            let o0 = (r / od[1]) % od[0];
-            let n = r / (od[1] * od[0]);
+    out.par_chunks_mut(od[2] * spec.cout).enumerate().for_each_init(
+        || PaddedLine::new(xs, spec),
+        |pad, (r, orow)| {
             match bias {
-                Some(b) => orow.chunks_exact_mut(cout).for_each(|o| o.copy_from_slice(b)),
+                Some(b) => orow.chunks_exact_mut(spec.cout).for_each(|o| o.copy_from_slice(b)),
                 None => orow.fill(0.0),
             }
-            for k0 in 0..k0n {
-                // input index i0 = o0 * s0 + k0 - p0, skipped when in the padding
-                let Some(i0) = (o0 * s0 + k0).checked_sub(p0).filter(|&i| i < d0) else { continue };
-                for k1 in 0..k1n {
-                    let Some(i1) = (o1 * s1 + k1).checked_sub(p1).filter(|&i| i < d1) else { continue };
-                    let start = ((n * d0 + i0) * d1 + i1) * xline;
-                    let src = &x[start..start + xline];
-                    let xl: &[f32] = if p2 > 0 {
-                        // buf = [p2 zero pixels | the line | p2 zero pixels]; the zeros never change
-                        buf[p2 * cin..p2 * cin + xline].copy_from_slice(src);
-                        buf
-                    } else {
-                        src
-                    };
-                    let wt = &w[(k0 * k1n + k1) * wrow..][..wrow];
-                    run_line(xl, wt, orow, line, path);
-                }
-            }
+            for_each_tap_row(xs, spec, os.line_coords(r), |t, start| {
+                run_line(pad.get(x, start), &w[t * wrow..][..wrow], orow, line, path);
+            });
         },
     );
     (os, out)
+}
+
+/// The tap rows (k0, k1) whose input line (i0, i1) = (o0 * s0 + k0 - p0, o1 * s1 + k1 - p1) lies
+/// inside the volume, for output line (n, o0, o1): `f(k0 * k1n + k1, offset of input line (n, i0, i1))`.
+/// Rows in the d0/d1 padding are skipped (they add exact zeros). The forward convolution, its
+/// weight gradient and the plan's convolution all walk the taps this way.
+#[inline(always)]
+pub(crate) fn for_each_tap_row(xs: Shape, spec: &ConvSpec, (n, o0, o1): (usize, usize, usize), mut f: impl FnMut(usize, usize)) {
+    let [d0, d1, _] = xs.d;
+    let [k0n, k1n, _] = spec.k;
+    let [s0, s1, _] = spec.stride;
+    let [p0, p1, _] = spec.pad;
+    for k0 in 0..k0n {
+        let Some(i0) = (o0 * s0 + k0).checked_sub(p0).filter(|&i| i < d0) else { continue };
+        for k1 in 0..k1n {
+            let Some(i1) = (o1 * s1 + k1).checked_sub(p1).filter(|&i| i < d1) else { continue };
+            f(k0 * k1n + k1, xs.line_start(n, i0, i1));
+        }
+    }
+}
+
+/// An input line as the line kernels read it: with p2 zero pixels at both ends along d2.
+pub(crate) struct PaddedLine {
+    /// [p2 zero pixels | the line | p2 zero pixels] when p2 > 0 (the zeros never change), else empty.
+    buf: Vec<f32>,
+    front: usize,
+    len: usize,
+}
+
+impl PaddedLine {
+    pub(crate) fn new(xs: Shape, spec: &ConvSpec) -> Self {
+        let (front, len) = (spec.pad[2] * xs.c, xs.d[2] * xs.c);
+        PaddedLine { buf: vec![0.0; if front > 0 { len + 2 * front } else { 0 }], front, len }
+    }
+
+    /// The padded line starting at `start` in `x`: `x`'s own line when p2 = 0, else a copy.
+    pub(crate) fn get<'a>(&'a mut self, x: &'a [f32], start: usize) -> &'a [f32] {
+        let src = &x[start..start + self.len];
+        if self.front == 0 {
+            return src;
+        }
+        self.buf[self.front..self.front + self.len].copy_from_slice(src);
+        &self.buf
+    }
 }
 
 fn run_line(x: &[f32], w: &[f32], out: &mut [f32], g: Line, path: ConvPath) {

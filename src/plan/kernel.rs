@@ -16,6 +16,8 @@
 //! (W = 8, up to 2 x 8 channels x 6 positions, 16 registers), portable Rust (W = 8, `a * b + c`).
 //! The ISA is chosen at run time (`Isa::detect`); tests run every build this CPU has.
 use crate::backend::ConvSpec;
+use crate::cpu::conv::for_each_tap_row;
+use crate::cpu::ops::sigmoid;
 use crate::tensor::Shape;
 use rayon::prelude::*;
 
@@ -172,44 +174,35 @@ pub fn conv3d(pc: &PackedConv, x: &[f32], xs: Shape, out: &mut [f32], res: Optio
 pub fn conv_lines(pc: &PackedConv, x: &[f32], xs: Shape, out: &mut [f32], res: Option<&[f32]>, first: usize, act: Act, sc: &mut Scratch) {
     let spec = &pc.spec;
     let od = spec.out_dims(xs.d);
-    let [d0, d1, d2] = xs.d;
+    let os = Shape::new(xs.n, od, spec.cout);
     let [k0n, k1n, k2n] = spec.k;
-    let [s0, s1, s2] = spec.stride;
-    let [p0, p1, p2] = spec.pad;
+    let (s2, p2) = (spec.stride[2], spec.pad[2]);
     let cin = spec.cin;
     let line = od[2] * spec.cout;
-    let xline = d2 * cin;
-    let padded = (d2 + 2 * p2) * cin;
+    let xline = xs.d[2] * cin;
+    let padded = xline + 2 * p2 * cin;
     if p2 > 0 && sc.rows.len() < k0n * k1n * padded {
         sc.rows = vec![0.0; k0n * k1n * padded];
     }
     for (j, oline) in out.chunks_exact_mut(line).enumerate() {
         let r = first + j;
-        let o1 = r % od[1];
-        let o0 = (r / od[1]) % od[0];
-        let n = r / (od[1] * od[0]);
         sc.taps.clear();
         let mut slot = 0;
-        for k0 in 0..k0n {
-            let Some(i0) = (o0 * s0 + k0).checked_sub(p0).filter(|&i| i < d0) else { continue };
-            for k1 in 0..k1n {
-                let Some(i1) = (o1 * s1 + k1).checked_sub(p1).filter(|&i| i < d1) else { continue };
-                let start = ((n * d0 + i0) * d1 + i1) * xline;
-                let base = if p2 > 0 {
-                    let row = &mut sc.rows[slot * padded..(slot + 1) * padded];
-                    row[..p2 * cin].fill(0.0);
-                    row[p2 * cin..p2 * cin + xline].copy_from_slice(&x[start..start + xline]);
-                    row[p2 * cin + xline..].fill(0.0);
-                    slot += 1;
-                    (slot - 1) * padded
-                } else {
-                    start
-                };
-                for k2 in 0..k2n {
-                    sc.taps.push(Tap { x: base + k2 * cin, w: ((k0 * k1n + k1) * k2n + k2) * cin * pc.cbw });
-                }
+        for_each_tap_row(xs, spec, os.line_coords(r), |t, start| {
+            let base = if p2 > 0 {
+                let row = &mut sc.rows[slot * padded..(slot + 1) * padded];
+                row[..p2 * cin].fill(0.0);
+                row[p2 * cin..p2 * cin + xline].copy_from_slice(&x[start..start + xline]);
+                row[p2 * cin + xline..].fill(0.0);
+                slot += 1;
+                (slot - 1) * padded
+            } else {
+                start
+            };
+            for k2 in 0..k2n {
+                sc.taps.push(Tap { x: base + k2 * cin, w: (t * k2n + k2) * cin * pc.cbw });
             }
-        }
+        });
         let src = if p2 > 0 { sc.rows.as_ptr() } else { x.as_ptr() };
         let a = LineArgs {
             src,
@@ -226,7 +219,7 @@ pub fn conv_lines(pc: &PackedConv, x: &[f32], xs: Shape, out: &mut [f32], res: O
         // (`Isa::available`) — `run_line` re-checks in debug builds.
         unsafe { run_line(pc, &a) };
         if act == Act::Sigmoid {
-            oline.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
+            oline.iter_mut().for_each(|v| *v = sigmoid(*v));
         }
     }
 }

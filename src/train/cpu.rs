@@ -7,7 +7,9 @@
 //! space and transposed in channels; for stride 2 on a zero-dilated, explicitly padded gradient.
 use super::backend::{BnBackward, BnForward, BnSaved, TrainBackend};
 use crate::backend::{Backend, ConvSpec, DevTensor};
-use crate::cpu::{ops::lin_weights, CpuBackend};
+use crate::cpu::conv::{for_each_tap_row, PaddedLine};
+use crate::cpu::ops::lin_weights;
+use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::tensor::Shape;
 use rayon::prelude::*;
@@ -200,54 +202,36 @@ fn has_avx2() -> bool {
 /// Deterministic weight gradient of a convolution, engine layout.
 pub fn conv3d_wgrad(x: &[f32], xs: Shape, dy: &[f32], spec: &ConvSpec) -> Vec<f32> {
     let od = spec.out_dims(xs.d);
-    let [d0, d1, d2] = xs.d;
-    let [k0n, k1n, k2n] = spec.k;
-    let [s0, s1, s2] = spec.stride;
-    let [p0, p1, p2] = spec.pad;
+    let os = Shape::new(xs.n, od, spec.cout);
+    let k2n = spec.k[2];
     let (cin, cout) = (spec.cin, spec.cout);
     let wlen = spec.weight_len();
     let lines = xs.n * od[0] * od[1];
     let chunks = n_chunks(lines, wlen);
     let per = lines.div_ceil(chunks).max(1);
-    let xline = d2 * cin;
-    let padded = (d2 + 2 * p2) * cin;
     let wrow = k2n * cin * cout;
     let avx = has_avx2();
-    let line = WLine { n_out: od[2], s: s2, k: k2n, cin, cout };
+    let line = WLine { n_out: od[2], s: spec.stride[2], k: k2n, cin, cout };
     let parts: Vec<Vec<f32>> = (0..lines.div_ceil(per))
         .into_par_iter()
         .map(|ch| {
             let mut acc = vec![0.0f32; wlen];
-            let mut buf = vec![0.0f32; if p2 > 0 { padded } else { 0 }];
+            let mut pad = PaddedLine::new(xs, spec);
             for r in ch * per..((ch + 1) * per).min(lines) {
-                let o1 = r % od[1];
-                let o0 = (r / od[1]) % od[0];
-                let n = r / (od[1] * od[0]);
                 let dyl = &dy[r * od[2] * cout..(r + 1) * od[2] * cout];
-                for k0 in 0..k0n {
-                    let Some(i0) = (o0 * s0 + k0).checked_sub(p0).filter(|&i| i < d0) else { continue };
-                    for k1 in 0..k1n {
-                        let Some(i1) = (o1 * s1 + k1).checked_sub(p1).filter(|&i| i < d1) else { continue };
-                        let start = ((n * d0 + i0) * d1 + i1) * xline;
-                        let src = &x[start..start + xline];
-                        let xl: &[f32] = if p2 > 0 {
-                            buf[p2 * cin..p2 * cin + xline].copy_from_slice(src);
-                            &buf
-                        } else {
-                            src
+                for_each_tap_row(xs, spec, os.line_coords(r), |t, start| {
+                    let xl = pad.get(x, start);
+                    let wt = &mut acc[t * wrow..][..wrow];
+                    if avx {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `avx` is true only when the CPU reports AVX2 and FMA.
+                        unsafe {
+                            wgrad_line_avx2(xl, dyl, wt, line)
                         };
-                        let wt = &mut acc[(k0 * k1n + k1) * wrow..][..wrow];
-                        if avx {
-                            #[cfg(target_arch = "x86_64")]
-                            // SAFETY: `avx` is true only when the CPU reports AVX2 and FMA.
-                            unsafe {
-                                wgrad_line_avx2(xl, dyl, wt, line)
-                            };
-                        } else {
-                            wgrad_line::<false>(xl, dyl, wt, line);
-                        }
+                    } else {
+                        wgrad_line::<false>(xl, dyl, wt, line);
                     }
-                }
+                });
             }
             acc
         })
