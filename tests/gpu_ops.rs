@@ -2,6 +2,8 @@
 //! the model uses, for every conv variant: on the host emulator under two thread schedules (which
 //! must agree bit for bit: a difference is a race) and, where one exists, on a real GPU.
 //! Error = max|a-e| / max(1, max|e|) <= 1e-5, printed as a table.
+mod common;
+use common::{cuda_device_or_skip, same_bits, same_pad_conv, values};
 use deepis::backend::{Backend, ConvSpec};
 use deepis::cpu::CpuBackend;
 use deepis::gpu::cuda::{cuda_available, CudaDevice};
@@ -31,8 +33,7 @@ struct Case {
 }
 
 fn conv(cin: usize, cout: usize, k: [usize; 3], stride: usize, bias: bool, x: [usize; 3], n: usize) -> Case {
-    let spec = ConvSpec { cin, cout, k, stride: [stride; 3], pad: k.map(|k| k / 2) };
-    Case { op: Op::Conv { spec, bias }, x: Shape::new(n, x, cin) }
+    Case { op: Op::Conv { spec: same_pad_conv(cin, cout, k, stride), bias }, x: Shape::new(n, x, cin) }
 }
 
 /// The op table: every conv shape of the network (small channel counts), odd spatial sizes.
@@ -72,17 +73,6 @@ fn cases() -> Vec<Case> {
         Case { op: Op::Softmax, x: Shape::new(1, [3, 2, 5], 1) },
     ]);
     v
-}
-
-/// Deterministic values in [-1, 1).
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 fn describe(c: &Case) -> (String, String) {
@@ -187,9 +177,8 @@ fn emu_ops_match_cpu_under_both_schedules() {
     let mut i = 0;
     for c in cases() {
         for v in variants(&c) {
-            let same = fwd[i].iter().zip(&rev[i]).all(|(a, b)| a.to_bits() == b.to_bits());
             let (op, shape) = describe(&c);
-            assert!(same, "{op} {} {shape}: Forward and Reverse schedules differ (a race)", variant_name(v));
+            assert!(same_bits(&fwd[i], &rev[i]), "{op} {} {shape}: Forward and Reverse schedules differ (a race)", variant_name(v));
             i += 1;
         }
     }
@@ -198,13 +187,7 @@ fn emu_ops_match_cpu_under_both_schedules() {
 
 #[test]
 fn cuda_ops_match_cpu() {
-    if !cuda_available() {
-        let err = CudaDevice::new(0).err().expect("no driver here, so no device");
-        eprintln!("SKIPPED (no GPU): CudaDevice::new(0) -> {err}");
-        return;
-    }
-    let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("{e}"));
-    println!("device: {}", dev.name());
+    let Some(dev) = cuda_device_or_skip() else { return };
     let mut gpu = GpuBackend::new(dev);
     check_against_cpu(&mut gpu, "cuda");
 }
@@ -231,12 +214,8 @@ fn shape_errors_are_errors() {
 #[test]
 #[ignore]
 fn cuda_conv_throughput() {
-    if !cuda_available() {
-        eprintln!("SKIPPED (no GPU)");
-        return;
-    }
-    let mut gpu = GpuBackend::new(CudaDevice::new(0).unwrap_or_else(|e| panic!("{e}")));
-    println!("device: {}", gpu.device().name());
+    let Some(dev) = cuda_device_or_skip() else { return };
+    let mut gpu = GpuBackend::new(dev);
     let shapes = [
         (ConvSpec { cin: 64, cout: 64, k: [3; 3], stride: [1; 3], pad: [1; 3] }, [128, 128, 64]),
         (ConvSpec { cin: 64, cout: 64, k: [1; 3], stride: [1; 3], pad: [0; 3] }, [128, 128, 64]),

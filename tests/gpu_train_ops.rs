@@ -3,9 +3,10 @@
 //! uses: on the host emulator under two thread schedules (which must agree bit for bit: a
 //! difference is a race or an order-dependent reduction) and, where one exists, on a real GPU.
 //! Error = max|a-e| / max(1, max|e|), tolerance per output (printed with each row).
+mod common;
+use common::{cuda_device_or_skip, same_bits, same_pad_conv, values};
 use deepis::backend::{Backend, ConvSpec, DevTensor};
 use deepis::cpu::CpuBackend;
-use deepis::gpu::cuda::{cuda_available, CudaDevice};
 use deepis::gpu::emu::{EmuDevice, Schedule};
 use deepis::gpu::ops::{ConvVariant, GpuBackend};
 use deepis::gpu::Device;
@@ -43,8 +44,7 @@ struct Case {
 }
 
 fn conv(cin: usize, cout: usize, k: [usize; 3], stride: usize, bias: bool, x: [usize; 3], n: usize) -> Case {
-    let spec = ConvSpec { cin, cout, k, stride: [stride; 3], pad: k.map(|k| k / 2) };
-    Case { op: Op::Conv { spec, bias }, x: Shape::new(n, x, cin) }
+    Case { op: Op::Conv { spec: same_pad_conv(cin, cout, k, stride), bias }, x: Shape::new(n, x, cin) }
 }
 
 /// The op table: every conv shape of the network (small channel counts), odd spatial sizes.
@@ -86,17 +86,6 @@ fn cases() -> Vec<Case> {
         Case { op: Op::Helpers, x: s },
     ]);
     v
-}
-
-/// Deterministic values in [-1, 1).
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 fn describe(c: &Case) -> String {
@@ -287,25 +276,19 @@ fn emu_train_ops_match_cpu_under_both_schedules() {
     assert_eq!(fwd.len(), rev.len());
     // Deterministic kernels must not depend on the order threads run in: compare bit for bit.
     for (i, (a, b)) in fwd.iter().zip(&rev).enumerate() {
-        assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "output {i}: Forward and Reverse schedules differ (a race)");
+        assert!(same_bits(a, b), "output {i}: Forward and Reverse schedules differ (a race)");
     }
     println!("Forward and Reverse schedules agree bit for bit on {} outputs ({:.1} s)", fwd.len(), t0.elapsed().as_secs_f64());
 }
 
 #[test]
 fn cuda_train_ops_match_cpu() {
-    if !cuda_available() {
-        let err = CudaDevice::new(0).err().expect("no driver here, so no device");
-        eprintln!("SKIPPED (no GPU): CudaDevice::new(0) -> {err}");
-        return;
-    }
-    let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("{e}"));
-    println!("device: {}", dev.name());
+    let Some(dev) = cuda_device_or_skip() else { return };
     let mut gpu = GpuBackend::new(dev);
     let a = check_against_cpu(&mut gpu, "cuda");
     // Run-to-run determinism on the GPU: no atomics, fixed reduction orders.
     let b = check_against_cpu(&mut gpu, "cuda again");
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "output {i}: two CUDA runs differ");
+        assert!(same_bits(x, y), "output {i}: two CUDA runs differ");
     }
 }

@@ -1,5 +1,8 @@
-//! Shared helpers of the integration tests: golden-case files.
+//! Shared helpers of the integration tests: golden-case files, the GPU tests' inputs and device.
 #![allow(dead_code)]
+use deepis::backend::ConvSpec;
+use deepis::gpu::cuda::{cuda_available, CudaDevice};
+use deepis::gpu::Device;
 use deepis::tensor::Tensor;
 use std::path::{Path, PathBuf};
 
@@ -47,4 +50,37 @@ pub fn read_safetensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Deterministic values in [-1, 1) from a 64-bit LCG seeded by `seed`.
+pub fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A convolution with padding k / 2 on every axis, as the network's are.
+pub fn same_pad_conv(cin: usize, cout: usize, k: [usize; 3], stride: usize) -> ConvSpec {
+    ConvSpec { cin, cout, k, stride: [stride; 3], pad: k.map(|k| k / 2) }
+}
+
+/// CUDA device 0 (its name printed), or None after printing why the test is skipped.
+pub fn cuda_device_or_skip() -> Option<CudaDevice> {
+    if !cuda_available() {
+        let err = CudaDevice::new(0).err().expect("no driver here, so no device");
+        eprintln!("SKIPPED (no GPU): CudaDevice::new(0) -> {err}");
+        return None;
+    }
+    let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("{e}"));
+    println!("device: {}", dev.name());
+    Some(dev)
+}
+
+/// Whether two outputs agree bit for bit (same length; a NaN equals the same NaN).
+pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())
 }
