@@ -126,7 +126,12 @@ and Adam (betas 0.5, 0.999).
 
 DATA (--data DIR), either
   DIR/NAME_input.npy + DIR/NAME_target.npy pairs (.tif works too), or
-  DIR/input/NAME.npy + DIR/target/NAME.npy (the same file names in two folders).
+  DIR/input/NAME.npy + DIR/target/NAME.npy (the same file names in two folders),
+and in either layout DIR/NAME.mat: MATLAB MAT files saved with -v7 or -v6 (not -v7.3, which is
+HDF5: re-save with save(FILE, 'input', 'target', '-v7')), one sample each, holding `input`
+(single or double) and `target`. deepis keeps MATLAB's index order: size(input) = [D0 D1 D2], D2
+the optical axis, input(i,j,k) is voxel (i,j,k) (the shape scipy.io.loadmat gives); a target with
+C channels is [D0 D1 D2 C].
 A file may hold one volume (D0 x D1 x D2) or several (N x D0 x D1 x D2); each volume is a sample.
 Targets: distance head (the published model), a signed distance map (> 0 effector, < 0 target
 cell, 0 background); sigmoid head, C masks in {0, 1} (C x D0 x D1 x D2 or N x C x D0 x D1 x D2).

@@ -2,10 +2,12 @@
 //!
 //! A data folder holds either
 //!   NAME_input.npy / NAME_target.npy pairs (or .tif), side by side, or
-//!   input/NAME.npy and target/NAME.npy (same file names in two sub-folders).
+//!   input/NAME.npy and target/NAME.npy (same file names in two sub-folders),
+//! and, in either layout, NAME.mat files (MATLAB level 5) with arrays `input` and `target`.
 //! A file may hold one volume (D0 x D1 x D2) or several (N x D0 x D1 x D2, N x 1 x D0 x D1 x D2);
 //! each volume is one sample. Targets: distance heads, a signed distance map of the input's shape;
 //! sigmoid heads, C masks: C x D0 x D1 x D2 (one volume) or N x C x D0 x D1 x D2 (.npy only).
+//! A .mat file is one sample, in MATLAB's index order (see `read_mat`).
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::io::read_volume;
@@ -21,17 +23,31 @@ pub struct Sample {
     pub target: Tensor,
 }
 
-fn is_volume(p: &Path) -> bool {
-    matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("npy" | "tif" | "tiff"))
+fn extension_is(p: &Path, exts: &[&str]) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
-/// (input, target) file pairs of a data folder, sorted by name.
-pub fn find_pairs(dir: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
-    let list = |d: &Path| -> Result<Vec<PathBuf>> {
+fn is_volume(p: &Path) -> bool {
+    extension_is(p, &["npy", "tif", "tiff"])
+}
+
+/// Where a sample's input and target come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    /// An input file and its target file.
+    Pair { input: PathBuf, target: PathBuf },
+    /// A MATLAB MAT file holding both (`read_mat`).
+    Mat(PathBuf),
+}
+
+/// The training files of a data folder, by name: the (input, target) pairs sorted by input file,
+/// then the .mat files sorted by file.
+pub fn find_sources(dir: &Path) -> Result<Vec<(String, Source)>> {
+    let list = |d: &Path, keep: fn(&Path) -> bool| -> Result<Vec<PathBuf>> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(d)
             .map_err(|e| Error::io(d, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && is_volume(p))
+            .filter(|p| p.is_file() && keep(p))
             .collect();
         v.sort();
         Ok(v)
@@ -39,16 +55,16 @@ pub fn find_pairs(dir: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
     let mut pairs = Vec::new();
     let (din, dtg) = (dir.join("input"), dir.join("target"));
     if din.is_dir() && dtg.is_dir() {
-        for p in list(&din)? {
+        for p in list(&din, is_volume)? {
             let name = p.file_name().unwrap().to_string_lossy().to_string();
             let t = dtg.join(&name);
             if !t.is_file() {
                 return Err(Error::format(&p, format!("no target {} for this input", t.display())));
             }
-            pairs.push((name, p, t));
+            pairs.push((name, Source::Pair { input: p, target: t }));
         }
     } else {
-        for p in list(dir)? {
+        for p in list(dir, is_volume)? {
             let stem = p.file_stem().unwrap().to_string_lossy().to_string();
             let Some(base) = stem.strip_suffix("_input") else { continue };
             let ext = p.extension().unwrap().to_string_lossy().to_string();
@@ -56,13 +72,16 @@ pub fn find_pairs(dir: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
             let Some(t) = t else {
                 return Err(Error::format(&p, format!("no {base}_target.npy/.tif next to this input")));
             };
-            pairs.push((base.to_string(), p, t));
+            pairs.push((base.to_string(), Source::Pair { input: p, target: t }));
         }
+    }
+    for p in list(dir, |p| extension_is(p, &["mat"]))? {
+        pairs.push((p.file_stem().unwrap().to_string_lossy().to_string(), Source::Mat(p)));
     }
     if pairs.is_empty() {
         return Err(Error::format(
             dir,
-            "no training data: expected NAME_input.npy + NAME_target.npy pairs (or .tif), or input/ and target/ folders with the same file names",
+            "no training data: expected NAME_input.npy + NAME_target.npy pairs (or .tif), input/ and target/ folders with the same file names, or NAME.mat files",
         ));
     }
     Ok(pairs)
@@ -102,10 +121,20 @@ pub fn read_target(path: &Path, n: usize, d: [usize; 3], c: usize) -> Result<Ten
 /// Every sample of a data folder, checked against the config (head channels, input size).
 pub fn load_samples(dir: &Path, cfg: &Config) -> Result<Vec<Sample>> {
     let mut out = Vec::new();
-    for (name, pin, ptg) in find_pairs(dir)? {
-        let x = read_volume(&pin)?.tensor;
-        cfg.check_input_size(x.shape.d).map_err(|e| Error::format(&pin, e.to_string()))?;
-        let t = read_target(&ptg, x.shape.n, x.shape.d, cfg.head_channels())?;
+    for (name, src) in find_sources(dir)? {
+        let (x, t, ptg) = match src {
+            Source::Pair { input, target } => {
+                let x = read_volume(&input)?.tensor;
+                cfg.check_input_size(x.shape.d).map_err(|e| Error::format(&input, e.to_string()))?;
+                let t = read_target(&target, x.shape.n, x.shape.d, cfg.head_channels())?;
+                (x, t, target)
+            }
+            Source::Mat(path) => {
+                let (x, t) = read_mat(&path, cfg.head_channels())?;
+                cfg.check_input_size(x.shape.d).map_err(|e| Error::format(&path, e.to_string()))?;
+                (x, t, path)
+            }
+        };
         if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
             return Err(Error::format(&ptg, format!("non-finite target value at flat index {i}")));
         }
@@ -119,6 +148,93 @@ pub fn load_samples(dir: &Path, cfg: &Config) -> Result<Vec<Sample>> {
         }
     }
     Ok(out)
+}
+
+/// The arrays `input` and `target` of a MATLAB MAT file (level 5: `save -v7` or `-v6`; v7.3 is
+/// HDF5 and refused with a hint), as one sample. MATLAB's index order is kept, as
+/// scipy.io.loadmat keeps it: size(input) = [D0 D1 D2] and input(i,j,k) is voxel (i-1, j-1, k-1);
+/// the column-major data is reordered here. `target` is [D0 D1 D2] (c = 1) or [D0 D1 D2 c], the
+/// channel last. input: single or double; target: single, double or uint8/logical.
+pub fn read_mat(path: &Path, c: usize) -> Result<(Tensor, Tensor)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if is_mat73(&bytes) {
+        return Err(Error::format(
+            path,
+            "MATLAB v7.3 MAT files are HDF5, which deepis does not read: re-save it in MATLAB with \
+             save(FILE, 'input', 'target', '-v7'), or convert input and target to .npy",
+        ));
+    }
+    let mat = matfile::MatFile::parse(&bytes[..])
+        .map_err(|e| Error::format(path, format!("not a readable MAT file (MATLAB level 5, saved with -v7 or -v6): {e}")))?;
+    let x = mat_volume(path, &mat, "input", 1)?;
+    let t = mat_volume(path, &mat, "target", c)?;
+    if t.shape.d != x.shape.d {
+        return Err(Error::format(path, format!("target is {}, the input is {}", t.shape, x.shape)));
+    }
+    Ok((x, t))
+}
+
+/// The MAT header's version field says 0x0200 (v7.3), or an HDF5 superblock starts at byte 512.
+fn is_mat73(b: &[u8]) -> bool {
+    // header: 116 bytes of text, 8 of subsystem data offset, version (u16), endian mark "IM" or "MI"
+    let version = match b.get(124..128) {
+        Some(&[v0, v1, b'I', b'M']) => u16::from_le_bytes([v0, v1]),
+        Some(&[v0, v1, b'M', b'I']) => u16::from_be_bytes([v0, v1]),
+        _ => 0,
+    };
+    version == 0x0200 || b.get(512..520) == Some(b"\x89HDF\r\n\x1a\n".as_slice())
+}
+
+/// Array `key` of a MAT file as an n = 1 channels-last tensor with `c` channels (see `read_mat`).
+fn mat_volume(path: &Path, mat: &matfile::MatFile, key: &str, c: usize) -> Result<Tensor> {
+    use matfile::NumericData as N;
+    let Some(a) = mat.find_by_name(key) else {
+        let names: Vec<&str> = mat.arrays().iter().map(|a| a.name()).collect();
+        return Err(Error::format(path, format!("no numeric array `{key}` (numeric arrays here: {names:?}); expected `input` and `target`")));
+    };
+    let data: Vec<f32> = match a.data() {
+        N::Single { real, imag: None } => real.clone(),
+        N::Double { real, imag: None } => real.iter().map(|&v| v as f32).collect(),
+        N::UInt8 { real, imag: None } if key == "target" => real.iter().map(|&v| f32::from(v)).collect(),
+        d => {
+            let class = match d {
+                N::Int8 { .. } => "int8",
+                N::UInt8 { .. } => "uint8",
+                N::Int16 { .. } => "int16",
+                N::UInt16 { .. } => "uint16",
+                N::Int32 { .. } => "int32",
+                N::UInt32 { .. } => "uint32",
+                N::Int64 { .. } => "int64",
+                N::UInt64 { .. } => "uint64",
+                N::Single { .. } => "complex single",
+                N::Double { .. } => "complex double",
+            };
+            let want = if key == "target" { "real single, double or uint8/logical" } else { "real single or double" };
+            return Err(Error::format(path, format!("`{key}` is {class}; expected {want}")));
+        }
+    };
+    let [d0, d1, d2, ch] = match a.size()[..] {
+        [d0, d1, d2] if c == 1 => [d0, d1, d2, 1],
+        [d0, d1, d2, ch] if ch == c => [d0, d1, d2, ch],
+        ref s => {
+            let want = if c == 1 { "[D0 D1 D2]".to_string() } else { format!("[D0 D1 D2 {c}] (the channel last)") };
+            return Err(Error::format(path, format!("`{key}` has size {s:?}; expected {want}")));
+        }
+    };
+    if data.is_empty() {
+        return Err(Error::format(path, format!("`{key}` is empty (size {:?})", a.size())));
+    }
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        let sub = [i % d0, i / d0 % d1, i / (d0 * d1) % d2, i / (d0 * d1 * d2)].map(|s| s + 1);
+        return Err(Error::format(path, format!("`{key}` holds {} at subscript {:?} (1-based): values must be finite", data[i], &sub[..a.ndims()])));
+    }
+    // column-major data[i + d0 * (j + d1 * (k + d2 * ch))] -> channels-last ((i * d1 + j) * d2 + k) * c + ch
+    let mut out = vec![0.0f32; data.len()];
+    for (m, &v) in data.iter().enumerate() {
+        let (i, j, k, h) = (m % d0, m / d0 % d1, m / (d0 * d1) % d2, m / (d0 * d1 * d2));
+        out[((i * d1 + j) * d2 + k) * ch + h] = v;
+    }
+    Tensor::new(Shape::new(1, [d0, d1, d2], ch), out)
 }
 
 trait WithN {
