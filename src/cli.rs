@@ -90,6 +90,8 @@ pub enum Command {
     Segment(crate::segment::SegmentArgs),
     /// Measure the cells and their synapse in label volumes: one CSV row per frame, and a plot
     Analyze(crate::analysis::AnalyzeArgs),
+    /// Synthesise a short time-lapse, segment it with the shipped weights, analyse it (CSV, plots, Dice)
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Where the network runs.
@@ -207,6 +209,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Synth(a) => crate::synth::run_cli(&a),
         Command::Segment(a) => segment(&a),
         Command::Analyze(a) => crate::analysis::run_cli(&a),
+        Command::Demo(a) => crate::demo::run(&a).map(|_| ()),
     }
 }
 

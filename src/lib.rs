@@ -4,6 +4,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod cpu;
+pub mod demo;
 pub mod error;
 pub mod gpu;
 pub mod io;
