@@ -28,6 +28,8 @@ DeepIS: 3D segmentation of refractive-index (RI) tomograms of CAR-T cells meetin
 cells, with the published DeepIS network (no Python or PyTorch needed).
 
 Start with:
+  deepis demo                                synthesise, segment (shipped weights) and analyse a
+                                             time-lapse; writes demo_out/
   deepis info WEIGHTS.safetensors            what a weights file holds and what this machine can run
   deepis predict --weights WEIGHTS.safetensors VOLUME.npy -o MASKS.npy
                                              segment one volume (or a batch of volumes)
