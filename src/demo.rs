@@ -87,21 +87,18 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = SHIPPED_TAU)]
     pub tau: f64,
     /// Keep the distance head's cores (|d| > tau) as they are, as `deepis segment --no-regrow`
-    /// (the default is the shipped weights' evaluated post-processing)
+    /// (by default they are regrown to d = 0)
     #[arg(long)]
     pub no_regrow: bool,
-    /// Regrow the cores to d = 0, as `deepis segment` without `--no-regrow`
-    #[arg(long, conflicts_with = "no_regrow")]
-    pub regrow: bool,
     /// Use these weights instead of the shipped ones (trained at 64x64x32 voxels of 0.4,0.4,0.8 um)
     #[arg(short, long, value_name = "WEIGHTS")]
     pub weights: Option<PathBuf>,
 }
 
 impl DemoArgs {
-    /// Whether the cores are regrown: `--regrow` / `--no-regrow`, else the shipped default.
+    /// Whether a distance head's cores are regrown (`deepis segment`'s default) or not.
     pub fn grows(&self) -> bool {
-        (SHIPPED_REGROW || self.regrow) && !self.no_regrow
+        SHIPPED_REGROW && !self.no_regrow
     }
 }
 

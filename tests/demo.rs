@@ -95,7 +95,7 @@ fn demo_runs_end_to_end_and_writes_its_files() {
 #[test]
 fn demo_refuses_bad_options() {
     let dir = std::env::temp_dir().join(format!("deepis_demo_bad_{}", std::process::id()));
-    let a = demo::DemoArgs { out_dir: dir.clone(), frames: 0, seed: 1, tau: 0.5, no_regrow: false, regrow: false, weights: None };
+    let a = demo::DemoArgs { out_dir: dir.clone(), frames: 0, seed: 1, tau: 0.5, no_regrow: false, weights: None };
     let e = demo::run(&a).err().expect("0 frames is an error").to_string();
     assert!(e.contains("--frames"), "{e}");
     let a = demo::DemoArgs { frames: 2, tau: f64::NAN, ..a };
