@@ -60,7 +60,7 @@ DEEPIS_DEVICE void store_d(gptr<float> p, int i, double v) {
 #define RED_Y 8   // row lanes per channel
 
 // Adds the RED_Y row lanes of s[ty][tx] into s[0][tx] by a fixed tree. Every thread calls it.
-DEEPIS_DEVICE void tree8(double (*s)[RED_X], int tx, int ty) {
+template <class S> DEEPIS_DEVICE void tree8(S& s, int tx, int ty) {
     for (int st = RED_Y / 2; st > 0; st >>= 1) {
         __syncthreads();
         if (ty < st) s[ty][tx] += s[ty + st][tx];
@@ -69,7 +69,7 @@ DEEPIS_DEVICE void tree8(double (*s)[RED_X], int tx, int ty) {
 }
 
 extern "C" __global__ void channel_sum_partial_f32(gptr<float> part, gptr<float> x, int rows, int c, int chunk_rows) {
-    __shared__ double s[RED_Y][RED_X];
+    DEEPIS_SHARED2(double, s, RED_Y, RED_X);
     const int tx = (int)threadIdx.x, ty = (int)threadIdx.y;
     const int ch = (int)blockIdx.x * RED_X + tx;
     const int r0 = (int)blockIdx.y * chunk_rows;
@@ -84,7 +84,7 @@ extern "C" __global__ void channel_sum_partial_f32(gptr<float> part, gptr<float>
 
 extern "C" __global__ void bn_sqdev_partial_f32(gptr<float> part, gptr<float> x, gptr<float> sum, int rows, int c,
                                                 int chunk_rows) {
-    __shared__ double s[RED_Y][RED_X];
+    DEEPIS_SHARED2(double, s, RED_Y, RED_X);
     const int tx = (int)threadIdx.x, ty = (int)threadIdx.y;
     const int ch = (int)blockIdx.x * RED_X + tx;
     const int r0 = (int)blockIdx.y * chunk_rows;
@@ -104,8 +104,8 @@ extern "C" __global__ void bn_sqdev_partial_f32(gptr<float> part, gptr<float> x,
 
 extern "C" __global__ void bn_backward_partial_f32(gptr<float> part, gptr<float> dy, gptr<float> x, gptr<float> sum,
                                                    gptr<float> invstd, int rows, int c, int chunk_rows) {
-    __shared__ double sd[RED_Y][RED_X];
-    __shared__ double sx[RED_Y][RED_X];
+    DEEPIS_SHARED2(double, sd, RED_Y, RED_X);
+    DEEPIS_SHARED2(double, sx, RED_Y, RED_X);
     const int tx = (int)threadIdx.x, ty = (int)threadIdx.y;
     const int ch = (int)blockIdx.x * RED_X + tx;
     const int r0 = (int)blockIdx.y * chunk_rows;

@@ -55,8 +55,8 @@ extern "C" __global__ void conv3d_tiled_f32(gptr<float> y, gptr<float> x, gptr<f
                                         int has_bias, int n, int d0, int d1, int d2, int cin,
                                         int o0, int o1, int o2, int cout, int k0, int k1, int k2,
                                         int s0, int s1, int s2, int p0, int p1, int p2) {
-    __shared__ float As[CT_BK * CT_AS];  // As[k][m]
-    __shared__ float Bs[CT_BK * CT_BN];  // Bs[k][co]
+    DEEPIS_SHARED(float, As, CT_BK * CT_AS);  // As[k][m]
+    DEEPIS_SHARED(float, Bs, CT_BK * CT_BN);  // Bs[k][co]
     const int tid = (int)threadIdx.x;
     const int M = n * o0 * o1 * o2;
     const int K = k0 * k1 * k2 * cin;

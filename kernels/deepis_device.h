@@ -7,7 +7,17 @@
 //  - device-buffer parameters are `gptr<T>` (a raw pointer under NVRTC, a bounds-checked pointer
 //    under the emulator), used only through [] , + , - and unary *;
 //  - scalars are `int` / `float` (no structs), so the Rust launch code passes the same list everywhere;
-//  - dynamic shared memory: `DEEPIS_DYN_SMEM(float, name);`  static shared: `__shared__ T a[N];`
+//  - dynamic shared memory: `DEEPIS_DYN_SMEM(float, name);`  static shared: `DEEPIS_SHARED(T, a, N);`
+//    or `DEEPIS_SHARED2(T, a, N, M);` (never bare `__shared__`: the emulator checks these);
+//    a pointer into shared memory is `sptr<T>` (`sptr<f16> p = a + i;`);
+//  - half types `f16`, `bf16`: 16-bit words (`.bits`), converted with `f16_from_f32`, `f16_to_f32`,
+//    `bf16_from_f32`, `bf16_to_f32` (round to nearest even), packed two to a register by `pack2`;
+//  - tensor cores (sm_80+), warp-wide, all 32 lanes at one line: `ldmatrix_x1/x2/x4(r, p)` and
+//    `ldmatrix_x1/x2/x4_trans(r, p)` (r: unsigned[num], p: sptr to this lane's 16-byte row),
+//    `mma_16816_f16(d, a, b, c)` / `mma_16816_bf16(d, a, b, c)` (m16n8k16 row.col, f32 accumulate;
+//    d, c: float[4], a: unsigned[4], b: unsigned[2]; PTX ISA fragment layouts);
+//  - async copies: `cp_async4/8/16(dst sptr, src gptr, src_bytes)` (src_bytes 0 zero-fills),
+//    `cp_async_commit_group()`, `cp_async_wait_group(N)` (N a constant);
 //  - barriers `__syncthreads()`, warp shuffles `__shfl_xor_sync / __shfl_down_sync / __shfl_sync`,
 //    `atomicAdd`, `atomicMax` on int, math `expf fmaxf fminf floorf sqrtf rsqrtf fmaf`.
 // Also available on both sides (the emulator, emu/emu.h, implements exactly these):
@@ -21,8 +31,10 @@
 //  - `DEEPIS_DYN_SMEM` goes inside a function body; its name is a `gptr<T>` under the emulator
 //    (bounds-checked against the launch's shmem bytes): index it or offset it (`gptr<float> b =
 //    smem + n;`), never convert it or a `gptr` to `T*` (take `&p[i]` only to pass to an atomic);
-//  - static `__shared__` arrays are per block but not bounds-checked; uninitialized dynamic shared
-//    memory reads as NaN;
+//  - shared memory (static and dynamic) is per block, filled with 0xff (NaN) at block start, and
+//    every access is checked: bounds, reads of bytes nothing wrote, cp.async destinations read
+//    before their wait, and races (see emu/shared.h); elements are read and written whole (no
+//    `.x` member access through a shared reference);
 //  - every thread is a fiber with a 64 KiB stack: local arrays up to a few KiB per thread;
 //  - warp-synchronous code uses the `_sync` collectives or `__syncwarp`: lanes do not run in lockstep;
 //    a collective that reads a lane outside its mask (or an exited lane) gets NaN / -1;
@@ -31,12 +43,106 @@
 //  - no inline PTX, CUDA headers or `extern __shared__` outside an `#ifdef DEEPIS_EMU` alternative.
 #pragma once
 
+// fp16 and bf16 as 16-bit words: no cuda_fp16.h (NVRTC has none), the same layout on both sides.
+struct f16 {
+    unsigned short bits;
+};
+struct bf16 {
+    unsigned short bits;
+};
+
 #if defined(__CUDACC_RTC__) || defined(__CUDACC__)
 // ---- real device ------------------------------------------------------------------------------
 template <class T> using gptr = T*;
+template <class T> using sptr = T*;
 #define DEEPIS_DYN_SMEM(T, name) extern __shared__ T name[]
+#define DEEPIS_SHARED(T, name, n) __shared__ T name[n]
+#define DEEPIS_SHARED2(T, name, n, m) __shared__ T name[n][m]
 #define DEEPIS_DEVICE __device__ __forceinline__
+
+DEEPIS_DEVICE f16 f16_from_f32(float x) {
+    f16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+    return h;
+}
+DEEPIS_DEVICE float f16_to_f32(f16 h) {
+    float x;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(x) : "h"(h.bits));
+    return x;
+}
+DEEPIS_DEVICE bf16 bf16_from_f32(float x) {
+    bf16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+    return h;
+}
+DEEPIS_DEVICE float bf16_to_f32(bf16 h) { return __uint_as_float((unsigned)h.bits << 16); }
+
+DEEPIS_DEVICE unsigned deepis_smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+template <class T> DEEPIS_DEVICE void ldmatrix_x1(unsigned* r, const T* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];" : "=r"(r[0]) : "r"(deepis_smem_addr(p)));
+}
+template <class T> DEEPIS_DEVICE void ldmatrix_x2(unsigned* r, const T* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(deepis_smem_addr(p)));
+}
+template <class T> DEEPIS_DEVICE void ldmatrix_x4(unsigned* r, const T* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(deepis_smem_addr(p)));
+}
+template <class T> DEEPIS_DEVICE void ldmatrix_x1_trans(unsigned* r, const T* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];" : "=r"(r[0]) : "r"(deepis_smem_addr(p)));
+}
+template <class T> DEEPIS_DEVICE void ldmatrix_x2_trans(unsigned* r, const T* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(deepis_smem_addr(p)));
+}
+template <class T> DEEPIS_DEVICE void ldmatrix_x4_trans(unsigned* r, const T* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(deepis_smem_addr(p)));
+}
+DEEPIS_DEVICE void mma_16816_f16(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+DEEPIS_DEVICE void mma_16816_bf16(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+template <int N, class T, class S> DEEPIS_DEVICE void deepis_cp_async(T* dst, const S* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(deepis_smem_addr(dst)), "l"(src), "n"(N), "r"(src_bytes) : "memory");
+}
+#define cp_async4(dst, src, n) deepis_cp_async<4>((dst), (src), (n))
+#define cp_async8(dst, src, n) deepis_cp_async<8>((dst), (src), (n))
+#define cp_async16(dst, src, n) deepis_cp_async<16>((dst), (src), (n))
+#define cp_async_commit_group() asm volatile("cp.async.commit_group;" ::: "memory")
+#define cp_async_wait_group(n) asm volatile("cp.async.wait_group %0;" ::"n"(n) : "memory")
 #else
 // ---- host emulator ----------------------------------------------------------------------------
 #include "emu/emu.h"
+
+DEEPIS_DEVICE f16 f16_from_f32(float x) { return f16{::emu::f32_to_f16_bits(x)}; }
+DEEPIS_DEVICE float f16_to_f32(f16 h) { return ::emu::f16_bits_to_f32(h.bits); }
+DEEPIS_DEVICE bf16 bf16_from_f32(float x) { return bf16{::emu::f32_to_bf16_bits(x)}; }
+DEEPIS_DEVICE float bf16_to_f32(bf16 h) { return ::emu::bf16_bits_to_f32(h.bits); }
+
+#define ldmatrix_x1(r, p) ::emu::ldmatrix_at(__LINE__, 1, false, (r), (p))
+#define ldmatrix_x2(r, p) ::emu::ldmatrix_at(__LINE__, 2, false, (r), (p))
+#define ldmatrix_x4(r, p) ::emu::ldmatrix_at(__LINE__, 4, false, (r), (p))
+#define ldmatrix_x1_trans(r, p) ::emu::ldmatrix_at(__LINE__, 1, true, (r), (p))
+#define ldmatrix_x2_trans(r, p) ::emu::ldmatrix_at(__LINE__, 2, true, (r), (p))
+#define ldmatrix_x4_trans(r, p) ::emu::ldmatrix_at(__LINE__, 4, true, (r), (p))
+#define mma_16816_f16(d, a, b, c) ::emu::mma_at(__LINE__, ::emu::MMA_F16, (d), (a), (b), (c))
+#define mma_16816_bf16(d, a, b, c) ::emu::mma_at(__LINE__, ::emu::MMA_BF16, (d), (a), (b), (c))
+#define cp_async4(dst, src, n) ::emu::cp_async_at(__LINE__, 4, (dst), (src), (n))
+#define cp_async8(dst, src, n) ::emu::cp_async_at(__LINE__, 8, (dst), (src), (n))
+#define cp_async16(dst, src, n) ::emu::cp_async_at(__LINE__, 16, (dst), (src), (n))
+#define cp_async_commit_group() ::emu::cp_async_commit(__LINE__)
+#define cp_async_wait_group(n) ::emu::cp_async_wait(__LINE__, (n))
 #endif
+
+// Two halves in one 32-bit register: `lo` in bits 0..15 (the lower-index element of a fragment).
+template <class H> DEEPIS_DEVICE unsigned pack2(H lo, H hi) { return (unsigned)lo.bits | ((unsigned)hi.bits << 16); }

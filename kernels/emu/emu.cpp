@@ -1,5 +1,6 @@
 // emu.cpp — the runtime of the kernel emulator (see emu.h): fibers, the block scheduler, barriers,
-// warp collectives, the OS-thread pool that runs blocks in parallel, and error reporting.
+// warp collectives, checked shared memory (emu/shared.h), tensor-core operations and async copies
+// (emu/tensor.h), the OS-thread pool that runs blocks in parallel, and error reporting.
 // The system headers come first: emu.h defines CUDA keywords (__noinline__) they use.
 #include <sys/mman.h>
 #include <unistd.h>
@@ -26,7 +27,9 @@ namespace emu {
 __thread Tls tl;
 
 static const int kMaxThreads = 1024;
-static const size_t kMaxSmem = 227 * 1024;
+static const size_t kMaxSmem = 227 * 1024;  // dynamic + static, per block (H100)
+static const size_t kMaxStaticSmem = 48 * 1024;
+static const size_t kArena = kMaxSmem + kMaxStaticSmem + 64;
 static const size_t kGuard = 4096;
 static const size_t kSlot = DEEPIS_EMU_STACK_BYTES + kGuard;
 
@@ -147,6 +150,13 @@ void oob(int arg, long long index, long long len) {
 // ---- fibers and the block scheduler ------------------------------------------------------------
 enum State : uint8_t { RUN, BAR, WARP, DONE };
 
+// One cp.async in flight: the bytes it will write (read from the source when issued).
+struct Copy {
+    unsigned char* dst;
+    int bytes, line;
+    alignas(16) unsigned char data[16];
+};
+
 struct Fiber {
     Ctx ctx;
     uint3 tid;
@@ -155,21 +165,45 @@ struct Fiber {
     int line;
     unsigned mask;
     int arg, width;
-    uint64_t val, res;
+    uint64_t val, res;  // for W_LDMATRIX / W_MMA, val points to the lane's LdmLane / MmaLane
+    std::vector<Copy> copies;         // issued, not yet completed, oldest first
+    std::vector<size_t> group_ends;   // committed groups: end index in `copies`
 };
 
 static const char* warp_name(int k) {
     static const char* n[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
-                              "__ballot_sync", "__any_sync", "__all_sync", "__syncwarp"};
+                              "__ballot_sync", "__any_sync", "__all_sync", "__syncwarp", "ldmatrix", "mma.sync"};
     return n[k];
 }
+
+// Shadow state of 2 bytes of shared memory. Threads are stored as linear index + 1 (0: none).
+struct Sh {
+    uint32_t w_b, w_w;  // barrier counts (block, warp) when written
+    uint32_t r_b, r_w;  // ... when last read
+    uint16_t w_t, r_t;  // writer, last reader (kManyReaders: two unordered readers)
+    uint8_t st;         // kUnwritten, kWritten, kPending (a cp.async of thread w_t in flight)
+};
+static const uint16_t kManyReaders = 0xffff;
+enum : uint8_t { kUnwritten = 0, kWritten = 1, kPending = 2 };
+
+// A static shared array of the running block.
+struct StaticArr {
+    const void* key;
+    size_t off, bytes;
+    const char* name;
+};
 
 struct Worker {
     char* stacks = nullptr;
     int guarded = 0;  // stacks whose guard page is set
     Fiber fibers[kMaxThreads];
     Ctx sched;
-    unsigned char* smem = nullptr;
+    unsigned char* smem = nullptr;  // the shared-memory arena: dynamic at 0, static arrays after
+    Sh* shadow = nullptr;           // one entry per 2 bytes of the arena
+    size_t dyn_bytes = 0, static_top = 0;
+    std::vector<StaticArr> statics;
+    uint32_t bsync = 1;             // __syncthreads resolved so far
+    uint32_t wsync[kMaxThreads / 32];  // full-warp __syncwarp (and __syncthreads) per warp
 
     void prepare(unsigned n) {
         if (!stacks) {
@@ -179,13 +213,15 @@ struct Worker {
                 abort();
             }
             stacks = static_cast<char*>(p);
-            smem = static_cast<unsigned char*>(std::malloc(kMaxSmem));
+            smem = static_cast<unsigned char*>(std::aligned_alloc(64, kArena));
+            shadow = static_cast<Sh*>(std::calloc(kArena / 2, sizeof(Sh)));
         }
         for (; guarded < (int)n; ++guarded) mprotect(stacks + kSlot * guarded, kGuard, PROT_NONE);
     }
     ~Worker() {
         if (stacks) munmap(stacks, kSlot * kMaxThreads);
         std::free(smem);
+        std::free(shadow);
     }
 };
 static thread_local Worker* t_worker = nullptr;
@@ -204,6 +240,10 @@ static Worker& worker() {
 static void fiber_main(void* p) {
     Fiber* f = static_cast<Fiber*>(p);
     tl.job->body(tl.job->ctx);
+    if (!f->copies.empty())
+        record(tl.job, fmt("thread exits with %zu cp.async copies pending (%zu committed groups; the first issued at line %d): "
+                           "no cp_async_wait_group for them, at %s",
+                           f->copies.size(), f->group_ends.size(), f->copies[0].line, where().c_str()));
     f->st = DONE;
     ctx_switch(&f->ctx, &t_worker->sched);
     __builtin_trap();
@@ -223,6 +263,7 @@ int syncthreads(int line, int kind, int pred) {
 
 uint64_t warp_op(int line, int kind, unsigned mask, uint64_t val, int arg, int width) {
     Fiber* f = tl.fiber;
+    if (kind >= W_LDMATRIX) mask = 0xffffffffu;  // .aligned: the whole warp
     f->st = WARP;
     f->line = line;
     f->kind = kind;
@@ -242,6 +283,341 @@ unsigned activemask() {
     return m;
 }
 
+// ---- checked shared memory (emu/shared.h) ------------------------------------------------------
+static std::string thread_name(unsigned lin) {
+    const uint3 bd = tl.block_dim;
+    return fmt("thread (%u,%u,%u)", lin % bd.x, (lin / bd.x) % bd.y, lin / (bd.x * bd.y));
+}
+
+// "static shared `As` byte 12" / "dynamic shared memory byte 12" for arena offset `o`.
+static std::string describe(const Worker& w, size_t o) {
+    for (const StaticArr& a : w.statics)
+        if (o >= a.off && o < a.off + a.bytes) return fmt("static shared `%s` byte %zu", a.name, o - a.off);
+    if (o < w.dyn_bytes || o == 0) return fmt("dynamic shared memory byte %zu", o);
+    return fmt("shared memory arena byte %zu (outside every array)", o);
+}
+
+// Whether an access by thread `t` (linear + 1) at barrier counts (b, wv) happens before the running thread's.
+static inline bool ordered(const Worker& w, unsigned me, uint16_t t, uint32_t b, uint32_t wv) {
+    if (t == kManyReaders) return b < w.bsync;
+    unsigned o = unsigned(t) - 1;
+    return o == me || b < w.bsync || ((o >> 5) == (me >> 5) && wv < w.wsync[me >> 5]);
+}
+
+static void shared_fault(Worker& w, size_t o, const char* what, const std::string& more) {
+    record(tl.job, fmt("%s: %s%s, at %s", what, describe(w, o).c_str(), more.c_str(), where().c_str()));
+}
+
+// The write checks of one granule; false after recording a fault.
+static inline bool check_write(Worker& w, size_t g, unsigned me) {
+    Sh& e = w.shadow[g];
+    if (e.st == kPending) {
+        shared_fault(w, 2 * g, "write to a cp.async destination before its cp_async_wait_group",
+                     fmt(" (copy of %s in flight)", thread_name(e.w_t - 1).c_str()));
+        return false;
+    }
+    if (e.st == kWritten && !ordered(w, me, e.w_t, e.w_b, e.w_w)) {
+        shared_fault(w, 2 * g, "write-after-write race (no __syncthreads between)",
+                     fmt(", written before by %s", thread_name(e.w_t - 1).c_str()));
+        return false;
+    }
+    if (e.r_t && !ordered(w, me, e.r_t, e.r_b, e.r_w)) {
+        shared_fault(w, 2 * g, "write-after-read race (no __syncthreads between the read and this write)",
+                     e.r_t == kManyReaders ? std::string(", read by several threads since the last barrier")
+                                           : fmt(", read by %s since the last barrier", thread_name(e.r_t - 1).c_str()));
+        return false;
+    }
+    return true;
+}
+
+static inline void mark_written(Worker& w, size_t g, unsigned me) {
+    Sh& e = w.shadow[g];
+    e.st = kWritten;
+    e.w_t = uint16_t(me + 1);
+    e.w_b = w.bsync;
+    e.w_w = w.wsync[me >> 5];
+    e.r_t = 0;
+}
+
+// The read checks and bookkeeping of one granule; false after recording a fault.
+static inline bool check_read(Worker& w, size_t g, unsigned me) {
+    Sh& e = w.shadow[g];
+    if (__builtin_expect(e.st != kWritten, 0)) {
+        if (e.st == kUnwritten) shared_fault(w, 2 * g, "read of shared memory nothing wrote", "");
+        else
+            shared_fault(w, 2 * g, "read of a cp.async destination before its cp_async_wait_group",
+                         fmt(" (copy of %s in flight)", thread_name(e.w_t - 1).c_str()));
+        return false;
+    }
+    if (!ordered(w, me, e.w_t, e.w_b, e.w_w)) {
+        shared_fault(w, 2 * g, "read-after-write race (no __syncthreads between the write and this read)",
+                     fmt(", written by %s since the last barrier", thread_name(e.w_t - 1).c_str()));
+        return false;
+    }
+    if (!e.r_t || ordered(w, me, e.r_t, e.r_b, e.r_w)) e.r_t = uint16_t(me + 1);
+    else if (e.r_t != me + 1) e.r_t = kManyReaders;
+    e.r_b = w.bsync;
+    e.r_w = w.wsync[me >> 5];
+    return true;
+}
+
+// Arena offset of `p`, or false when it is not in the arena (a redirected out-of-bounds cell).
+static inline bool arena_off(const Worker& w, const void* p, size_t* o) {
+    *o = size_t(static_cast<const unsigned char*>(p) - w.smem);
+    return static_cast<const unsigned char*>(p) >= w.smem && *o < kArena;
+}
+
+void sh_read(const void* p, int bytes) {
+    Worker& w = *t_worker;
+    size_t o;
+    if (!arena_off(w, p, &o)) return;
+    for (size_t g = o >> 1, e = (o + size_t(bytes) + 1) >> 1; g < e; ++g)
+        if (!check_read(w, g, tl.lin)) return;
+}
+
+void sh_write(const void* p, int bytes) {
+    Worker& w = *t_worker;
+    size_t o;
+    if (!arena_off(w, p, &o)) return;
+    for (size_t g = o >> 1, e = (o + size_t(bytes) + 1) >> 1; g < e; ++g) {
+        if (!check_write(w, g, tl.lin)) return;
+        mark_written(w, g, tl.lin);
+    }
+}
+
+// Fills [off, off + bytes) with the poison pattern, nothing written.
+static void poison(Worker& w, size_t off, size_t bytes) {
+    std::memset(w.smem + off, 0xff, bytes);
+    std::memset(static_cast<void*>(w.shadow + off / 2), 0, ((bytes + 1) / 2) * sizeof(Sh));
+}
+
+unsigned char* static_smem(const void* key, long long bytes, const char* name) {
+    Worker& w = *t_worker;
+    for (const StaticArr& a : w.statics)
+        if (a.key == key) return w.smem + a.off;
+    size_t off = (w.static_top + 15) & ~size_t(15);
+    size_t first = (w.dyn_bytes + 16 + 15) & ~size_t(15);
+    if (off + size_t(bytes) - first > kMaxStaticSmem || off + size_t(bytes) > kMaxSmem + 15) {
+        record(tl.job, fmt("static shared memory: `%s` (%lld bytes) makes %zu bytes of static and %zu of dynamic shared memory "
+                           "(at most %zu static, %zu in all), at %s",
+                           name, bytes, off + size_t(bytes) - first, w.dyn_bytes, kMaxStaticSmem, kMaxSmem, where().c_str()));
+        off = first;  // the launch fails; keep accesses inside the arena meanwhile
+    }
+    w.statics.push_back(StaticArr{key, off, size_t(bytes), name});
+    w.static_top = off + size_t(bytes);
+    poison(w, off, size_t(bytes));
+    return w.smem + off;
+}
+
+void oob_shared(const void* base, long long index, long long len) {
+    Worker& w = *t_worker;
+    size_t o = 0;
+    std::string what = "shared memory";
+    if (arena_off(w, base, &o)) {
+        what = describe(w, o);
+        what = what.substr(0, what.find(" byte"));  // the array's name
+    }
+    record(tl.job, fmt("out-of-bounds access: %s index %lld, length %lld, at %s", what.c_str(), index, len, where().c_str()));
+}
+
+// ---- cp.async (emu/tensor.h) -------------------------------------------------------------------
+void cp_async_fail(int line, const char* what, int arg, long long byte_off, long long len_bytes, int bytes) {
+    record(tl.job, fmt("cp.async of %d bytes at line %d: %s: argument %d byte offset %lld (buffer of %lld bytes), at %s",
+                       bytes, line, what, arg, byte_off, len_bytes, where().c_str()));
+}
+
+void cp_async_issue(int line, const unsigned char* dst, long long dst_avail, const unsigned char* src, int bytes) {
+    Worker& w = *t_worker;
+    size_t o;
+    if (!arena_off(w, dst, &o)) {
+        record(tl.job, fmt("cp.async at line %d: the destination is not shared memory, at %s", line, where().c_str()));
+        return;
+    }
+    if (o % size_t(bytes)) {
+        record(tl.job, fmt("cp.async of %d bytes at line %d: misaligned destination address %s, at %s", bytes, line,
+                           describe(w, o).c_str(), where().c_str()));
+        return;
+    }
+    if (dst_avail < bytes) {
+        record(tl.job, fmt("cp.async of %d bytes at line %d: out-of-bounds destination %s (%lld bytes left in the array), at %s",
+                           bytes, line, describe(w, o).c_str(), dst_avail < 0 ? 0 : dst_avail, where().c_str()));
+        return;
+    }
+    const unsigned me = tl.lin;
+    for (size_t g = o / 2; g < (o + size_t(bytes)) / 2; ++g) {
+        if (!check_write(w, g, me)) return;
+        Sh& e = w.shadow[g];
+        e.st = kPending;
+        e.w_t = uint16_t(me + 1);
+        e.r_t = 0;
+    }
+    std::memset(w.smem + o, 0xff, size_t(bytes));  // poison until the wait
+    Copy c;
+    c.dst = w.smem + o;
+    c.bytes = bytes;
+    c.line = line;
+    std::memcpy(c.data, src, size_t(bytes));
+    tl.fiber->copies.push_back(c);
+}
+
+void cp_async_commit(int) { tl.fiber->group_ends.push_back(tl.fiber->copies.size()); }
+
+void cp_async_wait(int, int n) {
+    Fiber* f = tl.fiber;
+    Worker& w = *t_worker;
+    if (n < 0) n = 0;
+    while (f->group_ends.size() > size_t(n)) {
+        size_t k = f->group_ends.front();
+        for (size_t i = 0; i < k; ++i) {
+            const Copy& c = f->copies[i];
+            std::memcpy(c.dst, c.data, size_t(c.bytes));
+            size_t o = size_t(c.dst - w.smem);
+            for (size_t g = o / 2; g < (o + size_t(c.bytes)) / 2; ++g) mark_written(w, g, tl.lin);
+        }
+        f->copies.erase(f->copies.begin(), f->copies.begin() + long(k));
+        f->group_ends.erase(f->group_ends.begin());
+        for (size_t& e : f->group_ends) e -= k;
+    }
+}
+
+// ---- ldmatrix and mma.sync (emu/tensor.h) ------------------------------------------------------
+void ldmatrix(int line, int num, bool trans, LdmLane* lane) {
+    warp_op(line, W_LDMATRIX, 0xffffffffu, reinterpret_cast<uint64_t>(lane), num, trans ? 1 : 0);
+}
+
+void mma(int line, int type, MmaLane* lane) { warp_op(line, W_MMA, 0xffffffffu, reinterpret_cast<uint64_t>(lane), type, 0); }
+
+static inline uint16_t u16_at(const unsigned char* p) {
+    uint16_t v;
+    std::memcpy(&v, p, 2);
+    return v;
+}
+
+// Runs one ldmatrix of the 32 lanes F[0..32). False after recording an error.
+static bool run_ldmatrix(Worker& w, Fiber* F, unsigned base) {
+    const int num = F[0].arg;
+    const bool trans = F[0].width != 0;
+    const char* op = trans ? "ldmatrix .trans" : "ldmatrix";
+    const unsigned char* rows[4][8];
+    for (int i = 0; i < num; ++i)
+        for (int r = 0; r < 8; ++r) {
+            unsigned s = unsigned(8 * i + r);
+            const LdmLane* L = reinterpret_cast<const LdmLane*>(F[s].val);
+            tl.thread_idx = F[s].tid;
+            tl.lin = base + s;
+            size_t o;
+            if (!arena_off(w, L->addr, &o)) {
+                record(tl.job, fmt("%s.x%d: the row address of lane %u is not shared memory, at %s", op, num, s, where().c_str()));
+                return false;
+            }
+            if (o % 16) {
+                record(tl.job, fmt("%s.x%d: misaligned row address of lane %u: %s is not 16-byte aligned, at %s", op, num, s,
+                                   describe(w, o).c_str(), where().c_str()));
+                return false;
+            }
+            if (L->avail < 16) {
+                record(tl.job, fmt("out-of-bounds access: %s.x%d row of lane %u at %s needs 16 bytes, %lld left in the array, at %s", op,
+                                   num, s, describe(w, o).c_str(), L->avail < 0 ? 0 : L->avail, where().c_str()));
+                return false;
+            }
+            for (size_t g = o / 2; g < o / 2 + 8; ++g)
+                if (!check_read(w, g, base + s)) return false;
+            rows[i][r] = L->addr;
+        }
+    for (unsigned l = 0; l < 32; ++l) {
+        const unsigned g = l >> 2, t = l & 3;
+        unsigned* out = reinterpret_cast<const LdmLane*>(F[l].val)->out;
+        for (int i = 0; i < num; ++i) {
+            uint16_t lo, hi;
+            if (!trans) {
+                lo = u16_at(rows[i][g] + 4 * t);
+                hi = u16_at(rows[i][g] + 4 * t + 2);
+            } else {
+                lo = u16_at(rows[i][2 * t] + 2 * g);
+                hi = u16_at(rows[i][2 * t + 1] + 2 * g);
+            }
+            out[i] = unsigned(lo) | (unsigned(hi) << 16);
+        }
+    }
+    return true;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.f32 of the 32 lanes F[0..32): the fragments are
+// gathered by the PTX ISA layouts (groupID g = lane / 4, threadID_in_group t = lane % 4):
+//  A (16x16): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
+//  B (16x8):  b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]
+//  C, D (16x8): c[0..1] = C[g][2t..2t+1], c[2..3] = C[g+8][2t..2t+1]
+// (the lower half of a register holds the lower column / row). Products are exact in double and
+// summed there, then rounded once to f32.
+static void run_mma(Fiber* F) {
+    const bool bf = F[0].arg == MMA_BF16;
+    auto h = [bf](unsigned reg, int hi) {
+        uint16_t v = uint16_t(hi ? reg >> 16 : reg & 0xffffu);
+        return double(bf ? bf16_bits_to_f32(v) : f16_bits_to_f32(v));
+    };
+    double A[16][16], B[16][8], C[16][8];
+    for (unsigned l = 0; l < 32; ++l) {
+        const MmaLane* L = reinterpret_cast<const MmaLane*>(F[l].val);
+        const unsigned g = l >> 2, t = l & 3;
+        for (int j = 0; j < 2; ++j) {
+            A[g][2 * t + j] = h(L->a[0], j);
+            A[g + 8][2 * t + j] = h(L->a[1], j);
+            A[g][2 * t + 8 + j] = h(L->a[2], j);
+            A[g + 8][2 * t + 8 + j] = h(L->a[3], j);
+            B[2 * t + j][g] = h(L->b[0], j);
+            B[2 * t + 8 + j][g] = h(L->b[1], j);
+            C[g][2 * t + j] = L->c[j];
+            C[g + 8][2 * t + j] = L->c[2 + j];
+        }
+    }
+    float D[16][8];
+    for (int m = 0; m < 16; ++m)
+        for (int n = 0; n < 8; ++n) {
+            double acc = C[m][n];
+            for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][n];
+            D[m][n] = float(acc);
+        }
+    for (unsigned l = 0; l < 32; ++l) {
+        float* d = reinterpret_cast<const MmaLane*>(F[l].val)->d;
+        const unsigned g = l >> 2, t = l & 3;
+        d[0] = D[g][2 * t];
+        d[1] = D[g][2 * t + 1];
+        d[2] = D[g + 8][2 * t];
+        d[3] = D[g + 8][2 * t + 1];
+    }
+}
+
+// A `.sync.aligned` operation waited on by lane l of the warp at F: runs it once all 32 lanes wait
+// there. Returns 1 when it ran, 0 when lanes are still running, -1 after recording an error.
+static int resolve_aligned(Job* J, Worker& w, Fiber* F, unsigned base, unsigned cnt, unsigned l) {
+    const char* op = warp_name(F[l].kind);
+    tl.thread_idx = F[l].tid;
+    if (cnt < 32) {
+        record(J, fmt("%s at line %d: the warp has %u threads (a block of %u): all 32 lanes must execute it, at %s", op, F[l].line,
+                      cnt, J->nthreads, where().c_str()));
+        return -1;
+    }
+    for (unsigned j = 0; j < 32; ++j) {
+        if (F[j].st == DONE) {
+            record(J, fmt("%s at line %d: lane %u has exited: all 32 lanes must execute it, at %s", op, F[l].line, j, where().c_str()));
+            return -1;
+        }
+        if (F[j].st != WARP) return 0;
+        if (F[j].kind != F[l].kind || F[j].line != F[l].line || F[j].arg != F[l].arg || F[j].width != F[l].width) {
+            record(J, fmt("%s at line %d: lane %u is at %s (line %d): divergent lanes at a .sync.aligned operation, at %s", op,
+                          F[l].line, j, warp_name(F[j].kind), F[j].line, where().c_str()));
+            return -1;
+        }
+    }
+    if (F[l].kind == W_LDMATRIX) {
+        if (!run_ldmatrix(w, F, base)) return -1;
+    } else {
+        run_mma(F);
+    }
+    for (unsigned j = 0; j < 32; ++j) F[j].st = RUN;
+    return 1;
+}
+
 // Resolves the warp collectives whose lanes have all arrived. Returns how many groups ran, or -1
 // after recording an error.
 static int resolve_warps(Job* J, Worker& w, unsigned n) {
@@ -254,6 +630,15 @@ static int resolve_warps(Job* J, Worker& w, unsigned n) {
             if (F[l].st != WARP || (handled >> l & 1)) continue;
             unsigned m = F[l].mask;
             tl.thread_idx = F[l].tid;
+            if (F[l].kind >= W_LDMATRIX) {
+                int r = resolve_aligned(J, w, F, base, cnt, l);
+                if (r < 0) return -1;
+                if (r > 0) {
+                    handled = 0xffffffffu;
+                    ++done;
+                }
+                continue;
+            }
             if (!(m >> l & 1)) {
                 record(J, fmt("%s at line %d: mask 0x%08x does not include the calling lane %u, at %s",
                               warp_name(F[l].kind), F[l].line, m, l, where().c_str()));
@@ -281,6 +666,13 @@ static int resolve_warps(Job* J, Worker& w, unsigned n) {
             uint64_t bal = 0;
             for (unsigned j = 0; j < cnt; ++j)
                 if ((group >> j & 1) && F[j].val) bal |= 1ull << j;
+            if (kind == W_SYNCWARP) {
+                // Orders the shared-memory accesses of the warp when every live lane took part.
+                unsigned live = 0;
+                for (unsigned j = 0; j < cnt; ++j)
+                    if (F[j].st != DONE) live |= 1u << j;
+                if (group == live) ++w.wsync[base / 32];
+            }
             for (unsigned j = 0; j < cnt; ++j) {
                 if (!(group >> j & 1)) continue;
                 Fiber& f = F[j];
@@ -302,8 +694,17 @@ static int resolve_warps(Job* J, Worker& w, unsigned n) {
                 case W_ALL: f.res = bal == group; continue;
                 default: f.res = 0; continue;
                 }
-                // A lane outside the group: undefined on a GPU; all-ones bits here (NaN, -1).
-                f.res = (src >= 0 && src < 32 && (group >> src & 1)) ? F[src].val : ~0ull;
+                // A lane outside the group: undefined on a GPU, an error here.
+                if (!(src >= 0 && src < 32 && (group >> src & 1))) {
+                    tl.thread_idx = f.tid;
+                    const char* why = src < 0 || src >= int(cnt) ? "which does not exist (a partial warp)"
+                                      : F[src].st == DONE        ? "which has exited"
+                                                                 : "which is not in the mask";
+                    record(J, fmt("%s at line %d: lane %u reads lane %d, %s (mask 0x%08x): an undefined value on a GPU, at %s",
+                                  warp_name(kind), f.line, j, src, why, m, where().c_str()));
+                    return -1;
+                }
+                f.res = F[src].val;
             }
         }
     }
@@ -337,11 +738,18 @@ static bool run_block(Job* J, Worker& w, uint3 bid) {
     const bool rev = J->L->schedule == 1;
     const uint3 bd = tl.block_dim;
     tl.block_idx = bid;
-    if (J->L->shmem) std::memset(w.smem, 0xff, J->L->shmem);  // uninitialized shared memory reads as NaN
+    // Every block starts with poisoned shared memory: dynamic here, static arrays when first declared.
+    w.dyn_bytes = J->L->shmem;
+    w.static_top = w.dyn_bytes + 16;  // a gap: no static array starts where dynamic memory does
+    w.statics.clear();
+    poison(w, 0, w.dyn_bytes);
+    ++w.bsync;
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = w.fibers[i];
         f.tid = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
         f.st = RUN;
+        f.copies.clear();
+        f.group_ends.clear();
         ctx_make(&f.ctx, w.stacks + kSlot * i + kGuard, DEEPIS_EMU_STACK_BYTES, &fiber_main, &f);
     }
     for (;;) {
@@ -350,6 +758,7 @@ static bool run_block(Job* J, Worker& w, uint3 bid) {
             if (f.st != RUN) continue;
             tl.fiber = &f;
             tl.thread_idx = f.tid;
+            tl.lin = unsigned(&f - w.fibers);
             ctx_switch(&w.sched, &f.ctx);
         }
         unsigned nbar = 0, nwarp = 0, ndone = 0;
@@ -389,6 +798,7 @@ static bool run_block(Job* J, Worker& w, uint3 bid) {
             count += f.val != 0;
         }
         int res = first->kind == B_COUNT ? int(count) : first->kind == B_AND ? count == n : first->kind == B_OR ? count > 0 : 0;
+        ++w.bsync;
         for (unsigned i = 0; i < n; ++i) {
             w.fibers[i].res = res;
             w.fibers[i].st = RUN;

@@ -5,7 +5,8 @@
 //  - every CUDA thread is a fiber with its own stack of DEEPIS_EMU_STACK_BYTES (64 KiB, a guard
 //    page below it): enough for kernels with small local arrays (a few KiB), not for large ones;
 //  - one block runs at a time on an OS thread; blocks of a grid run in parallel on a few OS threads;
-//    `__shared__` is `static thread_local`, so static shared memory is per block;
+//    shared memory (static `DEEPIS_SHARED` arrays and dynamic) lives in a per-worker arena, poisoned
+//    (0xff bytes) at block start, and every access is checked (emu/shared.h);
 //  - a block's fibers run in the launch's schedule order (Forward 0..n-1 or Reverse n-1..0) until
 //    each blocks at a barrier, a warp collective, or exits; barriers and collectives then resolve;
 //  - `gptr<T>` is bounds-checked: an out-of-bounds access is recorded (kernel, argument, index,
@@ -13,8 +14,9 @@
 //  - checks that fail a launch: out-of-bounds access, `__syncthreads` not reached by every thread of
 //    the block (some exited or wait at another barrier), a warp collective whose mask names a lane
 //    that waits at `__syncthreads` (deadlock on a GPU), collectives of different kinds in one mask.
-//  - a warp collective that reads a lane outside its mask (or an exited lane) gets all-ones bits
-//    (NaN, -1): the GPU gives an undefined value.
+//  - a shuffle that reads a lane outside its mask or an exited lane fails the launch (the GPU gives
+//    an undefined value);
+//  - tensor-core operations and async copies: emu/tensor.h.
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -26,6 +28,9 @@
 #include <utility>
 
 #define DEEPIS_EMU_STACK_BYTES (64 * 1024)
+
+struct f16;  // deepis_device.h
+struct bf16;
 
 struct uint3 { unsigned x, y, z; };
 struct dim3 {
@@ -56,12 +61,14 @@ struct Tls {
     uint3 grid_dim;
     unsigned char* dyn_smem;
     size_t dyn_smem_bytes;
+    unsigned lin;  // linear index of the running thread in its block
     Job* job;
     Fiber* fiber;
 };
 extern __thread Tls tl;  // __thread: no TLS wrapper call on each threadIdx read
 
-enum WarpKind : int { W_SHFL, W_SHFL_UP, W_SHFL_DOWN, W_SHFL_XOR, W_BALLOT, W_ANY, W_ALL, W_SYNCWARP };
+// W_LDMATRIX and later: `.sync.aligned` operations of the whole warp (all 32 lanes, one line).
+enum WarpKind : int { W_SHFL, W_SHFL_UP, W_SHFL_DOWN, W_SHFL_XOR, W_BALLOT, W_ANY, W_ALL, W_SYNCWARP, W_LDMATRIX, W_MMA };
 enum BarKind : int { B_SYNC, B_COUNT, B_AND, B_OR };
 
 int syncthreads(int line, int kind, int pred);
@@ -124,11 +131,8 @@ template <class T> struct gptr {
     friend bool operator<(const gptr& a, const gptr& b) { return a.base + a.off < b.base + b.off; }
 };
 
-namespace emu {
-template <class T> inline gptr<T> dyn_smem() {
-    return gptr<T>(reinterpret_cast<T*>(tl.dyn_smem), (long long)(tl.dyn_smem_bytes / sizeof(T)), -1);
-}
-}  // namespace emu
+#include "shared.h"
+#include "tensor.h"
 
 // ---- CUDA keywords ---------------------------------------------------------------------------
 #define __global__
@@ -141,8 +145,8 @@ template <class T> inline gptr<T> dyn_smem() {
 #define __restrict__
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-#define __shared__ static thread_local
-#define DEEPIS_DYN_SMEM(T, name) ::gptr<T> name = ::emu::dyn_smem<T>()
+// Static shared arrays are DEEPIS_SHARED / DEEPIS_SHARED2, so that the emulator can check them.
+#define __shared__ static_assert(false, "deepis emulator: declare static shared arrays with DEEPIS_SHARED(T, name, n)");
 #define DEEPIS_DEVICE inline
 
 #define threadIdx (::emu::tl.thread_idx)
@@ -285,8 +289,15 @@ namespace emu {
 int run_grid(const EmuLaunch* L, const char* kernel, void (*body)(void*), void* ctx);
 
 template <class P> struct Arg;  // a kernel parameter type outside gptr<T>/int/float has no Arg
+// A buffer's element kind: 'H' f16, 'G' bf16, 'U' any 16-bit word, 'B' 32-bit and others;
+// lower case for a const element. src/gpu/emu.rs matches them against the buffers' dtypes.
+template <class T> constexpr char elem_sig() {
+    using U = std::remove_const_t<T>;
+    char c = std::is_same<U, f16>::value ? 'H' : std::is_same<U, bf16>::value ? 'G' : sizeof(U) == 2 ? 'U' : 'B';
+    return std::is_const<T>::value ? char(c + 32) : c;
+}
 template <class T> struct Arg<gptr<T>> {
-    static constexpr char sig = std::is_const<T>::value ? 'b' : 'B';
+    static constexpr char sig = elem_sig<T>();
     static gptr<T> get(void* a, int index) {
         auto* d = static_cast<EmuBufArg*>(a);
         return gptr<T>(static_cast<T*>(d->ptr), (long long)(d->bytes / sizeof(T)), index);

@@ -24,7 +24,7 @@
 #include "deepis_device.h"
 
 extern "C" __global__ void emu_block_sum(gptr<const float> x, gptr<float> out, int n) {
-    __shared__ float s[256];
+    DEEPIS_SHARED(float, s, 256);
     int t = threadIdx.x;
     int i = blockIdx.x * 256 + t;
     s[t] = i < n ? x[i] : 0.0f;
@@ -37,7 +37,7 @@ extern "C" __global__ void emu_block_sum(gptr<const float> x, gptr<float> out, i
 }
 
 extern "C" __global__ void emu_block_sum_nosync(gptr<const float> x, gptr<float> out, int n) {
-    __shared__ float s[256];
+    DEEPIS_SHARED(float, s, 256);
     int t = threadIdx.x;
     int i = blockIdx.x * 256 + t;
     s[t] = i < n ? x[i] : 0.0f;
@@ -112,7 +112,7 @@ extern "C" __global__ void emu_copy_off_by_one(gptr<const float> x, gptr<float> 
 }
 
 extern "C" __global__ void emu_divergent_barrier(gptr<float> y) {
-    __shared__ float s[64];
+    DEEPIS_SHARED(float, s, 64);
     int t = threadIdx.x;
     if (t >= 16) return;  // BUG (on purpose): the other threads never reach the barrier
     s[t] = (float)t;
@@ -129,7 +129,7 @@ extern "C" __global__ void emu_divergent_shfl(gptr<float> y) {
 }
 
 extern "C" __global__ void emu_mismatched_barriers(gptr<float> y) {
-    __shared__ float s[64];
+    DEEPIS_SHARED(float, s, 64);
     int t = threadIdx.x;
     s[t] = (float)t;
     if (t < 32) {
@@ -150,7 +150,7 @@ extern "C" __global__ void emu_sync_count(gptr<const float> x, gptr<float> y) {
 }
 
 extern "C" __global__ void emu_bench_barriers(gptr<float> y, int rounds) {
-    __shared__ float s[256];
+    DEEPIS_SHARED(float, s, 256);
     int t = threadIdx.x;
     float v = (float)(blockIdx.x * blockDim.x + t);
     for (int r = 0; r < rounds; ++r) {

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
-use crate::gpu::{kernels, nvrtc, Device, KArg, LaunchCfg};
+use crate::gpu::{from_half_bits, kernels, nvrtc, DType, Device, KArg, LaunchCfg};
 
 /// Dynamic shared memory a kernel may use without opting in.
 const DEFAULT_DYN_SMEM: u32 = 48 * 1024;
@@ -23,11 +23,17 @@ pub fn cuda_available() -> bool {
     matches!(CudaContext::device_count(), Ok(n) if n > 0)
 }
 
+/// A device buffer: f32, or 16-bit words of an f16 / bf16 tensor.
+pub enum CudaBuf {
+    F32(CudaSlice<f32>),
+    Half(CudaSlice<u16>, DType),
+}
+
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     _modules: Vec<Arc<CudaModule>>,
-    funcs: HashMap<&'static str, CudaFunction>,
+    funcs: HashMap<String, CudaFunction>,
     name: String,
     arch: String,
 }
@@ -61,7 +67,7 @@ impl CudaDevice {
                 .map_err(|e| Error::kernel(file, format!("loading the {arch} cubin: {e}")))?;
             for kernel in kernels::kernels_of(file) {
                 let f = module.load_function(kernel).map_err(|e| Error::kernel(kernel, format!("lookup: {e}")))?;
-                funcs.insert(kernel, f);
+                funcs.insert(kernel.to_string(), f);
             }
             modules.push(module);
         }
@@ -83,10 +89,25 @@ impl CudaDevice {
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
+
+    /// Compiles and loads one more source (a test kernel of kernels/testing/) with its `kernels`.
+    pub fn load_source(&mut self, file: &str, src: &str, kernels: &[&str]) -> Result<()> {
+        let compiled = nvrtc::compile_cubin(file, src, &self.arch)?;
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(compiled.cubin))
+            .map_err(|e| Error::kernel(file, format!("loading the {} cubin: {e}", self.arch)))?;
+        for &kernel in kernels {
+            let f = module.load_function(kernel).map_err(|e| Error::kernel(kernel, format!("lookup: {e}")))?;
+            self.funcs.insert(kernel.to_string(), f);
+        }
+        self._modules.push(module);
+        Ok(())
+    }
 }
 
 impl Device for CudaDevice {
-    type Buf = CudaSlice<f32>;
+    type Buf = CudaBuf;
 
     fn name(&self) -> String {
         self.name.clone()
@@ -94,24 +115,52 @@ impl Device for CudaDevice {
 
     fn alloc_zeros(&self, len: usize) -> Result<Self::Buf> {
         if len == 0 {
-            return self.stream.null::<f32>().map_err(|e| drv("alloc", e));
+            return self.stream.null::<f32>().map(CudaBuf::F32).map_err(|e| drv("alloc", e));
         }
-        self.stream.alloc_zeros::<f32>(len).map_err(|e| drv("alloc", e))
+        self.stream.alloc_zeros::<f32>(len).map(CudaBuf::F32).map_err(|e| drv("alloc", e))
     }
 
     fn htod(&self, data: &[f32]) -> Result<Self::Buf> {
         if data.is_empty() {
             return self.alloc_zeros(0);
         }
-        self.stream.clone_htod(data).map_err(|e| drv("copy to device", e))
+        self.stream.clone_htod(data).map(CudaBuf::F32).map_err(|e| drv("copy to device", e))
     }
 
     fn dtoh(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
-        self.stream.clone_dtoh(buf).map_err(|e| drv("copy to host", e))
+        match buf {
+            CudaBuf::F32(s) => self.stream.clone_dtoh(s).map_err(|e| drv("copy to host", e)),
+            CudaBuf::Half(_, d) => Ok(from_half_bits(&self.dtoh_bits(buf)?, *d)),
+        }
     }
 
     fn buf_len(&self, buf: &Self::Buf) -> usize {
-        buf.len()
+        match buf {
+            CudaBuf::F32(s) => s.len(),
+            CudaBuf::Half(s, _) => s.len(),
+        }
+    }
+
+    fn buf_dtype(&self, buf: &Self::Buf) -> DType {
+        match buf {
+            CudaBuf::F32(_) => DType::F32,
+            CudaBuf::Half(_, d) => *d,
+        }
+    }
+
+    fn htod_bits(&self, bits: &[u16], dtype: DType) -> Result<Self::Buf> {
+        if dtype == DType::F32 {
+            return Err(Error::backend("cuda", "htod_bits: f32 is not a 16-bit type"));
+        }
+        let s = if bits.is_empty() { self.stream.null::<u16>() } else { self.stream.clone_htod(bits) };
+        s.map(|s| CudaBuf::Half(s, dtype)).map_err(|e| drv("copy to device", e))
+    }
+
+    fn dtoh_bits(&self, buf: &Self::Buf) -> Result<Vec<u16>> {
+        match buf {
+            CudaBuf::F32(_) => Err(Error::backend("cuda", "dtoh_bits: the buffer holds f32")),
+            CudaBuf::Half(s, _) => self.stream.clone_dtoh(s).map_err(|e| drv("copy to host", e)),
+        }
     }
 
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()> {
@@ -127,8 +176,11 @@ impl Device for CudaDevice {
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
-                KArg::Buf(buf) => {
-                    b.arg(*buf);
+                KArg::Buf(CudaBuf::F32(s)) => {
+                    b.arg(s);
+                }
+                KArg::Buf(CudaBuf::Half(s, _)) => {
+                    b.arg(s);
                 }
                 KArg::I32(_) => {
                     b.arg(&ints[ni]);
@@ -146,8 +198,9 @@ impl Device for CudaDevice {
             shared_mem_bytes: cfg.shmem,
         };
         // SAFETY: `args` is the kernel's parameter list in order, built by `ops` from the kernel's
-        // signature in kernels/*.cu: every `gptr<float>` gets a live CudaSlice<f32> (a device
-        // pointer), every `int` an i32 and every `float` an f32, all alive until the launch is queued;
+        // signature in kernels/*.cu: every `gptr<float>` gets a live CudaSlice<f32> and every
+        // `gptr<f16>` / `gptr<bf16>` a CudaSlice<u16> (device pointers; the emulator checks the
+        // element types against the same signatures), every `int` an i32 and every `float` an f32, all alive until the launch is queued;
         // `ops` checks every index the kernel computes against the buffer lengths.
         unsafe { b.launch(lc) }.map_err(|e| Error::kernel(kernel, format!("launch {cfg:?}: {e}")))?;
         Ok(())

@@ -6,7 +6,7 @@
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_void, CStr};
 
-use super::{Device, KArg, LaunchCfg};
+use super::{from_half_bits, DType, Device, KArg, LaunchCfg};
 use crate::error::{Error, Result};
 
 /// The order in which the threads of a block run between barriers, and the order of the blocks.
@@ -67,35 +67,68 @@ pub fn host_build_failures() -> &'static [(&'static str, &'static str)] {
     EMU_FAILED
 }
 
+/// 16 bytes, 16-byte aligned: the storage unit of an [`EmuBuf`], so that a buffer starts on the
+/// alignment cp.async and vector loads need (cudaMalloc gives 256).
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(16))]
+struct Block16([u8; 16]);
+
 /// A device buffer in host memory. Kernels write through `&EmuBuf` (as through a device pointer).
 pub struct EmuBuf {
-    data: UnsafeCell<Vec<f32>>,
+    data: UnsafeCell<Vec<Block16>>,
+    len: usize,
+    dtype: DType,
 }
 
 impl EmuBuf {
-    fn ptr(&self) -> *mut f32 {
-        // SAFETY: the Vec itself is never resized after creation; only its elements are written.
-        unsafe { (*self.data.get()).as_mut_ptr() }
+    fn from_bytes(bytes: &[u8], len: usize, dtype: DType) -> EmuBuf {
+        let mut v = vec![Block16([0; 16]); bytes.len().div_ceil(16)];
+        bytemuck::cast_slice_mut::<Block16, u8>(&mut v)[..bytes.len()].copy_from_slice(bytes);
+        EmuBuf { data: UnsafeCell::new(v), len, dtype }
+    }
+    fn ptr(&self) -> *mut u8 {
+        // SAFETY: the Vec itself is never resized after creation; only its bytes are written.
+        unsafe { (*self.data.get()).as_mut_ptr().cast() }
     }
     fn len(&self) -> usize {
-        // SAFETY: reading the length of a Vec that is never resized.
-        unsafe { (*self.data.get()).len() }
+        self.len
+    }
+    fn bytes(&self) -> usize {
+        self.len * self.dtype.bytes()
+    }
+    /// A copy of the buffer's bytes.
+    fn to_bytes(&self) -> Vec<u8> {
+        // SAFETY: launches are synchronous, so no kernel writes the buffer while it is read; the
+        // storage holds at least `bytes()` bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr(), self.bytes()) }.to_vec()
     }
 }
+
 
 /// The host emulator of the CUDA device.
 #[derive(Clone, Debug, Default)]
 pub struct EmuDevice {
     schedule: Schedule,
     threads: usize,
+    /// A bad DEEPIS_EMU_SCHEDULE, reported by every launch.
+    bad_env: Option<String>,
 }
 
+/// The environment variable that picks the schedule of [`EmuDevice::new`] (`forward`, `reverse`),
+/// so that whole-network runs (`deepis predict --backend emu`) can be repeated under both.
+pub const SCHEDULE_ENV: &str = "DEEPIS_EMU_SCHEDULE";
+
 impl EmuDevice {
+    /// The schedule of DEEPIS_EMU_SCHEDULE (Forward when unset).
     pub fn new() -> Self {
-        Self::default()
+        match std::env::var(SCHEDULE_ENV).ok().as_deref().map(str::trim) {
+            None | Some("") | Some("forward") => Self::default(),
+            Some("reverse") => Self::with_schedule(Schedule::Reverse),
+            Some(v) => EmuDevice { bad_env: Some(format!("{SCHEDULE_ENV}={v:?}: expected `forward` or `reverse`")), ..Self::default() },
+        }
     }
     pub fn with_schedule(schedule: Schedule) -> Self {
-        EmuDevice { schedule, threads: 0 }
+        EmuDevice { schedule, threads: 0, bad_env: None }
     }
     /// Runs blocks on `threads` OS threads (0: the default, `DEEPIS_EMU_THREADS` or the core count).
     pub fn threads(mut self, threads: usize) -> Self {
@@ -131,7 +164,10 @@ fn check_args(k: &EmuKernel, args: &[KArg<'_, EmuBuf>]) -> Result<()> {
     // SAFETY: the generated signature function returns a static NUL-terminated string.
     let sig = unsafe { CStr::from_ptr((k.sig)()) }.to_string_lossy();
     let want = |c: char| match c {
-        'B' | 'b' => "a buffer",
+        'B' | 'b' => "an f32 (32-bit) buffer",
+        'H' | 'h' => "an f16 buffer",
+        'G' | 'g' => "a bf16 buffer",
+        'U' | 'u' => "a 16-bit buffer",
         'i' => "an int",
         _ => "a float",
     };
@@ -139,9 +175,21 @@ fn check_args(k: &EmuKernel, args: &[KArg<'_, EmuBuf>]) -> Result<()> {
         return Err(Error::kernel(k.name, format!("takes {} arguments ({sig}), got {}", sig.len(), args.len())));
     }
     for (i, (c, a)) in sig.chars().zip(args).enumerate() {
-        let ok = matches!((c, a), ('B' | 'b', KArg::Buf(_)) | ('i', KArg::I32(_)) | ('f', KArg::F32(_)));
+        let ok = match (c, a) {
+            ('B' | 'b', KArg::Buf(b)) => b.dtype == DType::F32,
+            ('H' | 'h', KArg::Buf(b)) => b.dtype == DType::F16,
+            ('G' | 'g', KArg::Buf(b)) => b.dtype == DType::BF16,
+            ('U' | 'u', KArg::Buf(b)) => b.dtype != DType::F32,
+            ('i', KArg::I32(_)) | ('f', KArg::F32(_)) => true,
+            _ => false,
+        };
         if !ok {
-            return Err(Error::kernel(k.name, format!("argument {i} must be {}", want(c))));
+            let got = match a {
+                KArg::Buf(b) => format!("an {} buffer", b.dtype.name()),
+                KArg::I32(_) => "an int".into(),
+                KArg::F32(_) => "a float".into(),
+            };
+            return Err(Error::kernel(k.name, format!("argument {i} must be {}, got {got}", want(c))));
         }
     }
     Ok(())
@@ -151,20 +199,41 @@ impl Device for EmuDevice {
     type Buf = EmuBuf;
 
     fn name(&self) -> String {
-        "emu".into()
+        match self.schedule {
+            Schedule::Forward => "emu".into(),
+            Schedule::Reverse => "emu (reverse schedule)".into(),
+        }
     }
     fn alloc_zeros(&self, len: usize) -> Result<EmuBuf> {
-        Ok(EmuBuf { data: UnsafeCell::new(vec![0.0; len]) })
+        Ok(EmuBuf::from_bytes(&vec![0; len * 4], len, DType::F32))
     }
     fn htod(&self, data: &[f32]) -> Result<EmuBuf> {
-        Ok(EmuBuf { data: UnsafeCell::new(data.to_vec()) })
+        Ok(EmuBuf::from_bytes(bytemuck::cast_slice(data), data.len(), DType::F32))
     }
     fn dtoh(&self, buf: &EmuBuf) -> Result<Vec<f32>> {
-        // SAFETY: launches are synchronous, so no kernel writes the buffer while it is read.
-        Ok(unsafe { (*buf.data.get()).clone() })
+        let bytes = buf.to_bytes();
+        Ok(match buf.dtype {
+            DType::F32 => bytemuck::pod_collect_to_vec(&bytes),
+            d => from_half_bits(&bytemuck::pod_collect_to_vec(&bytes), d),
+        })
     }
     fn buf_len(&self, buf: &EmuBuf) -> usize {
         buf.len()
+    }
+    fn buf_dtype(&self, buf: &EmuBuf) -> DType {
+        buf.dtype
+    }
+    fn htod_bits(&self, bits: &[u16], dtype: DType) -> Result<EmuBuf> {
+        if dtype == DType::F32 {
+            return Err(Error::backend("emu", "htod_bits: f32 is not a 16-bit type"));
+        }
+        Ok(EmuBuf::from_bytes(bytemuck::cast_slice(bits), bits.len(), dtype))
+    }
+    fn dtoh_bits(&self, buf: &EmuBuf) -> Result<Vec<u16>> {
+        if buf.dtype == DType::F32 {
+            return Err(Error::backend("emu", "dtoh_bits: the buffer holds f32"));
+        }
+        Ok(bytemuck::pod_collect_to_vec(&buf.to_bytes()))
     }
 
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, EmuBuf>]) -> Result<()> {
@@ -174,6 +243,9 @@ impl Device for EmuDevice {
             }
             return Err(Error::kernel(kernel, "unknown kernel: no `extern \"C\" __global__` of that name in kernels/"));
         };
+        if let Some(e) = &self.bad_env {
+            return Err(Error::backend("emu", e));
+        }
         check_cfg(kernel, &cfg)?;
         check_args(k, args)?;
 
@@ -186,7 +258,7 @@ impl Device for EmuDevice {
         let mut slots: Vec<Slot> = args
             .iter()
             .map(|a| match a {
-                KArg::Buf(b) => Slot::Buf(EmuBufArg { ptr: b.ptr().cast(), bytes: (b.len() * 4) as u64 }),
+                KArg::Buf(b) => Slot::Buf(EmuBufArg { ptr: b.ptr().cast(), bytes: b.bytes() as u64 }),
                 KArg::I32(v) => Slot::I32(*v),
                 KArg::F32(v) => Slot::F32(*v),
             })

@@ -18,6 +18,13 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("batchnorm.cu", include_str!("../../kernels/batchnorm.cu")),
 ];
 
+/// (file, source) of the test-only kernels (kernels/testing/): run by the tests on the emulator and,
+/// where there is a GPU, on CUDA; compiled by `deepis kernels` with the others.
+pub const TESTING_SOURCES: &[(&str, &str)] = &[
+    ("testing/emu_checks.cu", include_str!("../../kernels/testing/emu_checks.cu")),
+    ("testing/tensor_checks.cu", include_str!("../../kernels/testing/tensor_checks.cu")),
+];
+
 pub const CONV3D_DIRECT: &str = "conv3d_direct_f32";
 pub const CONV3D_TILED: &str = "conv3d_tiled_f32";
 pub const CHANNEL_AFFINE: &str = "channel_affine_f32";
@@ -97,6 +104,20 @@ pub fn file_of(kernel: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_test_kernel_file_is_listed() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/testing");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| format!("testing/{}", e.file_name().to_string_lossy()))
+            .filter(|f| f.ends_with(".cu"))
+            .collect();
+        files.sort();
+        let listed: Vec<String> = TESTING_SOURCES.iter().map(|&(f, _)| f.to_string()).collect();
+        assert_eq!(files, listed);
+    }
 
     #[test]
     fn every_kernel_is_defined_in_its_file() {

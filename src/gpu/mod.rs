@@ -26,14 +26,73 @@ pub enum KArg<'a, B> {
     F32(f32),
 }
 
-/// A device that stores float32 buffers and launches the kernels of `kernels/` by name.
+/// The element type of a device buffer: float32, or a 16-bit float stored as its bit pattern
+/// (kernels see `gptr<f16>` / `gptr<bf16>`, deepis_device.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+/// `data` rounded to nearest even in a 16-bit type (the host side of `f16_from_f32` /
+/// `bf16_from_f32`); NaN stays NaN.
+pub fn to_half_bits(data: &[f32], dtype: DType) -> Vec<u16> {
+    match dtype {
+        DType::F16 => data.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect(),
+        DType::BF16 => data.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect(),
+        DType::F32 => panic!("to_half_bits: f32 is not a 16-bit type"),
+    }
+}
+
+/// The exact f32 value of each 16-bit word.
+pub fn from_half_bits(bits: &[u16], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F16 => bits.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect(),
+        DType::BF16 => bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect(),
+        DType::F32 => panic!("from_half_bits: f32 is not a 16-bit type"),
+    }
+}
+
+/// A device that stores f32, f16 and bf16 buffers and launches the kernels of `kernels/` by name.
+/// The f32 calls (`alloc_zeros`, `htod`) make f32 buffers; `dtoh` reads any buffer as f32 (exact).
 pub trait Device {
     type Buf;
     fn name(&self) -> String;
     fn alloc_zeros(&self, len: usize) -> Result<Self::Buf>;
     fn htod(&self, data: &[f32]) -> Result<Self::Buf>;
     fn dtoh(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Length in elements.
     fn buf_len(&self, buf: &Self::Buf) -> usize;
+    fn buf_dtype(&self, buf: &Self::Buf) -> DType;
+    /// A 16-bit buffer (`dtype` F16 or BF16) holding `bits`.
+    fn htod_bits(&self, bits: &[u16], dtype: DType) -> Result<Self::Buf>;
+    /// The bit patterns of a 16-bit buffer (an error for an f32 buffer).
+    fn dtoh_bits(&self, buf: &Self::Buf) -> Result<Vec<u16>>;
+    /// `data` in `dtype`: rounded once on the host (to nearest even), uploaded once; weights are
+    /// uploaded this way in the precision the kernels read.
+    fn htod_as(&self, data: &[f32], dtype: DType) -> Result<Self::Buf> {
+        match dtype {
+            DType::F32 => self.htod(data),
+            _ => self.htod_bits(&to_half_bits(data, dtype), dtype),
+        }
+    }
     /// Launches `kernel` (its `extern "C"` name) with `args` in the kernel's parameter order.
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;

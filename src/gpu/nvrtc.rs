@@ -250,10 +250,10 @@ pub fn compile_source_report(file: &str, src: &str, archs: &[String]) -> Result<
     Ok(out)
 }
 
-/// Compiles every kernel source of `kernels::SOURCES` for every arch.
+/// Compiles every kernel source of `kernels::SOURCES` and `kernels::TESTING_SOURCES` for every arch.
 pub fn compile_report(archs: &[String]) -> Result<Vec<KernelReport>> {
     let mut out = Vec::new();
-    for &(file, src) in kernels::SOURCES {
+    for &(file, src) in kernels::SOURCES.iter().chain(kernels::TESTING_SOURCES) {
         out.extend(compile_source_report(file, src, archs)?);
     }
     Ok(out)
@@ -262,12 +262,12 @@ pub fn compile_report(archs: &[String]) -> Result<Vec<KernelReport>> {
 /// The report as an aligned text table.
 pub fn format_table(reports: &[KernelReport]) -> String {
     let mut s = format!(
-        "{:<16} {:<22} {:<6} {:>5} {:>12} {:>11} {:>10}\n",
+        "{:<24} {:<24} {:<6} {:>5} {:>12} {:>11} {:>10}\n",
         "file", "kernel", "arch", "regs", "spill_stores", "spill_loads", "smem_bytes"
     );
     for r in reports {
         s += &format!(
-            "{:<16} {:<22} {:<6} {:>5} {:>12} {:>11} {:>10}\n",
+            "{:<24} {:<24} {:<6} {:>5} {:>12} {:>11} {:>10}\n",
             r.file, r.kernel, r.arch, r.registers, r.spill_stores, r.spill_loads, r.smem_bytes
         );
     }

@@ -1,0 +1,112 @@
+// tensor.h — the emulator's half of the tensor-core intrinsics of deepis_device.h (included by
+// emu.h): exact software fp16/bf16 conversions (round to nearest even), and `ldmatrix`, `mma.sync`
+// and `cp.async` as warp / thread operations of the runtime (emu.cpp):
+//  - ldmatrix and mma are warp collectives of all 32 lanes at one source line (a lane that exited,
+//    waits elsewhere, or a block whose last warp is partial, fails the launch); the runtime gathers
+//    every lane's registers by the PTX ISA fragment layouts, computes, and scatters the results;
+//  - ldmatrix row addresses must be 16-byte aligned and their 16 bytes inside the shared array;
+//  - cp.async checks the size (4, 8, 16), the alignment of both addresses to it and the bounds of
+//    both; its destination reads as poison (and fails the read) until the thread's matching
+//    cp_async_wait_group; a thread that exits with copies pending fails the launch.
+#pragma once
+
+namespace emu {
+
+inline uint16_t f32_to_f16_bits(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return 0x7fffu;                  // NaN: the canonical NaN, as cvt.rn.f16.f32
+    if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u); // >= 65520 rounds to infinity
+    if (ax >= 0x38800000u) {                                // normal in f16
+        const uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u);
+        return uint16_t(sign | ((r - 0x38000000u) >> 13));
+    }
+    if (ax <= 0x33000000u) return uint16_t(sign);  // <= 2^-25: rounds to zero (the tie to even)
+    const uint32_t e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u, sh = 126u - e;
+    uint32_t r = m >> sh;
+    const uint32_t rem = m & ((1u << sh) - 1u), half = 1u << (sh - 1u);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return uint16_t(sign | r);
+}
+
+inline float f16_bits_to_f32(uint16_t h) {
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t x;
+    if (e == 31) x = sign | 0x7f800000u | (m << 13);
+    else if (e) x = sign | ((e + 112u) << 23) | (m << 13);
+    else if (!m) x = sign;
+    else {
+        int k = 0;  // normalise the subnormal
+        uint32_t mm = m;
+        while (!(mm & 0x400u)) { mm <<= 1; ++k; }
+        x = sign | (uint32_t(113 - k) << 23) | ((mm & 0x3ffu) << 13);
+    }
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+
+inline uint16_t f32_to_bf16_bits(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;  // NaN: the canonical NaN, as cvt.rn.bf16.f32
+    return uint16_t((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+inline float bf16_bits_to_f32(uint16_t b) {
+    uint32_t x = uint32_t(b) << 16;
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+
+// ---- warp operations (runtime in emu.cpp) ------------------------------------------------------
+struct LdmLane {
+    const unsigned char* addr;  // this lane's row address (lanes 0..8*num-1 supply rows)
+    long long avail;            // bytes of its shared array from addr on (< 16: out of the array)
+    unsigned* out;              // num registers
+};
+struct MmaLane {
+    const unsigned* a;  // 4 registers of f16x2 / bf16x2
+    const unsigned* b;  // 2 registers
+    const float* c;     // 4 accumulators
+    float* d;           // 4 results (may be c)
+};
+enum MmaType : int { MMA_F16 = 0, MMA_BF16 = 1 };
+
+void ldmatrix(int line, int num, bool trans, LdmLane* lane);
+void mma(int line, int type, MmaLane* lane);
+
+template <class T> inline void ldmatrix_at(int line, int num, bool trans, unsigned* r, sptr<T> p) {
+    LdmLane l{p.addr(), p.off < 0 ? -1 : (p.len - p.off) * (long long)sizeof(T), r};
+    ldmatrix(line, num, trans, &l);
+}
+inline void mma_at(int line, int type, float* d, const unsigned* a, const unsigned* b, const float* c) {
+    MmaLane l{a, b, c, d};
+    mma(line, type, &l);
+}
+
+// ---- cp.async (runtime in emu.cpp) -------------------------------------------------------------
+// `src` holds the source bytes already read (src_bytes of them, zero-filled to `bytes`); checks of
+// the source were made by the caller.
+void cp_async_issue(int line, const unsigned char* dst, long long dst_avail, const unsigned char* src, int bytes);
+void cp_async_fail(int line, const char* what, int arg, long long byte_off, long long len_bytes, int bytes);
+void cp_async_commit(int line);
+void cp_async_wait(int line, int n);
+
+template <class D, class S>
+inline void cp_async_at(int line, int bytes, sptr<D> dst, gptr<S> src, int src_bytes) {
+    alignas(16) unsigned char buf[16] = {0};
+    const long long off = src.off * (long long)sizeof(S), len = src.len * (long long)sizeof(S);
+    const uintptr_t sa = reinterpret_cast<uintptr_t>(src.base) + (uintptr_t)off;
+    if (src_bytes < 0 || src_bytes > bytes) return cp_async_fail(line, "src-size outside 0..cp-size", src.arg, off, len, bytes);
+    if (sa % (uintptr_t)bytes) return cp_async_fail(line, "misaligned source address", src.arg, off, len, bytes);
+    if (src_bytes > 0) {
+        if (off < 0 || off + src_bytes > len) return cp_async_fail(line, "out-of-bounds source", src.arg, off, len, bytes);
+        std::memcpy(buf, reinterpret_cast<const unsigned char*>(src.base) + off, (size_t)src_bytes);
+    }
+    cp_async_issue(line, dst.addr(), dst.off < 0 ? -1 : (dst.len - dst.off) * (long long)sizeof(D), buf, bytes);
+}
+
+}  // namespace emu
