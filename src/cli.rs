@@ -116,7 +116,7 @@ pub struct PredictArgs {
     /// Trained network (.safetensors), e.g. tests/data/readme/weights.safetensors
     #[arg(short, long, value_name = "WEIGHTS")]
     pub weights: PathBuf,
-    /// RI volume(s): .npy (D0xD1xD2, NxD0xD1xD2 or Nx1xD0xD1xD2) or a multi-page .tif stack
+    /// RI volume(s): .npy (D0xD1xD2, NxD0xD1xD2 or Nx1xD0xD1xD2), a multi-page .tif stack, or a Tomocube .TCF (every 3D frame, as X x Y x Z)
     #[arg(value_name = "INPUT")]
     pub input: PathBuf,
     /// Where to write the output: .npy or .tif (float32)
@@ -351,8 +351,20 @@ fn predict(a: &PredictArgs) -> Result<()> {
         Chosen::Plan => predict_plan(&weights, &vol.tensor)?,
         chosen => with_backend(chosen, Predict { weights: &weights, x: &vol.tensor, batch: a.batch as usize })?,
     };
-    io::write_output(&a.output, &y, vol.rank)?;
     let dims = io::output_dims(&y, vol.rank)?;
+    // The input's voxel size travels into the output (OME-TIFF header and/or JSON sidecar).
+    let voxel = crate::voxel::voxel_size_of(&a.input)?;
+    let um = voxel.as_ref().map(|v| v.um);
+    crate::segment::write_map(&a.output, &y, &dims, um)?;
+    let lead: &[&str] = if dims.len() == 5 { &["N", "C"] } else { &["C"] };
+    let card = crate::sidecar::Sidecar {
+        axes: crate::sidecar::axes_for(dims.len(), lead),
+        shape: dims.clone(),
+        voxel_size_um: um,
+        voxel_size_from: voxel.map(|v| v.from),
+        provenance: None,
+    };
+    crate::sidecar::write(&a.output, &card)?;
     eprintln!("wrote {} ({})", a.output.display(), head_meaning(&weights.config, &dims));
     Ok(())
 }
@@ -612,7 +624,7 @@ impl Job for Segment<'_> {
     fn run<B: Backend>(self, backend: B) -> Result<()> {
         eprintln!("backend: {}", describe(&backend));
         let net = Network::new(backend, self.weights)?;
-        crate::segment::run(self.args, self.weights, &mut |x| net.forward(x)).map(|_| ())
+        crate::segment::run(self.args, self.weights, &mut |x| net.forward(x))?.into_result()
     }
 }
 
@@ -621,7 +633,7 @@ fn segment(a: &crate::segment::SegmentArgs) -> Result<()> {
     match choose(a.backend)? {
         Chosen::Plan => {
             eprintln!("backend: cpu (fused plan), {} threads", rayon::current_num_threads());
-            crate::segment::run(a, &weights, &mut crate::segment::plan_predictor(&weights)).map(|_| ())
+            crate::segment::run(a, &weights, &mut crate::segment::plan_predictor(&weights))?.into_result()
         }
         chosen => with_backend(chosen, Segment { args: a, weights: &weights }),
     }
@@ -634,7 +646,7 @@ pub fn main_entry() -> i32 {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
-            1
+            e.exit_status()
         }
     }
 }

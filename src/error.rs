@@ -21,11 +21,22 @@ pub enum Error {
     Kernel { kernel: String, msg: String },
     #[error("{0}")]
     Other(String),
+    /// `segment --keep-going` finished, but some inputs failed (exit status 3).
+    #[error("{failed} input(s) failed ({done} done); they are listed in {}", list.display())]
+    InputsFailed { failed: usize, done: usize, list: PathBuf },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The process exit status for this error: 3 when `--keep-going` inputs failed, else 1.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            Error::InputsFailed { .. } => 3,
+            _ => 1,
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }

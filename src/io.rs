@@ -23,6 +23,7 @@ pub struct Volume {
 enum Kind {
     Npy,
     Tif,
+    Tcf,
 }
 
 fn kind_of(path: &Path) -> Result<Kind> {
@@ -30,18 +31,24 @@ fn kind_of(path: &Path) -> Result<Kind> {
     match ext.as_deref() {
         Some("npy") => Ok(Kind::Npy),
         Some("tif") | Some("tiff") => Ok(Kind::Tif),
-        _ => Err(Error::format(path, "unsupported file type: expected a .npy array or a .tif/.tiff stack")),
+        Some("tcf") => Ok(Kind::Tcf),
+        _ => Err(Error::format(path, "unsupported file type: expected a .npy array, a .tif/.tiff stack or a Tomocube .TCF")),
     }
 }
 
 /// Reads a volume (`.npy` or multi-page `.tif`), checking its rank, dtype and values.
 pub fn read_volume(path: &Path) -> Result<Volume> {
     let kind = kind_of(path)?;
+    if kind == Kind::Tcf {
+        // Every frame of the 3D series, transposed to X, Y, Z (see `crate::tcf`).
+        let (dims, data, _) = crate::tcf::read_tcf(path)?;
+        return volume_from(path, &dims, data);
+    }
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let reader = BufReader::new(file);
     let (dims, data) = match kind {
         Kind::Npy => read_npy(path, reader)?,
-        Kind::Tif => read_tif(path, reader)?,
+        Kind::Tif | Kind::Tcf => read_tif(path, reader)?,
     };
     volume_from(path, &dims, data)
 }
@@ -219,7 +226,9 @@ where
 /// Checks, before any work, that an output can be written at `path`: a known extension and an
 /// existing folder.
 pub fn check_output_path(path: &Path) -> Result<()> {
-    kind_of(path)?;
+    if kind_of(path)? == Kind::Tcf {
+        return Err(Error::format(path, "deepis does not write TCF files: give a .npy or .tif output"));
+    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             return Err(Error::format(path, format!("the output folder {} does not exist", dir.display())));
@@ -254,7 +263,7 @@ pub fn write_output(path: &Path, t: &Tensor, rank: usize) -> Result<()> {
         Kind::Tif => {
             let [_, _, _, d1, d2] = t.shape.ncdhw();
             write_atomic(path, |w| write_tif_to(w, d1, d2, &data))
-        }
+        }        Kind::Tcf => Err(Error::format(path, "deepis does not write TCF files: give a .npy or .tif output")),
     }
 }
 

@@ -63,6 +63,24 @@ fn axis_window(s: usize, len: usize, n: usize, overlap: usize) -> Vec<f32> {
         .collect()
 }
 
+/// How overlapping tiles are weighted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Blend {
+    /// 0 on the outer overlap/4 voxels of a tile, sin^2 over the rest of the overlap, 1 inside
+    /// and at the volume's borders (only the overlap is blended)
+    Window,
+    /// A Gaussian centred on the tile, sigma = 1/8 of the tile side (nnU-Net's), floored at
+    /// 1e-3 of its peak so every voxel keeps a weight
+    Gaussian,
+}
+
+/// nnU-Net's importance map along one axis: exp(-(i - c)^2 / (2 sigma^2)), sigma = len / 8.
+fn gaussian_window(len: usize) -> Vec<f32> {
+    let c = (len as f64 - 1.0) / 2.0;
+    let sigma = (len as f64 / 8.0).max(1e-6);
+    (0..len).map(|i| ((-((i as f64 - c).powi(2)) / (2.0 * sigma * sigma)).exp().max(1e-3)) as f32).collect()
+}
+
 /// Checks the tile geometry.
 pub fn check_tiling(tile: [usize; 3], overlap: usize) -> Result<()> {
     if tile.contains(&0) {
@@ -77,6 +95,11 @@ pub fn check_tiling(tile: [usize; 3], overlap: usize) -> Result<()> {
 /// Runs `predict` over overlapping tiles of every volume of `x` (N x D0 x D1 x D2 x 1) and blends
 /// them. A volume no larger than the tile is predicted whole.
 pub fn predict_tiled(x: &Tensor, tile: [usize; 3], overlap: usize, predict: &mut Predictor<'_>) -> Result<Tensor> {
+    predict_tiled_with(x, tile, overlap, Blend::Window, predict)
+}
+
+/// [`predict_tiled`] with the tile weighting chosen by the caller.
+pub fn predict_tiled_with(x: &Tensor, tile: [usize; 3], overlap: usize, blend: Blend, predict: &mut Predictor<'_>) -> Result<Tensor> {
     check_tiling(tile, overlap)?;
     if x.shape.c != 1 {
         return Err(Error::Shape(format!("the network takes 1-channel volumes, got {} channels", x.shape.c)));
@@ -101,7 +124,7 @@ pub fn predict_tiled(x: &Tensor, tile: [usize; 3], overlap: usize, predict: &mut
             for &s0 in &starts[0] {
                 for &s1 in &starts[1] {
                     for &s2 in &starts[2] {
-                        let w = tile_window([s0, s1, s2], len, d, overlap);
+                        let w = tile_window([s0, s1, s2], len, d, overlap, blend);
                         add_tile(&mut wsum, d, [s0, s1, s2], len, 1, |p, _| w[p]);
                     }
                 }
@@ -118,7 +141,7 @@ pub fn predict_tiled(x: &Tensor, tile: [usize; 3], overlap: usize, predict: &mut
                     }
                     let c = y.shape.c;
                     let o = out.get_or_insert_with(|| Tensor::zeros(Shape::new(x.shape.n, d, c)));
-                    let w = tile_window(s, len, d, overlap);
+                    let w = tile_window(s, len, d, overlap, blend);
                     let dst = &mut o.data[n * vox * c..(n + 1) * vox * c];
                     add_tile(dst, d, s, len, c, |p, ch| w[p] * y.data[p * c + ch]);
                 }
@@ -136,8 +159,11 @@ pub fn predict_tiled(x: &Tensor, tile: [usize; 3], overlap: usize, predict: &mut
 }
 
 /// The separable window of one tile, as a flat D0 x D1 x D2 array of the tile's size.
-fn tile_window(s: [usize; 3], len: [usize; 3], d: [usize; 3], overlap: usize) -> Vec<f32> {
-    let w: [Vec<f32>; 3] = std::array::from_fn(|k| axis_window(s[k], len[k], d[k], overlap));
+fn tile_window(s: [usize; 3], len: [usize; 3], d: [usize; 3], overlap: usize, blend: Blend) -> Vec<f32> {
+    let w: [Vec<f32>; 3] = std::array::from_fn(|k| match blend {
+        Blend::Window => axis_window(s[k], len[k], d[k], overlap),
+        Blend::Gaussian => gaussian_window(len[k]),
+    });
     let mut out = Vec::with_capacity(len[0] * len[1] * len[2]);
     for a in &w[0] {
         for b in &w[1] {
@@ -250,7 +276,7 @@ pub fn labels_from_output(y: &Tensor, head: Head, tau: f64, grow: bool, min_size
 /// glob patterns.
 pub fn expand_inputs(args: &[String]) -> Result<Vec<PathBuf>> {
     let is_volume = |p: &Path| {
-        matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("npy" | "tif" | "tiff"))
+        matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("npy" | "tif" | "tiff" | "tcf"))
     };
     let mut out = Vec::new();
     for a in args {
@@ -259,7 +285,7 @@ pub fn expand_inputs(args: &[String]) -> Result<Vec<PathBuf>> {
             let rd = std::fs::read_dir(p).map_err(|e| Error::io(p, e))?;
             let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|q| q.is_file() && is_volume(q)).collect();
             if v.is_empty() {
-                return Err(Error::Input(format!("{}: the folder holds no .npy, .tif or .tiff file", p.display())));
+                return Err(Error::Input(format!("{}: the folder holds no .npy, .tif or .tiff volume or .TCF file", p.display())));
             }
             v.sort();
             out.extend(v);
@@ -269,7 +295,7 @@ pub fn expand_inputs(args: &[String]) -> Result<Vec<PathBuf>> {
             let g = glob::glob(a).map_err(|e| Error::Input(format!("bad pattern {a:?}: {e}")))?;
             let mut v: Vec<PathBuf> = g.filter_map(|e| e.ok()).filter(|q| q.is_file() && is_volume(q)).collect();
             if v.is_empty() {
-                return Err(Error::Input(format!("{a}: no .npy, .tif or .tiff file matches")));
+                return Err(Error::Input(format!("{a}: no .npy, .tif or .tiff volume or .TCF file matches")));
             }
             v.sort();
             out.extend(v);
@@ -283,7 +309,9 @@ pub fn expand_inputs(args: &[String]) -> Result<Vec<PathBuf>> {
 /// Output label file format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LabelFormat {
+    /// .npy (uint8), with a JSON sidecar holding the voxel size
     Npy,
+    /// OME-TIFF with PhysicalSizeX/Y/Z (and the same JSON sidecar)
     Tif,
 }
 
@@ -292,8 +320,8 @@ pub struct SegmentArgs {
     /// Trained network (.safetensors)
     #[arg(short, long, value_name = "WEIGHTS")]
     pub weights: PathBuf,
-    /// RI volumes: files (.npy, .tif), folders of them, or glob patterns such as 'data/*.npy'
-    #[arg(value_name = "INPUT", required = true)]
+    /// RI volumes: files (.npy, .tif, Tomocube .TCF), folders of them, or glob patterns such as 'data/*.npy'
+    #[arg(value_name = "INPUT", required_unless_present = "manifest")]
     pub inputs: Vec<String>,
     /// Folder for the label volumes (<input name>_labels.npy; created if missing)
     #[arg(short, long = "output", value_name = "OUT_DIR")]
@@ -311,87 +339,302 @@ pub struct SegmentArgs {
     /// Overlap of neighbouring tiles, in voxels
     #[arg(long, default_value_t = 16)]
     pub overlap: usize,
+    /// How overlapping tiles are weighted
+    #[arg(long, value_enum, default_value_t = Blend::Window)]
+    pub blend: Blend,
+    /// Test-time augmentation: average the network's output over the flips of each axis and the
+    /// quarter turns in the D0-D1 plane that training uses (16 passes; 8 when D0 != D1)
+    #[arg(long)]
+    pub tta: bool,
+    /// Also write the network's output (<name>_probabilities.npy/.tif, float32, C x D0 x D1 x D2)
+    #[arg(long)]
+    pub save_probabilities: bool,
     /// Components smaller than this (voxels) are removed; the largest of each class is kept
     #[arg(long, default_value_t = 1000)]
     pub min_size: usize,
     /// Label file format (uint8)
     #[arg(long, value_enum, default_value_t = LabelFormat::Npy)]
     pub format: LabelFormat,
+    /// Voxel size D0,D1,D2 in um written into the outputs (default: what each input records:
+    /// TCF resolution, OME-TIFF or ImageJ TIFF tags, a deepis sidecar)
+    #[arg(long, value_name = "D0,D1,D2", value_parser = crate::analysis::parse_voxel_size)]
+    pub voxel_size: Option<[f64; 3]>,
+    /// Run only shard I of N (0-based) of the sorted inputs: input i belongs to shard i mod N.
+    /// Default: from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, or JOB_COMPLETION_INDEX with --shards
+    #[arg(long, value_name = "I/N", value_parser = crate::batch::parse_shard)]
+    pub shard: Option<crate::batch::Shard>,
+    /// Number of shards, with the index from JOB_COMPLETION_INDEX (Kubernetes) or SLURM_ARRAY_TASK_ID
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub shards: Option<u64>,
+    /// A file listing the inputs, one path per line (relative to the file's folder), instead of or besides INPUT
+    #[arg(long, value_name = "LIST")]
+    pub manifest: Option<PathBuf>,
+    /// On a failed input, go on with the others; list failures in OUT_DIR/failed-<shard>.txt and
+    /// exit with status 3
+    #[arg(long)]
+    pub keep_going: bool,
     /// Where to run the network
     #[arg(long, value_enum, default_value_t = crate::cli::BackendKind::Auto)]
     pub backend: crate::cli::BackendKind,
 }
 
-/// Where the labels of `input` go.
-pub fn output_path(out_dir: &Path, input: &Path, format: LabelFormat) -> PathBuf {
-    let stem = input.file_stem().and_then(|s| s.to_str()).unwrap_or("volume");
-    let ext = match format {
+fn ext(format: LabelFormat) -> &'static str {
+    match format {
         LabelFormat::Npy => "npy",
         LabelFormat::Tif => "tif",
-    };
-    out_dir.join(format!("{stem}_labels.{ext}"))
+    }
 }
 
-/// Segments every input with `predict` (the CLI builds it for the chosen backend). Returns the
-/// label files written.
-pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> Result<Vec<PathBuf>> {
+/// Where the labels of `input` go, for a name stem that is unique over the run (see
+/// [`crate::batch::unique_stems`]).
+pub fn output_path(out_dir: &Path, stem: &str, format: LabelFormat) -> PathBuf {
+    out_dir.join(format!("{stem}_labels.{}", ext(format)))
+}
+
+/// Where the probability maps of `input` go (`--save-probabilities`).
+pub fn probabilities_path(out_dir: &Path, stem: &str, format: LabelFormat) -> PathBuf {
+    out_dir.join(format!("{stem}_probabilities.{}", ext(format)))
+}
+
+/// What a `segment` run did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Label files written by this run.
+    pub written: Vec<PathBuf>,
+    /// Inputs skipped because their outputs were complete and matched this run's provenance.
+    pub skipped: Vec<PathBuf>,
+    /// Inputs that failed (with --keep-going), with the error.
+    pub failed: Vec<(PathBuf, String)>,
+    /// OUT_DIR/failed-<shard>.txt when some failed.
+    pub failed_list: Option<PathBuf>,
+}
+
+impl Report {
+    /// Ok when nothing failed; else [`Error::InputsFailed`] (exit status 3).
+    pub fn into_result(self) -> Result<()> {
+        match self.failed_list {
+            Some(list) if !self.failed.is_empty() => {
+                Err(Error::InputsFailed { failed: self.failed.len(), done: self.written.len() + self.skipped.len(), list })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The options that decide the outputs' content (the provenance's `options`).
+fn options_json(a: &SegmentArgs) -> serde_json::Value {
+    serde_json::json!({
+        "tau": a.tau, "regrow": !a.no_regrow, "min_size": a.min_size, "tile": a.tile, "overlap": a.overlap,
+        "blend": format!("{:?}", a.blend).to_lowercase(), "tta": a.tta, "save_probabilities": a.save_probabilities,
+        "format": ext(a.format), "voxel_size": a.voxel_size,
+    })
+}
+
+/// All inputs of the run, in the order every shard agrees on.
+pub fn all_inputs(a: &SegmentArgs) -> Result<Vec<PathBuf>> {
+    let mut v = if a.inputs.is_empty() { Vec::new() } else { expand_inputs(&a.inputs)? };
+    if let Some(m) = &a.manifest {
+        v.extend(crate::batch::read_manifest(m)?);
+    }
+    Ok(crate::batch::canonical_order(v))
+}
+
+/// Segments this shard's inputs with `predict` (the CLI builds it for the chosen backend),
+/// skipping those already done.
+pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> Result<Report> {
     check_tiling(a.tile, a.overlap)?;
     if !(a.tau.is_finite() && a.tau >= 0.0) {
         return Err(Error::Input(format!("--tau must be a finite number >= 0, got {}", a.tau)));
     }
-    let inputs = expand_inputs(&a.inputs)?;
+    if let Some(v) = a.voxel_size {
+        crate::analysis::check_voxel_size(v)?;
+    }
+    let all = all_inputs(a)?;
+    let stems = crate::batch::unique_stems(&all);
+    let env = |k: &str| std::env::var(k).ok();
+    let (shard, from) = crate::batch::shard_from(a.shard, a.shards.map(|n| n as usize), &env)?;
+    let mine = crate::batch::select(&all, shard);
     std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
-    let pb = indicatif::ProgressBar::new(inputs.len() as u64);
+    let wsha = crate::batch::sha256_file(&a.weights)?;
+    let options = options_json(a);
+    if shard.count > 1 {
+        eprintln!("shard {}/{} ({from}): {} of {} input(s)", shard.index, shard.count, mine.len(), all.len());
+    }
+    let pb = indicatif::ProgressBar::new(mine.len() as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} files, {elapsed} elapsed, ETA {eta} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let mut written = Vec::new();
-    for input in &inputs {
+    let say = |line: String| if pb.is_hidden() { eprintln!("{line}") } else { pb.println(line) };
+    let mut report = Report::default();
+    for &i in &mine {
+        let input = &all[i];
         pb.set_message(input.display().to_string());
-        let vol = crate::io::read_volume(input)?;
-        let d = vol.tensor.shape.d;
-        let len: [usize; 3] = std::array::from_fn(|k| a.tile[k].min(d[k]));
-        weights.config.check_input_size(len).map_err(|e| {
-            let m = match e {
-                Error::Input(m) => m,
-                e => e.to_string(),
-            };
-            Error::Input(format!("{}: tiles of {len:?}: {m}", input.display()))
-        })?;
-        let t0 = std::time::Instant::now();
-        let y = predict_tiled(&vol.tensor, a.tile, a.overlap, predict).map_err(|e| match e {
-            Error::Input(m) => Error::Input(format!("{}: {m}", input.display())),
-            e => e,
-        })?;
-        let (labels, removed) = labels_from_output(&y, weights.config.head, a.tau, !a.no_regrow, a.min_size)?;
-        let s = vol.tensor.shape;
-        let dims: Vec<usize> = if vol.rank == 3 { s.d.to_vec() } else { vec![s.n, s.d[0], s.d[1], s.d[2]] };
-        let out = output_path(&a.out_dir, input, a.format);
-        crate::analysis::write_labels(&out, &dims, &labels)?;
-        let count = |c: u8| labels.iter().filter(|&&l| l == c).count();
-        // A hidden bar (stderr not a terminal) drops its println: print directly then.
-        let line = format!(
-            "{} -> {}: {} volume(s) of {:?} in {:.1} s; effector {} voxels, target {} voxels, {} spurious voxels removed",
-            input.display(),
-            out.display(),
-            s.n,
-            s.d,
-            t0.elapsed().as_secs_f64(),
-            count(1),
-            count(2),
-            removed
-        );
-        if pb.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            pb.println(line);
+        let prov = crate::batch::provenance(&wsha, &options, input)?;
+        let mut outs = vec![output_path(&a.out_dir, &stems[i], a.format)];
+        if a.save_probabilities {
+            outs.push(probabilities_path(&a.out_dir, &stems[i], a.format));
         }
-        written.push(out);
+        if crate::batch::is_done(&outs, &prov) {
+            say(format!("{} -> {}: done before (same weights, options and input), skipped", input.display(), outs[0].display()));
+            report.skipped.push(input.clone());
+        } else {
+            match segment_one(a, weights, predict, input, &outs, prov) {
+                Ok(line) => {
+                    say(line);
+                    report.written.push(outs[0].clone());
+                }
+                Err(e) if a.keep_going => {
+                    say(format!("{}: FAILED: {e}", input.display()));
+                    report.failed.push((input.clone(), e.to_string()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         pb.inc(1);
     }
     pb.finish_and_clear();
-    Ok(written)
+    let list = crate::batch::failed_list_path(&a.out_dir, shard);
+    if report.failed.is_empty() {
+        // A clean re-run clears the list an earlier run of this shard left.
+        if list.is_file() {
+            std::fs::remove_file(&list).map_err(|e| Error::io(&list, e))?;
+        }
+    } else {
+        crate::batch::write_failed_list(&list, &report.failed)?;
+        report.failed_list = Some(list);
+    }
+    eprintln!("{} written, {} skipped (already done), {} failed", report.written.len(), report.skipped.len(), report.failed.len());
+    Ok(report)
+}
+
+/// Reads, predicts, labels and writes one input; returns the line to print.
+fn segment_one(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>, input: &Path, outs: &[PathBuf], prov: serde_json::Value) -> Result<String> {
+    let vol = crate::io::read_volume(input)?;
+    let voxel = crate::voxel::resolve(a.voxel_size, &[input])?;
+    let d = vol.tensor.shape.d;
+    let len: [usize; 3] = std::array::from_fn(|k| a.tile[k].min(d[k]));
+    weights.config.check_input_size(len).map_err(|e| {
+        let m = match e {
+            Error::Input(m) => m,
+            e => e.to_string(),
+        };
+        Error::Input(format!("{}: tiles of {len:?}: {m}", input.display()))
+    })?;
+    let t0 = std::time::Instant::now();
+    let tiled = |x: &Tensor, p: &mut Predictor<'_>| predict_tiled_with(x, a.tile, a.overlap, a.blend, p);
+    let y = if a.tta { predict_tta(&vol.tensor, &mut |x| tiled(x, predict))? } else { tiled(&vol.tensor, predict)? };
+    let (labels, removed) = labels_from_output(&y, weights.config.head, a.tau, !a.no_regrow, a.min_size)?;
+    let s = vol.tensor.shape;
+    let dims: Vec<usize> = if vol.rank == 3 { s.d.to_vec() } else { vec![s.n, s.d[0], s.d[1], s.d[2]] };
+    let um = voxel.as_ref().map(|v| v.um);
+    let card = |shape: Vec<usize>, lead: &[&str]| crate::sidecar::Sidecar {
+        axes: crate::sidecar::axes_for(shape.len(), lead),
+        shape,
+        voxel_size_um: um,
+        voxel_size_from: voxel.as_ref().map(|v| v.from.clone()),
+        provenance: Some(prov.clone()),
+    };
+    if a.save_probabilities {
+        let pdims = crate::io::output_dims(&y, vol.rank)?;
+        write_map(&outs[1], &y, &pdims, um)?;
+        crate::sidecar::write(&outs[1], &card(pdims.clone(), if pdims.len() == 5 { &["T", "C"] } else { &["C"] }))?;
+    }
+    write_labels_out(&outs[0], &dims, &labels, um)?;
+    // The labels' sidecar last: its provenance marks the input done.
+    crate::sidecar::write(&outs[0], &card(dims.clone(), &["T"]))?;
+    let count = |c: u8| labels.iter().filter(|&&l| l == c).count();
+    let vs = voxel.as_ref().map_or("no voxel size recorded".to_string(), |v| format!("voxels {:?} um from {}", v.um, v.from));
+    Ok(format!(
+        "{} -> {}: {} volume(s) of {:?} in {:.1} s; effector {} voxels, target {} voxels, {} spurious voxels removed; {vs}",
+        input.display(),
+        outs[0].display(),
+        s.n,
+        s.d,
+        t0.elapsed().as_secs_f64(),
+        count(1),
+        count(2),
+        removed
+    ))
+}
+
+/// Labels as .npy, or as OME-TIFF carrying the voxel size.
+pub fn write_labels_out(path: &Path, dims: &[usize], labels: &[u8], um: Option<[f64; 3]>) -> Result<()> {
+    if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("npy")) {
+        return crate::analysis::write_labels(path, dims, labels);
+    }
+    let d5 = dims5(dims, false);
+    crate::ome_tiff::write(path, d5, crate::ome_tiff::Pixels::U8(labels), um)
+}
+
+/// A head output (file dims from `io::output_dims`) as .npy, or as OME-TIFF with the voxel size.
+pub fn write_map(path: &Path, y: &Tensor, dims: &[usize], um: Option<[f64; 3]>) -> Result<()> {
+    if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("npy")) {
+        return crate::io::write_npy(path, dims, &y.to_ncdhw());
+    }
+    crate::ome_tiff::write(path, dims5(dims, true), crate::ome_tiff::Pixels::F32(&y.to_ncdhw()), um)
+}
+
+/// [T, C, D0, D1, D2] of file dims: labels are [D0..] or [T, D0..]; maps [C, D0..] or [T, C, D0..].
+fn dims5(dims: &[usize], has_c: bool) -> [usize; 5] {
+    let mut v = [1usize; 5];
+    let k = dims.len();
+    v[5 - 3..].copy_from_slice(&dims[k - 3..]);
+    match (k, has_c) {
+        (4, false) => v[0] = dims[0],
+        (4, true) => v[1] = dims[0],
+        (5, _) => {
+            v[0] = dims[0];
+            v[1] = dims[1];
+        }
+        _ => {}
+    }
+    v
+}
+
+/// The transforms test-time augmentation averages over: the group generated by the flips of each
+/// axis and the quarter turns in the D0-D1 plane (odd turns only when D0 == D1, as in training).
+/// Flipping D0 and D1 together is a half turn, so 16 transforms (8 when D0 != D1) cover them all.
+pub fn tta_transforms(d: [usize; 3]) -> Vec<crate::train::data::Augment> {
+    use crate::train::data::Augment;
+    let rots: &[u8] = if d[0] == d[1] { &[0, 1, 2, 3] } else { &[0, 2] };
+    let mut v = Vec::new();
+    for &rot in rots {
+        for f0 in [false, true] {
+            for f2 in [false, true] {
+                v.push(Augment { flip: [f0, false, f2], rot });
+            }
+        }
+    }
+    v
+}
+
+/// Averages `predict` over [`tta_transforms`]: each transformed volume is predicted and
+/// transformed back (undo the turn, then the flips) before averaging.
+pub fn predict_tta(x: &Tensor, predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    use crate::train::data::Augment;
+    let vox = x.shape.voxels();
+    let mut sum: Option<Tensor> = None;
+    let ts = tta_transforms(x.shape.d);
+    for n in 0..x.shape.n {
+        let xn = Tensor::new(Shape::new(1, x.shape.d, 1), x.data[n * vox..(n + 1) * vox].to_vec())?;
+        let mut acc: Option<Vec<f32>> = None;
+        for t in &ts {
+            let y = predict(&t.apply(&xn))?;
+            let back = Augment { flip: [false; 3], rot: (4 - t.rot) % 4 }.apply(&y);
+            let back = Augment { flip: t.flip, rot: 0 }.apply(&back);
+            match &mut acc {
+                None => acc = Some(back.data),
+                Some(a) => a.iter_mut().zip(&back.data).for_each(|(a, b)| *a += b),
+            }
+        }
+        let mut a = acc.unwrap_or_default();
+        a.iter_mut().for_each(|v| *v /= ts.len() as f32);
+        let c = a.len() / vox;
+        let out = sum.get_or_insert_with(|| Tensor::zeros(Shape::new(x.shape.n, x.shape.d, c)));
+        out.data[n * vox * c..(n + 1) * vox * c].copy_from_slice(&a);
+    }
+    sum.ok_or_else(|| Error::Input("no volume to segment".into()))
 }
 
 /// A predictor on the fused CPU plan, one plan per tile size met.

@@ -143,6 +143,14 @@ fn args(inputs: Vec<String>, out: &std::path::Path, w: &std::path::Path) -> Segm
         overlap: 8,
         min_size: 10,
         format: segment::LabelFormat::Npy,
+        blend: segment::Blend::Window,
+        tta: false,
+        save_probabilities: false,
+        voxel_size: None,
+        shard: None,
+        shards: None,
+        manifest: None,
+        keep_going: false,
         backend: deepis::cli::BackendKind::CpuRef,
     }
 }
@@ -171,7 +179,7 @@ fn files_folders_globs_and_errors() {
 
     let net = Network::new(CpuBackend::new(), &w).unwrap();
     let a = args(s(&[&pattern]), &p("out"), &p("w.safetensors"));
-    let written = segment::run(&a, &w, &mut |t| net.forward(t)).unwrap();
+    let written = segment::run(&a, &w, &mut |t| net.forward(t)).unwrap().written;
     assert_eq!(written, vec![p("out/a_labels.npy"), p("out/b_labels.npy")]);
     let la = deepis::io::read_volume(&written[0]).unwrap();
     assert_eq!((la.rank, la.tensor.shape.d), (3, [40, 36, 20]));

@@ -483,15 +483,17 @@ pub fn parse_voxel_size(s: &str) -> std::result::Result<[f64; 3], String> {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AnalyzeArgs {
-    /// Label volume(s): 0 background, 1 effector, 2 target; 3D = one frame, 4D (T x D0 x D1 x D2) = T frames
+    /// Label volume(s): 0 background, 1 effector, 2 target; 3D = one frame, 4D (T x D0 x D1 x D2) = T frames.
+    /// A folder: every *_labels.npy/.tif in it (one CSV, with a `file` column first)
     #[arg(value_name = "LABELS")]
     pub labels: std::path::PathBuf,
     /// RI volume(s) of the same shape, for dry masses and the synapse's RI
     #[arg(long, value_name = "RI")]
     pub ri: Option<std::path::PathBuf>,
-    /// Voxel size in um along D0, D1, D2, e.g. 0.2,0.2,0.4
+    /// Voxel size in um along D0, D1, D2, e.g. 0.2,0.2,0.4 (default: what the labels or the RI
+    /// file record: the sidecar `segment` writes, a TCF's resolution, OME-TIFF/ImageJ tags)
     #[arg(long, value_name = "D0,D1,D2", value_parser = parse_voxel_size, allow_hyphen_values = true)]
-    pub voxel_size: [f64; 3],
+    pub voxel_size: Option<[f64; 3]>,
     /// The synapse: the effector's surface within this distance (um) of the target
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub is_distance: f64,
@@ -506,11 +508,76 @@ pub struct AnalyzeArgs {
     pub plot: Option<std::path::PathBuf>,
 }
 
+/// The voxel size for `labels` (and its RI file): `--voxel-size`, else what the files record.
+pub fn voxel_size_for(given: Option<[f64; 3]>, labels: &Path, ri: Option<&Path>) -> Result<crate::voxel::VoxelSize> {
+    let mut files = vec![labels];
+    files.extend(ri);
+    crate::voxel::resolve(given, &files)?.ok_or_else(|| {
+        Error::Input(format!(
+            "{}: no voxel size: the file records none (no sidecar {}, no TCF/OME-TIFF/ImageJ metadata){}; give --voxel-size D0,D1,D2 in um",
+            labels.display(),
+            crate::sidecar::path_for(labels).display(),
+            if ri.is_some() { ", nor does the RI file" } else { "" }
+        ))
+    })
+}
+
+/// The label files of a folder: its *_labels.npy/.tif/.tiff files, sorted (or, when it has
+/// none, every .npy/.tif/.tiff file).
+pub fn label_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut all: Vec<std::path::PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("npy" | "tif" | "tiff")))
+        .collect();
+    all.sort();
+    let labelled: Vec<_> = all.iter().filter(|p| p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.ends_with("_labels"))).cloned().collect();
+    let v = if labelled.is_empty() { all } else { labelled };
+    if v.is_empty() {
+        return Err(Error::Input(format!("{}: the folder holds no label volume (.npy, .tif)", dir.display())));
+    }
+    Ok(v)
+}
+
+/// The metrics of many files as one CSV: a `file` column, then [`COLUMNS`].
+pub fn to_csv_files(rows: &[(String, FrameMetrics)]) -> String {
+    let one = to_csv(&rows.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>());
+    let mut lines = one.lines();
+    let mut s = format!("file,{}\n", lines.next().unwrap_or_default());
+    for ((f, _), line) in rows.iter().zip(lines) {
+        let f = if f.contains([',', '"']) { format!("\"{}\"", f.replace('"', "\"\"")) } else { f.clone() };
+        s.push_str(&format!("{f},{line}\n"));
+    }
+    s
+}
+
+fn options_for(a: &AnalyzeArgs, labels: &Path, ri: Option<&Path>) -> Result<Options> {
+    let v = voxel_size_for(a.voxel_size, labels, ri)?;
+    eprintln!("{}: voxel size {:?} um ({})", labels.display(), v.um, v.from);
+    let opt = Options { voxel_size: v.um, is_distance: a.is_distance, dn_dc: a.dn_dc, medium_ri: MEDIUM_RI };
+    opt.validate()?;
+    Ok(opt)
+}
+
 /// `deepis analyze`: the CSV, the table on stdout, the plot if asked.
 pub fn run_cli(a: &AnalyzeArgs) -> Result<()> {
-    let opt = Options { voxel_size: a.voxel_size, is_distance: a.is_distance, dn_dc: a.dn_dc, medium_ri: MEDIUM_RI };
-    opt.validate()?;
     let t0 = std::time::Instant::now();
+    if a.labels.is_dir() {
+        if a.ri.is_some() || a.plot.is_some() {
+            return Err(Error::Input(format!("{}: --ri and --plot take one label file; analyse a folder without them, or file by file", a.labels.display())));
+        }
+        let mut rows = Vec::new();
+        for f in label_files(&a.labels)? {
+            let opt = options_for(a, &f, None)?;
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            rows.extend(analyze_files(&f, None, &opt)?.into_iter().map(|r| (name.clone(), r)));
+        }
+        let text = to_csv_files(&rows);
+        crate::io::write_atomic(&a.output, |w| std::io::Write::write_all(w, text.as_bytes()))?;
+        eprintln!("{} frame(s) of {} analysed in {:.2} s; wrote {}", rows.len(), a.labels.display(), t0.elapsed().as_secs_f64(), a.output.display());
+        return Ok(());
+    }
+    let opt = options_for(a, &a.labels, a.ri.as_deref())?;
     let rows = analyze_files(&a.labels, a.ri.as_deref(), &opt)?;
     write_csv(&a.output, &rows)?;
     print!("{}", format_table(&rows));

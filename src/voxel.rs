@@ -1,0 +1,116 @@
+//! Voxel sizes (um along D0, D1, D2) as the input files record them, so that no one types them.
+//!
+//! Looked up, in order: the file's deepis sidecar (`<file>.json`, written next to every output);
+//! a TCF's `/Data/3D` ResolutionX/Y/Z (D0, D1, D2 = X, Y, Z, see `crate::tcf`); an OME-TIFF's
+//! PhysicalSizeZ/Y/X (pages = D0, rows = D1, columns = D2); an ImageJ TIFF's `spacing` (between
+//! pages) with its XResolution/YResolution (pixels per `unit`). A plain `.npy` or TIFF records
+//! none: the caller then needs `--voxel-size`.
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// A voxel size and where it was found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VoxelSize {
+    pub um: [f64; 3],
+    pub from: String,
+}
+
+/// The voxel size `path` records, if any. A file that records an impossible one is an error.
+pub fn voxel_size_of(path: &Path) -> Result<Option<VoxelSize>> {
+    if let Some(s) = crate::sidecar::read(path)? {
+        if let Some(um) = s.voxel_size_um {
+            let from = format!("{} (from {})", crate::sidecar::path_for(path).display(), s.voxel_size_from.unwrap_or_else(|| "deepis".into()));
+            return Ok(Some(VoxelSize { um, from }));
+        }
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("tcf") => {
+            let i = crate::tcf::read_info(path)?;
+            Ok(Some(VoxelSize { um: i.voxel_size_xyz, from: format!("{} /Data/3D ResolutionX/Y/Z", path.display()) }))
+        }
+        Some("tif") | Some("tiff") => tiff_voxel_size(path),
+        _ => Ok(None),
+    }
+}
+
+fn tiff_voxel_size(path: &Path) -> Result<Option<VoxelSize>> {
+    use tiff::decoder::Decoder;
+    use tiff::tags::Tag;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut dec = Decoder::new(std::io::BufReader::new(file)).map_err(|e| Error::format(path, format!("not a readable TIFF file: {e}")))?;
+    let desc = dec.get_tag_ascii_string(Tag::ImageDescription).unwrap_or_default();
+    let rational = |dec: &mut Decoder<_>, tag: Tag| -> Option<f64> {
+        match dec.find_tag(tag).ok()?? {
+            tiff::decoder::ifd::Value::Rational(n, d) if n > 0 && d > 0 => Some(n as f64 / d as f64),
+            v => v.into_f64().ok().filter(|x| *x > 0.0),
+        }
+    };
+    let bad = |what: &str, v: f64| Error::format(path, format!("the TIFF records {what} = {v}: a voxel size must be a positive number of um"));
+    if desc.contains("<OME") {
+        let get = |a: &str| attr(&desc, a).and_then(|v| v.parse::<f64>().ok());
+        let unit = |a: &str| attr(&desc, &format!("{a}Unit")).map_or(Some(1.0), |u| unit_um(&u));
+        let (Some(x), Some(y), Some(z)) = (get("PhysicalSizeX"), get("PhysicalSizeY"), get("PhysicalSizeZ")) else { return Ok(None) };
+        let (Some(ux), Some(uy), Some(uz)) = (unit("PhysicalSizeX"), unit("PhysicalSizeY"), unit("PhysicalSizeZ")) else {
+            return Err(Error::format(path, "the OME-XML gives PhysicalSize in a unit deepis does not know (expected nm, um/µm, mm)"));
+        };
+        let um = [z * uz, y * uy, x * ux];
+        for (v, n) in um.iter().zip(["PhysicalSizeZ", "PhysicalSizeY", "PhysicalSizeX"]) {
+            if !(v.is_finite() && *v > 0.0) {
+                return Err(bad(n, *v));
+            }
+        }
+        return Ok(Some(VoxelSize { um, from: format!("{} OME-XML PhysicalSizeZ/Y/X", path.display()) }));
+    }
+    if desc.starts_with("ImageJ=") {
+        let field = |k: &str| desc.lines().find_map(|l| l.strip_prefix(&format!("{k}=")).map(|v| v.trim().to_string()));
+        let Some(spacing) = field("spacing").and_then(|s| s.parse::<f64>().ok()) else { return Ok(None) };
+        let u = field("unit").map_or(Some(1.0), |u| unit_um(&u));
+        let (Some(xr), Some(yr), Some(u)) = (rational(&mut dec, Tag::XResolution), rational(&mut dec, Tag::YResolution), u) else { return Ok(None) };
+        let um = [spacing * u, u / yr, u / xr];
+        for (v, n) in um.iter().zip(["spacing", "1/YResolution", "1/XResolution"]) {
+            if !(v.is_finite() && *v > 0.0) {
+                return Err(bad(n, *v));
+            }
+        }
+        return Ok(Some(VoxelSize { um, from: format!("{} ImageJ spacing and X/YResolution", path.display()) }));
+    }
+    Ok(None)
+}
+
+/// The value of XML attribute `name="..."` (first occurrence).
+fn attr(xml: &str, name: &str) -> Option<String> {
+    let key = format!(" {name}=\"");
+    let s = xml.find(&key)? + key.len();
+    let e = xml[s..].find('"')?;
+    Some(xml[s..s + e].to_string())
+}
+
+/// um per `unit` (ImageJ and OME spellings).
+fn unit_um(unit: &str) -> Option<f64> {
+    match unit.trim() {
+        "um" | "µm" | "μm" | "micron" | "microns" | "\\u00B5m" => Some(1.0),
+        "nm" => Some(1e-3),
+        "mm" => Some(1e3),
+        _ => None,
+    }
+}
+
+/// The voxel size for an analysis or an output: `given` (the command line) wins; otherwise the
+/// first of `files` that records one. Says on stderr where it came from.
+pub fn resolve(given: Option<[f64; 3]>, files: &[&Path]) -> Result<Option<VoxelSize>> {
+    if let Some(um) = given {
+        return Ok(Some(VoxelSize { um, from: "--voxel-size".into() }));
+    }
+    for f in files {
+        if let Some(v) = voxel_size_of(f)? {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether two voxel sizes differ by more than `rel` along any axis.
+pub fn differs(a: [f64; 3], b: [f64; 3], rel: f64) -> bool {
+    a.iter().zip(&b).any(|(x, y)| (x / y - 1.0).abs() > rel)
+}

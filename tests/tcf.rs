@@ -1,0 +1,149 @@
+//! Tomocube TCF input (files written by tests/data/tcf/make_tcf.py with h5py + hdf5plugin):
+//! values, orientation and voxel size; predict on a frame equals predict on the issue's .npy;
+//! OME-TIFF labels carry the physical size; segment then analyze gives um^3 from the file.
+use deepis::tcf;
+use deepis::voxel::voxel_size_of;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tcf").join(name)
+}
+
+const FILES: [&str; 3] = ["float_deflate.TCF", "uint16_lz4.TCF", "uint16_shuffle_deflate.TCF"];
+
+#[test]
+fn every_layout_reads_to_the_same_values_and_voxel_size() {
+    let exp = deepis::io::read_volume(&data("expected_ri.npy")).unwrap();
+    assert_eq!((exp.tensor.shape.n, exp.tensor.shape.d), (2, [24, 20, 16]));
+    for f in FILES {
+        let (dims, v, info) = tcf::read_tcf(&data(f)).unwrap();
+        assert_eq!(dims, vec![2, 24, 20, 16], "{f}: T, X, Y, Z");
+        assert_eq!(info.frames, 2);
+        assert_eq!(info.size_xyz, [24, 20, 16]);
+        assert_eq!(info.voxel_size_xyz, [0.4, 0.45, 0.8]);
+        assert_eq!(info.time_interval_s, Some(30.0));
+        let max = v.iter().zip(&exp.tensor.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let differ = v.iter().zip(&exp.tensor.data).filter(|(a, b)| a != b).count();
+        println!("{f} (FormatVersion {}): max |RI - expected| = {max:e}, {differ} of {} values differ", info.format_version, v.len());
+        if f.starts_with("uint16") {
+            // uint16 / 1e4 in float64, then float32: numpy's values exactly.
+            assert_eq!(differ, 0, "{f}");
+        } else {
+            // Stored as float32(u) / float32(1e4): at most one float32 step from float64 rounding.
+            assert!(max <= 1.2e-7, "{f}: {max}");
+        }
+        let vs = voxel_size_of(&data(f)).unwrap().unwrap();
+        assert_eq!(vs.um, [0.4, 0.45, 0.8]);
+        let vol = deepis::io::read_volume(&data(f)).unwrap();
+        assert_eq!((vol.rank, vol.tensor.shape.n, vol.tensor.shape.d), (4, 2, [24, 20, 16]));
+    }
+}
+
+#[test]
+fn unsupported_tcf_layouts_get_clear_errors() {
+    let e = deepis::io::read_volume(&data("ldm.TCF")).unwrap_err().to_string();
+    println!("{e}");
+    assert!(e.contains("ldm.TCF") && e.contains("LDM") && e.contains("/Data/3D/000000"), "{e}");
+    let e = deepis::io::read_volume(&data("no3d.TCF")).unwrap_err().to_string();
+    println!("{e}");
+    assert!(e.contains("no3d.TCF") && e.contains("no 3D") && e.contains("2DMIP"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake.tcf");
+    std::fs::write(&fake, b"not an HDF5 file at all").unwrap();
+    let e = deepis::io::read_volume(&fake).unwrap_err().to_string();
+    println!("{e}");
+    assert!(e.contains("fake.tcf") && e.contains("HDF5"), "{e}");
+    let e = deepis::io::read_volume(&dir.path().join("missing.TCF")).unwrap_err().to_string();
+    assert!(e.contains("missing.TCF") && e.contains("no such file"), "{e}");
+}
+
+fn deepis(args: &[&str]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_deepis")).args(args).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn predict_on_a_tcf_frame_equals_predict_on_the_transposed_npy() {
+    // frame1.npy = np.transpose(f['/Data/3D/000001'][()] / 1e4, (2, 1, 0)), float64, Fortran order.
+    let dir = tempfile::tempdir().unwrap();
+    let w = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tiny/weights.safetensors");
+    for backend in ["cpu", "cpu-ref"] {
+        let a = dir.path().join(format!("tcf_{backend}.npy"));
+        let b = dir.path().join(format!("npy_{backend}.npy"));
+        let (ok, e) = deepis(&["predict", "--weights", w, &s(&data("uint16_lz4.TCF")), "-o", &s(&a), "--backend", backend]);
+        assert!(ok, "{e}");
+        let (ok, e) = deepis(&["predict", "--weights", w, &s(&data("frame1.npy")), "-o", &s(&b), "--backend", backend]);
+        assert!(ok, "{e}");
+        let ya = deepis::io::read_volume(&a).unwrap(); // N x C x D0 x D1 x D2, C = 1: rank 5
+        let yb = deepis::io::read_volume(&b).unwrap(); // C x D0 x D1 x D2: rank 4, C = 1 as N
+        assert_eq!((ya.tensor.shape.n, ya.tensor.shape.d), (2, [24, 20, 16]));
+        let n = 24 * 20 * 16;
+        assert_eq!(&ya.tensor.data[n..2 * n], &yb.tensor.data[..], "{backend}: frame 1 of the TCF vs the .npy");
+        assert_ne!(&ya.tensor.data[..n], &yb.tensor.data[..], "frame 0 differs from frame 1");
+        // The output's sidecar carries the TCF's voxel size.
+        assert_eq!(voxel_size_of(&a).unwrap().unwrap().um, [0.4, 0.45, 0.8]);
+        assert!(voxel_size_of(&b).unwrap().is_none(), "a bare .npy records no voxel size");
+    }
+}
+
+/// ImageDescription of page 0 of a TIFF.
+fn description(p: &Path) -> String {
+    let mut d = tiff::decoder::Decoder::new(std::fs::File::open(p).unwrap()).unwrap();
+    d.get_tag_ascii_string(tiff::tags::Tag::ImageDescription).unwrap()
+}
+
+#[test]
+fn segment_tcf_to_ome_tiff_then_analyze_in_um3_without_voxel_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let w = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/deepis-synth-w16.safetensors");
+    let (ok, e) = deepis(&["segment", "--weights", w, &s(&data("uint16_lz4.TCF")), "-o", &s(&d.join("seg")), "--format", "tif", "--min-size", "1", "--backend", "cpu"]);
+    assert!(ok, "{e}");
+    let labels = d.join("seg/uint16_lz4_labels.tif");
+    let xml = description(&labels);
+    println!("{xml}");
+    // pages = D0 = the microscope's X (0.4 um), rows = D1 = Y (0.45), columns = D2 = Z (0.8).
+    for attr in [r#"PhysicalSizeX="0.8""#, r#"PhysicalSizeY="0.45""#, r#"PhysicalSizeZ="0.4""#, r#"SizeX="16""#, r#"SizeY="20""#, r#"SizeZ="24""#, r#"SizeT="2""#, r#"Type="uint8""#] {
+        assert!(xml.contains(attr), "{attr} missing from {xml}");
+    }
+    // Read back from the TIFF alone (sidecar removed).
+    std::fs::remove_file(deepis::sidecar::path_for(&labels)).unwrap();
+    let vs = voxel_size_of(&labels).unwrap().unwrap();
+    assert_eq!(vs.um, [0.4, 0.45, 0.8], "{}", vs.from);
+    let lv = deepis::io::read_volume(&labels).unwrap();
+    assert_eq!(lv.tensor.shape.n * lv.tensor.shape.d[0], 48, "2 frames x 24 pages");
+
+    // .npy labels + sidecar, then analyze with no --voxel-size.
+    let (ok, e) = deepis(&["segment", "--weights", w, &s(&data("uint16_lz4.TCF")), "-o", &s(&d.join("npy")), "--min-size", "1", "--backend", "cpu"]);
+    assert!(ok, "{e}");
+    let labels = d.join("npy/uint16_lz4_labels.npy");
+    let csv = d.join("m.csv");
+    let (ok, e) = deepis(&["analyze", &s(&labels), "--ri", &s(&data("uint16_lz4.TCF")), "-o", &s(&csv)]);
+    assert!(ok, "{e}");
+    assert!(e.contains("[0.4, 0.45, 0.8]"), "{e}");
+    let l = deepis::io::read_volume(&labels).unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let vv = 0.4 * 0.45 * 0.8;
+    let n = 24 * 20 * 16;
+    for (t, line) in text.lines().skip(1).enumerate() {
+        let c: Vec<f64> = line.split(',').map(|x| x.parse().unwrap()).collect();
+        let count = |k: f32| l.tensor.data[t * n..(t + 1) * n].iter().filter(|&&v| v == k).count() as f64;
+        println!("frame {t}: effector {} voxels -> {} um3, target {} voxels -> {} um3", count(1.0), c[1], count(2.0), c[2]);
+        assert!(count(1.0) > 0.0, "the shipped network finds the effector-like ball");
+        assert!((c[1] - count(1.0) * vv).abs() <= 1e-5 * c[1], "{line}");
+        assert!((c[2] - count(2.0) * vv).abs() <= 1e-5 * c[2].max(1.0), "{line}");
+        assert!(c[7].is_finite(), "dry mass from the TCF's RI");
+    }
+    // --voxel-size overrides.
+    let (ok, e) = deepis(&["analyze", &s(&labels), "--voxel-size", "1,1,1", "-o", &s(&csv)]);
+    assert!(ok && e.contains("--voxel-size"), "{e}");
+    // A bare .npy with no sidecar: a clear error.
+    std::fs::remove_file(deepis::sidecar::path_for(&labels)).unwrap();
+    let (ok, e) = deepis(&["analyze", &s(&labels), "-o", &s(&csv)]);
+    assert!(!ok && e.contains("no voxel size") && e.contains("--voxel-size"), "{e}");
+}
