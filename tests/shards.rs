@@ -15,8 +15,12 @@ fn volume(path: &Path, d: [usize; 3], seed: u64) {
 }
 
 fn segment(args: &[&str], env: &[(&str, &str)]) -> Command {
+    segment_on("cpu", args, env)
+}
+
+fn segment_on(backend: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_deepis"));
-    c.arg("segment").args(["--weights", W, "--tile", "32,32,32", "--min-size", "1", "--backend", "cpu"]).args(args);
+    c.arg("segment").args(["--weights", W, "--tile", "32,32,32", "--min-size", "1", "--backend", backend]).args(args);
     for k in ["SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "JOB_COMPLETION_INDEX"] {
         c.env_remove(k);
     }
@@ -106,13 +110,14 @@ fn a_killed_shard_is_finished_by_its_rerun_without_redoing_anything() {
     }
     let (inp_s, out_s) = (inp.to_str().unwrap(), out.to_str().unwrap());
     // The slow op-by-op backend, so the kill lands mid-run; killed as soon as one input is done.
-    let mut c = segment(&[inp_s, "-o", out_s], &[]);
-    c.args(["--backend", "cpu-ref"]);
-    let mut kid = c.output_lazy();
+    let mut kid = segment_on("cpu-ref", &[inp_s, "-o", out_s], &[]).output_lazy();
     let first = out.join("t0_labels.npy.json");
     let t0 = std::time::Instant::now();
     while !first.is_file() {
         assert!(t0.elapsed().as_secs() < 120, "no output after 120 s");
+        if let Some(status) = kid.try_wait().unwrap() {
+            panic!("the shard ended ({status}) before its first output: {}", std::io::read_to_string(kid.stderr.take().unwrap()).unwrap());
+        }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     kid.kill().unwrap();
