@@ -245,3 +245,70 @@ fn cli_synth_segment_analyze() {
     let (ok, err) = run(&["analyze", &s(&d.join("syn/labels.npy")), "--voxel-size", "0.8,0,1.6", "-o", &s(&csv)]);
     assert!(!ok && err.contains("axis D1"), "{err}");
 }
+
+#[test]
+fn tta_averages_over_the_training_transforms() {
+    use deepis::segment::{predict_tta, tta_transforms};
+    assert_eq!(tta_transforms([8, 8, 5]).len(), 16);
+    assert_eq!(tta_transforms([8, 6, 5]).len(), 8);
+    // A predictor that outputs each voxel's D0 coordinate in [-1, 1]: the flips and quarter turns
+    // of the D0-D1 plane average it to 0 everywhere; without TTA it is the coordinate itself.
+    let coord = |t: &Tensor| -> deepis::Result<Tensor> {
+        let [a, b, e] = t.shape.d;
+        let data = (0..a * b * e).map(|p| 2.0 * (p / (b * e)) as f32 / (a - 1) as f32 - 1.0).collect();
+        Tensor::new(t.shape, data)
+    };
+    for d in [[8, 8, 5], [8, 6, 5]] {
+        let x = random_volume(d, 3);
+        let y = predict_tta(&x, &mut |t| coord(t)).unwrap();
+        let worst = y.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        println!("{d:?}: TTA of the D0 coordinate: max |mean| {worst:.2e}");
+        assert!(worst < 1e-6, "{worst}");
+        assert!(coord(&x).unwrap().data.iter().any(|v| v.abs() > 0.5));
+    }
+    // A pointwise predictor commutes with every transform: TTA changes nothing.
+    let x = random_volume([16, 16, 9], 4);
+    let mut f = |t: &Tensor| -> deepis::Result<Tensor> { Tensor::new(t.shape.with_c(2), t.data.iter().flat_map(|&v| [2.0 * v + 1.0, -v]).collect()) };
+    let plain = f(&x).unwrap();
+    let e = deepis::tensor::rel_err(&predict_tta(&x, &mut f).unwrap().data, &plain.data, 1.0);
+    assert!(e < 1e-6, "pointwise predictor under TTA: {e}");
+    // With the network: TTA makes the prediction equivariant, flipping the input flips the output.
+    let w = Weights::random(&small_config(), 5);
+    let net = Network::new(CpuBackend::new(), &w).unwrap();
+    let x = random_volume([32, 32, 16], 6);
+    let flip = deepis::train::data::Augment { flip: [true, false, false], rot: 1 };
+    let a = flip.apply(&predict_tta(&x, &mut |t| net.forward(t)).unwrap());
+    let b = predict_tta(&flip.apply(&x), &mut |t| net.forward(t)).unwrap();
+    let plain_a = flip.apply(&net.forward(&x).unwrap());
+    let plain_b = net.forward(&flip.apply(&x)).unwrap();
+    let (e_tta, e_plain) = (deepis::tensor::rel_err(&a.data, &b.data, 1e-3), deepis::tensor::rel_err(&plain_a.data, &plain_b.data, 1e-3));
+    println!("flip + turn of the input: TTA outputs differ by {e_tta:.2e}, plain outputs by {e_plain:.2e}");
+    assert!(e_tta < 1e-5, "{e_tta}");
+    assert!(e_plain > 1e-3, "a random network is not equivariant by itself: {e_plain}");
+}
+
+#[test]
+fn gaussian_blending_reproduces_a_pointwise_predictor_and_a_local_network() {
+    use deepis::segment::{predict_tiled_with, Blend};
+    let x = random_volume([37, 29, 21], 1);
+    let mut f = |t: &Tensor| -> deepis::Result<Tensor> { Tensor::new(t.shape, t.data.iter().map(|&v| 3.0 * v - 1.0).collect()) };
+    let whole = f(&x).unwrap();
+    for (tile, overlap) in [([16, 16, 16], 8), ([20, 12, 40], 4)] {
+        let y = predict_tiled_with(&x, tile, overlap, Blend::Gaussian, &mut f).unwrap();
+        let e = deepis::tensor::rel_err(&y.data, &whole.data, 1.0);
+        assert!(e < 1e-5, "tile {tile:?}: {e}");
+    }
+    // A network that sees 4 voxels: the Gaussian weights tile edges down but not to 0, so the
+    // seams keep a small error, bounded here; the window (0 at the edges) is exact.
+    let w = local_weights(3);
+    let net = Network::new(CpuBackend::new(), &w).unwrap();
+    let x = random_volume([56, 44, 40], 2);
+    let whole = net.forward(&x).unwrap();
+    let mut e = [0.0; 2];
+    for (k, blend) in [Blend::Window, Blend::Gaussian].into_iter().enumerate() {
+        let y = predict_tiled_with(&x, [32, 32, 24], 16, blend, &mut |t| net.forward(t)).unwrap();
+        e[k] = deepis::tensor::rel_err(&y.data, &whole.data, 1e-3);
+    }
+    println!("local network, tiled vs whole: window {:.2e}, gaussian {:.2e}", e[0], e[1]);
+    assert!(e[0] <= 1e-4 && e[1] < 0.05 && e[1] > e[0], "{e:?}");
+}
