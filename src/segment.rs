@@ -369,6 +369,10 @@ pub struct SegmentArgs {
     /// A file listing the inputs, one path per line (relative to the file's folder), instead of or besides INPUT
     #[arg(long, value_name = "LIST")]
     pub manifest: Option<PathBuf>,
+    /// When an input's voxel size differs by more than 10% from the one the weights record they
+    /// were trained at, resample it to that size for the network and the output back
+    #[arg(long)]
+    pub resample: bool,
     /// On a failed input, go on with the others; list failures in OUT_DIR/failed-<shard>.txt and
     /// exit with status 3
     #[arg(long)]
@@ -426,7 +430,7 @@ fn options_json(a: &SegmentArgs) -> serde_json::Value {
     serde_json::json!({
         "tau": a.tau, "regrow": !a.no_regrow, "min_size": a.min_size, "tile": a.tile, "overlap": a.overlap,
         "blend": format!("{:?}", a.blend).to_lowercase(), "tta": a.tta, "save_probabilities": a.save_probabilities,
-        "format": ext(a.format), "voxel_size": a.voxel_size,
+        "format": ext(a.format), "voxel_size": a.voxel_size, "resample": a.resample,
     })
 }
 
@@ -523,7 +527,30 @@ fn segment_one(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>, 
     })?;
     let t0 = std::time::Instant::now();
     let tiled = |x: &Tensor, p: &mut Predictor<'_>| predict_tiled_with(x, a.tile, a.overlap, a.blend, p);
-    let y = if a.tta { predict_tta(&vol.tensor, &mut |x| tiled(x, predict))? } else { tiled(&vol.tensor, predict)? };
+    let mut run = |x: &Tensor| if a.tta { predict_tta(x, &mut |x| tiled(x, predict)) } else { tiled(x, predict) };
+    let trained = crate::voxel::trained_voxel_size(&a.weights)?;
+    let mismatch = match (&voxel, trained) {
+        (Some(v), Some(t)) if crate::voxel::differs(v.um, t, 0.10) => Some((v.um, t)),
+        _ => None,
+    };
+    let y = match mismatch {
+        Some((v, t)) if a.resample => {
+            let to: [usize; 3] = std::array::from_fn(|k| ((d[k] as f64 * v[k] / t[k]).round() as usize).max(1));
+            eprintln!("{}: resampled from {d:?} voxels of {v:?} um to {to:?} of {t:?} um (the weights' training voxel size) and back", input.display());
+            let yr = run(&crate::voxel::resample(&vol.tensor, to)?)?;
+            crate::voxel::resample(&yr, d)?
+        }
+        Some((v, t)) => {
+            let worst = (0..3).map(|k| (v[k] / t[k] - 1.0).abs()).fold(0.0, f64::max);
+            eprintln!(
+                "warning: {}: voxels of {v:?} um, but the weights were trained at {t:?} um ({:.1}% apart): the network sees cells at another scale; --resample predicts at the training voxel size",
+                input.display(),
+                100.0 * worst
+            );
+            run(&vol.tensor)?
+        }
+        None => run(&vol.tensor)?,
+    };
     let (labels, removed) = labels_from_output(&y, weights.config.head, a.tau, !a.no_regrow, a.min_size)?;
     let s = vol.tensor.shape;
     let dims: Vec<usize> = if vol.rank == 3 { s.d.to_vec() } else { vec![s.n, s.d[0], s.d[1], s.d[2]] };

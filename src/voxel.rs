@@ -114,3 +114,59 @@ pub fn resolve(given: Option<[f64; 3]>, files: &[&Path]) -> Result<Option<VoxelS
 pub fn differs(a: [f64; 3], b: [f64; 3], rel: f64) -> bool {
     a.iter().zip(&b).any(|(x, y)| (x / y - 1.0).abs() > rel)
 }
+
+/// The voxel size a weights file records it was trained at: `voxel_size_um` ("D0,D1,D2" in um)
+/// in its safetensors `__metadata__`, if present.
+pub fn trained_voxel_size(weights: &Path) -> Result<Option<[f64; 3]>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(weights).map_err(|e| Error::io(weights, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| Error::io(weights, e))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Ok(None); // not a header deepis wrote; Weights::load reports the file's problems
+    }
+    let mut h = vec![0u8; n as usize];
+    f.read_exact(&mut h).map_err(|e| Error::io(weights, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&h).unwrap_or_default();
+    let Some(s) = v["__metadata__"]["voxel_size_um"].as_str() else { return Ok(None) };
+    let um = crate::analysis::parse_voxel_size(s).map_err(|e| Error::format(weights, format!("__metadata__ voxel_size_um: {e}")))?;
+    crate::analysis::check_voxel_size(um).map_err(|e| Error::format(weights, e.to_string()))?;
+    Ok(Some(um))
+}
+
+/// Trilinear resampling of every volume (and channel) of `t` to `to` voxels, voxel centres
+/// aligned (a voxel of the new grid samples the old one at its centre's position).
+pub fn resample(t: &crate::tensor::Tensor, to: [usize; 3]) -> Result<crate::tensor::Tensor> {
+    use crate::tensor::{Shape, Tensor};
+    let (d, c) = (t.shape.d, t.shape.c);
+    let axis = |k: usize| -> Vec<(usize, usize, f32)> {
+        let s = d[k] as f64 / to[k] as f64;
+        (0..to[k])
+            .map(|i| {
+                let x = ((i as f64 + 0.5) * s - 0.5).clamp(0.0, (d[k] - 1) as f64);
+                let i0 = x.floor() as usize;
+                (i0, (i0 + 1).min(d[k] - 1), (x - i0 as f64) as f32)
+            })
+            .collect()
+    };
+    let (a0, a1, a2) = (axis(0), axis(1), axis(2));
+    let mut out = Vec::with_capacity(t.shape.n * to.iter().product::<usize>() * c);
+    let vox = t.shape.voxels();
+    for n in 0..t.shape.n {
+        let src = &t.data[n * vox * c..(n + 1) * vox * c];
+        let at = |i: usize, j: usize, k: usize, ch: usize| src[((i * d[1] + j) * d[2] + k) * c + ch];
+        for &(i0, i1, wi) in &a0 {
+            for &(j0, j1, wj) in &a1 {
+                for &(k0, k1, wk) in &a2 {
+                    for ch in 0..c {
+                        let lerp = |a: f32, b: f32, w: f32| a + (b - a) * w;
+                        let plane = |i| lerp(lerp(at(i, j0, k0, ch), at(i, j0, k1, ch), wk), lerp(at(i, j1, k0, ch), at(i, j1, k1, ch), wk), wj);
+                        out.push(lerp(plane(i0), plane(i1), wi));
+                    }
+                }
+            }
+        }
+    }
+    Tensor::new(Shape::new(t.shape.n, to, c), out)
+}

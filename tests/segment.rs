@@ -151,6 +151,7 @@ fn args(inputs: Vec<String>, out: &std::path::Path, w: &std::path::Path) -> Segm
         shards: None,
         manifest: None,
         keep_going: false,
+        resample: false,
         backend: deepis::cli::BackendKind::CpuRef,
     }
 }

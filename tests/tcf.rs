@@ -147,3 +147,66 @@ fn segment_tcf_to_ome_tiff_then_analyze_in_um3_without_voxel_size() {
     let (ok, e) = deepis(&["analyze", &s(&labels), "-o", &s(&csv)]);
     assert!(!ok && e.contains("no voxel size") && e.contains("--voxel-size"), "{e}");
 }
+
+/// A copy of `src` whose safetensors `__metadata__` also records `voxel_size_um`.
+fn with_training_voxel_size(src: &Path, dst: &Path, um: &str) {
+    let b = std::fs::read(src).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    h["__metadata__"]["voxel_size_um"] = serde_json::Value::String(um.into());
+    let mut hs = serde_json::to_vec(&h).unwrap();
+    while hs.len() % 8 != 0 {
+        hs.push(b' ');
+    }
+    let mut out = (hs.len() as u64).to_le_bytes().to_vec();
+    out.extend(hs);
+    out.extend(&b[8 + n..]);
+    std::fs::write(dst, out).unwrap();
+}
+
+#[test]
+fn a_voxel_size_unlike_the_training_one_is_reported_and_resampled() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let w = d.join("w.safetensors");
+    with_training_voxel_size(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/weights/deepis-synth-w16.safetensors")), &w, "0.4,0.4,0.8");
+    assert_eq!(deepis::voxel::trained_voxel_size(&w).unwrap(), Some([0.4, 0.4, 0.8]));
+    // The TCF has 0.45 um along Y: 12.5% from the training 0.4.
+    let tcf = s(&data("uint16_lz4.TCF"));
+    let (ok, e) = deepis(&["segment", "--weights", &s(&w), &tcf, "-o", &s(&d.join("a")), "--min-size", "1", "--backend", "cpu"]);
+    assert!(ok, "{e}");
+    println!("{e}");
+    assert!(e.contains("warning") && e.contains("12.5%") && e.contains("--resample"), "{e}");
+    let (ok, e) = deepis(&["segment", "--weights", &s(&w), &tcf, "-o", &s(&d.join("b")), "--min-size", "1", "--backend", "cpu", "--resample"]);
+    assert!(ok, "{e}");
+    assert!(e.contains("resampled from [24, 20, 16]") && e.contains("to [24, 23, 16]") && !e.contains("warning"), "{e}");
+    let l = deepis::io::read_volume(&d.join("b/uint16_lz4_labels.npy")).unwrap();
+    assert_eq!((l.tensor.shape.n, l.tensor.shape.d), (2, [24, 20, 16]), "labels on the input's grid");
+    // Within 10%: no warning.
+    with_training_voxel_size(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/weights/deepis-synth-w16.safetensors")), &w, "0.42,0.42,0.8");
+    let (ok, e) = deepis(&["segment", "--weights", &s(&w), &tcf, "-o", &s(&d.join("c")), "--min-size", "1", "--backend", "cpu"]);
+    assert!(ok && !e.contains("warning"), "{e}");
+}
+
+#[test]
+fn resampling_keeps_a_linear_field_linear() {
+    use deepis::tensor::{Shape, Tensor};
+    let d = [10, 8, 6];
+    let f = |x: f64, y: f64, z: f64| (0.5 * x - 0.25 * y + 2.0 * z) as f32;
+    let data = (0..480).map(|p| f((p / 48) as f64, (p / 6 % 8) as f64, (p % 6) as f64)).collect();
+    let t = Tensor::new(Shape::new(1, d, 1), data).unwrap();
+    let to = [20, 4, 6];
+    let r = deepis::voxel::resample(&t, to).unwrap();
+    let mut worst = 0f32;
+    for i in 1..19 {
+        for j in 0..4 {
+            for k in 0..6 {
+                // Centre-aligned: new voxel i sits at old index (i + 0.5) * 10/20 - 0.5.
+                let e = f((i as f64 + 0.5) * 0.5 - 0.5, (j as f64 + 0.5) * 2.0 - 0.5, k as f64);
+                worst = worst.max((r.data[(i * 4 + j) * 6 + k] - e).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-5, "{worst}");
+    assert_eq!(deepis::voxel::resample(&t, d).unwrap().data, t.data, "to the same grid: the identity");
+}
