@@ -23,8 +23,9 @@ fn voxels() -> impl Iterator<Item = (usize, usize, usize)> {
 
 #[test]
 fn v6_and_v7_files_keep_matlabs_index_order() {
-    // cell_v6: uncompressed, input single, target double; cell_v7: compressed, input double, target single
-    for file in ["cell_v6.mat", "cell_v7.mat"] {
+    // cell_v6: uncompressed, input single, target double; cell_v7: compressed, input double, target single;
+    // cell_v73: HDF5 as MATLAB's -v7.3 writes it (make_mat73.py), input single, target double
+    for file in ["cell_v6.mat", "cell_v7.mat", "cell_v73.mat"] {
         let (x, t) = read_mat(&fixture(file), 1).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!((x.shape.n, x.shape.d, x.shape.c), (1, D, 1), "{file}: input shape");
         assert_eq!(t.shape, x.shape, "{file}: target shape");
@@ -39,13 +40,15 @@ fn v6_and_v7_files_keep_matlabs_index_order() {
 #[test]
 fn several_channel_target_has_the_channel_last() {
     // target: logical D0 x D1 x D2 x 2 with target(i+1, j+1, k+1, h+1) = (i + j + k + h) even
-    let (x, t) = read_mat(&fixture("masks.mat"), 2).unwrap();
-    assert_eq!((t.shape.d, t.shape.c), (D, 2));
-    assert_eq!(x.shape.c, 1);
-    for (i, j, k) in voxels() {
-        for h in 0..2 {
-            let want = if (i + j + k + h) % 2 == 0 { 1.0 } else { 0.0 };
-            assert_eq!(t.data[((i * D[1] + j) * D[2] + k) * 2 + h], want, "voxel ({i}, {j}, {k}) channel {h}");
+    for file in ["masks.mat", "masks_v73.mat"] {
+        let (x, t) = read_mat(&fixture(file), 2).unwrap();
+        assert_eq!((t.shape.d, t.shape.c), (D, 2));
+        assert_eq!(x.shape.c, 1);
+        for (i, j, k) in voxels() {
+            for h in 0..2 {
+                let want = if (i + j + k + h) % 2 == 0 { 1.0 } else { 0.0 };
+                assert_eq!(t.data[((i * D[1] + j) * D[2] + k) * 2 + h], want, "{file}: voxel ({i}, {j}, {k}) channel {h}");
+            }
         }
     }
 }
@@ -93,7 +96,7 @@ fn unreadable_mat_files_say_why() {
 #[test]
 fn train_help_states_the_axis_order() {
     let help = deepis::train::cli::TRAIN_LONG;
-    for want in ["NAME.mat", "-v7.3", "size(input) = [D0 D1 D2]", "input(i,j,k) is voxel (i,j,k)", "[D0 D1 D2 C]"] {
+    for want in ["NAME.mat", "-v7.3 (HDF5)", "size(input) = [D0 D1 D2]", "input(i,j,k) is voxel (i,j,k)", "[D0 D1 D2 C]"] {
         assert!(help.contains(want), "train --help mentions `{want}`");
     }
 }

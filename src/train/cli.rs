@@ -127,8 +127,8 @@ and Adam (betas 0.5, 0.999).
 DATA (--data DIR), either
   DIR/NAME_input.npy + DIR/NAME_target.npy pairs (.tif works too), or
   DIR/input/NAME.npy + DIR/target/NAME.npy (the same file names in two folders),
-and in either layout DIR/NAME.mat: MATLAB MAT files saved with -v7 or -v6 (not -v7.3, which is
-HDF5: re-save with save(FILE, 'input', 'target', '-v7')), one sample each, holding `input`
+and in either layout DIR/NAME.mat: MATLAB MAT files saved with -v7, -v6 or -v7.3 (HDF5), one
+sample each, holding `input`
 (single or double) and `target`. deepis keeps MATLAB's index order: size(input) = [D0 D1 D2], D2
 the optical axis, input(i,j,k) is voxel (i,j,k) (the shape scipy.io.loadmat gives); a target with
 C channels is [D0 D1 D2 C].

@@ -3,7 +3,7 @@
 //! A data folder holds either
 //!   NAME_input.npy / NAME_target.npy pairs (or .tif), side by side, or
 //!   input/NAME.npy and target/NAME.npy (same file names in two sub-folders),
-//! and, in either layout, NAME.mat files (MATLAB level 5) with arrays `input` and `target`.
+//! and, in either layout, NAME.mat files (MATLAB level 5, or v7.3 = HDF5) with arrays `input` and `target`.
 //! A file may hold one volume (D0 x D1 x D2) or several (N x D0 x D1 x D2, N x 1 x D0 x D1 x D2);
 //! each volume is one sample. Targets: distance heads, a signed distance map of the input's shape;
 //! sigmoid heads, C masks: C x D0 x D1 x D2 (one volume) or N x C x D0 x D1 x D2 (.npy only).
@@ -158,11 +158,7 @@ pub fn load_samples(dir: &Path, cfg: &Config) -> Result<Vec<Sample>> {
 pub fn read_mat(path: &Path, c: usize) -> Result<(Tensor, Tensor)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if is_mat73(&bytes) {
-        return Err(Error::format(
-            path,
-            "MATLAB v7.3 MAT files are HDF5, which deepis does not read: re-save it in MATLAB with \
-             save(FILE, 'input', 'target', '-v7'), or convert input and target to .npy",
-        ));
+        return read_mat73(path, c);
     }
     let mat = matfile::MatFile::parse(&bytes[..])
         .map_err(|e| Error::format(path, format!("not a readable MAT file (MATLAB level 5, saved with -v7 or -v6): {e}")))?;
@@ -213,7 +209,52 @@ fn mat_volume(path: &Path, mat: &matfile::MatFile, key: &str, c: usize) -> Resul
             return Err(Error::format(path, format!("`{key}` is {class}; expected {want}")));
         }
     };
-    let [d0, d1, d2, ch] = match a.size()[..] {
+    column_major_volume(path, key, a.size(), data, c)
+}
+
+/// A MATLAB v7.3 file (HDF5 behind a 512-byte header): root datasets `input` and `target`, whose
+/// HDF5 dims are MATLAB's size reversed, so the stored order is MATLAB's column-major order.
+fn read_mat73(path: &Path, c: usize) -> Result<(Tensor, Tensor)> {
+    let f = hdf5_reader::Hdf5File::open(path).map_err(|e| {
+        Error::format(path, format!("a MATLAB v7.3 (HDF5) file that cannot be read ({e}): re-save it with save(FILE, 'input', 'target', '-v7')"))
+    })?;
+    let read = |key: &str, ch: usize| -> Result<Tensor> {
+        let ds = f.dataset(&format!("/{key}")).map_err(|_| Error::format(path, format!("no array `{key}` in this v7.3 MAT file; expected `input` and `target`")))?;
+        let size: Vec<usize> = ds.shape().iter().rev().map(|&d| d as usize).collect();
+        let n: usize = size.iter().product();
+        let bad = |e: hdf5_reader::error::Error| Error::format(path, format!("`{key}`: {e}"));
+        let data: Vec<f32> = match ds.dtype() {
+            hdf5_reader::Datatype::FloatingPoint { size: 4, .. } => {
+                let mut v = vec![0f32; n];
+                ds.read_into(&mut v).map_err(bad)?;
+                v
+            }
+            hdf5_reader::Datatype::FloatingPoint { size: 8, .. } => {
+                let mut v = vec![0f64; n];
+                ds.read_into(&mut v).map_err(bad)?;
+                v.into_iter().map(|x| x as f32).collect()
+            }
+            hdf5_reader::Datatype::FixedPoint { size: 1, signed: false, .. } if key == "target" => {
+                let mut v = vec![0u8; n];
+                ds.read_into(&mut v).map_err(bad)?;
+                v.into_iter().map(f32::from).collect()
+            }
+            d => return Err(Error::format(path, format!("`{key}` is {d:?}; expected single or double (or uint8/logical for the target)"))),
+        };
+        column_major_volume(path, key, &size, data, ch)
+    };
+    let x = read("input", 1)?;
+    let t = read("target", c)?;
+    if t.shape.d != x.shape.d {
+        return Err(Error::format(path, format!("target is {}, the input is {}", t.shape, x.shape)));
+    }
+    Ok((x, t))
+}
+
+/// MATLAB's column-major `data` of `size` ([D0 D1 D2] or [D0 D1 D2 C]) as an n = 1 channels-last tensor.
+fn column_major_volume(path: &Path, key: &str, size: &[usize], data: Vec<f32>, c: usize) -> Result<Tensor> {
+    let ndims = size.len();
+    let [d0, d1, d2, ch] = match size[..] {
         [d0, d1, d2] if c == 1 => [d0, d1, d2, 1],
         [d0, d1, d2, ch] if ch == c => [d0, d1, d2, ch],
         ref s => {
@@ -222,11 +263,11 @@ fn mat_volume(path: &Path, mat: &matfile::MatFile, key: &str, c: usize) -> Resul
         }
     };
     if data.is_empty() {
-        return Err(Error::format(path, format!("`{key}` is empty (size {:?})", a.size())));
+        return Err(Error::format(path, format!("`{key}` is empty (size {size:?})")));
     }
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
         let sub = [i % d0, i / d0 % d1, i / (d0 * d1) % d2, i / (d0 * d1 * d2)].map(|s| s + 1);
-        return Err(Error::format(path, format!("`{key}` holds {} at subscript {:?} (1-based): values must be finite", data[i], &sub[..a.ndims()])));
+        return Err(Error::format(path, format!("`{key}` holds {} at subscript {:?} (1-based): values must be finite", data[i], &sub[..ndims])));
     }
     // column-major data[i + d0 * (j + d1 * (k + d2 * ch))] -> channels-last ((i * d1 + j) * d2 + k) * c + ch
     let mut out = vec![0.0f32; data.len()];
