@@ -148,6 +148,8 @@ pub struct Weights {
     pub config: Config,
     /// The file it came from, for messages.
     pub origin: PathBuf,
+    /// The file's `__metadata__` (format, config, and what else the writer recorded).
+    pub meta: HashMap<String, String>,
     storage: Storage,
     entries: HashMap<String, Entry>,
 }
@@ -199,7 +201,8 @@ impl Weights {
                 return Err(bad(format!("tensor {key} appears twice (with and without the `module.` prefix)")));
             }
         }
-        let w = Weights { config, origin, storage, entries };
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let w = Weights { config, origin, meta, storage, entries };
         w.check(Use::Inference)?;
         Ok(w)
     }
