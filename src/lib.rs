@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod demo;
 pub mod error;
 pub mod gpu;
+pub mod import;
 pub mod io;
 pub mod model;
 pub mod plan;
