@@ -157,3 +157,41 @@ fn mutated_checkpoints_never_panic() {
     println!("{} mutations: {errors} refused with an error, {ok} still valid", errors + ok);
     assert!(errors > 300, "the mutations should mostly break the files");
 }
+
+/// `deepis train --init` of an imported trainer checkpoint continues that run: epoch 8 after the
+/// checkpoint's 7, Adam step 3 after its 2, and the update is Adam's from the imported moments
+/// (a fresh Adam gives other weights).
+#[test]
+fn train_init_continues_the_imported_run() {
+    use deepis::train::data::Sample;
+    use deepis::train::loss::loss_weights;
+    use deepis::train::run::{load_checkpoint, train, TrainOptions};
+    let im = import(&ckpt("tiny_trainer.pth.tar"), &ImportOptions::default()).unwrap();
+    let w = Weights::from_bytes(im.to_bytes().unwrap(), "tiny").unwrap();
+    let sample = Sample { name: "tiny".into(), input: read_5d(&data("tiny", "input.npy")), target: read_5d(&data("tiny", "target.npy")) };
+    let opts = TrainOptions { epochs: 8, batch: 1, val_fraction: 0.0, augment: false, dropout: 0.0, ..TrainOptions::default() };
+    let b = CpuBackend::new();
+    let run = tempfile::tempdir().unwrap();
+    let (start, _) = Start::from_weights(&w, 0).unwrap();
+    let rep = train(&b, start, std::slice::from_ref(&sample), run.path(), opts.clone(), false, None, false).unwrap();
+    assert_eq!(rep.log.iter().map(|l| (l.epoch, l.steps)).collect::<Vec<_>>(), vec![(8, 3)]);
+    let (after, _, state) = load_checkpoint(&rep.last).unwrap();
+    assert_eq!((state.epoch, state.adam_step), (8, 3));
+    // the expected update: the imported moments, one Adam step with the epoch-7 loss weights
+    let (mut start, _) = Start::from_weights(&w, 0).unwrap();
+    let step = deepis::train::train_step(&b, &start.params, &sample.input, &sample.target, None, loss_weights(7), None).unwrap();
+    let mut adam = start.adam.take().unwrap();
+    adam.lr = opts.lr;
+    adam.update(&mut start.params, &step.grads).unwrap();
+    let name = "layer1.blocks.0.conv3.0.weight";
+    assert!(same_bits(after.get(name).unwrap(), start.params.get(name).unwrap()), "{name}: not Adam's update from the imported state");
+    let fresh = tempfile::tempdir().unwrap();
+    let (s, _) = Start::from_weights(&w, 0).unwrap();
+    let rep = train(&b, s.params, std::slice::from_ref(&sample), fresh.path(), TrainOptions { epochs: 1, ..opts }, false, None, false).unwrap();
+    let (other, _, _) = load_checkpoint(&rep.last).unwrap();
+    assert!(!same_bits(other.get(name).unwrap(), after.get(name).unwrap()), "a fresh Adam gives the same update: the moments were not used");
+    // --epochs is the total: a run that has done 7 epochs needs more than 7
+    let (s, _) = Start::from_weights(&w, 0).unwrap();
+    let e = train(&b, s, std::slice::from_ref(&sample), tempfile::tempdir().unwrap().path(), TrainOptions { epochs: 7, ..TrainOptions::default() }, false, None, false).err().unwrap();
+    assert!(e.to_string().contains("completed 7 epochs"), "{e}");
+}
