@@ -133,9 +133,6 @@ struct Machine<'a> {
     memo: Vec<Option<usize>>,
 }
 
-/// Memo indices beyond this are refused (PyTorch's pickles use a few per tensor).
-const MAX_MEMO: usize = 1 << 24;
-
 impl Machine<'_> {
     fn take(&mut self, n: usize) -> R<&[u8]> {
         if self.data.len() - self.pos < n {
@@ -189,8 +186,9 @@ impl Machine<'_> {
     }
 
     fn memo_put(&mut self, k: usize) -> R<()> {
-        if k >= MAX_MEMO {
-            return err(format!("pickle memo index {k} is implausibly large"));
+        // Python's pickler numbers memo entries 0, 1, 2, ...: a jump ahead would only make us allocate
+        if k > self.memo.len() {
+            return err(format!("malformed pickle: memo index {k} skips ahead of the {} entries so far", self.memo.len()));
         }
         let v = self.top()?;
         if self.memo.len() <= k {

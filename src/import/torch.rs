@@ -217,6 +217,9 @@ impl TorchFile {
         let r = storage_ref(&self.pickle, *storage)?;
         let (dtype, raw) = self.storages.get(&r.key).ok_or_else(|| format!("storage {} is missing", r.key))?;
         let numel = size.iter().try_fold(1usize, |a, &s| a.checked_mul(s)).ok_or("tensor size overflows")?;
+        if numel > raw.len() / dtype.size() {
+            return Err(format!("tensor of size {size:?} has more elements than its storage of {}", raw.len() / dtype.size()));
+        }
         if numel > 0 {
             let last = size.iter().zip(stride).try_fold(*offset, |a, (&s, &st)| (s - 1).checked_mul(st).and_then(|x| x.checked_add(a)));
             if last.is_none_or(|l| l >= raw.len() / dtype.size()) {
