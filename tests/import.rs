@@ -225,3 +225,31 @@ fn random_pickles_never_panic() {
     println!("20000 random pickles: {ok} parsed, {errs} refused");
     assert!(ok > 0 && errs > 0);
 }
+
+/// Through the binary: `train --init` of an imported trainer checkpoint continues its run (so
+/// --epochs, the total, must exceed its 7 epochs), and `--fresh-optimizer` fine-tunes from epoch 0.
+#[test]
+fn cli_train_init_continues_or_starts_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("tiny.safetensors");
+    let r = Command::new(env!("CARGO_BIN_EXE_deepis")).args(["import", ckpt("tiny_trainer.pth.tar").to_str().unwrap(), "-o", w.to_str().unwrap()]).output().unwrap();
+    assert!(r.status.success());
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    for (f, out) in [("input.npy", "cell_input.npy"), ("target.npy", "cell_target.npy")] {
+        let (dims, v) = read_npy(&data("tiny", f));
+        deepis::io::write_npy(&data_dir.join(out), &dims[2..], &v).unwrap();
+    }
+    let train = |extra: &[&str], run: &str| {
+        Command::new(env!("CARGO_BIN_EXE_deepis")).args(["train", "--data", data_dir.to_str().unwrap(), "--init", w.to_str().unwrap(), "-o"]).arg(dir.path().join(run)).args(["--batch", "1"]).args(extra).output().unwrap()
+    };
+    let r = train(&["--epochs", "3"], "a");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("completed 7 epochs"), "{err}");
+    let r = train(&["--epochs", "8"], "b");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success() && err.contains("after epoch 7 (Adam step 2)") && err.contains("epoch 8/8"), "{err}");
+    let r = train(&["--epochs", "1", "--fresh-optimizer"], "c");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success() && err.contains("epoch 1/1") && !err.contains("continuing"), "{err}");
+}

@@ -165,9 +165,10 @@ RUN_DIR (-o) receives, after every epoch (written atomically):
 --init WEIGHTS that record a run's progress (`deepis import` of a PyTorch checkpoint with its
 optimizer, or a deepis last.safetensors) continue that run: its Adam moments and step, and its
 epoch count, which picks the loss weights; --epochs is then the total, as in --resume.
+--fresh-optimizer instead starts from epoch 0 with a new Adam (fine-tuning on new data).
 
 Example:
-  deepis train --data my_tomograms -o runs/ft1 --init published.safetensors --epochs 20 --lr 1e-5";
+  deepis train --data my_tomograms -o runs/ft1 --init published.safetensors --fresh-optimizer --epochs 20 --lr 1e-5";
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -207,6 +208,9 @@ pub struct TrainArgs {
     /// Continue RUN_DIR/last.safetensors
     #[arg(long)]
     pub resume: bool,
+    /// With --init: a new Adam from epoch 0, not the run the weights record
+    #[arg(long, requires = "init")]
+    pub fresh_optimizer: bool,
     #[arg(long, value_enum, default_value_t = TrainBackendKind::Cpu)]
     pub backend: TrainBackendKind,
 }
@@ -230,7 +234,10 @@ fn train_on<B: TrainBackend>(b: &B, a: &TrainArgs) -> Result<()> {
     }
     let start = match (&a.init, &a.config) {
         (Some(w), _) => {
-            let (s, fresh) = Start::from_weights(&Weights::load(w)?, a.seed)?;
+            let (mut s, fresh) = Start::from_weights(&Weights::load(w)?, a.seed)?;
+            if a.fresh_optimizer {
+                (s.adam, s.epoch) = (None, 0);
+            }
             if !fresh.is_empty() {
                 eprintln!("note: {} tensor(s) missing from {} initialised randomly (e.g. {})", fresh.len(), w.display(), fresh[0]);
             }

@@ -209,7 +209,10 @@ impl Start {
     pub fn from_weights(w: &Weights, seed: u64) -> Result<(Start, Vec<String>)> {
         let (params, fresh) = Params::from_weights(w, seed)?;
         let progress: Option<Progress> = match (w.meta.get("train_state"), w.meta.get("optimizer")) {
-            (Some(t), _) => serde_json::from_str::<TrainState>(t).ok().map(|s| Progress { epoch: s.epoch, adam_step: s.adam_step }),
+            (Some(t), _) => {
+                let s: TrainState = serde_json::from_str(t).map_err(|e| Error::format(&w.origin, format!("train_state in __metadata__: {e}")))?;
+                Some(Progress { epoch: s.epoch, adam_step: s.adam_step })
+            }
             (None, Some(o)) => Some(serde_json::from_str(o).map_err(|e| Error::format(&w.origin, format!("optimizer in __metadata__: {e}")))?),
             _ => None,
         };
@@ -288,7 +291,7 @@ pub fn train<B: TrainBackend>(
         let mut adam = init.adam.unwrap_or_else(|| Adam::new(init.params.specs.len(), opts.lr, opts.weight_decay));
         (adam.lr, adam.weight_decay) = (opts.lr, opts.weight_decay);
         if init.epoch >= opts.epochs {
-            return Err(Error::Input(format!("the initial weights' run has completed {} epochs: --epochs (the total) must be larger", init.epoch)));
+            return Err(Error::Input(format!("the initial weights' run has completed {} epochs: --epochs (the total) must be larger, or --fresh-optimizer to fine-tune from epoch 0 with a new Adam", init.epoch)));
         }
         let state = TrainState { options: opts.clone(), epoch: init.epoch, adam_step: adam.step, rng_state: rng.state(), best_val: None, best_epoch: 0, val };
         (init.params, adam, state, rng, Vec::new())
