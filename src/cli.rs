@@ -86,6 +86,9 @@ pub enum Command {
     /// Train or fine-tune on pairs of input and target volumes
     #[command(long_about = crate::train::cli::TRAIN_LONG)]
     Train(crate::train::cli::TrainArgs),
+    /// Convert a PyTorch checkpoint (.pth / .pth.tar, either format) to deepis weights, without PyTorch
+    #[command(long_about = crate::import::IMPORT_LONG)]
+    Import(crate::import::ImportArgs),
     /// Make a synthetic RI time-lapse of an effector cell meeting a target (inputs, labels, distance targets)
     Synth(crate::synth::SynthArgs),
     /// Segment RI volumes into uint8 label volumes (0 background, 1 effector, 2 target); any size, in tiles
@@ -208,6 +211,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench(&a),
         Command::TrainStep(a) => crate::train::cli::train_step_cmd(&a),
         Command::Train(a) => crate::train::cli::train_cmd(&a),
+        Command::Import(a) => crate::import::import_cmd(&a),
         Command::Synth(a) => crate::synth::run_cli(&a),
         Command::Segment(a) => segment(&a),
         Command::Analyze(a) => crate::analysis::run_cli(&a),

@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod demo;
 pub mod error;
 pub mod gpu;
+pub mod import;
 pub mod io;
 pub mod model;
 pub mod ome_tiff;

@@ -148,6 +148,8 @@ pub struct Weights {
     pub config: Config,
     /// The file it came from, for messages.
     pub origin: PathBuf,
+    /// The file's `__metadata__` (format, config, and what else the writer recorded).
+    pub meta: HashMap<String, String>,
     storage: Storage,
     entries: HashMap<String, Entry>,
 }
@@ -199,7 +201,8 @@ impl Weights {
                 return Err(bad(format!("tensor {key} appears twice (with and without the `module.` prefix)")));
             }
         }
-        let w = Weights { config, origin, storage, entries };
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let w = Weights { config, origin, meta, storage, entries };
         w.check(Use::Inference)?;
         Ok(w)
     }
@@ -303,6 +306,11 @@ use std::io::Write as _;
 
 /// safetensors bytes with `format`, `format_version` and `config` metadata.
 pub fn serialize(config: &Config, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {
+    serialize_with(config, tensors, HashMap::new())
+}
+
+/// `serialize` with more `__metadata__` entries.
+pub fn serialize_with(config: &Config, tensors: &[(String, Vec<usize>, Vec<f32>)], extra: HashMap<String, String>) -> Result<Vec<u8>> {
     let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, s, d)| (n.clone(), s.clone(), bytemuck::cast_slice::<f32, u8>(d).to_vec()))
@@ -312,7 +320,9 @@ pub fn serialize(config: &Config, tensors: &[(String, Vec<usize>, Vec<f32>)]) ->
         let v = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Weights(format!("{n}: {e}")))?;
         views.push((n.clone(), v));
     }
-    safetensors::serialize(views, Some(metadata(config))).map_err(|e| Error::Weights(e.to_string()))
+    let mut meta = metadata(config);
+    meta.extend(extra);
+    safetensors::serialize(views, Some(meta)).map_err(|e| Error::Weights(e.to_string()))
 }
 
 /// The `__metadata__` of a deepis weights file.

@@ -43,6 +43,14 @@ fn train_step_writes_the_golden_gradients() {
     let worst_emu = emu.iter().zip(&want).map(|(a, b)| rel_err(&a.2, &b.2, 1e-3)).fold(0.0f32, f32::max);
     println!("tiny via the CLI on emu: worst rel err {worst_emu:.2e}");
     assert!(worst_emu <= 1e-3);
+    // --epoch 150: the loss weights (0.8, 0.1, 0.1), against the oracle's epoch-150 step
+    let g150 = out.path().join("grads_150.safetensors");
+    let st = deepis().args(["train-step", "--epoch", "150", "--weights"]).arg(data("tiny", "weights.safetensors")).arg("--input").arg(data("tiny", "input.npy")).arg("--target").arg(data("tiny", "target.npy")).arg("-o").arg(&g150).status().unwrap();
+    assert!(st.success());
+    let want150 = read_safetensors(&data("tiny", "train_step_e150.safetensors"));
+    let worst150 = read_safetensors(&g150).iter().zip(&want150).map(|(a, b)| rel_err(&a.2, &b.2, 1e-3)).fold(0.0f32, f32::max);
+    println!("tiny via the CLI at --epoch 150: worst rel err {worst150:.2e}");
+    assert!(worst150 <= 1e-3);
     // the golden weight map given explicitly gives the same gradients
     let g2 = out.path().join("grads_w.safetensors");
     let st = deepis().args(["train-step", "--weights"]).arg(data("tiny", "weights.safetensors")).arg("--input").arg(data("tiny", "input.npy")).arg("--target").arg(data("tiny", "target.npy")).arg("--weight").arg(data("tiny", "weight.npy")).arg("-o").arg(&g2).status().unwrap();

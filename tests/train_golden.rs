@@ -1,8 +1,10 @@
 //! Training-mode parity with the PyTorch oracle (float64 golden cases, stored float32): the
 //! training-mode output, the edge weight map, the aux labels, the loss and every parameter's
-//! gradient of one `train_loss` step (dropout off), on the CPU backend, and for tiny and readme
+//! gradient of one `train_loss` step (dropout off; epoch 0, and for tiny epoch 150), the loss at
+//! epochs 0, 50, 100 and 150, on the CPU backend, and for tiny and readme
 //! through the CUDA kernels on the emulator (`GpuBackend<EmuDevice>`).
-//! Metric: max|a-e| / max(1e-3, max|e|) <= 1e-3 (the issue's); weight map and labels exactly.
+//! Metric: max|a-e| / max(1e-3, max|e|) <= 1e-3 (the issue's), or per gradient no further than
+//! PyTorch float32 on the same stored numbers (DESIGN.md's fair peer); weight map and labels exactly.
 //!
 //! ReLU kinks: where a pre-activation lies within float32 rounding of 0 (|v| < 1e-7 max|v|), the
 //! float32 engine and the float64 oracle may take different sides, and that voxel's whole
@@ -16,7 +18,7 @@ use deepis::cpu::CpuBackend;
 use deepis::gpu::emu::EmuDevice;
 use deepis::gpu::ops::GpuBackend;
 use deepis::tensor::rel_err;
-use deepis::train::loss::{aux_labels, edge_weight, EdgeWeight};
+use deepis::train::loss::{aux_labels, edge_weight, loss_weights, train_loss, EdgeWeight, LossWeights};
 use deepis::train::tape::Var;
 use deepis::train::{finish_step, forward_train, Params, Step, TrainBackend};
 use deepis::weights::Weights;
@@ -25,22 +27,26 @@ use std::time::Instant;
 const TOL: f32 = 1e-3;
 
 fn check_case<B: TrainBackend>(case: &str, b: B) {
+    check_step(case, &b, "train_step.safetensors", loss_weights(0));
+}
+
+fn check_step<B: TrainBackend>(case: &str, b: &B, golden_file: &str, lw: LossWeights) {
     let t0 = Instant::now();
     let w = Weights::load(&data(case, "weights.safetensors")).unwrap();
     let (p, fresh) = Params::from_weights(&w, 0).unwrap();
     assert!(fresh.is_empty(), "{case}: golden weights lack {fresh:?}");
     let x = read_5d(&data(case, "input.npy"));
     let target = read_5d(&data(case, "target.npy"));
-    let dev = p.upload(&b).unwrap();
+    let dev = p.upload(b).unwrap();
     let run = |flips: &[(Var, usize)]| -> Step {
-        let mut f = forward_train(&b, &p, &dev, &x, None).unwrap();
+        let mut f = forward_train(b, &p, &dev, &x, None).unwrap();
         f.tape.relu_flips = flips.to_vec();
-        finish_step(&b, &p, f, &target, None).unwrap()
+        finish_step(b, &p, f, &target, None, lw).unwrap()
     };
     // ReLU inputs within float32 rounding of the kink
     let mut kinks = Vec::new();
     {
-        let f = forward_train(&b, &p, &dev, &x, None).unwrap();
+        let f = forward_train(b, &p, &dev, &x, None).unwrap();
         for (inp, out) in f.tape.relus() {
             let v = &b.download(f.tape.value(inp)).unwrap().data;
             let tau = 1e-7 * v.iter().fold(0.0f32, |m, a| m.max(a.abs()));
@@ -53,7 +59,7 @@ fn check_case<B: TrainBackend>(case: &str, b: B) {
     assert!(kinks.len() <= 12, "{case}: too many ambiguous ReLU decisions to try");
 
     // eval mode through the same graph code (validation uses it)
-    let ev = deepis::train::forward_eval(&b, &p, &x).unwrap();
+    let ev = deepis::train::forward_eval(b, &p, &x).unwrap();
     let e_ev = rel_err(&ev.data, &read_5d(&data(case, "expected.npy")).data, 1.0);
     println!("{case:<7} eval-mode output    rel err {e_ev:.3e}");
     assert!(e_ev <= 1e-4, "{case}: eval-mode output rel err {e_ev:.3e}");
@@ -62,29 +68,32 @@ fn check_case<B: TrainBackend>(case: &str, b: B) {
     println!("{case:<7} train_output       rel err {e_out:.3e}");
     assert!(e_out <= TOL, "{case}: training-mode output rel err {e_out:.3e}");
 
-    // the weight map: computed by deepis from its own output, and from the golden output
+    // the weight map (pw = 10, as the published trainer trains): computed by deepis from its own
+    // output, and from the golden output
     let want_w = read_5d(&data(case, "weight.npy"));
     if p.cfg.head == Head::Distance {
         let mine = step.weight.as_ref().unwrap();
         let diff = mine.data.iter().zip(&want_w.data).filter(|(a, b)| a != b).count();
-        let from_golden = edge_weight(&want_out, &target, EdgeWeight::default()).unwrap();
+        let from_golden = edge_weight(&want_out, &target, EdgeWeight::TRAIN).unwrap();
         let diff_g = from_golden.data.iter().zip(&want_w.data).filter(|(a, b)| a != b).count();
         println!("{case:<7} weight.npy         {diff} voxels differ (from the golden output: {diff_g})");
         assert_eq!(diff_g, 0, "{case}: edge_weight of the golden output differs from weight.npy");
         assert_eq!(diff, 0, "{case}: weight map from the engine's output differs in {diff} voxels");
+        assert!(want_w.data.contains(&11.0), "{case}: weight.npy has no 1 + pw = 11 voxels: not the training map");
     } else {
         assert!(want_w.data.iter().all(|&v| v == 1.0));
     }
-    for (file, f) in [("aux3.npy", 4), ("aux4.npy", 8)] {
+    // the deep-supervision labels at each head's own size
+    for (file, head) in [("aux3.npy", &step.c3), ("aux4.npy", &step.c4)] {
         let (dims, want) = read_npy(&data(case, file));
-        let (ld, lab) = aux_labels(&target, p.cfg.head, f);
+        let (ld, lab) = aux_labels(&target, p.cfg.head, head.shape.d);
         assert_eq!(dims, ld, "{case}: {file} dims");
         let diff = lab.iter().zip(&want).filter(|(&a, &b)| a as f32 != b).count();
         println!("{case:<7} {file:<18} {dims:?}, {diff} labels differ");
         assert_eq!(diff, 0, "{case}: {file}");
     }
 
-    let golden = read_safetensors(&data(case, "train_step.safetensors"));
+    let golden = read_safetensors(&data(case, golden_file));
     // Backward is linear in the ReLU decisions' effects (to first order: a flip upstream of another
     // kink changes what the second one routes), so each flip's gradient change is measured once
     // and every combination is scored from those; the best is then run for real.
@@ -122,11 +131,19 @@ fn check_case<B: TrainBackend>(case: &str, b: B) {
     assert_eq!(bad, 0, "{case}: {bad} gradients over the tolerance");
 }
 
+/// PyTorch float32's error on each epoch-0 gradient (tests/data/make_epochs.py): the fair peer
+/// where rounding the stored inputs and weights alone moves a gradient past TOL (readme:
+/// layer2.blocks.1.increase.1.bias, 1.2e-3 even in float64).
+fn peer_errors(case: &str) -> std::collections::HashMap<String, f32> {
+    serde_json::from_str(&std::fs::read_to_string(data(case, "peer_f32_err.json")).unwrap()).unwrap()
+}
+
 /// (gradients over the tolerance, worst rel err) of a step against the oracle's.
 fn compare(case: &str, p: &Params, loss: f64, grads: &[Option<Vec<f32>>], golden: &[(String, Vec<usize>, Vec<f32>)], verbose: bool) -> (usize, f32) {
     let mut worst = (0.0f32, String::new());
     let mut bad = 0;
     let mut n = 0;
+    let peer = peer_errors(case);
     for (name, dims, want) in golden {
         if name == "loss" {
             let e = ((loss - want[0] as f64).abs() / (want[0].abs() as f64).max(1e-3)) as f32;
@@ -144,10 +161,11 @@ fn compare(case: &str, p: &Params, loss: f64, grads: &[Option<Vec<f32>>], golden
         if e > worst.0 {
             worst = (e, pname.to_string());
         }
+        let tol = TOL.max(peer.get(pname).copied().unwrap_or(0.0));
         if verbose && e > TOL {
-            println!("{case:<7} {name:<44} rel err {e:.3e} OVER");
+            println!("{case:<7} {name:<44} rel err {e:.3e} {}", if e <= tol { format!("within PyTorch float32's {tol:.3e}") } else { "OVER".into() });
         }
-        bad += (e > TOL) as usize;
+        bad += (e > tol) as usize;
         n += 1;
     }
     let extra: Vec<_> = p.specs.iter().enumerate().filter(|(i, s)| grads[*i].is_some() && !golden.iter().any(|g| g.0 == format!("grad.{}", s.name))).map(|(_, s)| s.name.clone()).collect();
@@ -156,6 +174,49 @@ fn compare(case: &str, p: &Params, loss: f64, grads: &[Option<Vec<f32>>], golden
         println!("{case:<7} {n} gradients, worst rel err {:.3e} ({})", worst.0, worst.1);
     }
     (bad, worst.0)
+}
+
+/// The loss at epochs 0, 50, 100 and 150 (the oracle's `train_loss` with `loss_weights(epoch)`,
+/// tests/data/make_epochs.py) from one training-mode forward: each epoch's weights and total.
+fn check_epochs(case: &str) {
+    let b = CpuBackend::new();
+    let p = Params::from_weights(&Weights::load(&data(case, "weights.safetensors")).unwrap(), 0).unwrap().0;
+    let x = read_5d(&data(case, "input.npy"));
+    let target = read_5d(&data(case, "target.npy"));
+    let weight = read_5d(&data(case, "weight.npy"));
+    let step = deepis::train::train_step(&b, &p, &x, &target, Some(&weight), loss_weights(0), None).unwrap();
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data(case, "losses_by_epoch.json")).unwrap()).unwrap();
+    for e in [0usize, 50, 100, 150] {
+        let w = &want["epochs"][e.to_string()];
+        let lw: Vec<f64> = w["weights"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(loss_weights(e).to_vec(), lw, "{case}: loss weights of epoch {e}");
+        let lg = train_loss(&p.cfg, &step.out, &step.c3, &step.c4, &target, Some(&weight).filter(|_| p.cfg.head == Head::Distance), loss_weights(e)).unwrap();
+        let gold = w["loss"].as_f64().unwrap();
+        let err = (lg.loss - gold).abs() / gold.abs().max(1e-3);
+        println!("{case:<7} epoch {e:>3} weights {lw:?} loss {:.6} (oracle {gold:.6}) rel err {err:.3e}", lg.loss);
+        assert!(err <= TOL as f64, "{case}: epoch {e} loss rel err {err:.3e}");
+    }
+}
+
+#[test]
+fn loss_schedule_boundaries() {
+    let table = [(0, [0.2, 0.4, 0.4]), (49, [0.2, 0.4, 0.4]), (50, [0.4, 0.3, 0.3]), (99, [0.4, 0.3, 0.3]), (100, [0.6, 0.2, 0.2]), (149, [0.6, 0.2, 0.2]), (150, [0.8, 0.1, 0.1]), (10_000, [0.8, 0.1, 0.1])];
+    for (e, w) in table {
+        assert_eq!(loss_weights(e), w, "epoch {e}");
+    }
+}
+
+#[test]
+fn golden_losses_by_epoch() {
+    for case in ["tiny", "small", "readme", "mid"] {
+        check_epochs(case);
+    }
+}
+
+/// Every gradient of an epoch-150 step (weights 0.8, 0.1, 0.1) against the oracle's.
+#[test]
+fn golden_train_step_tiny_epoch150() {
+    check_step("tiny", &CpuBackend::new(), "train_step_e150.safetensors", loss_weights(150));
 }
 
 #[test]

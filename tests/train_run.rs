@@ -162,7 +162,7 @@ fn bench_train_step() {
         let mut times = Vec::new();
         for _ in 0..3 {
             let t0 = std::time::Instant::now();
-            deepis::train::train_step(&b, &p, &x, &t, None, None).unwrap();
+            deepis::train::train_step(&b, &p, &x, &t, None, deepis::train::loss::loss_weights(0), None).unwrap();
             times.push(t0.elapsed().as_secs_f64());
         }
         times.sort_by(f64::total_cmp);

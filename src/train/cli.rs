@@ -2,7 +2,8 @@
 use super::data::{load_samples, read_target};
 use super::net::{train_step, Params};
 use super::backend::TrainBackend;
-use super::run::{train, TrainOptions};
+use super::loss::loss_weights;
+use super::run::{train, Start, TrainOptions, LR};
 use crate::config::Config;
 use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
@@ -39,15 +40,21 @@ fn with_train_backend<J: TrainJob>(kind: TrainBackendKind, job: J) -> Result<()>
 }
 
 pub const TRAIN_STEP_LONG: &str = "\
-One training-mode step of the published objective, for comparing gradients with a reference
-framework: batch norm on batch statistics, dropout off, loss = the head term (distance head:
-mean(weight * |out - target|); sigmoid head: BCE + mean(1 - soft Dice)) + 0.5 x (CE(c3) + CE(c4))
-of the deep-supervision heads. Writes `loss` and `grad.<parameter name>` (PyTorch names and
-layouts) as float32 safetensors. Parameters are not changed.
+One training-mode step of the published objective (the DeepIS trainer, trainers/CNNTrainer.py),
+for comparing gradients with a reference framework: batch norm on batch statistics, dropout off,
+loss = w0 x head term + w1 x CE(c3) + w2 x CE(c4). Head term: distance head
+mean(weight * |out - target|), sigmoid head BCE + mean(1 - soft Dice). CE: cross-entropy of the
+deep-supervision heads against 3-class labels (+1 where distance > 0.1, -1 where < -0.1, resized
+trilinearly to the head's size, class 1 above 0.25, 2 below -0.25). (w0, w1, w2) by --epoch:
+(0.2, 0.4, 0.4) before epoch 50, (0.4, 0.3, 0.3) before 100, (0.6, 0.2, 0.2) before 150, then
+(0.8, 0.1, 0.1). Writes `loss` and `grad.<parameter name>` (PyTorch names and layouts) as float32
+safetensors. Parameters are not changed.
 
 --input: as for predict (.npy or .tif; N volumes). --target: distance head, the input's shape;
 sigmoid head, C x D0 x D1 x D2 or N x C x D0 x D1 x D2 (.npy). --weight: the distance head's
-weight map (default: the published edge weight map, computed from the training-mode output).
+weight map (default: the published edge weight map with pw = 10, computed from the training-mode
+output: 1 + 10 within 3 voxels of the effector's boundary, 0 where the background is already
+predicted negative).
 
 Example:
   deepis train-step --weights tests/data/tiny/weights.safetensors --input tests/data/tiny/input.npy \\
@@ -70,6 +77,9 @@ pub struct TrainStepArgs {
     /// Where to write `loss` and `grad.<name>` (.safetensors)
     #[arg(short, long, value_name = "OUT")]
     pub output: PathBuf,
+    /// Epoch (0-based) whose loss weights to use
+    #[arg(long, default_value_t = 0)]
+    pub epoch: usize,
     #[arg(long, value_enum, default_value_t = TrainBackendKind::Cpu)]
     pub backend: TrainBackendKind,
 }
@@ -101,8 +111,9 @@ fn train_step_on<B: TrainBackend>(b: &B, a: &TrainStepArgs) -> Result<()> {
         None => None,
     };
     let t0 = Instant::now();
-    let step = train_step(b, &p, &x, &t, wm.as_ref(), None)?;
-    eprintln!("loss {:.6} (head {:.6}, aux {:.6}) in {:.2} s", step.loss, step.main, step.aux, t0.elapsed().as_secs_f64());
+    let lw = loss_weights(a.epoch);
+    let step = train_step(b, &p, &x, &t, wm.as_ref(), lw, None)?;
+    eprintln!("loss {:.6} = {} x head {:.6} + {} x CE3 + {} x CE4 (CE3 + CE4 = {:.6}) in {:.2} s", step.loss, lw[0], step.main, lw[1], lw[2], step.aux, t0.elapsed().as_secs_f64());
     let mut tensors = vec![("loss".to_string(), vec![1], vec![step.loss as f32])];
     for (s, g) in p.specs.iter().zip(&step.grads) {
         if let Some(g) = g {
@@ -121,8 +132,13 @@ fn train_step_on<B: TrainBackend>(b: &B, a: &TrainStepArgs) -> Result<()> {
 }
 
 pub const TRAIN_LONG: &str = "\
-Trains (or fine-tunes) DeepIS on pairs of input and target volumes with the published objective
-and Adam (betas 0.5, 0.999).
+Trains (or fine-tunes) DeepIS on pairs of input and target volumes with the published recipe
+(the DeepIS trainer, trainers/CNNTrainer.py run by main_DeepIS.py): loss = w0 x head term +
+w1 x CE(classifier3) + w2 x CE(classifier4), (w0, w1, w2) = (0.2, 0.4, 0.4) for epochs 0-49,
+(0.4, 0.3, 0.3) for 50-99, (0.6, 0.2, 0.2) for 100-149, then (0.8, 0.1, 0.1); the distance head's
+term is the L1 weighted by the edge map with pw = 10; Adam, lr 5e-5, betas (0.5, 0.999), batch 2.
+Validation (and best.safetensors) as published: the eval-mode head output under the same L1 with
+pw = 1 (sigmoid heads: BCE + soft Dice), no deep-supervision terms.
 
 DATA (--data DIR), either
   DIR/NAME_input.npy + DIR/NAME_target.npy pairs (.tif works too), or
@@ -146,9 +162,13 @@ RUN_DIR (-o) receives, after every epoch (written atomically):
                      (val_dice: mean Dice of the effector and target masks)
 --resume continues from RUN_DIR/last.safetensors, bit-for-bit as if never interrupted
 (the options of the first run are kept, except --epochs).
+--init WEIGHTS that record a run's progress (`deepis import` of a PyTorch checkpoint with its
+optimizer, or a deepis last.safetensors) continue that run: its Adam moments and step, and its
+epoch count, which picks the loss weights; --epochs is then the total, as in --resume.
+--fresh-optimizer instead starts from epoch 0 with a new Adam (fine-tuning on new data).
 
 Example:
-  deepis train --data my_tomograms -o runs/ft1 --init published.safetensors --epochs 20 --lr 1e-5";
+  deepis train --data my_tomograms -o runs/ft1 --init published.safetensors --fresh-optimizer --epochs 20 --lr 1e-5";
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -164,13 +184,14 @@ pub struct TrainArgs {
     /// Model config for a random start: a JSON file with keys of DEFAULT_CONFIG (default: the published model)
     #[arg(long, value_name = "CONFIG.json", conflicts_with = "init")]
     pub config: Option<PathBuf>,
+    /// Epochs in total (counting those of a run continued by --init or --resume)
     #[arg(long, default_value_t = 100)]
     pub epochs: usize,
     /// Volumes per step (2 as published)
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
-    /// Adam learning rate
-    #[arg(long, default_value_t = 1e-4)]
+    /// Adam learning rate (5e-5 as published)
+    #[arg(long, default_value_t = LR)]
     pub lr: f64,
     /// L2 weight decay (as torch.optim.Adam)
     #[arg(long, default_value_t = 0.0)]
@@ -187,6 +208,9 @@ pub struct TrainArgs {
     /// Continue RUN_DIR/last.safetensors
     #[arg(long)]
     pub resume: bool,
+    /// With --init: a new Adam from epoch 0, not the run the weights record
+    #[arg(long, requires = "init")]
+    pub fresh_optimizer: bool,
     #[arg(long, value_enum, default_value_t = TrainBackendKind::Cpu)]
     pub backend: TrainBackendKind,
 }
@@ -208,21 +232,27 @@ fn train_on<B: TrainBackend>(b: &B, a: &TrainArgs) -> Result<()> {
     if !(a.lr.is_finite() && a.lr > 0.0 && (0.0..1.0).contains(&a.val_fraction)) {
         return Err(Error::Input("--lr must be positive and --val-fraction in [0, 1)".into()));
     }
-    let params = match (&a.init, &a.config) {
+    let start = match (&a.init, &a.config) {
         (Some(w), _) => {
-            let (p, fresh) = Params::from_weights(&Weights::load(w)?, a.seed)?;
+            let (mut s, fresh) = Start::from_weights(&Weights::load(w)?, a.seed)?;
+            if a.fresh_optimizer {
+                (s.adam, s.epoch) = (None, 0);
+            }
             if !fresh.is_empty() {
                 eprintln!("note: {} tensor(s) missing from {} initialised randomly (e.g. {})", fresh.len(), w.display(), fresh[0]);
             }
-            p
+            if let Some(adam) = &s.adam {
+                eprintln!("continuing the run of {} after epoch {} (Adam step {})", w.display(), s.epoch, adam.step);
+            }
+            s
         }
         (None, Some(c)) => {
             let text = std::fs::read_to_string(c).map_err(|e| Error::io(c, e))?;
-            Params::random(&Config::from_json(&text)?, a.seed)
+            Params::random(&Config::from_json(&text)?, a.seed).into()
         }
-        (None, None) => Params::random(&Config::default(), a.seed),
+        (None, None) => Params::random(&Config::default(), a.seed).into(),
     };
-    let samples = load_samples(&a.data, &params.cfg)?;
+    let samples = load_samples(&a.data, &start.params.cfg)?;
     eprintln!("data: {} sample(s) from {}", samples.len(), a.data.display());
     let opts = TrainOptions {
         epochs: a.epochs,
@@ -234,7 +264,7 @@ fn train_on<B: TrainBackend>(b: &B, a: &TrainArgs) -> Result<()> {
         augment: !a.no_augment,
         ..TrainOptions::default()
     };
-    let rep = train(b, params, &samples, &a.output, opts, a.resume, None, true)?;
+    let rep = train(b, start, &samples, &a.output, opts, a.resume, None, true)?;
     eprintln!("done: {} and {}", rep.last.display(), rep.best.display());
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! - `backend`: the `TrainBackend` trait the CUDA backend and the emulator implement.
 //! - `cpu`: its CPU implementation.
 //! - `tape`: records forward ops, walks them backwards.
-//! - `loss`: `edge_weight`, `aux_labels`, `train_loss` on the host in float64.
+//! - `loss`: `edge_weight`, `aux_labels`, `loss_weights`, `train_loss` on the host in float64.
 //! - `net`: the network in training mode on the tape; `train_step`.
 //! - `adam`: torch.optim.Adam with the published betas.
 pub mod adam;

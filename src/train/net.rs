@@ -3,7 +3,7 @@
 //! `Params` is the host master copy of every tensor (PyTorch layout and names); `train_step` runs
 //! one forward + loss + backward and returns the gradients in PyTorch layout.
 use super::backend::TrainBackend;
-use super::loss::{edge_weight, train_loss, EdgeWeight};
+use super::loss::{edge_weight, train_loss, EdgeWeight, LossWeights};
 use super::tape::{Tape, Var};
 use crate::backend::{conv_weight_layout, ConvSpec};
 use crate::config::{Config, Downsample, Head};
@@ -332,23 +332,25 @@ pub struct Step {
     pub bn: Vec<BnStat>,
 }
 
-/// One training step: training-mode forward, the published loss (the weight map computed from the
-/// output unless `weight` is given), backward. Parameters are not changed.
+/// One training step: training-mode forward, the published loss with the loss weights `lw` (the
+/// pw = 10 weight map computed from the output unless `weight` is given), backward. Parameters
+/// are not changed.
 pub fn train_step<B: TrainBackend>(
     b: &B,
     p: &Params,
     x: &Tensor,
     target: &Tensor,
     weight: Option<&Tensor>,
+    lw: LossWeights,
     dropout: Option<(f32, &mut Rng)>,
 ) -> Result<Step> {
     let dev = p.upload(b)?;
     let f = forward_train(b, p, &dev, x, dropout)?;
-    finish_step(b, p, f, target, weight)
+    finish_step(b, p, f, target, weight, lw)
 }
 
 /// The loss and backward of a forward pass made by `forward_train`.
-pub fn finish_step<B: TrainBackend>(b: &B, p: &Params, f: Forward<'_, B>, target: &Tensor, weight: Option<&Tensor>) -> Result<Step> {
+pub fn finish_step<B: TrainBackend>(b: &B, p: &Params, f: Forward<'_, B>, target: &Tensor, weight: Option<&Tensor>, lw: LossWeights) -> Result<Step> {
     let dl = |v: Var| b.download(f.tape.value(v));
     let (out, c3, c4) = (dl(f.out)?, dl(f.c3)?, dl(f.c4)?);
     if target.shape != out.shape {
@@ -357,9 +359,9 @@ pub fn finish_step<B: TrainBackend>(b: &B, p: &Params, f: Forward<'_, B>, target
     let weight = match (p.cfg.head, weight) {
         (Head::Sigmoid, _) => None,
         (Head::Distance, Some(w)) => Some(w.clone()),
-        (Head::Distance, None) => Some(edge_weight(&out, target, EdgeWeight::default())?),
+        (Head::Distance, None) => Some(edge_weight(&out, target, EdgeWeight::TRAIN)?),
     };
-    let lg = train_loss(&p.cfg, &out, &c3, &c4, target, weight.as_ref())?;
+    let lg = train_loss(&p.cfg, &out, &c3, &c4, target, weight.as_ref(), lw)?;
     let seeds = vec![(f.out, b.upload(&lg.d_out)?), (f.c3, b.upload(&lg.d_c3)?), (f.c4, b.upload(&lg.d_c4)?)];
     let pg = f.tape.backward(seeds)?;
     let mut grads = Vec::with_capacity(pg.len());

@@ -7,7 +7,9 @@
 //!                      `deepis predict`), `adam.m.<name>`, `adam.v.<name>`, and in __metadata__
 //!                      the config and `train_state` (epoch, Adam step, RNG state, options, best).
 //!   best.safetensors   the model of the epoch with the lowest validation loss (training loss
-//!                      when there is no validation set).
+//!                      when there is no validation set). The validation loss is the published
+//!                      trainer's metric: the eval-mode head output under the head term with the
+//!                      pw = 1 edge weight map (distance heads), no deep-supervision terms.
 //!   log.csv            epoch,steps,train_loss,train_main,train_aux,val_loss,val_dice,seconds
 //!                      (val_dice: mean Dice of the effector and target masks of the eval-mode
 //!                      output, distance > 0.1 / < -0.1, or sigmoid channels 0 / 1 > 0.5)
@@ -16,7 +18,7 @@
 use super::adam::Adam;
 use super::backend::TrainBackend;
 use super::data::{stack, Augment, Sample};
-use super::loss::{edge_weight, train_loss, EdgeWeight};
+use super::loss::{edge_weight, head_loss, loss_weights, EdgeWeight};
 use super::net::{forward_eval, train_step, Params, DROPOUT};
 use crate::config::Head;
 use crate::error::{Error, Result};
@@ -41,9 +43,12 @@ pub struct TrainOptions {
     pub dropout: f32,
 }
 
+/// The published trainer's Adam learning rate (main_DeepIS.py: 5e-5).
+pub const LR: f64 = 5e-5;
+
 impl Default for TrainOptions {
     fn default() -> Self {
-        TrainOptions { epochs: 100, batch: 2, lr: 1e-4, weight_decay: 0.0, seed: 0, val_fraction: 0.2, augment: true, dropout: DROPOUT }
+        TrainOptions { epochs: 100, batch: 2, lr: LR, weight_decay: 0.0, seed: 0, val_fraction: 0.2, augment: true, dropout: DROPOUT }
     }
 }
 
@@ -158,22 +163,76 @@ pub fn mask_dice(head: Head, out: &Tensor, target: &Tensor) -> f64 {
     total / 2.0
 }
 
-/// Validation of the held-out samples: (loss, Dice). The loss is the head term of `train_loss`
-/// on the eval-mode output (running statistics, no dropout), with the weight map computed from
-/// that output; the Dice is `mask_dice`. Both are means over the samples.
+/// Validation of the held-out samples: (loss, Dice). The loss is the published trainer's
+/// validation metric: the head term on the eval-mode output (running statistics, no dropout, no
+/// deep-supervision heads), distance heads with the pw = 1 weight map of that output; the Dice
+/// is `mask_dice`. Both are means over the samples.
 pub fn validate<B: TrainBackend>(b: &B, p: &Params, samples: &[&Sample]) -> Result<(f64, f64)> {
     let (mut total, mut dice) = (0.0, 0.0);
     for s in samples {
         let out = forward_eval(b, p, &s.input)?;
-        let weight = if p.cfg.head == Head::Distance { Some(edge_weight(&out, &s.target, EdgeWeight::default())?) } else { None };
-        // the aux heads do not run in eval mode: zero-size placeholders are not needed for the head term
-        let c = |f: usize| crate::tensor::Tensor::zeros(crate::tensor::Shape::new(1, s.input.shape.d.map(|d| d.div_ceil(f)), 3));
-        let lg = train_loss(&p.cfg, &out, &c(4), &c(8), &s.target, weight.as_ref())?;
-        total += lg.main;
+        let weight = if p.cfg.head == Head::Distance { Some(edge_weight(&out, &s.target, EdgeWeight::VALIDATION)?) } else { None };
+        total += head_loss(&p.cfg, &out, &s.target, weight.as_ref())?.0;
         dice += mask_dice(p.cfg.head, &out, &s.target);
     }
     let n = samples.len().max(1) as f64;
     Ok((total / n, dice / n))
+}
+
+/// Where a new run starts: the model, and when continuing another run (an imported PyTorch
+/// checkpoint, or a deepis checkpoint given to --init) its Adam state and the epochs it completed,
+/// which pick the loss weights.
+pub struct Start {
+    pub params: Params,
+    pub adam: Option<Adam>,
+    pub epoch: usize,
+}
+
+impl From<Params> for Start {
+    fn from(params: Params) -> Start {
+        Start { params, adam: None, epoch: 0 }
+    }
+}
+
+/// What a weights file says about the run that made it (metadata `train_state` of a deepis
+/// checkpoint, or `optimizer` of an imported PyTorch checkpoint).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Epochs completed.
+    pub epoch: usize,
+    pub adam_step: u64,
+}
+
+impl Start {
+    /// The model of `w` and, when its `__metadata__` records a run's progress and `w`
+    /// holds `adam.m.<name>` / `adam.v.<name>`, that run's Adam moments, step and epoch.
+    pub fn from_weights(w: &Weights, seed: u64) -> Result<(Start, Vec<String>)> {
+        let (params, fresh) = Params::from_weights(w, seed)?;
+        let progress: Option<Progress> = match (w.meta.get("train_state"), w.meta.get("optimizer")) {
+            (Some(t), _) => {
+                let s: TrainState = serde_json::from_str(t).map_err(|e| Error::format(&w.origin, format!("train_state in __metadata__: {e}")))?;
+                Some(Progress { epoch: s.epoch, adam_step: s.adam_step })
+            }
+            (None, Some(o)) => Some(serde_json::from_str(o).map_err(|e| Error::format(&w.origin, format!("optimizer in __metadata__: {e}")))?),
+            _ => None,
+        };
+        let Some(pr) = progress else { return Ok((Start::from(params), fresh)) };
+        let mut adam = Adam::new(params.specs.len(), LR, 0.0);
+        adam.step = pr.adam_step;
+        for (i, s) in params.specs.iter().enumerate() {
+            let (m, v) = (format!("adam.m.{}", s.name), format!("adam.v.{}", s.name));
+            if w.contains(&m) && w.contains(&v) {
+                for n in [&m, &v] {
+                    if w.shape(n) != Some(s.shape.as_slice()) {
+                        return Err(Error::format(&w.origin, format!("{n} has shape {:?}, the parameter {:?}", w.shape(n), s.shape)));
+                    }
+                }
+                adam.m[i] = Some(w.get(&m)?);
+                adam.v[i] = Some(w.get(&v)?);
+            }
+        }
+        Ok((Start { params, adam: Some(adam), epoch: pr.epoch }, fresh))
+    }
 }
 
 /// What `train` reports.
@@ -189,7 +248,7 @@ pub struct RunReport {
 #[allow(clippy::too_many_arguments)]
 pub fn train<B: TrainBackend>(
     b: &B,
-    init: Params,
+    init: impl Into<Start>,
     samples: &[Sample],
     run_dir: &Path,
     opts: TrainOptions,
@@ -197,6 +256,7 @@ pub fn train<B: TrainBackend>(
     stop_after: Option<usize>,
     progress: bool,
 ) -> Result<RunReport> {
+    let init: Start = init.into();
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     let (last, best, csv) = (run_dir.join("last.safetensors"), run_dir.join("best.safetensors"), run_dir.join("log.csv"));
     if samples.is_empty() {
@@ -204,7 +264,7 @@ pub fn train<B: TrainBackend>(
     }
     let (mut p, mut adam, mut state, mut rng, mut log_lines) = if resume && last.is_file() {
         let (p, adam, mut state) = load_checkpoint(&last)?;
-        if p.cfg != init.cfg {
+        if p.cfg != init.params.cfg {
             return Err(Error::format(&last, "the checkpoint's config differs from the model being trained"));
         }
         state.options.epochs = opts.epochs;
@@ -228,9 +288,13 @@ pub fn train<B: TrainBackend>(
         shuffle(&mut idx, &mut rng);
         let nval = if samples.len() >= 2 { ((samples.len() as f64 * opts.val_fraction).ceil() as usize).clamp(0, samples.len() - 1) } else { 0 };
         let val: Vec<String> = idx[samples.len() - nval..].iter().map(|&i| samples[i].name.clone()).collect();
-        let adam = Adam::new(init.specs.len(), opts.lr, opts.weight_decay);
-        let state = TrainState { options: opts.clone(), epoch: 0, adam_step: 0, rng_state: rng.state(), best_val: None, best_epoch: 0, val };
-        (init, adam, state, rng, Vec::new())
+        let mut adam = init.adam.unwrap_or_else(|| Adam::new(init.params.specs.len(), opts.lr, opts.weight_decay));
+        (adam.lr, adam.weight_decay) = (opts.lr, opts.weight_decay);
+        if init.epoch >= opts.epochs {
+            return Err(Error::Input(format!("the initial weights' run has completed {} epochs: --epochs (the total) must be larger, or --fresh-optimizer to fine-tune from epoch 0 with a new Adam", init.epoch)));
+        }
+        let state = TrainState { options: opts.clone(), epoch: init.epoch, adam_step: adam.step, rng_state: rng.state(), best_val: None, best_epoch: 0, val };
+        (init.params, adam, state, rng, Vec::new())
     };
     let o = state.options.clone();
     let train_set: Vec<&Sample> = samples.iter().filter(|s| !state.val.contains(&s.name)).collect();
@@ -268,7 +332,7 @@ pub fn train<B: TrainBackend>(
                 ts.push(aug.apply(&s.target));
             }
             let (x, t) = (stack(&xs)?, stack(&ts)?);
-            let step = train_step(b, &p, &x, &t, None, Some((o.dropout, &mut rng)))?;
+            let step = train_step(b, &p, &x, &t, None, loss_weights(state.epoch), Some((o.dropout, &mut rng)))?;
             if !step.loss.is_finite() {
                 return Err(Error::Other(format!("epoch {epoch}: the loss is {} (lower --lr?)", step.loss)));
             }
