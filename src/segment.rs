@@ -340,7 +340,6 @@ pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> R
         return Err(Error::Input(format!("--tau must be a finite number >= 0, got {}", a.tau)));
     }
     let inputs = expand_inputs(&a.inputs)?;
-    std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
     let pb = indicatif::ProgressBar::new(inputs.len() as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} files, {elapsed} elapsed, ETA {eta} {msg}")
@@ -368,6 +367,8 @@ pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> R
         let s = vol.tensor.shape;
         let dims: Vec<usize> = if vol.rank == 3 { s.d.to_vec() } else { vec![s.n, s.d[0], s.d[1], s.d[2]] };
         let out = output_path(&a.out_dir, input, a.format);
+        // made only now, so that a run refused on its first input leaves no folder behind
+        std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
         crate::analysis::write_labels(&out, &dims, &labels)?;
         let count = |c: u8| labels.iter().filter(|&&l| l == c).count();
         // A hidden bar (stderr not a terminal) drops its println: print directly then.
@@ -400,10 +401,10 @@ pub fn plan_predictor(weights: &Weights) -> impl FnMut(&Tensor) -> Result<Tensor
     move |x: &Tensor| {
         let d = x.shape.d;
         if let Some((_, p)) = plans.iter().find(|(s, _)| *s == d) {
-            return p.run(x);
+            return crate::finite::run_plan(p, weights, x);
         }
         let p = crate::plan::Plan::new(weights, d, crate::plan::PlanOptions::default())?;
-        let y = p.run(x);
+        let y = crate::finite::run_plan(&p, weights, x);
         plans.push((d, p));
         y
     }
