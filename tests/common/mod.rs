@@ -1,5 +1,6 @@
 //! Shared helpers of the integration tests: golden-case files, the GPU tests' inputs and device.
 #![allow(dead_code)]
+pub mod corpus;
 use deepis::backend::ConvSpec;
 use deepis::gpu::cuda::{cuda_available, CudaDevice};
 use deepis::gpu::Device;
