@@ -144,8 +144,9 @@ fn mutate(seed: &[u8], r: &mut Rng) -> Vec<u8> {
 }
 
 /// Runs `load` on the seeds and `iters` mutations, checking each outcome.
+/// Call with the guard of [`setup`] held (the seeds are made under it too, so that no other
+/// test allocates while a case is measured).
 fn campaign(format: &str, seeds: Vec<(String, Vec<u8>)>, load: &dyn Fn(&[u8]) -> Result<(), String>) {
-    let _g = setup();
     let iters = env_or("DEEPIS_FUZZ_ITERS", 10000);
     let secs = env_or("DEEPIS_FUZZ_SECS", 8);
     let mut r = Rng(0xDEE9_15 ^ format.len() as u64);
@@ -207,8 +208,7 @@ fn volume_ok(name: &str, b: &[u8]) -> Result<(), String> {
     }
 }
 
-#[test]
-fn fuzz_npy() {
+fn npy_seeds() -> Vec<(String, Vec<u8>)> {
     let mut seeds = vec![file("tiny", "input.npy"), file("tiny", "target.npy"), file("tiny", "aux3.npy")];
     seeds.push(("overflow".into(), overflow_npy("(4611686018427387905, 4, 1)", false)));
     seeds.push(("overflow4d".into(), overflow_npy("(4611686018427387905, 4, 1, 1)", false)));
@@ -218,33 +218,63 @@ fn fuzz_npy() {
     let mut hl = npy_bytes(2, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2, 2), }", &[0u8; 32]);
     hl[8..12].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
     seeds.push(("header_len".into(), hl));
-    campaign("npy", seeds, &|b| volume_ok("f.npy", b));
+    seeds
 }
 
-#[test]
-fn fuzz_tiff() {
+fn tiff_seeds() -> Vec<(String, Vec<u8>)> {
     let mut bomb = float_tiff(1, None);
     for tag in [256, 257, 278] {
         patch_tiff_tag(&mut bomb, tag, 100_000);
     }
     let mut bomb_z = bomb.clone();
     patch_tiff_tag(&mut bomb_z, 259, 8);
-    let seeds = vec![
-        ("float32".into(), float_tiff(3, None)),
-        ("mixed".into(), float_tiff(4, Some(2))),
-        ("bomb".into(), bomb),
-        ("bomb_deflate".into(), bomb_z),
-    ];
-    campaign("tiff", seeds, &|b| volume_ok("f.tif", b));
+    vec![("float32".into(), float_tiff(3, None)), ("mixed".into(), float_tiff(4, Some(2))), ("bomb".into(), bomb), ("bomb_deflate".into(), bomb_z)]
+}
+
+fn mat_seeds() -> Vec<(String, Vec<u8>)> {
+    let mut seeds: Vec<(String, Vec<u8>)> = ["cell_v6.mat", "cell_v7.mat", "masks.mat", "no_target.mat"].iter().map(|n| file("mat", n)).collect();
+    seeds.push(("inflates_past".into(), mat_bytes(&zlib(std::iter::once(mi_matrix_tag(64)).chain(std::iter::once(vec![0u8; 1 << 22]))))));
+    seeds.push(("promises_2g".into(), mat_bytes(&zlib(std::iter::once(mi_matrix_tag(2_100_000_000))))));
+    seeds
+}
+
+fn safetensors_seeds() -> Vec<(String, Vec<u8>)> {
+    vec![file("tiny", "weights.safetensors"), file("readme", "weights.safetensors")]
+}
+
+fn config_seeds() -> Vec<(String, Vec<u8>)> {
+    [
+        deepis::config::Config::default().to_json(),
+        r#"{"widths": [4, 8, 8, 16, 16], "trans_feature": 4}"#.to_string(),
+        r#"{"widths": [1000000, 8, 8, 16, 16]}"#.into(),
+        r#"{"trans_feature": 1099511627776}"#.into(),
+        r#"{"blocks": [1000000, 1, 1, 1]}"#.into(),
+        r#"{"gcn_kernels": [1000001, 7, 7, 3]}"#.into(),
+        r#"{"head": "sigmoid", "out_channels": 18446744073709551615}"#.into(),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, s)| (format!("config{i}"), s.into_bytes()))
+    .collect()
+}
+
+#[test]
+fn fuzz_npy() {
+    let _g = setup();
+    campaign("npy", npy_seeds(), &|b| volume_ok("f.npy", b));
+}
+
+#[test]
+fn fuzz_tiff() {
+    let _g = setup();
+    campaign("tiff", tiff_seeds(), &|b| volume_ok("f.tif", b));
 }
 
 #[test]
 fn fuzz_mat() {
-    let mut seeds: Vec<(String, Vec<u8>)> = ["cell_v6.mat", "cell_v7.mat", "masks.mat", "no_target.mat"].iter().map(|n| file("mat", n)).collect();
-    seeds.push(("inflates_past".into(), mat_bytes(&zlib(std::iter::once(mi_matrix_tag(64)).chain(std::iter::once(vec![0u8; 1 << 22]))))));
-    seeds.push(("promises_2g".into(), mat_bytes(&zlib(std::iter::once(mi_matrix_tag(2_100_000_000))))));
+    let _g = setup();
     // one channel (a distance target) or two (masks): read when either fits
-    campaign("mat", seeds, &|b| {
+    campaign("mat", mat_seeds(), &|b| {
         let mut err = String::new();
         for c in [1, 2] {
             match deepis::train::data::read_mat_bytes(Path::new("f.mat"), b, c) {
@@ -263,8 +293,8 @@ fn fuzz_mat() {
 
 #[test]
 fn fuzz_safetensors() {
-    let seeds = vec![file("tiny", "weights.safetensors"), file("readme", "weights.safetensors")];
-    campaign("safetensors", seeds, &|b| match deepis::weights::Weights::from_bytes(b.to_vec(), "f.safetensors") {
+    let _g = setup();
+    campaign("safetensors", safetensors_seeds(), &|b| match deepis::weights::Weights::from_bytes(b.to_vec(), "f.safetensors") {
         Ok(w) => {
             w.config.validate().map_err(|e| e.to_string())?;
             assert!(w.param_count() > 0);
@@ -276,24 +306,27 @@ fn fuzz_safetensors() {
 
 #[test]
 fn fuzz_config_json() {
-    let seeds: Vec<(String, Vec<u8>)> = [
-        deepis::config::Config::default().to_json(),
-        r#"{"widths": [4, 8, 8, 16, 16], "trans_feature": 4}"#.to_string(),
-        r#"{"widths": [1000000, 8, 8, 16, 16]}"#.into(),
-        r#"{"trans_feature": 1099511627776}"#.into(),
-        r#"{"blocks": [1000000, 1, 1, 1]}"#.into(),
-        r#"{"gcn_kernels": [1000001, 7, 7, 3]}"#.into(),
-        r#"{"head": "sigmoid", "out_channels": 18446744073709551615}"#.into(),
-    ]
-    .into_iter()
-    .enumerate()
-    .map(|(i, s)| (format!("config{i}"), s.into_bytes()))
-    .collect();
-    campaign("config", seeds, &|b| {
+    let _g = setup();
+    campaign("config", config_seeds(), &|b| {
         let text = String::from_utf8_lossy(b);
         let c = deepis::config::Config::from_json(&text).map_err(|e| e.to_string())?;
         deepis::weights::check_param_budget(&c).map_err(|e| e.to_string())?;
         assert!(deepis::weights::param_count(&c) > 0);
         Ok(())
     });
+}
+
+/// Writes the seeds into fuzz/corpus/<target>/, the starting corpus of `cargo fuzz`:
+/// `cargo test --release --test fuzz write_fuzz_corpus -- --ignored`.
+#[test]
+#[ignore]
+fn write_fuzz_corpus() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    for (target, seeds) in [("npy", npy_seeds()), ("tiff", tiff_seeds()), ("mat", mat_seeds()), ("safetensors", safetensors_seeds()), ("config", config_seeds())] {
+        let dir = root.join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, b) in seeds {
+            std::fs::write(dir.join(name.replace('/', "_")), b).unwrap();
+        }
+    }
 }
