@@ -188,7 +188,7 @@ pub fn parse_size(s: &str) -> std::result::Result<[usize; 3], String> {
     match v[..] {
         [a, b, c] if a > 0 && b > 0 && c > 0 => match crate::limits::product(&[a as u64, b as u64, c as u64]) {
             Some(n) if n <= MAX_VOXELS => Ok([a, b, c]),
-            _ => Err(format!("{a} x {b} x {c} is more than 2^40 voxels (4 TB as float32)")),
+            _ => Err(format!("{a} x {b} x {c} is more than 2^40 voxels (4 TiB as float32)")),
         },
         _ => Err(format!("expected three positive sizes like 128,128,64, got `{s}`")),
     }
