@@ -189,9 +189,33 @@ pub fn parse_size(s: &str) -> std::result::Result<[usize; 3], String> {
         .map(|p| p.trim().parse::<usize>().map_err(|_| format!("`{p}` is not a whole number")))
         .collect::<std::result::Result<_, _>>()?;
     match v[..] {
-        [a, b, c] if a > 0 && b > 0 && c > 0 => Ok([a, b, c]),
+        [a, b, c] if a > 0 && b > 0 && c > 0 => match crate::limits::product(&[a as u64, b as u64, c as u64]) {
+            Some(n) if n <= MAX_VOXELS => Ok([a, b, c]),
+            _ => Err(format!("{a} x {b} x {c} is more than 2^40 voxels (4 TiB as float32)")),
+        },
         _ => Err(format!("expected three positive sizes like 128,128,64, got `{s}`")),
     }
+}
+
+/// The largest volume any `--size`-like option takes: beyond it voxel counts times channels
+/// could overflow, and no machine holds it anyway (memory is checked against the budget later).
+const MAX_VOXELS: u64 = 1 << 40;
+
+/// rayon reads RAYON_NUM_THREADS itself and panics when its pool cannot start: check the value
+/// first and start the pool here, so a bad value is an error like any other.
+pub fn thread_pool_from_env() -> Result<()> {
+    let Ok(v) = std::env::var("RAYON_NUM_THREADS") else { return Ok(()) };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = 64 * cores.max(4);
+    let n = match v.trim().parse::<usize>() {
+        Ok(n) if n <= max => n,
+        Ok(n) => return Err(Error::Input(format!("RAYON_NUM_THREADS={n}: more than {max} threads ({cores} cores here); unset it or give at most {max}"))),
+        Err(_) => return Err(Error::Input(format!("RAYON_NUM_THREADS={v:?} is not a whole number of threads"))),
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| Error::Input(format!("RAYON_NUM_THREADS={n}: cannot start the threads: {e}")))
 }
 
 fn parse_arch(s: &str) -> std::result::Result<String, String> {
@@ -337,6 +361,7 @@ impl Job for Predict<'_> {
 
 fn predict(a: &PredictArgs) -> Result<()> {
     io::check_output_path(&a.output)?;
+    io::refuse_overwrites(&[("-o", &a.output)], &[("the input", &a.input), ("--weights", &a.weights)])?;
     let weights = Weights::load(&a.weights)?;
     let vol = io::read_volume(&a.input)?;
     weights
@@ -539,6 +564,8 @@ fn bench(a: &BenchArgs) -> Result<()> {
         }
     };
     weights.config.check_input_size(a.size)?;
+    let voxels = crate::limits::product(&[a.batch as u64, a.size[0] as u64, a.size[1] as u64, a.size[2] as u64]);
+    crate::limits::check(&format!("--batch {} of {:?} volumes", a.batch, a.size), crate::limits::bytes_of(voxels, 4)).map_err(Error::Input)?;
     let shape = Shape::new(a.batch as usize, a.size, 1);
     let mut rng = Rng::new(7);
     let x = Tensor::new(shape, (0..shape.len()).map(|_| rng.normal() as f32).collect())?;
@@ -565,11 +592,11 @@ fn mib(b: usize) -> f64 {
 /// The plan runs volume by volume (peak memory is one volume's), so `--batch` changes nothing here.
 fn predict_plan(weights: &Weights, x: &Tensor) -> Result<Tensor> {
     let t0 = Instant::now();
-    let plan = crate::plan::Plan::new(weights, x.shape.d, crate::plan::PlanOptions::default())?;
+    let plan = new_plan(weights, x.shape.d)?;
     eprintln!("backend: cpu, {} threads; {}", rayon::current_num_threads(), plan.summary());
     let setup = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
-    let y = plan.run(x)?;
+    let y = crate::finite::run_plan(&plan, weights, x)?;
     let secs = t0.elapsed().as_secs_f64();
     let n = x.shape.n;
     let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
@@ -584,8 +611,17 @@ fn predict_plan(weights: &Weights, x: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
+/// The fused plan for volumes of size `d`, refused when its memory exceeds the budget (the
+/// arena is allocated on the first run).
+pub fn new_plan(weights: &Weights, d: [usize; 3]) -> Result<crate::plan::Plan> {
+    let plan = crate::plan::Plan::new(weights, d, crate::plan::PlanOptions::default())?;
+    let what = format!("the CPU plan for {}x{}x{} volumes", d[0], d[1], d[2]);
+    crate::limits::check(&what, Some(plan.peak_bytes() as u64)).map_err(Error::Input)?;
+    Ok(plan)
+}
+
 fn bench_plan(weights: &Weights, x: &Tensor, runs: u32, warmup: u32) -> Result<()> {
-    let plan = crate::plan::Plan::new(weights, x.shape.d, crate::plan::PlanOptions::default())?;
+    let plan = new_plan(weights, x.shape.d)?;
     let n = x.shape.n;
     let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
     println!("backend: cpu (fused plan), {} threads", rayon::current_num_threads());

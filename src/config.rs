@@ -16,6 +16,13 @@ pub enum Head {
     Sigmoid,
 }
 
+// Far beyond any DeepIS variant (published: widths to 1024, 2 blocks, kernels 7), and small
+// enough that no tensor size of the model overflows; memory is checked against the budget
+// where weights are made (`weights::check_param_budget`).
+const MAX_WIDTH: usize = 1 << 16;
+const MAX_BLOCKS: usize = 64;
+const MAX_GCN_KERNEL: usize = 255;
+
 /// Mirrors `DEFAULT_CONFIG` of `deepis_ref.py`. Unknown keys are an error; missing keys take defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -67,20 +74,20 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.widths.iter().any(|&w| w < 2 || w % 2 != 0) {
-            return bad(format!("widths must be even and >= 2, got {:?}", self.widths));
+        if self.widths.iter().any(|&w| !(2..=MAX_WIDTH).contains(&w) || w % 2 != 0) {
+            return bad(format!("widths must be even, from 2 to {MAX_WIDTH}, got {:?}", self.widths));
         }
-        if self.trans_feature < 2 || self.trans_feature % 2 != 0 {
-            return bad(format!("trans_feature must be even and >= 2, got {}", self.trans_feature));
+        if !(2..=MAX_WIDTH).contains(&self.trans_feature) || self.trans_feature % 2 != 0 {
+            return bad(format!("trans_feature must be even, from 2 to {MAX_WIDTH}, got {}", self.trans_feature));
         }
-        if self.blocks.iter().any(|&b| b == 0) {
-            return bad(format!("blocks must be >= 1, got {:?}", self.blocks));
+        if self.blocks.iter().any(|&b| !(1..=MAX_BLOCKS).contains(&b)) {
+            return bad(format!("blocks must be from 1 to {MAX_BLOCKS} per stage, got {:?}", self.blocks));
         }
-        if self.gcn_kernels.iter().any(|&k| k == 0 || k % 2 == 0) {
-            return bad(format!("gcn_kernels must be odd, got {:?}", self.gcn_kernels));
+        if self.gcn_kernels.iter().any(|&k| k == 0 || k % 2 == 0 || k > MAX_GCN_KERNEL) {
+            return bad(format!("gcn_kernels must be odd, at most {MAX_GCN_KERNEL}, got {:?}", self.gcn_kernels));
         }
-        if self.head == Head::Sigmoid && self.out_channels == 0 {
-            return bad("out_channels must be >= 1".into());
+        if self.head == Head::Sigmoid && !(1..=MAX_WIDTH).contains(&self.out_channels) {
+            return bad(format!("out_channels must be from 1 to {MAX_WIDTH}, got {}", self.out_channels));
         }
         if !(self.input_scale.is_finite() && self.input_scale != 0.0 && self.input_offset.is_finite()) {
             return bad(format!("input_scale must be finite and non-zero, input_offset finite"));

@@ -19,6 +19,9 @@ pub enum Error {
     Backend { backend: String, msg: String },
     #[error("kernel {kernel}: {msg}")]
     Kernel { kernel: String, msg: String },
+    /// A NaN or infinite network output (see `crate::finite`).
+    #[error("{0}")]
+    NonFinite(String),
     #[error("{0}")]
     Other(String),
     /// `segment --keep-going` finished, but some inputs failed (exit status 3).

@@ -6,5 +6,10 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    let setup = deepis::io::clean_up_on_signals().and_then(|()| deepis::cli::thread_pool_from_env());
+    if let Err(e) = setup {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     std::process::exit(deepis::cli::main_entry());
 }

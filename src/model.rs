@@ -146,7 +146,8 @@ impl<B: Backend> Network<B> {
     /// Runs N volumes (channels-last N x D0 x D1 x D2 x 1, raw values) to the head output
     /// (N x D0 x D1 x D2 x C: a signed distance map, or sigmoid probabilities).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_hooked(x, None)
+        let y = self.forward_hooked(x, None)?;
+        crate::finite::checked(self, x, y)
     }
 
     /// `forward`, calling `hook` with every module's output (oracle module paths).

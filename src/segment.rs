@@ -458,7 +458,6 @@ pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> R
     let env = |k: &str| std::env::var(k).ok();
     let (shard, from) = crate::batch::shard_from(a.shard, a.shards.map(|n| n as usize), &env)?;
     let mine = crate::batch::select(&all, shard);
-    std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
     let wsha = crate::batch::sha256_file(&a.weights)?;
     let options = options_json(a);
     if shard.count > 1 {
@@ -505,6 +504,7 @@ pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> R
             std::fs::remove_file(&list).map_err(|e| Error::io(&list, e))?;
         }
     } else {
+        std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
         crate::batch::write_failed_list(&list, &report.failed)?;
         report.failed_list = Some(list);
     }
@@ -562,6 +562,8 @@ fn segment_one(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>, 
         voxel_size_from: voxel.as_ref().map(|v| v.from.clone()),
         provenance: Some(prov.clone()),
     };
+    // made only now, so that a run refused on its first input leaves no folder behind
+    std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
     if a.save_probabilities {
         let pdims = crate::io::output_dims(&y, vol.rank)?;
         write_map(&outs[1], &y, &pdims, um)?;
@@ -670,10 +672,10 @@ pub fn plan_predictor(weights: &Weights) -> impl FnMut(&Tensor) -> Result<Tensor
     move |x: &Tensor| {
         let d = x.shape.d;
         if let Some((_, p)) = plans.iter().find(|(s, _)| *s == d) {
-            return p.run(x);
+            return crate::finite::run_plan(p, weights, x);
         }
         let p = crate::plan::Plan::new(weights, d, crate::plan::PlanOptions::default())?;
-        let y = p.run(x);
+        let y = crate::finite::run_plan(&p, weights, x);
         plans.push((d, p));
         y
     }

@@ -65,7 +65,7 @@ impl SynthOptions {
         if self.size.iter().any(|&s| s < 8) {
             return Err(Error::Input(format!("--size {:?}: every side must be at least 8 voxels", self.size)));
         }
-        if self.size.iter().product::<usize>() > 1 << 28 {
+        if crate::limits::product(&self.size.map(|s| s as u64)).is_none_or(|n| n > 1 << 28) {
             return Err(Error::Input(format!("--size {:?}: more than 2^28 voxels per frame", self.size)));
         }
         Ok(())

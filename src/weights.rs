@@ -164,7 +164,7 @@ impl Weights {
     /// Memory-maps and validates a safetensors file: header, metadata, and every tensor the config
     /// needs for inference (presence, shape, dtype). Nothing is computed before this succeeds.
     pub fn load(path: &Path) -> Result<Weights> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let (file, _) = crate::io::open_file(path)?;
         // SAFETY: the map is read-only and lives as long as `Weights`; a file truncated by another
         // process while mapped is the usual mmap caveat, accepted by every safetensors loader.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -204,6 +204,7 @@ impl Weights {
         let meta = meta.metadata().clone().unwrap_or_default();
         let w = Weights { config, origin, meta, storage, entries };
         w.check(Use::Inference)?;
+        w.check_values()?;
         Ok(w)
     }
 
@@ -233,6 +234,31 @@ impl Weights {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a NaN or infinite value in any model tensor, and a negative BN running variance:
+    /// either would make every output NaN.
+    fn check_values(&self) -> Result<()> {
+        for spec in param_specs(&self.config) {
+            let Some(e) = self.entries.get(&spec.name).filter(|e| matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)) else { continue };
+            let bad = self.values(e).position(|v| !v.is_finite() || (spec.kind == ParamKind::BnVar && v < 0.0));
+            if let Some(i) = bad {
+                let v = self.values(e).nth(i).unwrap_or(f32::NAN);
+                let why = if v.is_finite() { "a variance cannot be negative" } else { "weights must be finite" };
+                return Err(Error::format(&self.origin, format!("tensor {} holds {v} at index {:?}: {why}", spec.name, unravel(i, &e.shape))));
+            }
+        }
+        Ok(())
+    }
+
+    /// The values of an entry, decoded as float32 on the fly.
+    fn values<'a>(&'a self, e: &Entry) -> Box<dyn Iterator<Item = f32> + 'a> {
+        let raw = &self.storage.bytes()[e.start..e.end];
+        match e.dtype {
+            Dtype::F16 => Box::new(raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
+            Dtype::BF16 => Box::new(raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+            _ => Box::new(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        }
     }
 
     /// A tensor as float32 values (PyTorch layout).
@@ -304,6 +330,17 @@ impl Weights {
 
 use std::io::Write as _;
 
+/// The C-order multi-index of flat index `i` in `shape`.
+fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for k in (0..shape.len()).rev() {
+        let d = shape[k].max(1);
+        idx[k] = i % d;
+        i /= d;
+    }
+    idx
+}
+
 /// safetensors bytes with `format`, `format_version` and `config` metadata.
 pub fn serialize(config: &Config, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {
     serialize_with(config, tensors, HashMap::new())
@@ -352,6 +389,14 @@ fn config_from_metadata(meta: Option<&HashMap<String, String>>) -> Result<Config
         Some(json) => Config::from_json(json),
         None => Ok(Config::default()),
     }
+}
+
+/// Refuses a config whose float32 tensors alone exceed the memory budget, before random weights
+/// of it are made (a file's own tensors are its bytes: `Weights::load` needs no such check).
+pub fn check_param_budget(cfg: &Config) -> Result<()> {
+    let floats = param_specs(cfg).iter().try_fold(0u64, |acc, s| acc.checked_add(crate::limits::product(&s.shape.iter().map(|&d| d as u64).collect::<Vec<_>>())?));
+    let what = format!("the model (widths {:?}, trans_feature {}, blocks {:?}, gcn_kernels {:?})", cfg.widths, cfg.trans_feature, cfg.blocks, cfg.gcn_kernels);
+    crate::limits::check(&what, crate::limits::bytes_of(floats, 4)).map_err(Error::Config)
 }
 
 /// Learnable parameter count of the whole model for `cfg`.

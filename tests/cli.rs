@@ -1,6 +1,7 @@
 //! The `deepis` binary as a user runs it: predictions match the golden outputs in every input
 //! layout, and every bad input ends with a non-zero exit, a clear `error:` line, no panic and no
 //! output file.
+mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -183,10 +184,9 @@ fn bench_reports_seconds_and_gflops() {
 
 #[test]
 fn kernels_compile_with_nvrtc() {
-    let ci = std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false);
     if !deepis::gpu::nvrtc::available() {
-        assert!(!ci, "CI=true: NVRTC must be installed (bash .ci/run installs it)");
-        println!("SKIP: no libnvrtc on this machine (set DEEPIS_NVRTC or pip install nvidia-cuda-nvrtc-cu12)");
+        assert!(!common::on_ci(), "CI is set: NVRTC must be installed (bash .ci/run installs it)");
+        common::skip("no NVRTC on this machine (set DEEPIS_NVRTC or pip install nvidia-cuda-nvrtc-cu12)");
         return;
     }
     let o = deepis(&["kernels", "--arch", "sm_90"]);

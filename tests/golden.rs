@@ -27,6 +27,22 @@ fn every_golden_case_matches_on_cpu() {
     }
 }
 
+/// The whole network on a real GPU (CUDA kernels) against every golden case, when there is one.
+#[test]
+fn every_golden_case_matches_on_cuda() {
+    for case in CASES {
+        let Some(dev) = cuda_device_or_skip() else { return };
+        let w = Weights::load(&data(case, "weights.safetensors")).unwrap();
+        let x = read_5d(&data(case, "input.npy"));
+        let want = read_5d(&data(case, "expected.npy"));
+        let got = Network::new(deepis::gpu::ops::GpuBackend::new(dev), &w).unwrap().forward(&x).unwrap();
+        assert_eq!(got.shape, want.shape, "{case}");
+        let e = rel_err(&got.data, &want.data, 1.0);
+        println!("{case:<8} on cuda: rel err {e:.3e}");
+        assert!(e <= TOL, "{case} on cuda: rel err {e:.3e} > {TOL:e}");
+    }
+}
+
 #[test]
 fn every_module_of_tiny_matches_its_activation() {
     let w = Weights::load(&data("tiny", "weights.safetensors")).unwrap();

@@ -194,18 +194,23 @@ fn cuda_ops_match_cpu() {
 
 #[test]
 fn shape_errors_are_errors() {
-    // Runs on the CPU reference shape rules through the GPU launch layer when a GPU exists;
-    // without one, only the no-device error is checked (in cuda_ops_match_cpu).
-    if !cuda_available() {
-        return;
+    // The GPU launch layer's shape rules, on the emulator here and on the GPU when there is one.
+    shape_errors_on(&GpuBackend::new(EmuDevice::new()), "emu");
+    if cuda_available() {
+        shape_errors_on(&GpuBackend::new(CudaDevice::new(0).unwrap()), "cuda");
+    } else {
+        common::skip("no GPU: shape errors checked on the emulator only");
     }
-    let gpu = GpuBackend::new(CudaDevice::new(0).unwrap());
+}
+
+fn shape_errors_on<D: Device>(gpu: &GpuBackend<D>, what: &str) {
     let x = gpu.upload(&Tensor::zeros(Shape::new(1, [3, 3, 3], 4))).unwrap();
     let spec = ConvSpec { cin: 5, cout: 2, k: [1; 3], stride: [1; 3], pad: [0; 3] };
     let w = gpu.upload_param(&vec![0.0; spec.weight_len()]).unwrap();
-    assert!(matches!(gpu.conv3d(&x, &w, None, &spec), Err(deepis::Error::Shape(_))));
+    assert!(matches!(gpu.conv3d(&x, &w, None, &spec), Err(deepis::Error::Shape(_))), "{what}: conv with 5 input channels on 4");
     let other = gpu.upload(&Tensor::zeros(Shape::new(1, [3, 3, 2], 4))).unwrap();
-    assert!(matches!(gpu.add(&x, &other, false), Err(deepis::Error::Shape(_))));
+    assert!(matches!(gpu.add(&x, &other, false), Err(deepis::Error::Shape(_))), "{what}: add of two shapes");
+    println!("{what}: shape errors are Error::Shape");
 }
 
 /// Napkin-math throughput of the conv variants on the published model's widest full-resolution

@@ -115,10 +115,14 @@ fn train_killed_and_resumed_equals_an_uninterrupted_run() {
     while !part.join("last.safetensors").is_file() && t0.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(5));
     }
+    assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
     child.kill().unwrap();
-    child.wait().unwrap();
+    let status = child.wait().unwrap();
     let epochs_done = deepis::train::run::load_checkpoint(&part.join("last.safetensors")).unwrap().2.epoch;
-    println!("killed after {epochs_done} epoch(s) of 4");
+    println!("killed ({status}) after {epochs_done} epoch(s) of 4");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "the run was killed, not finished");
+    assert!((1..4).contains(&epochs_done), "the kill came mid-run: {epochs_done} of 4 epochs done");
     let o = train_cmd(&data, &part, &cfg, true).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (a, b) = (tensors(&full.join("last.safetensors")), tensors(&part.join("last.safetensors")));

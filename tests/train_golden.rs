@@ -249,3 +249,12 @@ fn golden_train_step_tiny_emu() {
 fn golden_train_step_readme_emu() {
     check_case("readme", GpuBackend::new(EmuDevice::new()));
 }
+
+/// The same step on a real GPU (CUDA kernels), when there is one; skips with the reason here.
+#[test]
+fn golden_train_step_on_cuda() {
+    for case in ["tiny", "readme"] {
+        let Some(dev) = cuda_device_or_skip() else { return };
+        check_case(case, GpuBackend::new(dev));
+    }
+}

@@ -559,8 +559,24 @@ fn options_for(a: &AnalyzeArgs, labels: &Path, ri: Option<&Path>) -> Result<Opti
     Ok(opt)
 }
 
+/// Before any work: no output over an input or the other output, and every output's folder exists.
+fn check_outputs(a: &AnalyzeArgs) -> Result<()> {
+    let mut inputs = vec![("LABELS", a.labels.as_path())];
+    inputs.extend(a.ri.as_deref().map(|p| ("--ri", p)));
+    let mut outputs = vec![("-o", a.output.as_path())];
+    outputs.extend(a.plot.as_deref().map(|p| ("--plot", p)));
+    crate::io::refuse_overwrites(&outputs, &inputs)?;
+    for (name, p) in outputs {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+            return Err(Error::format(p, format!("{name}: the folder {} does not exist", dir.display())));
+        }
+    }
+    Ok(())
+}
+
 /// `deepis analyze`: the CSV, the table on stdout, the plot if asked.
 pub fn run_cli(a: &AnalyzeArgs) -> Result<()> {
+    check_outputs(a)?;
     let t0 = std::time::Instant::now();
     if a.labels.is_dir() {
         if a.ri.is_some() || a.plot.is_some() {

@@ -254,7 +254,7 @@ impl Plan {
             let (o, len) = (self.off[self.output], os.len());
             out.data[n * len..(n + 1) * len].copy_from_slice(&arena[o..o + len]);
         }
-        Ok(out)
+        crate::finite::plain(out)
     }
 
     fn exec(&self, arena: &mut [f32]) {

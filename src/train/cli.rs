@@ -98,6 +98,9 @@ impl TrainJob for StepJob<'_> {
 
 fn train_step_on<B: TrainBackend>(b: &B, a: &TrainStepArgs) -> Result<()> {
     eprintln!("backend: {}", b.name());
+    let mut inputs = vec![("--weights", a.weights.as_path()), ("--input", &a.input), ("--target", &a.target)];
+    inputs.extend(a.weight.as_deref().map(|p| ("--weight", p)));
+    crate::io::refuse_overwrites(&[("-o", &a.output)], &inputs)?;
     let w = Weights::load(&a.weights)?;
     let (p, fresh) = Params::from_weights(&w, 0)?;
     if !fresh.is_empty() {
@@ -107,7 +110,7 @@ fn train_step_on<B: TrainBackend>(b: &B, a: &TrainStepArgs) -> Result<()> {
     p.cfg.check_input_size(x.shape.d)?;
     let t = read_target(&a.target, x.shape.n, x.shape.d, p.cfg.head_channels())?;
     let wm = match &a.weight {
-        Some(path) => Some(read_target(path, x.shape.n, x.shape.d, 1)?),
+        Some(path) => Some(super::data::read_map(path, "--weight map", x.shape.n, x.shape.d, 1)?),
         None => None,
     };
     let t0 = Instant::now();
@@ -247,8 +250,14 @@ fn train_on<B: TrainBackend>(b: &B, a: &TrainArgs) -> Result<()> {
             s
         }
         (None, Some(c)) => {
-            let text = std::fs::read_to_string(c).map_err(|e| Error::io(c, e))?;
-            Params::random(&Config::from_json(&text)?, a.seed).into()
+            let (file, len) = crate::io::open_file(c)?;
+            if len > 1 << 20 {
+                return Err(Error::format(c, format!("{len} bytes: a config is a short JSON object of DEFAULT_CONFIG keys")));
+            }
+            let text = std::io::read_to_string(file).map_err(|e| Error::io(c, e))?;
+            let cfg = Config::from_json(&text).map_err(|e| Error::format(c, e.to_string()))?;
+            crate::weights::check_param_budget(&cfg).map_err(|e| Error::format(c, e.to_string()))?;
+            Params::random(&cfg, a.seed).into()
         }
         (None, None) => Params::random(&Config::default(), a.seed).into(),
     };

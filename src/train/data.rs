@@ -89,32 +89,29 @@ pub fn find_sources(dir: &Path) -> Result<Vec<(String, Source)>> {
 
 /// Reads a target for `n` volumes of size `d` with `c` channels.
 pub fn read_target(path: &Path, n: usize, d: [usize; 3], c: usize) -> Result<Tensor> {
+    read_map(path, "target", n, d, c)
+}
+
+/// Reads a per-voxel map (`role` names it in errors: "target", "weight map") for `n` volumes of
+/// size `d` with `c` channels.
+pub fn read_map(path: &Path, role: &str, n: usize, d: [usize; 3], c: usize) -> Result<Tensor> {
     let is_npy = path.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("npy")).unwrap_or(false);
     if c == 1 || !is_npy {
         let v = read_volume(path)?;
         if v.tensor.shape != Shape::new(n, d, 1) || c != 1 {
-            return Err(Error::format(path, format!("target is {}, the input needs {}", v.tensor.shape, Shape::new(n, d, c))));
+            return Err(Error::format(path, format!("the {role} is {}, the input needs {}", v.tensor.shape, Shape::new(n, d, c))));
         }
         return Ok(v.tensor);
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| Error::format(path, format!("not a readable .npy file: {e}")))?;
-    let dims: Vec<usize> = npy.shape().iter().map(|&s| s as usize).collect();
-    if npy.order() == npyz::Order::Fortran {
-        return Err(Error::format(path, "Fortran-ordered targets are not supported: save it in C order"));
-    }
-    let data: Vec<f32> = match npy.dtype() {
-        npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Float && t.size_field() == 4 => npy.into_vec::<f32>(),
-        npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Float && t.size_field() == 8 => npy.into_vec::<f64>().map(|v| v.into_iter().map(|x| x as f32).collect()),
-        npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Uint && t.size_field() == 1 => npy.into_vec::<u8>().map(|v| v.into_iter().map(f32::from).collect()),
-        d => return Err(Error::format(path, format!("unsupported target dtype {}: expected float32, float64 or uint8", d.descr()))),
-    }
-    .map_err(|e| Error::format(path, format!("cannot read the .npy data: {e}")))?;
     let want5 = [n, c, d[0], d[1], d[2]];
-    let ok = dims == want5 || (n == 1 && dims == want5[1..]);
-    if !ok {
-        return Err(Error::format(path, format!("target shape {dims:?}, expected {want5:?} (N x C x D0 x D1 x D2) or C x D0 x D1 x D2")));
-    }
+    let shape_ok = |dims: &[usize]| {
+        if dims == want5 || (n == 1 && dims == &want5[1..]) {
+            Ok(())
+        } else {
+            Err(Error::format(path, format!("{role} shape {dims:?}, expected {want5:?} (N x C x D0 x D1 x D2) or C x D0 x D1 x D2")))
+        }
+    };
+    let (_, data) = crate::io::read_npy_file(path, shape_ok)?;
     Tensor::from_ncdhw(want5, &data)
 }
 
@@ -156,11 +153,24 @@ pub fn load_samples(dir: &Path, cfg: &Config) -> Result<Vec<Sample>> {
 /// the column-major data is reordered here. `target` is [D0 D1 D2] (c = 1) or [D0 D1 D2 c], the
 /// channel last. input: single or double; target: single, double or uint8/logical.
 pub fn read_mat(path: &Path, c: usize) -> Result<(Tensor, Tensor)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (file, len) = crate::io::open_file(path)?;
+    crate::limits::check("reading the MAT file", Some(len)).map_err(|m| Error::format(path, m))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::BufReader::new(file), &mut bytes).map_err(|e| Error::io(path, e))?;
     if is_mat73(&bytes) {
         return read_mat73(path, c);
     }
-    let mat = matfile::MatFile::parse(&bytes[..])
+    read_mat_bytes(path, &bytes, c)
+}
+
+/// [`read_mat`] of a level-5 file's bytes held in memory (`path` names it in errors); a v7.3
+/// (HDF5) file is read from disk by [`read_mat`] only.
+pub fn read_mat_bytes(path: &Path, bytes: &[u8], c: usize) -> Result<(Tensor, Tensor)> {
+    if is_mat73(bytes) {
+        return Err(Error::format(path, "a MATLAB v7.3 (HDF5) MAT file is read from disk, not from memory"));
+    }
+    let plain = inflate_mat(path, bytes)?;
+    let mat = matfile::MatFile::parse(&plain[..])
         .map_err(|e| Error::format(path, format!("not a readable MAT file (MATLAB level 5, saved with -v7 or -v6): {e}")))?;
     let x = mat_volume(path, &mat, "input", 1)?;
     let t = mat_volume(path, &mat, "target", c)?;
@@ -168,6 +178,80 @@ pub fn read_mat(path: &Path, c: usize) -> Result<(Tensor, Tensor)> {
         return Err(Error::format(path, format!("target is {}, the input is {}", t.shape, x.shape)));
     }
     Ok((x, t))
+}
+
+/// A level-5 MAT file with every compressed element inflated in place, so that matfile parses
+/// plain bytes: each stream is inflated under the memory budget (a 4 MB file cannot inflate to
+/// 2 GB), and every element's claimed size is checked against the file's.
+fn inflate_mat<'a>(path: &Path, b: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>> {
+    const COMPRESSED: u32 = 15;
+    let little = match b.get(126..128) {
+        Some(b"IM") => true,
+        Some(b"MI") => false,
+        _ => return Ok(b.into()), // matfile says what is wrong with the header
+    };
+    let u32_at = |o: usize| -> u32 {
+        let w = [b[o], b[o + 1], b[o + 2], b[o + 3]];
+        if little { u32::from_le_bytes(w) } else { u32::from_be_bytes(w) }
+    };
+    // the arrays, their f32 copies and the tensors: a few times the inflated bytes
+    let room = crate::limits::budget() / 4;
+    let mut out = b[..128].to_vec();
+    let (mut off, mut any) = (128usize, false);
+    while off + 8 <= b.len() {
+        let (kind, size) = (u32_at(off), u32_at(off + 4) as usize);
+        if kind >> 16 != 0 {
+            // small data element: type and size in one word, 8 bytes in all
+            out.extend_from_slice(&b[off..off + 8]);
+            off += 8;
+            continue;
+        }
+        let end = off.checked_add(8 + size).filter(|&e| e <= b.len()).ok_or_else(|| {
+            Error::format(path, format!("MAT element at byte {off} claims {size} bytes, but the file ends at byte {}: it is truncated", b.len()))
+        })?;
+        if kind == COMPRESSED {
+            any = true;
+            inflate_element(path, &b[off + 8..end], off, little, room.saturating_sub(out.len() as u64), &mut out)?;
+        } else {
+            let padded = (end - off).next_multiple_of(8).min(b.len() - off);
+            out.extend_from_slice(&b[off..off + padded]);
+            off += padded;
+            continue;
+        }
+        off = end;
+    }
+    Ok(if any { out.into() } else { b.into() })
+}
+
+/// Inflates one compressed MAT element (at byte `off`) onto `out`: no more than the size its
+/// own tag (the first 8 inflated bytes) promises, and that size within `room` bytes.
+fn inflate_element(path: &Path, z: &[u8], off: usize, little: bool, room: u64, out: &mut Vec<u8>) -> Result<()> {
+    use std::io::Read;
+    let bad = |m: String| Error::format(path, format!("the compressed MAT element at byte {off} {m}"));
+    let mut z = flate2::read::ZlibDecoder::new(z);
+    let mut tag = [0u8; 8];
+    z.read_exact(&mut tag).map_err(|e| bad(format!("does not inflate to an element: {e}")))?;
+    let word = |w: [u8; 4]| if little { u32::from_le_bytes(w) } else { u32::from_be_bytes(w) };
+    let size = if word([tag[0], tag[1], tag[2], tag[3]]) >> 16 != 0 { 0 } else { word([tag[4], tag[5], tag[6], tag[7]]) as u64 };
+    if size + 8 > room {
+        let all = crate::limits::gb(crate::limits::budget());
+        return Err(bad(format!(
+            "promises {} once inflated, more than a quarter of the {all} memory budget ({}): corrupt, or too large for this machine",
+            crate::limits::gb(size + 8),
+            crate::limits::ENV
+        )));
+    }
+    out.extend_from_slice(&tag);
+    let before = out.len();
+    z.take(size + 1).read_to_end(out).map_err(|e| bad(format!("does not inflate: {e}")))?;
+    let got = (out.len() - before) as u64;
+    if got > size {
+        return Err(bad(format!("inflates past the {size} bytes its header promises: the file is corrupt")));
+    }
+    if got < size {
+        return Err(bad(format!("inflates to {got} bytes, its header promises {size}: the file is truncated or corrupt")));
+    }
+    Ok(())
 }
 
 /// The MAT header's version field says 0x0200 (v7.3), or an HDF5 superblock starts at byte 512.
@@ -264,6 +348,9 @@ fn column_major_volume(path: &Path, key: &str, size: &[usize], data: Vec<f32>, c
     };
     if data.is_empty() {
         return Err(Error::format(path, format!("`{key}` is empty (size {size:?})")));
+    }
+    if crate::limits::product(&[d0 as u64, d1 as u64, d2 as u64, ch as u64]) != Some(data.len() as u64) {
+        return Err(Error::format(path, format!("`{key}` has size {:?} but holds {} values: the file is corrupt", a.size(), data.len())));
     }
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
         let sub = [i % d0, i / d0 % d1, i / (d0 * d1) % d2, i / (d0 * d1 * d2)].map(|s| s + 1);

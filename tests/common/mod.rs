@@ -1,5 +1,6 @@
 //! Shared helpers of the integration tests: golden-case files, the GPU tests' inputs and device.
 #![allow(dead_code)]
+pub mod corpus;
 use deepis::backend::ConvSpec;
 use deepis::gpu::cuda::{cuda_available, CudaDevice};
 use deepis::gpu::Device;
@@ -68,11 +69,30 @@ pub fn same_pad_conv(cin: usize, cout: usize, k: [usize; 3], stride: usize) -> C
     ConvSpec { cin, cout, k, stride: [stride; 3], pad: k.map(|k| k / 2) }
 }
 
-/// CUDA device 0 (its name printed), or None after printing why the test is skipped.
+/// Whether this is a CI run: CI set to true or 1 (any case), as CI services set it.
+pub fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
+}
+
+/// Says that the running test skips its checks and why: printed, and appended to
+/// `$DEEPIS_SKIP_LOG` (one `test<TAB>reason` line) so that `.ci/run` can count the skips.
+pub fn skip(reason: &str) {
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    eprintln!("SKIPPED {test}: {reason}");
+    println!("SKIPPED {test}: {reason}");
+    if let Ok(log) = std::env::var("DEEPIS_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{test}\t{reason}");
+        }
+    }
+}
+
+/// CUDA device 0 (its name printed), or None after saying why the test is skipped.
 pub fn cuda_device_or_skip() -> Option<CudaDevice> {
     if !cuda_available() {
         let err = CudaDevice::new(0).err().expect("no driver here, so no device");
-        eprintln!("SKIPPED (no GPU): CudaDevice::new(0) -> {err}");
+        skip(&format!("no GPU (CudaDevice::new(0): {err})"));
         return None;
     }
     let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("{e}"));

@@ -1,0 +1,10 @@
+//! A config JSON: an error, or a config whose model size is checked against the budget.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    std::env::set_var(deepis::limits::ENV, "256M");
+    if let Ok(c) = deepis::config::Config::from_json(&String::from_utf8_lossy(data)) {
+        let _ = deepis::weights::check_param_budget(&c);
+    }
+});
