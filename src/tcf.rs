@@ -102,13 +102,15 @@ pub fn read_tcf(path: &Path) -> Result<(Vec<usize>, Vec<f32>, TcfInfo)> {
     let f = open(path)?;
     let info = info_of(path, &f)?;
     let [x, y, z] = info.size_xyz;
-    let n = x * y * z;
-    if n.saturating_mul(info.frames) > MAX_VOXELS {
+    let total = crate::limits::product(&[x as u64, y as u64, z as u64, info.frames as u64]);
+    if total.is_none_or(|t| t > MAX_VOXELS as u64) {
         return Err(Error::format(
             path,
             format!("the series claims {} frames of {x} x {y} x {z} voxels: more than deepis reads ({MAX_VOXELS} voxels)", info.frames),
         ));
     }
+    crate::limits::check("the TCF series", crate::limits::bytes_of(total, 4)).map_err(|m| Error::format(path, m))?;
+    let n = x * y * z;
     let g = series(path, &f)?;
     let mut data = Vec::with_capacity(n * info.frames);
     for t in 0..info.frames {

@@ -305,6 +305,8 @@ fn read_mat73(path: &Path, c: usize) -> Result<(Tensor, Tensor)> {
     let read = |key: &str, ch: usize| -> Result<Tensor> {
         let ds = f.dataset(&format!("/{key}")).map_err(|_| Error::format(path, format!("no array `{key}` in this v7.3 MAT file; expected `input` and `target`")))?;
         let size: Vec<usize> = ds.shape().iter().rev().map(|&d| d as usize).collect();
+        let total = crate::limits::product(&ds.shape().iter().map(|&d| d as u64).collect::<Vec<_>>());
+        crate::limits::check(&format!("`{key}`"), crate::limits::bytes_of(total, 8)).map_err(|m| Error::format(path, m))?;
         let n: usize = size.iter().product();
         let bad = |e: hdf5_reader::error::Error| Error::format(path, format!("`{key}`: {e}"));
         let data: Vec<f32> = match ds.dtype() {
@@ -350,7 +352,7 @@ fn column_major_volume(path: &Path, key: &str, size: &[usize], data: Vec<f32>, c
         return Err(Error::format(path, format!("`{key}` is empty (size {size:?})")));
     }
     if crate::limits::product(&[d0 as u64, d1 as u64, d2 as u64, ch as u64]) != Some(data.len() as u64) {
-        return Err(Error::format(path, format!("`{key}` has size {:?} but holds {} values: the file is corrupt", a.size(), data.len())));
+        return Err(Error::format(path, format!("`{key}` has size {:?} but holds {} values: the file is corrupt", size, data.len())));
     }
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
         let sub = [i % d0, i / d0 % d1, i / (d0 * d1) % d2, i / (d0 * d1 * d2)].map(|s| s + 1);
