@@ -470,6 +470,13 @@ fn info(a: &InfoArgs) -> Result<()> {
         }
         Err(e) => println!("  nvrtc  no: {}", strip_backend(&e)),
     }
+    match CubinCache::from_env().dir() {
+        Some(d) => {
+            let n = std::fs::read_dir(d).map(|r| r.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "cubin")).count());
+            println!("  cache  {}: {} compiled kernel files (DEEPIS_CACHE_DIR moves it)", d.display(), n.unwrap_or(0));
+        }
+        None => println!("  cache  off: every start compiles the kernels"),
+    }
     Ok(())
 }
 

@@ -84,13 +84,17 @@ fn a_changed_source_or_option_misses() {
     let mut more = opts.clone();
     more.push("-lineinfo".into());
     assert_eq!(run(src, &more), (0, 1), "an added option must not hit");
+    let other: Vec<String> = opts.iter().map(|o| if o == "--std=c++17" { "--std=c++20".into() } else { o.clone() }).collect();
+    assert_ne!(other, opts);
+    assert_eq!(run(src, &other), (0, 1), "a changed option must not hit");
     let sm80 = nvrtc::options("sm_80");
     assert_eq!(counts(&nvrtc::compile_cached(&cache, file, src, "sm_80", &sm80).unwrap().1), (0, 1), "another arch must not hit");
     // Each variant is its own entry; all of them now hit.
     assert_eq!(run(src, &opts), (1, 0));
     assert_eq!(run(&changed, &opts), (1, 0));
     assert_eq!(run(src, &more), (1, 0));
-    assert_eq!(entries(tmp.path()).len(), 4);
+    assert_eq!(run(src, &other), (1, 0));
+    assert_eq!(entries(tmp.path()).len(), 5);
 }
 
 #[test]
