@@ -1,31 +1,153 @@
 #!/usr/bin/env bash
-# The tensor-core checks on a real GPU: the lane-layout truth table, fp16/bf16 conversions, mma.sync
-# and the cp.async tile loop on CUDA must equal the emulator's bit for bit (tests/tensor_core.rs,
-# cuda_truth_table_matches_the_emulator). A GPU machine may have no Rust toolchain, so:
-#   benches/gpu_check.sh prepare    # on the build machine: test binary -> .gpu/tensor_core
-#   benches/gpu_check.sh            # on the GPU machine: runs it, log in .gpu/gpu_check.log
-# Needs libnvrtc there (DEEPIS_NVRTC, the nvidia-cuda-nvrtc-cu12 wheel, or the system's) and the driver.
-set -euo pipefail
+# Every GPU check of deepis in one short run, from binaries built elsewhere (a GPU machine may have
+# no Rust toolchain):
+#
+#   bash benches/gpu_check.sh build        # on a machine with cargo: release binary + the test
+#                                          # binaries, stripped, into .gpu/ (git-ignored, ~25 MB)
+#   bash benches/gpu_check.sh run [DIR]    # on the GPU machine, in a copy of the repository that
+#                                          # holds .gpu/: writes DIR/results.md and one log per step
+#                                          # (DIR defaults to $OUT/gpu_check, else gpu_check_out)
+#
+# `run` does, each step under its own time limit (about 8 minutes in all on an H100/H200):
+#   1. the machine: nvidia-smi, `deepis info` (CUDA device and NVRTC found);
+#   2. `deepis kernels` for the GPU's architecture twice on an empty cubin cache (all compiled,
+#      then all cached), with the occupancy table;
+#   3. the CUDA tests: every op on the GPU against the CPU (gpu_ops, gpu_train_ops), the golden
+#      cases through `deepis predict --backend cuda` and the second start compiling nothing (cuda),
+#      the tensor-core truth table and products on CUDA equal to the emulator's bit for bit
+#      (tensor_core), NVRTC's compile of every kernel (nvrtc) and the cubin cache (kernel_cache);
+#   4. napkin conv throughput of the CUDA variants (gpu_ops cuda_conv_throughput);
+#   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8 (needs python3 with
+#      torch, numpy, safetensors; RUNS=N changes the 10 timed runs, SKIP_COMPARE=1 leaves it out).
+# It exits non-zero when any step fails, or when a test skipped (no GPU or NVRTC found; REQUIRE_GPU=0
+# accepts that, to try the script on a machine without a GPU); results.md says which.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p .gpu
-if [ "${1:-}" = prepare ]; then
-    bin=$(cargo test --release --test tensor_core --no-run --message-format=json 2>/dev/null \
-        | sed -n 's/.*"executable":"\([^"]*tensor_core[^"]*\)".*/\1/p' | tail -1)
-    [ -x "$bin" ] || { echo "gpu_check: no tensor_core test binary built" >&2; exit 1; }
-    cp "$bin" .gpu/tensor_core
-    echo "gpu_check: .gpu/tensor_core ready; run benches/gpu_check.sh on the GPU machine"
-    exit 0
-fi
-[ -x .gpu/tensor_core ] || { echo "gpu_check: run 'benches/gpu_check.sh prepare' first (on a machine with cargo)" >&2; exit 1; }
-log=.gpu/gpu_check.log
-{
-    echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>&1 || echo "nvidia-smi: not available"
-    .gpu/tensor_core --test-threads 1 --nocapture 2>&1
-} | tee "$log"
-if grep -q "SKIPPED" "$log"; then
-    echo "gpu_check: FAILED: the CUDA comparison was skipped (no GPU found)" >&2
-    exit 1
-fi
-grep -q "test cuda_truth_table_matches_the_emulator ... ok" "$log" || { echo "gpu_check: FAILED" >&2; exit 1; }
-echo "gpu_check: CUDA equals the emulator (log: $log)"
+root=$PWD
+gpu=$root/.gpu
+# The test binaries each run as its own process; these are their cargo target names.
+TESTS=(cuda gpu_ops gpu_train_ops tensor_core nvrtc kernel_cache)
+
+build() {
+    set -e
+    cargo build --release
+    local json
+    json=$(cargo test --release --no-run --message-format=json $(printf -- '--test %s ' "${TESTS[@]}"))
+    rm -rf "$gpu"
+    mkdir -p "$gpu/tests"
+    strip -o "$gpu/deepis" target/release/deepis
+    for t in "${TESTS[@]}"; do
+        local exe
+        exe=$(jq -r --arg t "$t" 'select(.reason == "compiler-artifact" and .target.name == $t
+                                         and (.target.kind | index("test")) and .executable != null) | .executable' <<<"$json" | tail -1)
+        [ -n "$exe" ] || { echo "gpu_check build: no test binary for $t" >&2; exit 1; }
+        strip -o "$gpu/tests/$t" "$exe"
+    done
+    # Test binaries find tests/data, kernels/testing and the deepis binary under the folder they
+    # were built in (CARGO_MANIFEST_DIR): `run` links that path to the repository copy it runs in.
+    {
+        echo "MANIFEST_DIR=$root"
+        echo "COMMIT=$(git rev-parse HEAD)$(git diff --quiet HEAD || echo '+changes')"
+        echo "BUILT=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    } >"$gpu/build.env"
+    du -sh "$gpu"
+    echo "built into .gpu/; on the GPU machine: bash benches/gpu_check.sh run"
+}
+
+# The built-in folder must lead to this copy of the repository (it does when run where built).
+link_manifest_dir() {
+    local m=$1
+    if [ "$(cd "$m" 2>/dev/null && pwd -P)" = "$(pwd -P)" ]; then
+        return 0
+    fi
+    if [ -e "$m" ]; then
+        echo "$m exists and is not this repository: the tests would read their data from there" >&2
+        return 1
+    fi
+    mkdir -p "$(dirname "$m")" && ln -s "$root" "$m"
+}
+
+run() {
+    local out=${1:-${OUT:+$OUT/gpu_check}}
+    out=${out:-gpu_check_out}
+    mkdir -p "$out"
+    out=$(cd "$out" && pwd)
+    [ -x "$gpu/deepis" ] || { echo "no .gpu/deepis: run 'bash benches/gpu_check.sh build' first (where cargo is)" >&2; exit 1; }
+    # shellcheck disable=SC1091
+    source "$gpu/build.env"
+    link_manifest_dir "$MANIFEST_DIR" || exit 1
+    # The tests run the deepis binary from the built-in target folder.
+    mkdir -p "$root/target/release"
+    [ -x "$root/target/release/deepis" ] || cp "$gpu/deepis" "$root/target/release/deepis"
+    local results=$out/results.md failed=0
+    export DEEPIS_CACHE_DIR
+    DEEPIS_CACHE_DIR=$(mktemp -d)
+    {
+        echo "# deepis GPU check"
+        echo
+        echo "- binaries: commit $COMMIT, built $BUILT; run $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+        echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>/dev/null | head -1 || true)"
+        echo
+    } >"$results"
+
+    # step NAME LIMIT_S CMD...: runs CMD with its output in NAME.log; records status and time.
+    step() {
+        local name=$1 limit=$2
+        shift 2
+        local t0=$SECONDS rc
+        echo "== $name: $*"
+        timeout "$limit" "$@" >"$out/$name.log" 2>&1
+        rc=$?
+        local status=PASS
+        [ $rc -eq 0 ] || { status="FAIL (exit $rc$([ $rc -eq 124 ] && echo ", over ${limit} s"))"; failed=1; }
+        echo "== $name: $status in $((SECONDS - t0)) s"
+        printf '## %s: %s (%d s)\n\n`%s`\n\n' "$name" "$status" $((SECONDS - t0)) "$*" >>"$results"
+    }
+    # excerpt NAME PATTERN: the matching lines of NAME.log, as a code block in results.md.
+    excerpt() {
+        { echo '```'; grep -E "$2" "$out/$1.log" | head -80; echo '```'; echo; } >>"$results"
+    }
+
+    local arch
+    arch=sm_$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+    [ "$arch" != sm_ ] || arch=sm_90
+    nvidia-smi >"$out/nvidia-smi.log" 2>&1 || echo "no nvidia-smi" >"$out/nvidia-smi.log"
+    step info 60 "$gpu/deepis" info tests/data/tiny/weights.safetensors
+    excerpt info '^ *(cpu|cuda|nvrtc|emu) '
+    step kernels-first 120 "$gpu/deepis" kernels --arch "$arch"
+    excerpt kernels-first '^kernels:'
+    step kernels-second 60 "$gpu/deepis" kernels --arch "$arch"
+    excerpt kernels-second '^kernels:|^file|^conv3d|spill'
+    for t in "${TESTS[@]}"; do
+        step "test-$t" 150 "$gpu/tests/$t" --test-threads 1 --nocapture
+        excerpt "test-$t" '^test |rel err|^device:|SKIPPED|first start|second start|agree bit|equal|panicked|test result'
+        # On the GPU machine a test that skips for want of a GPU or NVRTC has not checked anything.
+        if [ "${REQUIRE_GPU:-1}" = 1 ] && grep -q SKIPPED "$out/test-$t.log"; then
+            echo "**FAIL: skipped tests (no GPU or no NVRTC found)**" >>"$results"
+            echo >>"$results"
+            failed=1
+        fi
+    done
+    step conv-throughput 120 "$gpu/tests/gpu_ops" --ignored cuda_conv_throughput --nocapture
+    excerpt conv-throughput 'TFLOP/s|Direct|Tiled|SKIPPED'
+
+    if [ "${SKIP_COMPARE:-0}" = 1 ]; then
+        echo "## compare: skipped (SKIP_COMPARE=1)" >>"$results"
+    elif ! python3 -c "import torch, numpy, safetensors" 2>/dev/null; then
+        echo "## compare: FAIL (python3 lacks torch, numpy or safetensors)" >>"$results"
+        failed=1
+    else
+        step compare 330 env DEEPIS="$gpu/deepis" bash benches/gpu_compare.sh published "${RUNS:-10}" 1,8
+        excerpt compare '^deepis batch|^\||^fastest|FAILED|^pytorch |error'
+    fi
+    rm -rf "$DEEPIS_CACHE_DIR"
+    echo "results: $results"
+    cat "$results"
+    return $failed
+}
+
+case "${1:-run}" in
+    build | prepare) build ;;
+    run) shift || true; run "$@" ;;
+    *) echo "usage: bash benches/gpu_check.sh build | run [DIR]" >&2; exit 2 ;;
+esac

@@ -1,30 +1,42 @@
 #!/usr/bin/env bash
 # deepis on CUDA against PyTorch/cuDNN on the same weights and volume, in the same run.
-#   benches/gpu_compare.sh [published|readme] [runs]       (defaults: published 10)
-# Both are timed host to host (upload, forward, download), median of the runs after warm-up.
-# PyTorch runs twice: strict float32 (what deepis computes) and with TF32 tensor cores allowed.
+#   benches/gpu_compare.sh [published|readme|check] [runs] [batches]      (defaults: published 10 1,8)
+# deepis: `deepis bench --backend cuda --batch B`, timed host to host (upload, forward, download).
+# PyTorch, in one process (benches/pytorch_bench.py --sweep): fp32 (strict), tf32, fp16 and bf16,
+# all channels_last_3d with cudnn.benchmark, eager and replayed as a CUDA graph, at every batch;
+# timed on the device and host to host, median of the runs after 2 warm-ups. Prints one table of
+# ms/volume and volumes/s per configuration with the ratio deepis / PyTorch (host to host).
 # Needs a release build (DEEPIS=path to the binary) and python3 with torch, numpy, safetensors.
+# Without a GPU the same script runs as a check of itself:
+#   DEVICE=cpu SIZE=16,16,16 benches/gpu_compare.sh check 1 1,2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cfg=${1:-published}
 runs=${2:-10}
+batches=${3:-1,8}
 deepis=${DEEPIS:-target/release/deepis}
+device=${DEVICE:-cuda}
+size=${SIZE:-128,128,64}
+backend=$([ "$device" = cuda ] && echo cuda || echo cpu)
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 med() { sed -n 's/^median of .* run(s): \([0-9.]*\) s per volume.*/\1/p' "$1"; }
 
-python3 benches/pytorch_bench.py --make-weights "$dir/w.safetensors" --make-input "$dir/x.npy" --config "$cfg"
-echo "== deepis bench --backend cuda ($cfg)"
-"$deepis" bench --weights "$dir/w.safetensors" --backend cuda --runs "$runs" --warmup 2 >"$dir/d.out" 2>"$dir/d.err" \
-    || { cat "$dir/d.err"; exit 1; }
-cat "$dir/d.out"
-gf=$(sed -n 's/^work: .*, \([0-9.]*\) GFLOP per forward/\1/p' "$dir/d.out")
-td=$(med "$dir/d.out")
-for tf32 in "" "--tf32"; do
-    echo "== pytorch cuda ${tf32:-float32}"
-    python3 benches/pytorch_bench.py --weights "$dir/w.safetensors" --input "$dir/x.npy" --device cuda $tf32 \
-        --runs "$runs" --warmup 2 >"$dir/t.out" 2>"$dir/t.err" || { cat "$dir/t.err"; exit 1; }
-    cat "$dir/t.out"
-    tt=$(med "$dir/t.out")
-    python3 -c "print(f'deepis {$td:.4f} s ({$gf/$td/1e3:.1f} TFLOP/s)  pytorch ${tf32:-fp32} {$tt:.4f} s ({$gf/$tt/1e3:.1f} TFLOP/s)  ratio deepis/pytorch {$td/$tt:.2f}')"
+python3 benches/pytorch_bench.py --make-weights "$dir/w.safetensors" --make-input "$dir/x.npy" --config "$cfg" --size "$size"
+peer=""
+for b in ${batches//,/ }; do
+    echo "== deepis bench --backend $backend --batch $b ($cfg, $size)"
+    "$deepis" bench --weights "$dir/w.safetensors" --backend "$backend" --size "$size" --batch "$b" \
+        --runs "$runs" --warmup 2 >"$dir/d$b.out" 2>"$dir/d$b.err" || { cat "$dir/d$b.err"; exit 1; }
+    grep -E "^kernels:" "$dir/d$b.err" || true
+    cat "$dir/d$b.out"
+    t=$(med "$dir/d$b.out")
+    [ -n "$t" ] || { echo "no median in deepis bench output" >&2; exit 1; }
+    python3 -c "t = $t; print(f'deepis batch $b: {t * 1e3:.3f} ms/volume, {1 / t:.1f} volumes/s')"
+    peer="$peer${peer:+,}$b:$t"
 done
+echo "== pytorch ($device)"
+graph=$([ "$device" = cuda ] && echo --graph || true)
+python3 benches/pytorch_bench.py --weights "$dir/w.safetensors" --input "$dir/x.npy" --device "$device" \
+    --sweep fp32,tf32,fp16,bf16 --batches "$batches" $graph --runs "$runs" --warmup 2 --deepis "$peer" \
+    --deepis-label "bench --backend $backend"

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::gpu::cuda::{cuda_available, CudaDevice};
 use crate::gpu::emu::EmuDevice;
 use crate::gpu::ops::GpuBackend;
+use crate::gpu::nvrtc::cache::CubinCache;
 use crate::gpu::{nvrtc, Device};
 use crate::io;
 use crate::model::{flops, Network};
@@ -76,7 +77,7 @@ pub enum Command {
     Predict(PredictArgs),
     /// Show a weights file's configuration, size and cost, and the backends this machine has
     Info(InfoArgs),
-    /// Compile every CUDA kernel with NVRTC and print registers, spills and shared memory (no GPU needed)
+    /// Compile every CUDA kernel with NVRTC (or take it from the cubin cache) and print registers, spills, shared memory and occupancy (no GPU needed)
     Kernels(KernelsArgs),
     /// Time the forward pass (random weights of the published model unless --weights is given)
     Bench(BenchArgs),
@@ -148,6 +149,9 @@ pub struct KernelsArgs {
     /// GPU architectures to compile for (sm_80 = A100, sm_90 = H100)
     #[arg(long, value_name = "ARCHS", value_delimiter = ',', default_value = "sm_80,sm_90", value_parser = parse_arch)]
     pub arch: Vec<String>,
+    /// Compile everything, neither reading nor writing the cubin cache
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 /// Published model (widths 64..1024) or the README variant (widths 32..512).
@@ -466,6 +470,13 @@ fn info(a: &InfoArgs) -> Result<()> {
         }
         Err(e) => println!("  nvrtc  no: {}", strip_backend(&e)),
     }
+    match CubinCache::from_env().dir() {
+        Some(d) => {
+            let n = std::fs::read_dir(d).map(|r| r.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "cubin")).count());
+            println!("  cache  {}: {} compiled kernel files (DEEPIS_CACHE_DIR moves it)", d.display(), n.unwrap_or(0));
+        }
+        None => println!("  cache  off: every start compiles the kernels"),
+    }
     Ok(())
 }
 
@@ -494,7 +505,12 @@ fn group_thousands(n: usize) -> String {
 fn kernels(a: &KernelsArgs) -> Result<()> {
     let path = nvrtc::ensure_loaded()?;
     eprintln!("nvrtc: {path}");
-    let reports = nvrtc::compile_report(&a.arch)?;
+    let cache = if a.no_cache { CubinCache::disabled() } else { CubinCache::from_env() };
+    let (reports, stats) = nvrtc::compile_report_cached(&a.arch, &cache)?;
+    for w in &stats.warnings {
+        eprintln!("warning: {w}");
+    }
+    eprintln!("{}", stats.summary(&cache, &a.arch.join(", ")));
     print!("{}", nvrtc::format_table(&reports));
     let spills: Vec<String> = reports
         .iter()
@@ -543,7 +559,7 @@ impl Job for Bench<'_> {
         times.sort_by(f64::total_cmp);
         let med = times[times.len() / 2];
         println!(
-            "median of {} run(s): {:.3} s per volume, {:.1} GFLOP/s",
+            "median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s",
             times.len(),
             med / n as f64,
             gflop / med.max(1e-9)
@@ -642,7 +658,7 @@ fn bench_plan(weights: &Weights, x: &Tensor, runs: u32, warmup: u32) -> Result<(
     }
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
-    println!("median of {} run(s): {:.3} s per volume, {:.1} GFLOP/s", times.len(), med / n as f64, gflop / med.max(1e-9));
+    println!("median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s", times.len(), med / n as f64, gflop / med.max(1e-9));
     println!(
         "peak memory: plan {:.1} MiB (planned), process {}",
         mib(plan.peak_bytes()),

@@ -1,6 +1,8 @@
 //! The real GPU: a `Device` on cudarc. At creation every kernel source is compiled by NVRTC
 //! straight to cubin for the device's compute capability (so no PTX JIT and no driver-version
-//! mismatch), loaded as modules, and each kernel's function looked up once by name.
+//! mismatch) or taken from the on-disk cubin cache (`nvrtc::cache`), loaded as modules, and each
+//! kernel's function looked up once by name. Work is queued on a stream of its own rather than
+//! the legacy default stream, which synchronises with every other stream of the context.
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -9,6 +11,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
+use crate::gpu::nvrtc::cache::CubinCache;
 use crate::gpu::{from_half_bits, kernels, nvrtc, DType, Device, KArg, LaunchCfg};
 
 /// Dynamic shared memory a kernel may use without opting in.
@@ -57,15 +60,25 @@ impl CudaDevice {
         let (major, minor) = ctx.compute_capability().map_err(|e| drv("compute capability", e))?;
         let arch = format!("sm_{major}{minor}");
         let dev_name = ctx.name().map_err(|e| drv("device name", e))?;
-        let stream = ctx.default_stream();
+        // One stream carries every allocation, copy, launch and free of this device, so its order
+        // alone keeps them correct: cudarc's per-buffer event tracking (for buffers shared between
+        // streams) would only add an event record per kernel argument.
+        // SAFETY: no buffer of this context exists yet, and all later ones live on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| drv("stream", e))?;
+        let cache = CubinCache::from_env();
+        let (built, stats) = nvrtc::build_all(&arch, &cache)?;
+        for w in &stats.warnings {
+            eprintln!("warning: {w}");
+        }
+        eprintln!("{}", stats.summary(&cache, &arch));
         let mut modules = Vec::new();
         let mut funcs = HashMap::new();
-        for &(file, src) in kernels::SOURCES {
-            let compiled = nvrtc::compile_cubin(file, src, &arch)?;
+        for nvrtc::Compiled { file, cubin, .. } in built {
             let module = ctx
-                .load_module(Ptx::from_binary(compiled.cubin))
-                .map_err(|e| Error::kernel(file, format!("loading the {arch} cubin: {e}")))?;
-            for kernel in kernels::kernels_of(file) {
+                .load_module(Ptx::from_binary(cubin))
+                .map_err(|e| Error::kernel(&file, format!("loading the {arch} cubin: {e}")))?;
+            for kernel in kernels::kernels_of(&file) {
                 let f = module.load_function(kernel).map_err(|e| Error::kernel(kernel, format!("lookup: {e}")))?;
                 funcs.insert(kernel.to_string(), f);
             }

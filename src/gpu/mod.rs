@@ -102,5 +102,6 @@ pub mod cuda;
 pub mod emu;
 pub mod kernels;
 pub mod nvrtc;
+pub mod occupancy;
 pub mod ops;
 pub mod train_ops;

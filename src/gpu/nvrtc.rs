@@ -12,6 +12,9 @@ use cudarc::nvrtc::{result as nvrtc_result, sys as nvrtc_sys};
 use crate::error::{Error, Result};
 use crate::gpu::kernels;
 
+pub mod cache;
+use cache::{CubinCache, Entry, KeyParts, Lookup};
+
 /// What ptxas reported for one kernel compiled for one architecture.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelReport {
@@ -23,6 +26,8 @@ pub struct KernelReport {
     pub spill_loads: u32,
     /// Static shared memory in bytes.
     pub smem_bytes: u32,
+    /// Named barriers (`bar.sync` ids) the kernel uses.
+    pub barriers: u32,
 }
 
 /// A compiled kernel family: the cubin and NVRTC's full log.
@@ -36,6 +41,9 @@ pub struct Compiled {
 /// Where libnvrtc was found, and the handle that keeps it loaded.
 struct Loaded {
     path: String,
+    /// Size in bytes of the library file actually loaded (0 if unknown): tells patch builds of
+    /// the same NVRTC version apart in the cache key.
+    file_len: u64,
     _lib: libloading::Library,
 }
 
@@ -82,7 +90,8 @@ fn load() -> std::result::Result<Loaded, String> {
                     tried.push(format!("{cand}: opened, but cudarc cannot find it by soname"));
                     continue;
                 }
-                return Ok(Loaded { path: cand, _lib: lib });
+                let file_len = loaded_file(&lib).and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
+                return Ok(Loaded { path: cand, file_len, _lib: lib });
             }
             Err(e) => tried.push(format!("{cand}: {e}")),
         }
@@ -91,6 +100,20 @@ fn load() -> std::result::Result<Loaded, String> {
         "libnvrtc not found (set DEEPIS_NVRTC to libnvrtc.so.12, or pip install nvidia-cuda-nvrtc-cu12); tried: {}",
         tried.join("; ")
     ))
+}
+
+/// The file the dynamic loader mapped for `lib` (a bare soname resolves through the search path).
+fn loaded_file(lib: &libloading::Library) -> Option<PathBuf> {
+    // SAFETY: only the symbol's address is taken, nothing is called; dladdr writes `info`.
+    unsafe {
+        let sym = lib.get::<unsafe extern "C" fn()>(b"nvrtcVersion\0").ok()?;
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(*sym as *const libc::c_void, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        let name = std::ffi::CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
+        Some(PathBuf::from(name))
+    }
 }
 
 /// Loads libnvrtc once; returns the path it was loaded from, or a clear error.
@@ -117,6 +140,31 @@ pub fn version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
+/// NVRTC's version and library build, as the cubin cache keys on it: "12.9 (7340032 bytes)".
+pub fn build_id() -> Result<String> {
+    let (major, minor) = version()?;
+    let len = match NVRTC.get() {
+        Some(Ok(l)) => l.file_len,
+        _ => 0,
+    };
+    Ok(format!("{major}.{minor} ({len} bytes)"))
+}
+
+/// The headers NVRTC is given in memory (include name, text): the kernels include nothing else.
+pub fn headers() -> [(&'static str, &'static str); 1] {
+    [(kernels::HEADER_NAME, kernels::HEADER)]
+}
+
+/// The options every kernel is compiled with for `arch`.
+pub fn options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "-Xptxas=-v".to_string(),
+        "--std=c++17".to_string(),
+        "-default-device".to_string(),
+    ]
+}
+
 fn cstring(s: &str, what: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::backend("nvrtc", format!("{what} contains a NUL byte")))
 }
@@ -127,24 +175,31 @@ fn chars_to_string(v: &[c_char]) -> String {
 }
 
 /// Compiles one source file (which includes `deepis_device.h`, given in memory) to a cubin for
-/// `arch` ("sm_90"). On a compile error the error carries NVRTC's full log.
+/// `arch` ("sm_90") with the standard `options`, bypassing the cache. On a compile error the
+/// error carries NVRTC's full log.
 pub fn compile_cubin(file: &str, src: &str, arch: &str) -> Result<Compiled> {
+    compile_cubin_with(file, src, arch, &options(arch))
+}
+
+/// As `compile_cubin`, with the NVRTC options given (they must name `arch`).
+pub fn compile_cubin_with(file: &str, src: &str, arch: &str, opts: &[String]) -> Result<Compiled> {
     ensure_loaded()?;
     let c_src = cstring(src, file)?;
     let c_name = cstring(file, file)?;
-    let c_hdr = cstring(kernels::HEADER, kernels::HEADER_NAME)?;
-    let c_hdr_name = cstring(kernels::HEADER_NAME, kernels::HEADER_NAME)?;
-    let hdrs = [c_hdr.as_ptr()];
-    let hdr_names = [c_hdr_name.as_ptr()];
+    let hdr_list = headers();
+    let c_hdrs = hdr_list.iter().map(|(n, t)| cstring(t, n)).collect::<Result<Vec<_>>>()?;
+    let c_hdr_names = hdr_list.iter().map(|(n, _)| cstring(n, n)).collect::<Result<Vec<_>>>()?;
+    let hdrs: Vec<*const c_char> = c_hdrs.iter().map(|c| c.as_ptr()).collect();
+    let hdr_names: Vec<*const c_char> = c_hdr_names.iter().map(|c| c.as_ptr()).collect();
     let mut prog = std::mem::MaybeUninit::uninit();
     // SAFETY: every pointer refers to a NUL-terminated string that outlives the program (they are
-    // dropped at the end of this function, after destroy_program); 1 header, 1 name.
+    // dropped at the end of this function, after destroy_program); as many names as headers.
     unsafe {
         nvrtc_sys::nvrtcCreateProgram(
             prog.as_mut_ptr(),
             c_src.as_ptr(),
             c_name.as_ptr(),
-            1,
+            hdrs.len() as i32,
             hdrs.as_ptr(),
             hdr_names.as_ptr(),
         )
@@ -154,14 +209,8 @@ pub fn compile_cubin(file: &str, src: &str, arch: &str) -> Result<Compiled> {
     // SAFETY: nvrtcCreateProgram succeeded, so it wrote the program handle.
     let prog = unsafe { prog.assume_init() };
 
-    let opts = [
-        format!("--gpu-architecture={arch}"),
-        "-Xptxas=-v".to_string(),
-        "--std=c++17".to_string(),
-        "-default-device".to_string(),
-    ];
     // SAFETY (all calls below): `prog` is a live program until destroy_program at the end.
-    let compiled = unsafe { nvrtc_result::compile_program(prog, &opts) };
+    let compiled = unsafe { nvrtc_result::compile_program(prog, opts) };
     let log = unsafe { nvrtc_result::get_program_log(prog) }.map(|l| chars_to_string(&l)).unwrap_or_default();
     let out = match compiled {
         Err(e) => Err(Error::kernel(
@@ -202,6 +251,7 @@ pub fn parse_ptxas(log: &str, file: &str, arch: &str) -> Vec<KernelReport> {
                     spill_stores: 0,
                     spill_loads: 0,
                     smem_bytes: 0,
+                    barriers: 0,
                 });
                 out.len() - 1
             }));
@@ -220,6 +270,9 @@ pub fn parse_ptxas(log: &str, file: &str, arch: &str) -> Vec<KernelReport> {
             if let Some(v) = number_before(line, "bytes smem") {
                 out[i].smem_bytes = v;
             }
+            if let Some(v) = number_before(line, "barriers") {
+                out[i].barriers = v;
+            }
         }
     }
     out
@@ -236,39 +289,135 @@ fn number_before(line: &str, key: &str) -> Option<u32> {
     head.split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
 }
 
-/// Compiles `src` for every arch and returns ptxas's report for each kernel.
+/// How many compile units came from the cache and how many NVRTC compiled, and any cache trouble.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuildStats {
+    pub cached: usize,
+    pub compiled: usize,
+    /// Unusable entries (recompiled) and failed writes, one line each.
+    pub warnings: Vec<String>,
+}
+
+impl BuildStats {
+    fn add(&mut self, other: BuildStats) {
+        self.cached += other.cached;
+        self.compiled += other.compiled;
+        self.warnings.extend(other.warnings);
+    }
+
+    /// The log line, counting source files x architectures:
+    /// "kernels: 8 cached, 0 compiled for sm_90 (cache /home/u/.cache/deepis/cubin)".
+    pub fn summary(&self, cache: &CubinCache, archs: &str) -> String {
+        let where_ = match cache.dir() {
+            Some(d) => format!("cache {}", d.display()),
+            None => "cache off".to_string(),
+        };
+        format!("kernels: {} cached, {} compiled for {archs} ({where_})", self.cached, self.compiled)
+    }
+}
+
+/// One source compiled for one arch: from `cache` when it holds exactly this compile, else by
+/// NVRTC (and then stored). Compile errors are never cached.
+pub fn compile_cached(cache: &CubinCache, file: &str, src: &str, arch: &str, opts: &[String]) -> Result<(Compiled, BuildStats)> {
+    let mut stats = BuildStats::default();
+    if cache.dir().is_none() {
+        stats.compiled = 1;
+        return Ok((compile_cubin_with(file, src, arch, opts)?, stats));
+    }
+    let compiler = build_id()?;
+    let hdrs = headers();
+    let key = KeyParts { file, source: src, headers: &hdrs, options: opts, compiler: &compiler, arch }.digest();
+    match cache.load(file, arch, &key) {
+        Lookup::Hit(e) => {
+            stats.cached = 1;
+            return Ok((Compiled { file: file.into(), arch: arch.into(), cubin: e.cubin, log: e.log }, stats));
+        }
+        Lookup::Bad(why) => stats.warnings.push(format!("unusable cache entry, recompiling: {why}")),
+        Lookup::Miss => {}
+    }
+    let c = compile_cubin_with(file, src, arch, opts)?;
+    stats.compiled = 1;
+    let entry = Entry { log: c.log.clone(), cubin: c.cubin.clone() };
+    if let Err(e) = cache.store(file, arch, &key, &entry) {
+        stats.warnings.push(format!("kernel cache not written: {e}"));
+    }
+    Ok((c, stats))
+}
+
+/// Every kernel source of `kernels::SOURCES` for `arch`, through `cache`.
+pub fn build_all(arch: &str, cache: &CubinCache) -> Result<(Vec<Compiled>, BuildStats)> {
+    let mut out = Vec::new();
+    let mut stats = BuildStats::default();
+    for &(file, src) in kernels::SOURCES {
+        let (c, s) = compile_cached(cache, file, src, arch, &options(arch))?;
+        out.push(c);
+        stats.add(s);
+    }
+    Ok((out, stats))
+}
+
+fn report_of(c: &Compiled) -> Result<Vec<KernelReport>> {
+    let reps = parse_ptxas(&c.log, &c.file, &c.arch);
+    if reps.is_empty() {
+        return Err(Error::kernel(&c.file, format!("no ptxas report for {}; log:\n{}", c.arch, c.log)));
+    }
+    Ok(reps)
+}
+
+/// Compiles `src` for every arch (no cache) and returns ptxas's report for each kernel.
 pub fn compile_source_report(file: &str, src: &str, archs: &[String]) -> Result<Vec<KernelReport>> {
     let mut out = Vec::new();
     for arch in archs {
-        let c = compile_cubin(file, src, arch)?;
-        let reps = parse_ptxas(&c.log, file, arch);
-        if reps.is_empty() {
-            return Err(Error::kernel(file, format!("no ptxas report for {arch}; log:\n{}", c.log)));
-        }
-        out.extend(reps);
+        out.extend(report_of(&compile_cubin(file, src, arch)?)?);
     }
     Ok(out)
 }
 
-/// Compiles every kernel source of `kernels::SOURCES` and `kernels::TESTING_SOURCES` for every arch.
+/// Compiles every kernel source of `kernels::SOURCES` and `kernels::TESTING_SOURCES` for every
+/// arch (no cache).
 pub fn compile_report(archs: &[String]) -> Result<Vec<KernelReport>> {
-    let mut out = Vec::new();
-    for &(file, src) in kernels::SOURCES.iter().chain(kernels::TESTING_SOURCES) {
-        out.extend(compile_source_report(file, src, archs)?);
-    }
-    Ok(out)
+    Ok(compile_report_cached(archs, &CubinCache::disabled())?.0)
 }
 
-/// The report as an aligned text table.
+/// Every kernel source (`SOURCES` and `TESTING_SOURCES`) for every arch through `cache` (what
+/// `deepis kernels` runs): ptxas's report for each kernel, from the stored log on a cache hit.
+pub fn compile_report_cached(archs: &[String], cache: &CubinCache) -> Result<(Vec<KernelReport>, BuildStats)> {
+    let mut out = Vec::new();
+    let mut stats = BuildStats::default();
+    for &(file, src) in kernels::SOURCES.iter().chain(kernels::TESTING_SOURCES) {
+        for arch in archs {
+            let (c, s) = compile_cached(cache, file, src, arch, &options(arch))?;
+            stats.add(s);
+            out.extend(report_of(&c)?);
+        }
+    }
+    Ok((out, stats))
+}
+
+/// The report as an aligned text table: ptxas's figures, then the launch block (threads, dynamic
+/// shared memory) and the occupancy it gives on one SM (`occupancy`), "-" where unknown.
 pub fn format_table(reports: &[KernelReport]) -> String {
+    let kw = reports.iter().map(|r| r.kernel.len()).max().unwrap_or(0).max(6);
+    let fw = reports.iter().map(|r| r.file.len()).max().unwrap_or(0).max(4);
     let mut s = format!(
-        "{:<24} {:<24} {:<6} {:>5} {:>12} {:>11} {:>10}\n",
-        "file", "kernel", "arch", "regs", "spill_stores", "spill_loads", "smem_bytes"
+        "{:<fw$} {:<kw$} {:<6} {:>4} {:>6} {:>6} {:>6} {:>4} {:>7} {:>6} {:>8} {:>5} limit\n",
+        "file", "kernel", "arch", "regs", "spillS", "spillL", "smem", "bars", "threads", "blk/SM", "warps/SM", "occ%"
     );
     for r in reports {
+        let occ = match crate::gpu::occupancy::of_report(r) {
+            Some(((threads, dyn_smem), o)) => format!(
+                "{:>7} {:>6} {:>8} {:>5.0} {}",
+                if dyn_smem > 0 { format!("{threads}+{dyn_smem}B") } else { threads.to_string() },
+                o.blocks_per_sm,
+                format!("{}/{}", o.warps_per_sm, o.max_warps_per_sm),
+                o.percent(),
+                o.limiter_names()
+            ),
+            None => format!("{:>7} {:>6} {:>8} {:>5} -", "-", "-", "-", "-"),
+        };
         s += &format!(
-            "{:<24} {:<24} {:<6} {:>5} {:>12} {:>11} {:>10}\n",
-            r.file, r.kernel, r.arch, r.registers, r.spill_stores, r.spill_loads, r.smem_bytes
+            "{:<fw$} {:<kw$} {:<6} {:>4} {:>6} {:>6} {:>6} {:>4} {occ}\n",
+            r.file, r.kernel, r.arch, r.registers, r.spill_stores, r.spill_loads, r.smem_bytes, r.barriers
         );
     }
     s
@@ -284,9 +433,10 @@ mod tests {
 ptxas info    : Compiling entry function 'k' for 'sm_90'\n\
 ptxas info    : Function properties for k\n\
 ptxas         .     0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n\
-ptxas info    : Used 10 registers, used 1 barriers, 1024 bytes smem\n";
+ptxas info    : Used 10 registers, used 2 barriers, 1024 bytes smem, 400 bytes cmem[0]\n";
         let r = parse_ptxas(log, "f.cu", "sm_90");
         assert_eq!(r.len(), 1);
         assert_eq!((r[0].registers, r[0].spill_stores, r[0].spill_loads, r[0].smem_bytes), (10, 8, 4, 1024));
+        assert_eq!(r[0].barriers, 2);
     }
 }

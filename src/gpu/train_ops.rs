@@ -28,6 +28,18 @@ const WGRAD_MAX_CHUNKS: usize = 64;
 const WGRAD_MIN_VOX: usize = 256;
 const WGRAD_MAX_PARTIALS: usize = 1 << 24;
 
+/// Threads per block and dynamic shared memory of the training kernels (see `ops::launch_block`).
+pub(crate) fn launch_block(kernel: &str) -> Option<(u32, u32)> {
+    match kernel {
+        k::CHANNEL_SUM_PARTIAL | k::BN_SQDEV_PARTIAL | k::BN_BACKWARD_PARTIAL => Some((RED_X as u32 * RED_Y, 0)),
+        k::RELU_BACKWARD | k::SIGMOID_BACKWARD | k::MUL | k::ACCUMULATE | k::COPY | k::MAXPOOL2_BACKWARD
+        | k::UPSAMPLE_TRILINEAR_BACKWARD | k::SOFTMAX_BACKWARD | k::CONV3D_FLIP_WEIGHTS | k::CONV3D_BACKWARD_INPUT
+        | k::CONV3D_WGRAD_PARTIAL | k::SUM_PARTIALS | k::SUM_PARTIALS_F64 | k::BN_STATS | k::BN_BACKWARD_PARAMS
+        | k::BN_BACKWARD_DX => Some((BLOCK, 0)),
+        _ => None,
+    }
+}
+
 type T<D> = DevTensor<<D as Device>::Buf>;
 
 /// An `int` kernel argument (sizes are checked against i32 by `fits`).
