@@ -9,6 +9,7 @@ pub mod demo;
 pub mod error;
 pub mod finite;
 pub mod gpu;
+pub mod graph;
 pub mod import;
 pub mod io;
 pub mod limits;

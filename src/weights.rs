@@ -1,7 +1,7 @@
 //! DeepIS weights: safetensors files, memory-mapped, float32/float16/bfloat16 tensors named as the
 //! oracle's `state_dict()` (a DataParallel `module.` prefix is accepted), with the config in
-//! `__metadata__`. `param_specs` is the one place that lists every tensor a config needs; it drives
-//! validation, random initialisation, checkpoints and the parameter count.
+//! `__metadata__`. The tensors a config needs are the graph's parameters (`graph::param_specs`);
+//! they drive validation, random initialisation, checkpoints and the parameter count.
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -12,113 +12,7 @@ use std::path::{Path, PathBuf};
 /// The format_version this build reads and writes.
 pub const FORMAT_VERSION: &str = "1";
 
-/// What a tensor is, which decides how it is initialised and whether it is learnable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ParamKind {
-    ConvWeight,
-    ConvBias,
-    BnWeight,
-    BnBias,
-    BnMean,
-    BnVar,
-}
-
-impl ParamKind {
-    pub fn learnable(self) -> bool {
-        !matches!(self, ParamKind::BnMean | ParamKind::BnVar)
-    }
-}
-
-/// Where a tensor is used: by the inference graph, only in training (deep-supervision heads),
-/// or never (ConBR0 exists in the published model but is unused).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Use {
-    Inference,
-    Training,
-    Unused,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct ParamSpec {
-    pub name: String,
-    /// PyTorch shape (a conv weight is [cout, cin, k0, k1, k2]).
-    pub shape: Vec<usize>,
-    pub kind: ParamKind,
-    pub used: Use,
-}
-
-impl ParamSpec {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
-/// Every tensor of the model for `cfg`, in `state_dict()` order.
-pub fn param_specs(cfg: &Config) -> Vec<ParamSpec> {
-    let mut v = Vec::new();
-    let w = cfg.widths;
-    let t = cfg.trans_feature;
-    let conv = |v: &mut Vec<ParamSpec>, name: &str, cout: usize, cin: usize, k: [usize; 3], bias: bool, used: Use| {
-        v.push(ParamSpec { name: format!("{name}.weight"), shape: vec![cout, cin, k[0], k[1], k[2]], kind: ParamKind::ConvWeight, used });
-        if bias {
-            v.push(ParamSpec { name: format!("{name}.bias"), shape: vec![cout], kind: ParamKind::ConvBias, used });
-        }
-    };
-    let bn = |v: &mut Vec<ParamSpec>, name: &str, c: usize, used: Use| {
-        for (suffix, kind) in [("weight", ParamKind::BnWeight), ("bias", ParamKind::BnBias), ("running_mean", ParamKind::BnMean), ("running_var", ParamKind::BnVar)] {
-            v.push(ParamSpec { name: format!("{name}.{suffix}"), shape: vec![c], kind, used });
-        }
-    };
-    let inf = Use::Inference;
-    let k3 = [3, 3, 3];
-    let k1 = [1, 1, 1];
-    conv(&mut v, "conv1.conv1.0", w[0], 1, k3, true, inf);
-    bn(&mut v, "conv1.conv1.1", w[0], inf);
-    conv(&mut v, "conv1.conv2.0", w[0], w[0], k3, true, inf);
-    bn(&mut v, "conv1.conv2.1", w[0], inf);
-    for i in 0..4 {
-        let mid = w[i] / 2;
-        for j in 0..cfg.blocks[i] {
-            let p = format!("layer{}.blocks.{j}", i + 1);
-            let cin = if j == 0 { w[i] } else { w[i + 1] };
-            conv(&mut v, &format!("{p}.reduce.0"), mid, cin, k1, true, inf);
-            bn(&mut v, &format!("{p}.reduce.1"), mid, inf);
-            conv(&mut v, &format!("{p}.conv3.0"), mid, mid, k3, true, inf);
-            bn(&mut v, &format!("{p}.conv3.1"), mid, inf);
-            conv(&mut v, &format!("{p}.increase.0"), w[i + 1], mid, k1, true, inf);
-            bn(&mut v, &format!("{p}.increase.1"), w[i + 1], inf);
-            if j == 0 {
-                conv(&mut v, &format!("{p}.proj.0"), w[i + 1], cin, k1, true, inf);
-                bn(&mut v, &format!("{p}.proj.1"), w[i + 1], inf);
-            }
-        }
-    }
-    conv(&mut v, "gcn1", t, w[0], k1, true, inf);
-    for i in 0..4 {
-        let k = cfg.gcn_kernels[i];
-        let cin = w[i + 1];
-        let p = format!("gcn{}", i + 2);
-        conv(&mut v, &format!("{p}.conv_l1"), t, cin, [k, 1, 1], true, inf);
-        conv(&mut v, &format!("{p}.conv_l2"), t, t, [1, 1, k], true, inf);
-        conv(&mut v, &format!("{p}.conv_l3"), t, t, [1, k, 1], true, inf);
-        conv(&mut v, &format!("{p}.conv_r1"), t, cin, [1, k, 1], true, inf);
-        conv(&mut v, &format!("{p}.conv_r2"), t, t, [1, 1, k], true, inf);
-        conv(&mut v, &format!("{p}.conv_r3"), t, t, [k, 1, 1], true, inf);
-    }
-    for i in 0..5 {
-        let used = if i == 0 { Use::Unused } else { inf };
-        conv(&mut v, &format!("ConBR{i}.conv1"), t, t, k1, true, used);
-        conv(&mut v, &format!("ConBR{i}.conv2"), t, t, k3, true, used);
-        conv(&mut v, &format!("ConBR{i}.conv3"), t, t, k3, true, used);
-    }
-    conv(&mut v, "final.0", cfg.head_channels(), t, k1, true, inf);
-    for c in ["classifier3", "classifier4"] {
-        conv(&mut v, &format!("{c}.0"), t / 2, t, k3, false, Use::Training);
-        bn(&mut v, &format!("{c}.1"), t / 2, Use::Training);
-        conv(&mut v, &format!("{c}.4"), 3, t / 2, k1, true, Use::Training);
-    }
-    v
-}
+pub use crate::graph::{param_count, param_specs, ParamKind, ParamSpec, Use};
 
 /// Where the tensor bytes live: a memory-mapped file (zero-copy) or owned bytes.
 enum Storage {
@@ -397,9 +291,4 @@ pub fn check_param_budget(cfg: &Config) -> Result<()> {
     let floats = param_specs(cfg).iter().try_fold(0u64, |acc, s| acc.checked_add(crate::limits::product(&s.shape.iter().map(|&d| d as u64).collect::<Vec<_>>())?));
     let what = format!("the model (widths {:?}, trans_feature {}, blocks {:?}, gcn_kernels {:?})", cfg.widths, cfg.trans_feature, cfg.blocks, cfg.gcn_kernels);
     crate::limits::check(&what, crate::limits::bytes_of(floats, 4)).map_err(Error::Config)
-}
-
-/// Learnable parameter count of the whole model for `cfg`.
-pub fn param_count(cfg: &Config) -> usize {
-    param_specs(cfg).iter().filter(|s| s.kind.learnable()).map(ParamSpec::numel).sum()
 }

@@ -72,13 +72,7 @@ impl Isa {
     }
 }
 
-/// What the epilogue applies after bias and residual.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Act {
-    None,
-    Relu,
-    Sigmoid,
-}
+pub use crate::graph::passes::Act;
 
 /// A convolution with its weights packed for one ISA.
 pub struct PackedConv {

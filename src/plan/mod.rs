@@ -1,8 +1,9 @@
 //! The fused CPU inference plan: the network compiled once, for one volume size, into a list of
 //! steps over one pre-planned arena (peak memory known before the run).
 //!
-//! What the plan does that `Network` over `CpuBackend` does not (each switchable in `PlanOptions`,
-//! all on by default; the tests check that every switch leaves the output unchanged):
+//! The plan lowers the inference graph (`graph::Graph`) after the passes of `graph::passes`
+//! (each switchable in `PlanOptions`, all on by default; the tests check that every switch leaves
+//! the output unchanged):
 //! - `fold_bn`: eval-mode batch norm folded into the conv's weights and bias;
 //! - `fuse_epilogue`: bias, residual add and ReLU (sigmoid for the head) in the conv's epilogue;
 //! - `move_conv1_low`: ConBR.conv1 (1x1x1) of `conv1(up(a) + b)` computed as
@@ -20,6 +21,8 @@ pub mod ops;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::graph::passes::{Passes, Weighted};
+use crate::graph::{Graph, Mode};
 use crate::tensor::{Shape, Tensor};
 use crate::weights::Weights;
 use kernel::{Act, Isa, PackedConv};
@@ -66,6 +69,17 @@ impl PlanOptions {
             fuse_gcn_planes: false,
             reuse_buffers: false,
             isa: None,
+        }
+    }
+
+    /// The graph passes these options switch on.
+    pub fn passes(&self) -> Passes {
+        Passes {
+            fold_bn: self.fold_bn,
+            move_conv1_low: self.move_conv1_low,
+            merge_1x1: self.merge_1x1,
+            fuse_epilogue: self.fuse_epilogue,
+            fuse_gcn_planes: self.fuse_gcn_planes,
         }
     }
 }
@@ -126,15 +140,20 @@ impl std::fmt::Debug for Plan {
 impl Plan {
     /// Compiles `weights` for volumes of size `d` (any batch size runs volume by volume).
     pub fn new(weights: &Weights, d: [usize; 3], opt: PlanOptions) -> Result<Plan> {
-        let cfg = weights.config.clone();
-        cfg.check_input_size(d)?;
+        weights.config.check_input_size(d)?;
+        Plan::from_graph(&Graph::new(&weights.config, Mode::Eval, d), weights, opt)
+    }
+
+    /// Compiles the inference graph `g` (any `Arch`) with the tensors of `weights`.
+    pub fn from_graph(g: &Graph, weights: &Weights, opt: PlanOptions) -> Result<Plan> {
+        let (cfg, d) = (g.cfg.clone(), g.nodes[g.input].shape.d);
         let isa = opt.isa.unwrap_or_else(Isa::detect);
         if !isa.available() {
             return Err(Error::backend("cpu", format!("this CPU cannot run the {isa:?} kernels")));
         }
-        let mut b = graph::Builder::new(weights, opt, isa);
-        let (input, output) = b.network(d)?;
-        let graph::Builder { shapes, steps, convs, .. } = b;
+        let mut wg = Weighted::new(g, &|name| weights.get(name))?;
+        wg.optimise(opt.passes());
+        let graph::Lowered { shapes, steps, convs, input, output } = graph::lower(&wg, isa, opt.fuse_epilogue)?;
         // lifetimes: from the first step touching a value to the last; the input is live from the
         // start, the output to the end
         let mut lives: Vec<memory::Life> =
