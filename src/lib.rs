@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod cpu;
 pub mod demo;
+pub mod engine;
 pub mod error;
 pub mod finite;
 pub mod gpu;

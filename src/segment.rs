@@ -334,7 +334,7 @@ pub struct SegmentArgs {
     #[arg(long)]
     pub no_regrow: bool,
     /// Tile size D0,D1,D2: larger volumes are processed in overlapping tiles
-    #[arg(long, default_value = "128,128,64", value_parser = crate::cli::parse_size)]
+    #[arg(long, default_value = "128,128,64", value_parser = crate::engine::parse_size)]
     pub tile: [usize; 3],
     /// Overlap of neighbouring tiles, in voxels
     #[arg(long, default_value_t = 16)]
@@ -378,8 +378,8 @@ pub struct SegmentArgs {
     #[arg(long)]
     pub keep_going: bool,
     /// Where to run the network
-    #[arg(long, value_enum, default_value_t = crate::cli::BackendKind::Auto)]
-    pub backend: crate::cli::BackendKind,
+    #[arg(long, value_enum, default_value_t = crate::engine::BackendKind::Auto)]
+    pub backend: crate::engine::BackendKind,
 }
 
 fn ext(format: LabelFormat) -> &'static str {

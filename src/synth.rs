@@ -640,7 +640,7 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 8)]
     pub frames: usize,
     /// Voxels along D0, D1, D2 (D2 is the optical axis)
-    #[arg(long, default_value = "128,128,64", value_parser = crate::cli::parse_size)]
+    #[arg(long, default_value = "128,128,64", value_parser = crate::engine::parse_size)]
     pub size: [usize; 3],
     /// Voxel size in um along D0, D1, D2
     #[arg(long, default_value = "0.2,0.2,0.4", value_parser = crate::analysis::parse_voxel_size, allow_hyphen_values = true)]

@@ -11,15 +11,20 @@
 //! gradient goes one way or the other (small: one voxel of layer2.blocks.0.conv3 at 1.2e-7 moves
 //! its BN bias gradient by 14%). Such voxels are listed; when there are any, every combination of
 //! their decisions (at most 2^12) is scored and the test passes when one matches the oracle.
+//! `Kinks` (below) wraps the engine's backend to find those voxels in the forward pass and to
+//! invert chosen ReLU decisions in the backward pass, so the engine needs no hook for it.
 mod common;
 use common::*;
 use deepis::config::Head;
 use deepis::cpu::CpuBackend;
 use deepis::gpu::emu::EmuDevice;
 use deepis::gpu::ops::GpuBackend;
-use deepis::tensor::rel_err;
+use deepis::tensor::{rel_err, Tensor};
 use deepis::train::loss::{aux_labels, edge_weight, loss_weights, train_loss, EdgeWeight, LossWeights};
-use deepis::train::tape::Var;
+use deepis::backend::{Backend, ConvSpec, DevTensor};
+use deepis::train::backend::{BnBackward, BnForward, BnSaved};
+use deepis::Result;
+use std::cell::RefCell;
 use deepis::train::{finish_step, forward_train, Params, Step, TrainBackend};
 use deepis::weights::Weights;
 use std::time::Instant;
@@ -27,10 +32,10 @@ use std::time::Instant;
 const TOL: f32 = 1e-3;
 
 fn check_case<B: TrainBackend>(case: &str, b: B) {
-    check_step(case, &b, "train_step.safetensors", loss_weights(0));
+    check_step(case, &Kinks::new(b), "train_step.safetensors", loss_weights(0));
 }
 
-fn check_step<B: TrainBackend>(case: &str, b: &B, golden_file: &str, lw: LossWeights) {
+fn check_step<B: TrainBackend>(case: &str, b: &Kinks<B>, golden_file: &str, lw: LossWeights) {
     let t0 = Instant::now();
     let w = Weights::load(&data(case, "weights.safetensors")).unwrap();
     let (p, fresh) = Params::from_weights(&w, 0).unwrap();
@@ -38,22 +43,16 @@ fn check_step<B: TrainBackend>(case: &str, b: &B, golden_file: &str, lw: LossWei
     let x = read_5d(&data(case, "input.npy"));
     let target = read_5d(&data(case, "target.npy"));
     let dev = p.upload(b).unwrap();
-    let run = |flips: &[(Var, usize)]| -> Step {
-        let mut f = forward_train(b, &p, &dev, &x, None).unwrap();
-        f.tape.relu_flips = flips.to_vec();
-        finish_step(b, &p, f, &target, None, lw).unwrap()
-    };
-    // ReLU inputs within float32 rounding of the kink
-    let mut kinks = Vec::new();
-    {
+    let run = |flips: &[(usize, usize)]| -> Step {
+        b.start(flips);
         let f = forward_train(b, &p, &dev, &x, None).unwrap();
-        for (inp, out) in f.tape.relus() {
-            let v = &b.download(f.tape.value(inp)).unwrap().data;
-            let tau = 1e-7 * v.iter().fold(0.0f32, |m, a| m.max(a.abs()));
-            kinks.extend(v.iter().enumerate().filter(|(_, a)| a.abs() < tau && **a != 0.0).map(|(e, a)| (out, e, *a)));
-        }
-    }
+        let st = finish_step(b, &p, f, &target, None, lw).unwrap();
+        b.finish(case);
+        st
+    };
+    // ReLU inputs within float32 rounding of the kink: (ReLU number in forward order, element, value)
     let step = run(&[]);
+    let kinks = b.kinks();
     let secs = t0.elapsed().as_secs_f64();
     println!("{case:<7} {} ReLU pre-activation(s) within 1e-7 max|v| of 0: {:?}", kinks.len(), kinks.iter().map(|k| k.2).collect::<Vec<_>>());
     assert!(kinks.len() <= 12, "{case}: too many ambiguous ReLU decisions to try");
@@ -120,7 +119,7 @@ fn check_step<B: TrainBackend>(case: &str, b: &B, golden_file: &str, lw: LossWei
         }
     }
     let (_, _, mask) = best.unwrap();
-    let flips: Vec<(Var, usize)> = kinks.iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, k)| (k.0, k.1)).collect();
+    let flips: Vec<(usize, usize)> = kinks.iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, k)| (k.0, k.1)).collect();
     let st = if mask == 0 { None } else { Some(run(&flips)) };
     if mask != 0 {
         println!("{case:<7} matching the oracle takes the other side at {} ReLU kink(s): {:?}", flips.len(), kinks.iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, k)| k.2).collect::<Vec<_>>());
@@ -216,7 +215,7 @@ fn golden_losses_by_epoch() {
 /// Every gradient of an epoch-150 step (weights 0.8, 0.1, 0.1) against the oracle's.
 #[test]
 fn golden_train_step_tiny_epoch150() {
-    check_step("tiny", &CpuBackend::new(), "train_step_e150.safetensors", loss_weights(150));
+    check_step("tiny", &Kinks::new(CpuBackend::new()), "train_step_e150.safetensors", loss_weights(150));
 }
 
 #[test]
@@ -256,5 +255,148 @@ fn golden_train_step_on_cuda() {
     for case in ["tiny", "readme"] {
         let Some(dev) = cuda_device_or_skip() else { return };
         check_case(case, GpuBackend::new(dev));
+    }
+}
+
+/// A `TrainBackend` that passes every op to `inner`, except that it lists the ReLU inputs within
+/// 1e-7 max|v| of 0 (ReLUs numbered in forward order) and inverts the chosen ReLU decisions in
+/// `relu_backward` (which the tape calls in reverse forward order).
+struct Kinks<B> {
+    inner: B,
+    st: RefCell<KinkState>,
+}
+
+#[derive(Default)]
+struct KinkState {
+    forward: usize,
+    backward: usize,
+    kinks: Vec<(usize, usize, f32)>,
+    flips: Vec<(usize, usize)>,
+}
+
+impl<B: TrainBackend> Kinks<B> {
+    fn new(inner: B) -> Self {
+        Kinks { inner, st: RefCell::new(KinkState::default()) }
+    }
+
+    fn start(&self, flips: &[(usize, usize)]) {
+        *self.st.borrow_mut() = KinkState { flips: flips.to_vec(), ..KinkState::default() };
+    }
+
+    /// Every ReLU of the forward pass had its backward.
+    fn finish(&self, case: &str) {
+        let st = self.st.borrow();
+        assert_eq!(st.forward, st.backward, "{case}: ReLU forward and backward calls do not pair up");
+    }
+
+    fn kinks(&self) -> Vec<(usize, usize, f32)> {
+        self.st.borrow().kinks.clone()
+    }
+}
+
+impl<B: TrainBackend> Backend for Kinks<B> {
+    type S = B::S;
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn upload(&self, t: &Tensor) -> Result<DevTensor<B::S>> {
+        self.inner.upload(t)
+    }
+    fn download(&self, t: &DevTensor<B::S>) -> Result<Tensor> {
+        self.inner.download(t)
+    }
+    fn upload_param(&self, d: &[f32]) -> Result<B::S> {
+        self.inner.upload_param(d)
+    }
+    fn conv3d(&self, x: &DevTensor<B::S>, w: &B::S, b: Option<&B::S>, s: &ConvSpec) -> Result<DevTensor<B::S>> {
+        self.inner.conv3d(x, w, b, s)
+    }
+    fn channel_affine(&self, x: &DevTensor<B::S>, a: &B::S, b: &B::S, relu: bool) -> Result<DevTensor<B::S>> {
+        self.inner.channel_affine(x, a, b, relu)
+    }
+    fn relu(&self, x: &DevTensor<B::S>) -> Result<DevTensor<B::S>> {
+        let v = self.inner.download(x)?.data;
+        let tau = 1e-7 * v.iter().fold(0.0f32, |m, a| m.max(a.abs()));
+        let mut st = self.st.borrow_mut();
+        let k = st.forward;
+        st.kinks.extend(v.iter().enumerate().filter(|(_, a)| a.abs() < tau && **a != 0.0).map(|(e, a)| (k, e, *a)));
+        st.forward += 1;
+        self.inner.relu(x)
+    }
+    fn add(&self, a: &DevTensor<B::S>, b: &DevTensor<B::S>, relu: bool) -> Result<DevTensor<B::S>> {
+        assert!(!relu, "a fused add + ReLU would escape the kink bookkeeping");
+        self.inner.add(a, b, relu)
+    }
+    fn maxpool2(&self, x: &DevTensor<B::S>) -> Result<DevTensor<B::S>> {
+        self.inner.maxpool2(x)
+    }
+    fn upsample(&self, x: &DevTensor<B::S>, size: [usize; 3]) -> Result<DevTensor<B::S>> {
+        self.inner.upsample(x, size)
+    }
+    fn sigmoid(&self, x: &DevTensor<B::S>) -> Result<DevTensor<B::S>> {
+        self.inner.sigmoid(x)
+    }
+    fn softmax(&self, x: &DevTensor<B::S>) -> Result<DevTensor<B::S>> {
+        self.inner.softmax(x)
+    }
+}
+
+impl<B: TrainBackend> TrainBackend for Kinks<B> {
+    fn download_param(&self, s: &B::S) -> Result<Vec<f32>> {
+        self.inner.download_param(s)
+    }
+    fn duplicate(&self, t: &DevTensor<B::S>) -> Result<DevTensor<B::S>> {
+        self.inner.duplicate(t)
+    }
+    fn accumulate(&self, acc: &mut DevTensor<B::S>, g: &DevTensor<B::S>) -> Result<()> {
+        self.inner.accumulate(acc, g)
+    }
+    fn accumulate_param(&self, acc: &mut B::S, g: &B::S) -> Result<()> {
+        self.inner.accumulate_param(acc, g)
+    }
+    fn mul(&self, a: &DevTensor<B::S>, b: &DevTensor<B::S>) -> Result<DevTensor<B::S>> {
+        self.inner.mul(a, b)
+    }
+    fn conv3d_backward_input(&self, dy: &DevTensor<B::S>, w: &B::S, s: &ConvSpec, d: [usize; 3]) -> Result<DevTensor<B::S>> {
+        self.inner.conv3d_backward_input(dy, w, s, d)
+    }
+    fn conv3d_backward_weight(&self, x: &DevTensor<B::S>, dy: &DevTensor<B::S>, s: &ConvSpec) -> Result<B::S> {
+        self.inner.conv3d_backward_weight(x, dy, s)
+    }
+    fn conv3d_backward_bias(&self, dy: &DevTensor<B::S>) -> Result<B::S> {
+        self.inner.conv3d_backward_bias(dy)
+    }
+    fn batch_norm_train(&self, x: &DevTensor<B::S>, g: &B::S, b: &B::S, eps: f64) -> Result<BnForward<B::S>> {
+        self.inner.batch_norm_train(x, g, b, eps)
+    }
+    fn batch_norm_backward(&self, dy: &DevTensor<B::S>, x: &DevTensor<B::S>, g: &B::S, s: &BnSaved<B::S>) -> Result<BnBackward<B::S>> {
+        self.inner.batch_norm_backward(dy, x, g, s)
+    }
+    fn relu_backward(&self, dy: &DevTensor<B::S>, y: &DevTensor<B::S>) -> Result<DevTensor<B::S>> {
+        let dx = self.inner.relu_backward(dy, y)?;
+        let mut st = self.st.borrow_mut();
+        st.backward += 1;
+        let k = st.forward - st.backward;
+        let flips: Vec<usize> = st.flips.iter().filter(|f| f.0 == k).map(|f| f.1).collect();
+        if flips.is_empty() {
+            return Ok(dx);
+        }
+        let (mut h, g) = (self.inner.download(&dx)?, self.inner.download(dy)?);
+        for e in flips {
+            h.data[e] = if h.data[e] == 0.0 { g.data[e] } else { 0.0 };
+        }
+        self.inner.upload(&h)
+    }
+    fn maxpool2_backward(&self, dy: &DevTensor<B::S>, x: &DevTensor<B::S>) -> Result<DevTensor<B::S>> {
+        self.inner.maxpool2_backward(dy, x)
+    }
+    fn upsample_backward(&self, dy: &DevTensor<B::S>, d: [usize; 3]) -> Result<DevTensor<B::S>> {
+        self.inner.upsample_backward(dy, d)
+    }
+    fn sigmoid_backward(&self, dy: &DevTensor<B::S>, y: &DevTensor<B::S>) -> Result<DevTensor<B::S>> {
+        self.inner.sigmoid_backward(dy, y)
+    }
+    fn softmax_backward(&self, dy: &DevTensor<B::S>, y: &DevTensor<B::S>) -> Result<DevTensor<B::S>> {
+        self.inner.softmax_backward(dy, y)
     }
 }

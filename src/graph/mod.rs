@@ -93,6 +93,12 @@ pub fn conv_spec(cin: usize, cout: usize, k: [usize; 3], stride: usize) -> ConvS
     ConvSpec { cin, cout, k, stride: [stride; 3], pad: k.map(|k| (k - 1) / 2) }
 }
 
+/// The geometry a conv weight of PyTorch shape [cout, cin, k0, k1, k2] has, for changing its
+/// layout (stride and padding do not matter there).
+pub fn layout_spec(torch_shape: &[usize]) -> ConvSpec {
+    conv_spec(torch_shape[1], torch_shape[0], [torch_shape[2], torch_shape[3], torch_shape[4]], 1)
+}
+
 /// Eval-mode batch norm as y = x * scale + shift, in float64.
 pub fn bn_affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f64) -> (Vec<f64>, Vec<f64>) {
     let scale: Vec<f64> = gamma.iter().zip(var).map(|(&g, &v)| g as f64 / (v as f64 + eps).sqrt()).collect();

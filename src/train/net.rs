@@ -1,22 +1,23 @@
-//! The network in training mode on the tape: batch norm on batch statistics (running stats
-//! updated as PyTorch does), dropout in the classifier heads, and the two deep-supervision heads.
+//! The network in training mode on the tape: the training graph (`graph::Graph`, `Mode::Train`)
+//! walked node by node, batch norm on batch statistics (running stats updated as PyTorch does),
+//! dropout in the classifier heads, and the two deep-supervision heads.
 //! `Params` is the host master copy of every tensor (PyTorch layout and names); `train_step` runs
 //! one forward + loss + backward and returns the gradients in PyTorch layout.
 use super::backend::TrainBackend;
 use super::loss::{edge_weight, train_loss, EdgeWeight, LossWeights};
 use super::tape::{Tape, Var};
 use crate::backend::{conv_weight_layout, ConvSpec};
-use crate::config::{Config, Downsample, Head};
+use crate::config::{Config, Head};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
-use crate::weights::{param_specs, ParamKind, ParamSpec, Use, Weights};
+use crate::graph::{bn_affine, layout_spec, param_specs, Graph, Mode, Op, ParamKind, ParamSpec, Use};
+use crate::weights::Weights;
 use std::collections::HashMap;
 
 /// BN momentum of PyTorch's default.
 pub const BN_MOMENTUM: f64 = 0.1;
-/// Dropout probability of the classifier heads, as published.
-pub const DROPOUT: f32 = 0.1;
+pub use crate::graph::DROPOUT;
 
 /// Every tensor of the model on the host, float32, PyTorch layout, in `param_specs` order.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,11 +41,6 @@ pub fn conv_weight_to_torch(spec: &ConvSpec, engine: &[f32]) -> Vec<f32> {
         }
     }
     out
-}
-
-fn spec_of(shape: &[usize], stride: usize) -> ConvSpec {
-    let k = [shape[2], shape[3], shape[4]];
-    ConvSpec { cin: shape[1], cout: shape[0], k, stride: [stride; 3], pad: k.map(|k| (k - 1) / 2) }
 }
 
 impl Params {
@@ -111,7 +107,7 @@ impl Params {
                 if !s.kind.learnable() || s.used == Use::Unused {
                     return Ok(None);
                 }
-                let v = if s.kind == ParamKind::ConvWeight { conv_weight_layout(&spec_of(&s.shape, 1), d) } else { d.clone() };
+                let v = if s.kind == ParamKind::ConvWeight { conv_weight_layout(&layout_spec(&s.shape), d) } else { d.clone() };
                 Ok(Some(b.upload_param(&v)?))
             })
             .collect()
@@ -151,104 +147,6 @@ pub struct Forward<'a, B: TrainBackend> {
     pub bn: Vec<BnStat>,
 }
 
-struct Builder<'a, 'r, B: TrainBackend> {
-    p: &'a Params,
-    tape: Tape<'a, B>,
-    bn: Vec<BnStat>,
-    dropout: Option<(f32, &'r mut Rng)>,
-    /// Eval mode: batch norm on the running statistics, no gradient (validation).
-    eval: bool,
-}
-
-impl<B: TrainBackend> Builder<'_, '_, B> {
-    fn conv(&mut self, name: &str, x: Var, stride: usize) -> Result<Var> {
-        let wi = self.p.idx(&format!("{name}.weight"))?;
-        let bi = self.p.idx(&format!("{name}.bias")).ok();
-        let spec = spec_of(&self.p.specs[wi].shape, stride);
-        self.tape.conv(x, wi, bi, spec)
-    }
-
-    fn bn(&mut self, name: &str, x: Var) -> Result<Var> {
-        if self.eval {
-            let g = |s: &str| self.p.get(&format!("{name}.{s}"));
-            let (gamma, beta, mean, var) = (g("weight")?, g("bias")?, g("running_mean")?, g("running_var")?);
-            let eps = self.p.cfg.bn_eps;
-            let scale: Vec<f64> = gamma.iter().zip(var).map(|(&g, &v)| g as f64 / (v as f64 + eps).sqrt()).collect();
-            let shift: Vec<f32> = beta.iter().zip(mean).zip(&scale).map(|((&b, &m), &s)| (b as f64 - m as f64 * s) as f32).collect();
-            let scale: Vec<f32> = scale.iter().map(|&s| s as f32).collect();
-            let b = self.tape.backend();
-            let y = b.channel_affine(self.tape.value(x), &b.upload_param(&scale)?, &b.upload_param(&shift)?, false)?;
-            return Ok(self.tape.leaf(y));
-        }
-        let (g, b) = (self.p.idx(&format!("{name}.weight"))?, self.p.idx(&format!("{name}.bias"))?);
-        let count = {
-            let s = self.tape.value(x).shape;
-            s.n * s.voxels()
-        };
-        let (y, mean, var) = self.tape.batch_norm(x, g, b, self.p.cfg.bn_eps)?;
-        self.bn.push(BnStat { name: name.to_string(), mean, var, count });
-        Ok(y)
-    }
-
-    fn conv_bn(&mut self, name: &str, x: Var, stride: usize, relu: bool) -> Result<Var> {
-        let y = self.conv(&format!("{name}.0"), x, stride)?;
-        let y = self.bn(&format!("{name}.1"), y)?;
-        if relu {
-            self.tape.relu(y)
-        } else {
-            Ok(y)
-        }
-    }
-
-    fn bottleneck(&mut self, name: &str, x: Var, stride: usize, project: bool) -> Result<Var> {
-        let h = self.conv_bn(&format!("{name}.reduce"), x, 1, true)?;
-        let h = self.conv_bn(&format!("{name}.conv3"), h, stride, true)?;
-        let h = self.conv_bn(&format!("{name}.increase"), h, 1, false)?;
-        let s = if project { self.conv_bn(&format!("{name}.proj"), x, stride, false)? } else { x };
-        let y = self.tape.add(h, s)?;
-        self.tape.relu(y)
-    }
-
-    fn gcn(&mut self, name: &str, x: Var) -> Result<Var> {
-        let mut l = self.conv(&format!("{name}.conv_l1"), x, 1)?;
-        l = self.conv(&format!("{name}.conv_l2"), l, 1)?;
-        l = self.conv(&format!("{name}.conv_l3"), l, 1)?;
-        let mut r = self.conv(&format!("{name}.conv_r1"), x, 1)?;
-        r = self.conv(&format!("{name}.conv_r2"), r, 1)?;
-        r = self.conv(&format!("{name}.conv_r3"), r, 1)?;
-        self.tape.add(l, r)
-    }
-
-    fn decode(&mut self, name: &str, low: Var, skip: Var) -> Result<Var> {
-        let size = self.tape.value(skip).shape.d;
-        let up = self.tape.upsample(low, size)?;
-        let x = self.tape.add(up, skip)?;
-        let x = self.conv(&format!("{name}.conv1"), x, 1)?;
-        let h = self.conv(&format!("{name}.conv2"), x, 1)?;
-        let h = self.tape.relu(h)?;
-        let h = self.conv(&format!("{name}.conv3"), h, 1)?;
-        self.tape.add(x, h)
-    }
-
-    fn classifier(&mut self, name: &str, x: Var) -> Result<Var> {
-        let h = self.conv(&format!("{name}.0"), x, 1)?;
-        let h = self.bn(&format!("{name}.1"), h)?;
-        let mut h = self.tape.relu(h)?;
-        if let Some((p, rng)) = self.dropout.as_mut() {
-            if *p > 0.0 {
-                let shape = self.tape.value(h).shape;
-                let keep = 1.0 / (1.0 - *p);
-                let mask: Vec<f32> = (0..shape.len()).map(|_| if rng.uniform() < *p as f64 { 0.0 } else { keep }).collect();
-                let b = self.tape.backend();
-                let mask = b.upload(&Tensor::new(shape, mask)?)?;
-                h = self.tape.mul_mask(h, mask)?;
-            }
-        }
-        let h = self.conv(&format!("{name}.4"), h, 1)?;
-        self.tape.softmax(h)
-    }
-}
-
 /// The training-mode forward pass of `x` (raw input values, N x D x 1). `dev` is `p.upload(b)`.
 /// `dropout`: probability and generator of the classifier heads' masks (None: dropout off).
 pub fn forward_train<'a, B: TrainBackend>(
@@ -258,62 +156,93 @@ pub fn forward_train<'a, B: TrainBackend>(
     x: &Tensor,
     dropout: Option<(f32, &mut Rng)>,
 ) -> Result<Forward<'a, B>> {
-    graph(b, p, dev, x, dropout, false)
+    walk(b, p, dev, x, dropout, Mode::Train)
 }
 
 /// The eval-mode head output (batch norm on the running statistics, no dropout, no aux heads),
 /// as `model::Network` computes it, on any `TrainBackend` (validation during training).
 pub fn forward_eval<B: TrainBackend>(b: &B, p: &Params, x: &Tensor) -> Result<Tensor> {
     let dev = p.upload(b)?;
-    let f = graph(b, p, &dev, x, None, true)?;
+    let f = walk(b, p, &dev, x, None, Mode::Eval)?;
     b.download(f.tape.value(f.out))
 }
 
-fn graph<'a, B: TrainBackend>(
+/// Eval-mode batch norm of node `name` on the running statistics (no gradient).
+fn bn_eval<B: TrainBackend>(tape: &mut Tape<'_, B>, p: &Params, name: &str, x: Var) -> Result<Var> {
+    let g = |s: &str| p.get(&format!("{name}.{s}"));
+    let (scale, shift) = bn_affine(g("weight")?, g("bias")?, g("running_mean")?, g("running_var")?, p.cfg.bn_eps);
+    let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    let b = tape.backend();
+    let y = b.channel_affine(tape.value(x), &b.upload_param(&f32s(scale))?, &b.upload_param(&f32s(shift))?, false)?;
+    Ok(tape.leaf(y))
+}
+
+/// The graph of `mode` on the tape, node by node: batch norm on batch statistics in train mode.
+fn walk<'a, B: TrainBackend>(
     b: &'a B,
     p: &'a Params,
     dev: &'a [Option<B::S>],
     x: &Tensor,
-    dropout: Option<(f32, &mut Rng)>,
-    eval: bool,
+    mut dropout: Option<(f32, &mut Rng)>,
+    mode: Mode,
 ) -> Result<Forward<'a, B>> {
     let cfg = &p.cfg;
     if x.shape.c != 1 {
         return Err(Error::Shape(format!("the network takes 1-channel volumes, got {} channels", x.shape.c)));
     }
     cfg.check_input_size(x.shape.d)?;
-    let (off, sc) = (cfg.input_offset, cfg.input_scale);
-    let xs = Tensor::new(x.shape, x.data.iter().map(|&v| ((v as f64 - off) / sc) as f32).collect())?;
-    let mut g = Builder { p, tape: Tape::new(b, dev), bn: Vec::new(), dropout, eval };
-    let x = g.tape.leaf(b.upload(&xs)?);
-    let h = g.conv_bn("conv1.conv1", x, 1, true)?;
-    let mut fm = vec![g.conv_bn("conv1.conv2", h, 1, true)?];
-    let stride = if cfg.downsample == Downsample::Stride { 2 } else { 1 };
-    for i in 0..4 {
-        let mut cur = if cfg.downsample == Downsample::Maxpool { g.tape.maxpool2(fm[i])? } else { fm[i] };
-        for j in 0..cfg.blocks[i] {
-            cur = g.bottleneck(&format!("layer{}.blocks.{j}", i + 1), cur, if j == 0 { stride } else { 1 }, j == 0)?;
-        }
-        fm.push(cur);
+    let g = Graph::new(cfg, mode, x.shape.d);
+    let mut tape = Tape::new(b, dev);
+    let mut bn = Vec::new();
+    let mut v: Vec<Var> = Vec::with_capacity(g.nodes.len());
+    for n in &g.nodes {
+        let a = |k: usize| v[n.inputs[k]];
+        let y = match n.op {
+            Op::Input => tape.leaf(b.upload(x)?),
+            // in float64: x * scale + shift cancels (RI ~1.337, offset 1.337, scale 1 / 0.03), and
+            // the max-pools route gradients by which voxel is largest
+            Op::Scale { scale, shift } => {
+                let mut t = b.download(tape.value(a(0)))?;
+                t.data.iter_mut().for_each(|v| *v = (*v as f64 * scale + shift) as f32);
+                tape.leaf(b.upload(&t)?)
+            }
+            Op::Conv { spec, bias } => {
+                let bi = if bias { Some(p.idx(&format!("{}.bias", n.name))?) } else { None };
+                tape.conv(a(0), p.idx(&format!("{}.weight", n.name))?, bi, spec)?
+            }
+            Op::BatchNorm if mode == Mode::Eval => bn_eval(&mut tape, p, &n.name, a(0))?,
+            Op::BatchNorm => {
+                let (gi, bi) = (p.idx(&format!("{}.weight", n.name))?, p.idx(&format!("{}.bias", n.name))?);
+                let count = {
+                    let s = tape.value(a(0)).shape;
+                    s.n * s.voxels()
+                };
+                let (y, mean, var) = tape.batch_norm(a(0), gi, bi, cfg.bn_eps)?;
+                bn.push(BnStat { name: n.name.clone(), mean, var, count });
+                y
+            }
+            Op::Relu => tape.relu(a(0))?,
+            Op::Add => tape.add(a(0), a(1))?,
+            Op::MaxPool => tape.maxpool2(a(0))?,
+            Op::Upsample => tape.upsample(a(0), n.shape.d)?,
+            Op::Sigmoid => tape.sigmoid(a(0))?,
+            Op::Softmax => tape.softmax(a(0))?,
+            Op::Dropout { .. } => match dropout.as_mut() {
+                Some((p, rng)) if *p > 0.0 => {
+                    let shape = tape.value(a(0)).shape;
+                    let keep = 1.0 / (1.0 - *p);
+                    let mask: Vec<f32> = (0..shape.len()).map(|_| if rng.uniform() < *p as f64 { 0.0 } else { keep }).collect();
+                    let mask = b.upload(&Tensor::new(shape, mask)?)?;
+                    tape.mul_mask(a(0), mask)?
+                }
+                _ => a(0),
+            },
+        };
+        v.push(y);
     }
-    let mut gc = vec![g.conv("gcn1", fm[0], 1)?];
-    for i in 0..4 {
-        gc.push(g.gcn(&format!("gcn{}", i + 2), fm[i + 1])?);
-    }
-    let fs4 = g.decode("ConBR4", gc[4], gc[3])?;
-    let fs3 = g.decode("ConBR3", fs4, gc[2])?;
-    let fs2 = g.decode("ConBR2", fs3, gc[1])?;
-    let fs1 = g.decode("ConBR1", fs2, gc[0])?;
-    let mut out = g.conv("final.0", fs1, 1)?;
-    if cfg.head == Head::Sigmoid {
-        out = g.tape.sigmoid(out)?;
-    }
-    if eval {
-        return Ok(Forward { tape: g.tape, out, c3: out, c4: out, bn: g.bn });
-    }
-    let c3 = g.classifier("classifier3", fs3)?;
-    let c4 = g.classifier("classifier4", fs4)?;
-    Ok(Forward { tape: g.tape, out, c3, c4, bn: g.bn })
+    let out = v[g.outputs[0]];
+    let (c3, c4) = if mode == Mode::Train { (v[g.outputs[1]], v[g.outputs[2]]) } else { (out, out) };
+    Ok(Forward { tape, out, c3, c4, bn })
 }
 
 /// What one training step computed.
@@ -370,7 +299,7 @@ pub fn finish_step<B: TrainBackend>(b: &B, p: &Params, f: Forward<'_, B>, target
             None => None,
             Some(g) => {
                 let g = b.download_param(&g)?;
-                Some(if s.kind == ParamKind::ConvWeight { conv_weight_to_torch(&spec_of(&s.shape, 1), &g) } else { g })
+                Some(if s.kind == ParamKind::ConvWeight { conv_weight_to_torch(&layout_spec(&s.shape), &g) } else { g })
             }
         });
     }

@@ -32,15 +32,11 @@ pub struct Tape<'a, B: TrainBackend> {
     ops: Vec<Op<B::S>>,
     /// Whether a gradient must flow into the value (false for inputs and what only depends on them).
     needs: Vec<bool>,
-    /// ReLU decisions to invert in `backward`: (output value, element). Parity tests use it where
-    /// a pre-activation lies within float32 rounding of 0, so that float32 and float64 may
-    /// legitimately take different sides of the kink.
-    pub relu_flips: Vec<(Var, usize)>,
 }
 
 impl<'a, B: TrainBackend> Tape<'a, B> {
     pub fn new(b: &'a B, params: &'a [Option<B::S>]) -> Self {
-        Tape { b, params, vals: Vec::new(), ops: Vec::new(), needs: Vec::new(), relu_flips: Vec::new() }
+        Tape { b, params, vals: Vec::new(), ops: Vec::new(), needs: Vec::new() }
     }
 
     pub fn backend(&self) -> &'a B {
@@ -57,11 +53,6 @@ impl<'a, B: TrainBackend> Tape<'a, B> {
 
     pub fn is_empty(&self) -> bool {
         self.vals.is_empty()
-    }
-
-    /// Every ReLU on the tape as (input, output).
-    pub fn relus(&self) -> Vec<(Var, Var)> {
-        self.ops.iter().enumerate().filter_map(|(i, op)| if let Op::Relu { x } = op { Some((Var(*x), Var(i))) } else { None }).collect()
     }
 
     fn push(&mut self, y: DevTensor<B::S>, op: Op<B::S>, needs: bool) -> Var {
@@ -194,15 +185,7 @@ impl<'a, B: TrainBackend> Tape<'a, B> {
                 }
                 Op::Relu { x } => {
                     if self.needs[*x] {
-                        let mut dx = b.relu_backward(&g, &self.vals[i])?;
-                        let flips: Vec<usize> = self.relu_flips.iter().filter(|f| f.0 .0 == i).map(|f| f.1).collect();
-                        if !flips.is_empty() {
-                            let (mut h, gh) = (b.download(&dx)?, b.download(&g)?);
-                            for e in flips {
-                                h.data[e] = if h.data[e] == 0.0 { gh.data[e] } else { 0.0 };
-                            }
-                            dx = b.upload(&h)?;
-                        }
+                        let dx = b.relu_backward(&g, &self.vals[i])?;
                         acc(&mut grads, *x, dx)?;
                     }
                 }
