@@ -12,8 +12,6 @@ use crate::config::{Config, Head};
 use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::gpu::cuda::{cuda_available, CudaDevice};
-use crate::gpu::emu::EmuDevice;
-use crate::gpu::ops::GpuBackend;
 use crate::gpu::nvrtc::cache::CubinCache;
 use crate::gpu::{nvrtc, Device};
 use crate::io;
@@ -210,7 +208,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Import(a) => crate::import::import_cmd(&a),
         Command::Synth(a) => crate::synth::run_cli(&a),
         Command::Segment(a) => segment(&a),
-        Command::Analyze(a) => crate::analysis::run_cli(&a),
+        Command::Analyze(a) => {
+            let rows = crate::analysis::run_cli(&a)?;
+            if let Some(p) = &a.plot {
+                crate::plot::plot_metrics(p, &rows)?;
+                eprintln!("wrote {}", p.display());
+            }
+            Ok(())
+        }
         Command::Demo(a) => crate::demo::run(&a).map(|_| ()),
     }
 }

@@ -574,8 +574,10 @@ fn check_outputs(a: &AnalyzeArgs) -> Result<()> {
     Ok(())
 }
 
-/// `deepis analyze`: the CSV, the table on stdout, the plot if asked.
-pub fn run_cli(a: &AnalyzeArgs) -> Result<()> {
+/// `deepis analyze`: the CSV and the table on stdout; returns the rows of a single file (the CLI
+/// plots them if asked, so that `plot`, which draws `FrameMetrics`, is not a dependency of
+/// `analysis`).
+pub fn run_cli(a: &AnalyzeArgs) -> Result<Vec<FrameMetrics>> {
     check_outputs(a)?;
     let t0 = std::time::Instant::now();
     if a.labels.is_dir() {
@@ -591,16 +593,13 @@ pub fn run_cli(a: &AnalyzeArgs) -> Result<()> {
         let text = to_csv_files(&rows);
         crate::io::write_atomic(&a.output, |w| std::io::Write::write_all(w, text.as_bytes()))?;
         eprintln!("{} frame(s) of {} analysed in {:.2} s; wrote {}", rows.len(), a.labels.display(), t0.elapsed().as_secs_f64(), a.output.display());
-        return Ok(());
+        // a folder is never plotted (refused above)
+        return Ok(Vec::new());
     }
     let opt = options_for(a, &a.labels, a.ri.as_deref())?;
     let rows = analyze_files(&a.labels, a.ri.as_deref(), &opt)?;
     write_csv(&a.output, &rows)?;
     print!("{}", format_table(&rows));
     eprintln!("{} frame(s) analysed in {:.2} s; wrote {}", rows.len(), t0.elapsed().as_secs_f64(), a.output.display());
-    if let Some(p) = &a.plot {
-        crate::plot::plot_metrics(p, &rows)?;
-        eprintln!("wrote {}", p.display());
-    }
-    Ok(())
+    Ok(rows)
 }

@@ -30,13 +30,11 @@ pub enum ConvPath {
 impl ConvPath {
     /// The fastest path this machine supports.
     pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                return ConvPath::Avx2Fma;
-            }
+        if super::simd::avx2_fma() {
+            ConvPath::Avx2Fma
+        } else {
+            ConvPath::Portable
         }
-        ConvPath::Portable
     }
 }
 

@@ -3,6 +3,7 @@
 //!
 //! Storage is a plain `Vec<f32>`; activations are channels-last (N, D0, D1, D2, C).
 //! Every op checks its shapes and parameter lengths and returns `Error::Shape`, never panics.
+pub mod simd;
 pub mod conv;
 pub mod ops;
 

@@ -45,13 +45,9 @@ impl Isa {
 
     pub fn available(self) -> bool {
         match self {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => std::is_x86_feature_detected!("avx512f"),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+            Isa::Avx512 => crate::cpu::simd::avx512f(),
+            Isa::Avx2Fma => crate::cpu::simd::avx2_fma(),
             Isa::Portable => true,
-            #[allow(unreachable_patterns)]
-            _ => false,
         }
     }
 

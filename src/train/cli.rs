@@ -6,36 +6,27 @@ use super::loss::loss_weights;
 use super::run::{train, Start, TrainOptions, LR};
 use crate::config::Config;
 use crate::cpu::CpuBackend;
+use crate::engine::{choose, BackendKind, Chosen};
 use crate::error::{Error, Result};
 use crate::io::read_volume;
 use crate::weights::{metadata, Weights};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
-
-/// Where training runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TrainBackendKind {
-    /// The CPU (all cores), the reference backward ops
-    Cpu,
-    /// The CUDA backward kernels emulated on the CPU (slow; for checking the GPU code)
-    Emu,
-    /// The first NVIDIA GPU
-    Cuda,
-}
 
 /// Work that needs a concrete `TrainBackend`.
 trait TrainJob {
     fn run<B: TrainBackend>(self, b: &B) -> Result<()>;
 }
 
-/// Runs `job` on the backend `kind` names (the GPU backends' backward ops: src/gpu/train_ops.rs).
-fn with_train_backend<J: TrainJob>(kind: TrainBackendKind, job: J) -> Result<()> {
-    use crate::gpu::{cuda::CudaDevice, emu::EmuDevice, ops::GpuBackend};
-    match kind {
-        TrainBackendKind::Cpu => job.run(&CpuBackend::new()),
-        TrainBackendKind::Emu => job.run(&GpuBackend::new(EmuDevice::new())),
-        TrainBackendKind::Cuda => job.run(&GpuBackend::new(CudaDevice::new(0)?)),
+/// Runs `job` on the backend `kind` names, chosen as `predict` chooses (auto: the GPU when one
+/// opens); the CPU kinds train on the CPU reference ops (the GPU backward: src/gpu/train_ops.rs).
+fn with_train_backend<J: TrainJob>(kind: BackendKind, job: J) -> Result<()> {
+    use crate::gpu::{emu::EmuDevice, ops::GpuBackend};
+    match choose(kind)? {
+        Chosen::Plan | Chosen::CpuRef => job.run(&CpuBackend::new()),
+        Chosen::Emu => job.run(&GpuBackend::new(EmuDevice::new())),
+        Chosen::Cuda(dev) => job.run(&GpuBackend::new(dev)),
     }
 }
 
@@ -80,8 +71,8 @@ pub struct TrainStepArgs {
     /// Epoch (0-based) whose loss weights to use
     #[arg(long, default_value_t = 0)]
     pub epoch: usize,
-    #[arg(long, value_enum, default_value_t = TrainBackendKind::Cpu)]
-    pub backend: TrainBackendKind,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
 }
 
 pub fn train_step_cmd(a: &TrainStepArgs) -> Result<()> {
@@ -214,8 +205,9 @@ pub struct TrainArgs {
     /// With --init: a new Adam from epoch 0, not the run the weights record
     #[arg(long, requires = "init")]
     pub fresh_optimizer: bool,
-    #[arg(long, value_enum, default_value_t = TrainBackendKind::Cpu)]
-    pub backend: TrainBackendKind,
+    /// Where training runs (as for predict; auto: the GPU when one is found)
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
 }
 
 pub fn train_cmd(a: &TrainArgs) -> Result<()> {

@@ -188,16 +188,6 @@ unsafe fn wgrad_line_avx2(x: &[f32], dy: &[f32], w: &mut [f32], g: WLine) {
     wgrad_line::<true>(x, dy, w, g)
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// Deterministic weight gradient of a convolution, engine layout.
 pub fn conv3d_wgrad(x: &[f32], xs: Shape, dy: &[f32], spec: &ConvSpec) -> Vec<f32> {
@@ -210,7 +200,7 @@ pub fn conv3d_wgrad(x: &[f32], xs: Shape, dy: &[f32], spec: &ConvSpec) -> Vec<f3
     let chunks = n_chunks(lines, wlen);
     let per = lines.div_ceil(chunks).max(1);
     let wrow = k2n * cin * cout;
-    let avx = has_avx2();
+    let avx = crate::cpu::simd::avx2_fma();
     let line = WLine { n_out: od[2], s: spec.stride[2], k: k2n, cin, cout };
     let parts: Vec<Vec<f32>> = (0..lines.div_ceil(per))
         .into_par_iter()
