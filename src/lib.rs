@@ -1,6 +1,7 @@
 //! deepis: a GPU compute engine for the DeepIS 3D segmenter of refractive-index tomograms.
 pub mod analysis;
 pub mod backend;
+pub mod backward;
 pub mod batch;
 pub mod cli;
 pub mod config;

@@ -100,3 +100,31 @@ fn the_parameter_list_is_the_state_dict() {
     let convs = specs.iter().filter(|s| s.kind == ParamKind::ConvWeight).count();
     assert_eq!(convs, 2 + 4 * 7 + 1 + 4 * 6 + 5 * 3 + 1 + 2 * 2);
 }
+
+#[test]
+fn each_pass_alone_keeps_the_output_and_changes_the_plan() {
+    let cfg = tiny_config();
+    let d = [9, 12, 7];
+    let w = Weights::random(&cfg, 11);
+    let mut rng = Rng::new(5);
+    let x = Tensor::new(Shape::new(1, d, 1), (0..d.iter().product::<usize>()).map(|_| rng.normal() as f32).collect()).unwrap();
+    let reference = Network::new(CpuBackend::new(), &w).unwrap().forward(&x).unwrap();
+    let none = Plan::new(&w, d, PlanOptions::unfused()).unwrap();
+    let u = PlanOptions::unfused();
+    // merge_1x1 merges what move_conv1_low moved (and gcn1 with it), so it is shown on top of that
+    let mv = PlanOptions { move_conv1_low: true, ..u };
+    for (label, opt, base) in [
+        ("fold_bn", PlanOptions { fold_bn: true, ..u }, &u),
+        ("fuse_epilogue", PlanOptions { fuse_epilogue: true, ..u }, &u),
+        ("move_conv1_low", mv, &u),
+        ("merge_1x1 (+move)", PlanOptions { merge_1x1: true, ..mv }, &mv),
+        ("fuse_gcn_planes", PlanOptions { fuse_gcn_planes: true, ..u }, &u),
+    ] {
+        let plan = Plan::new(&w, d, opt).unwrap();
+        let before = Plan::new(&w, d, *base).unwrap();
+        let e = rel_err(&plan.run(&x).unwrap().data, &reference.data, 1.0);
+        println!("{label:<20} rel err {e:.3e}; {} steps / {} convs (without it: {} / {})", plan.steps().len(), plan.summary(), before.steps().len(), none.steps().len());
+        assert!(e <= 1e-4, "{label}: rel err {e:.3e}");
+        assert_ne!(plan.summary(), before.summary(), "{label} changed nothing");
+    }
+}

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::gpu::ops::GpuBackend;
 use crate::gpu::{kernels as k, Device, KArg, LaunchCfg};
 use crate::tensor::Shape;
-use crate::train::backend::{BnSaved, TrainBackend};
+use crate::backward::{BnSaved, TrainBackend};
 
 /// Threads per block of the one-thread-per-element kernels.
 const BLOCK: u32 = 256;

@@ -8,7 +8,9 @@
 //! - `net`: the network in training mode on the tape; `train_step`.
 //! - `adam`: torch.optim.Adam with the published betas.
 pub mod adam;
-pub mod backend;
+/// The backward-op trait lives below `train` (`crate::backward`) so that the GPU backends that
+/// implement it do not depend on the trainer.
+pub use crate::backward as backend;
 pub mod cli;
 pub mod cpu;
 pub mod data;
