@@ -338,8 +338,9 @@ impl Weighted {
     }
 
     /// Residual add, then ReLU or sigmoid, in the epilogue of the conv that makes their input.
-    /// The add goes into its later operand's conv (the earlier one is then ready when it runs);
-    /// an up-sampled operand is left to the add (the plan fuses up-sample + add).
+    /// The add goes into a unit-stride operand's conv (the later one of two: the earlier is then
+    /// ready when it runs), not a stride-2 projection's; an up-sampled operand is left to the add
+    /// (the plan fuses up-sample + add).
     pub fn fuse_epilogue(&mut self) {
         for i in 0..self.nodes.len() {
             if self.dead(i) {
@@ -352,7 +353,9 @@ impl Weighted {
                     if ins.iter().any(|&j| matches!(self.nodes[j].op, WOp::Upsample)) || ins[0] == ins[1] {
                         continue;
                     }
-                    let Some(k) = [1, 0].into_iter().find(|&k| self.bare_conv(ins[k], &readers)) else { continue };
+                    let unit = |k: usize| self.lin(ins[k]).is_some_and(|l| l.spec.stride == [1, 1, 1]);
+                    let cands: Vec<usize> = [1, 0].into_iter().filter(|&k| self.bare_conv(ins[k], &readers)).collect();
+                    let Some(k) = cands.iter().copied().find(|&k| unit(k)).or(cands.first().copied()) else { continue };
                     let (c, other) = (ins[k], ins[1 - k]);
                     self.nodes[c].inputs.push(other);
                     self.replace(i, c);
