@@ -7,6 +7,9 @@
 //! loops, and each loop is fanned into triangles.
 use std::sync::OnceLock;
 
+/// Three corners in um.
+pub type Triangle = [[f64; 3]; 3];
+
 /// Corner c sits at (c & 1, (c >> 1) & 1, (c >> 2) & 1) along axes (0, 1, 2).
 const fn corner(c: usize) -> [usize; 3] {
     [c & 1, (c >> 1) & 1, (c >> 2) & 1]
@@ -73,7 +76,7 @@ fn loops_of(case: usize) -> Vec<Vec<u8>> {
     loops
 }
 
-/// Calls `tri` with every triangle (corners in um) of the `level` iso-surface of `field`
+/// Calls `tri` with every triangle (corners in um, ordered so the right-hand normal points outward) of the `level` iso-surface of `field`
 /// (dims `dims`, C order, value at voxel centre i at position i * spacing). "Inside" is
 /// `value > level`; values outside the array count as below the level, so the surface closes.
 pub fn for_each_triangle(field: &[f32], dims: [usize; 3], spacing: [f64; 3], level: f32, mut tri: impl FnMut([[f64; 3]; 3])) {
@@ -118,8 +121,19 @@ pub fn for_each_triangle(field: &[f32], dims: [usize; 3], spacing: [f64; 3], lev
                             p * spacing[d]
                         });
                     }
+                    // Outward = from the inside corner to the outside one along each crossed edge.
+                    let mut out = [0f64; 3];
+                    for &e in lp {
+                        let (a, b) = EDGES[e as usize];
+                        let (ins, outs) = if case >> a & 1 == 1 { (a, b) } else { (b, a) };
+                        for d in 0..3 {
+                            out[d] += (corner(outs)[d] as f64 - corner(ins)[d] as f64) * spacing[d];
+                        }
+                    }
                     for m in 1..lp.len() - 1 {
-                        tri([pts[lp[0] as usize], pts[lp[m] as usize], pts[lp[m + 1] as usize]]);
+                        let t = [pts[lp[0] as usize], pts[lp[m] as usize], pts[lp[m + 1] as usize]];
+                        let n = normal(&t);
+                        tri(if n[0] * out[0] + n[1] * out[1] + n[2] * out[2] >= 0.0 { t } else { [t[0], t[2], t[1]] });
                     }
                 }
             }
@@ -127,11 +141,35 @@ pub fn for_each_triangle(field: &[f32], dims: [usize; 3], spacing: [f64; 3], lev
     }
 }
 
-pub fn triangle_area(t: &[[f64; 3]; 3]) -> f64 {
+/// (t1 - t0) x (t2 - t0): twice the area, along the right-hand normal.
+fn normal(t: &[[f64; 3]; 3]) -> [f64; 3] {
     let u: [f64; 3] = std::array::from_fn(|d| t[1][d] - t[0][d]);
     let v: [f64; 3] = std::array::from_fn(|d| t[2][d] - t[0][d]);
-    let c = [u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]];
+    [u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]]
+}
+
+pub fn triangle_area(t: &[[f64; 3]; 3]) -> f64 {
+    let c = normal(t);
     0.5 * (c[0] * c[0] + c[1] * c[1] + c[2] * c[2]).sqrt()
+}
+
+/// Signed volume of the tetrahedron (origin, t0, t1, t2): summed over an outward-oriented closed
+/// surface it is the enclosed volume (divergence theorem), whatever the origin.
+pub fn triangle_volume(t: &[[f64; 3]; 3]) -> f64 {
+    let [a, b, c] = t;
+    (a[0] * (b[1] * c[2] - b[2] * c[1]) - a[1] * (b[0] * c[2] - b[2] * c[0]) + a[2] * (b[0] * c[1] - b[1] * c[0])) / 6.0
+}
+
+/// Area and enclosed volume of the `level` iso-surface of `field` (units of `spacing`): for a
+/// continuous field (a signed distance at 0, a probability at 1/2) the linear interpolation along
+/// each edge puts the vertices between voxels, on the surface.
+pub fn surface_area_volume(field: &[f32], dims: [usize; 3], spacing: [f64; 3], level: f32) -> (f64, f64) {
+    let (mut a, mut v) = (0.0, 0.0);
+    for_each_triangle(field, dims, spacing, level, |t| {
+        a += triangle_area(&t);
+        v += triangle_volume(&t);
+    });
+    (a, v)
 }
 
 /// `triangle_area` taking the triangle by value, for [`crate::analysis::mask_surface`].
@@ -159,6 +197,13 @@ mod tests {
             assert_eq!(edges, crossed, "case {case}");
             assert!(l.iter().all(|lp| lp.len() >= 3), "case {case}");
         }
+    }
+
+    #[test]
+    fn orientation_gives_the_enclosed_volume() {
+        // One voxel: the octahedron through the edge midpoints encloses 4/3 * (1/2)^3.
+        let (_, v) = surface_area_volume(&[1.0f32], [1, 1, 1], [1.0; 3], 0.5);
+        assert!((v - 4.0 / 3.0 * 0.125).abs() < 1e-12, "{v}");
     }
 
     #[test]

@@ -4,12 +4,13 @@
 //!
 //! Conventions: array axes (D0, D1, D2) with voxel sizes in um; voxel (i, j, k) has its centre at
 //! (i d0, j d1, k d2). Surfaces are marching-cubes iso-surfaces at level 1/2 of the mask after a
-//! [1 2 1]/4 smoothing along each axis (see [`SURFACE_SMOOTHING`]): on a raw 0/1 mask every vertex
-//! sits on an edge midpoint and the staircase inflates areas by 5-10 %; the smoothing moves vertices
-//! onto the boundary and keeps a flat boundary where it is.
+//! [1 2 1]/4 smoothing along each axis: on a raw 0/1 mask every vertex sits on an edge midpoint and
+//! the staircase inflates areas by 5-10 %; the smoothing moves vertices onto the boundary and keeps
+//! a flat boundary where it is; the smoothed surface is then volume-matched ([`surface_area`]).
 pub mod components;
 pub mod edt;
 pub mod marching_cubes;
+pub mod surface_area;
 
 use crate::error::{Error, Result};
 use crate::io::{read_volume, Volume};
@@ -18,8 +19,6 @@ use std::path::Path;
 
 /// Medium (culture medium) refractive index.
 pub const MEDIUM_RI: f64 = 1.337;
-/// Whether masks are smoothed before marching cubes (see the module docs).
-pub const SURFACE_SMOOTHING: bool = true;
 
 pub const EFFECTOR: u8 = 1;
 pub const TARGET: u8 = 2;
@@ -267,8 +266,9 @@ fn trilinear(f: &[f64], dims: [usize; 3], c: [f64; 3]) -> f64 {
 
 /// Sum over the triangles of the mask's surface of `per_triangle(triangle)` (corners in um, in the
 /// frame of the whole volume). Works on the mask's bounding box, padded so the surface closes.
+/// The surface is the smoothed one, volume-matched (see [`surface_area`]).
 pub fn mask_surface(mask: &[bool], dims: [usize; 3], spacing: [f64; 3], per_triangle: impl FnMut([[f64; 3]; 3]) -> f64) -> f64 {
-    mask_surface_with(mask, dims, spacing, SURFACE_SMOOTHING, per_triangle)
+    surface_area::volume_matched_surface(mask, dims, spacing, per_triangle)
 }
 
 /// [`mask_surface`] with the smoothing chosen by the caller (`false`: marching cubes on the raw mask).

@@ -1,0 +1,42 @@
+//! Surface areas of binary masks that stay unbiased on coarse anisotropic voxels.
+//!
+//! Marching cubes on the raw 0/1 mask puts every vertex on an edge midpoint and the staircase
+//! inflates the area; smoothing the mask first (see [`super::mask_surface_with`]) removes the
+//! staircase but moves the 1/2 level inward where the surface curves (by about sigma^2 / R for a
+//! ball: -2.4% of the area of a 3 um ball at 0.4 x 0.4 x 0.8 um, where the smoothing along the
+//! 0.8 um axis is twice as wide). The voxel count, by contrast, is an unbiased volume. So the
+//! smoothed surface is dilated about its own centroid until it encloses the voxel-count volume:
+//! the area scales by (V_mask / V_mesh)^(2/3), which undoes a uniform shrinkage exactly. A side
+//! effect is that sphericity computed from (V_mask, area) is the sphericity of a closed
+//! polyhedron, at most 1 by the isoperimetric inequality.
+use super::marching_cubes::{triangle_volume, Triangle};
+
+/// Sum of `per_triangle` over the triangles of the smoothed surface of `mask`, dilated about
+/// its centroid to enclose the mask's voxel-count volume (corners in um, whole-volume frame).
+pub fn volume_matched_surface(
+    mask: &[bool],
+    dims: [usize; 3],
+    spacing: [f64; 3],
+    mut per_triangle: impl FnMut(Triangle) -> f64,
+) -> f64 {
+    let mut tris: Vec<Triangle> = Vec::new();
+    super::mask_surface_with(mask, dims, spacing, true, |t| {
+        tris.push(t);
+        0.0
+    });
+    let v_mesh: f64 = tris.iter().map(triangle_volume).sum();
+    if tris.is_empty() || v_mesh <= 0.0 {
+        return 0.0;
+    }
+    let v_mask = mask.iter().filter(|&&b| b).count() as f64 * spacing.iter().product::<f64>();
+    // Volume centroid: each tetrahedron (origin, t) weighted by its signed volume.
+    let mut c = [0f64; 3];
+    for t in &tris {
+        let w = triangle_volume(t) / 4.0 / v_mesh;
+        for k in 0..3 {
+            c[k] += w * (t[0][k] + t[1][k] + t[2][k]);
+        }
+    }
+    let s = (v_mask / v_mesh).cbrt();
+    tris.iter().map(|t| per_triangle(t.map(|p| std::array::from_fn(|k| c[k] + s * (p[k] - c[k]))))).sum()
+}
