@@ -1,9 +1,9 @@
 //! The `train-step` and `train` subcommands (wired into `crate::cli`).
-use super::data::{load_samples, read_target};
+use super::data::{load_training_data, read_target};
 use super::net::{train_step, Params};
 use super::backend::TrainBackend;
 use super::loss::loss_weights;
-use super::run::{train, Start, TrainOptions, LR};
+use super::run::{check_run_dir, recorded_options, train, RunMode, Start, TrainOptions};
 use crate::config::Config;
 use crate::cpu::CpuBackend;
 use crate::engine::{choose, BackendKind, Chosen};
@@ -154,8 +154,11 @@ RUN_DIR (-o) receives, after every epoch (written atomically):
   best.safetensors   the model with the lowest validation loss so far
   log.csv            epoch,steps,train_loss,train_main,train_aux,val_loss,val_dice,seconds
                      (val_dice: mean Dice of the effector and target masks)
---resume continues from RUN_DIR/last.safetensors, bit-for-bit as if never interrupted
-(the options of the first run are kept, except --epochs).
+RUN_DIR must be missing or empty for a new run: --resume continues from RUN_DIR/last.safetensors,
+bit-for-bit as if never interrupted (options left out are the run's; --batch, --lr,
+--weight-decay, --seed, --val-fraction, --no-augment and --data given must match it; only
+--epochs, the total, may change and must exceed the epochs done); --force starts over, removing
+the folder's last.safetensors, best.safetensors and log.csv first.
 --init WEIGHTS that record a run's progress (`deepis import` of a PyTorch checkpoint with its
 optimizer, or a deepis last.safetensors) continue that run: its Adam moments and step, and its
 epoch count, which picks the loss weights; --epochs is then the total, as in --resume.
@@ -181,27 +184,30 @@ pub struct TrainArgs {
     /// Epochs in total (counting those of a run continued by --init or --resume)
     #[arg(long, default_value_t = 100)]
     pub epochs: usize,
-    /// Volumes per step (2 as published)
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
-    pub batch: u32,
-    /// Adam learning rate (5e-5 as published)
-    #[arg(long, default_value_t = LR)]
-    pub lr: f64,
-    /// L2 weight decay (as torch.optim.Adam)
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
-    /// Seed of the initialisation, split, shuffle, augmentation and dropout
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Fraction of samples held out for validation
-    #[arg(long, default_value_t = 0.2)]
-    pub val_fraction: f64,
+    /// Volumes per step [default: 2, as published; with --resume: the run's]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: Option<u32>,
+    /// Adam learning rate [default: 5e-5, as published; with --resume: the run's]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// L2 weight decay (as torch.optim.Adam) [default: 0; with --resume: the run's]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Seed of the initialisation, split, shuffle, augmentation and dropout [default: 0; with --resume: the run's]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Fraction of samples held out for validation [default: 0.2; with --resume: the run's]
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
     /// No random flips and rotations
     #[arg(long)]
     pub no_augment: bool,
-    /// Continue RUN_DIR/last.safetensors
+    /// Continue RUN_DIR/last.safetensors (options not given are the run's; given ones must match)
     #[arg(long)]
     pub resume: bool,
+    /// Start a new run in a RUN_DIR that holds one (its checkpoints and log are removed)
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// With --init: a new Adam from epoch 0, not the run the weights record
     #[arg(long, requires = "init")]
     pub fresh_optimizer: bool,
@@ -222,14 +228,40 @@ impl TrainJob for RunJob<'_> {
     }
 }
 
-fn train_on<B: TrainBackend>(b: &B, a: &TrainArgs) -> Result<()> {
-    eprintln!("backend: {}", b.name());
-    if !(a.lr.is_finite() && a.lr > 0.0 && (0.0..1.0).contains(&a.val_fraction)) {
+/// The run's options: those given, the rest from the resumed run (or the defaults), so that
+/// `--resume` needs no options repeated and `train` refuses only those given differently.
+fn options(a: &TrainArgs) -> Result<TrainOptions> {
+    let base = if a.resume { recorded_options(&a.output)? } else { None }.unwrap_or_default();
+    let o = TrainOptions {
+        epochs: a.epochs,
+        batch: a.batch.map_or(base.batch, |b| b as usize),
+        lr: a.lr.unwrap_or(base.lr),
+        weight_decay: a.weight_decay.unwrap_or(base.weight_decay),
+        seed: a.seed.unwrap_or(base.seed),
+        val_fraction: a.val_fraction.unwrap_or(base.val_fraction),
+        augment: base.augment && !a.no_augment,
+        dropout: base.dropout,
+        data: Some(std::fs::canonicalize(&a.data).unwrap_or_else(|_| a.data.clone())),
+    };
+    if !(o.lr.is_finite() && o.lr > 0.0 && (0.0..1.0).contains(&o.val_fraction)) {
         return Err(Error::Input("--lr must be positive and --val-fraction in [0, 1)".into()));
     }
+    Ok(o)
+}
+
+fn train_on<B: TrainBackend>(b: &B, a: &TrainArgs) -> Result<()> {
+    eprintln!("backend: {}", b.name());
+    let mode = match (a.resume, a.force) {
+        (true, _) => RunMode::Resume,
+        (_, true) => RunMode::Force,
+        _ => RunMode::New,
+    };
+    // before the data is read: a refusal should not wait for gigabytes to load
+    check_run_dir(&a.output, mode)?;
+    let opts = options(a)?;
     let start = match (&a.init, &a.config) {
         (Some(w), _) => {
-            let (mut s, fresh) = Start::from_weights(&Weights::load(w)?, a.seed)?;
+            let (mut s, fresh) = Start::from_weights(&Weights::load(w)?, opts.seed)?;
             if a.fresh_optimizer {
                 (s.adam, s.epoch) = (None, 0);
             }
@@ -249,23 +281,13 @@ fn train_on<B: TrainBackend>(b: &B, a: &TrainArgs) -> Result<()> {
             let text = std::io::read_to_string(file).map_err(|e| Error::io(c, e))?;
             let cfg = Config::from_json(&text).map_err(|e| Error::format(c, e.to_string()))?;
             crate::weights::check_param_budget(&cfg).map_err(|e| Error::format(c, e.to_string()))?;
-            Params::random(&cfg, a.seed).into()
+            Params::random(&cfg, opts.seed).into()
         }
-        (None, None) => Params::random(&Config::default(), a.seed).into(),
+        (None, None) => Params::random(&Config::default(), opts.seed).into(),
     };
-    let samples = load_samples(&a.data, &start.params.cfg)?;
+    let samples = load_training_data(&a.data, &start.params.cfg, opts.batch)?;
     eprintln!("data: {} sample(s) from {}", samples.len(), a.data.display());
-    let opts = TrainOptions {
-        epochs: a.epochs,
-        batch: a.batch as usize,
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        seed: a.seed,
-        val_fraction: a.val_fraction,
-        augment: !a.no_augment,
-        ..TrainOptions::default()
-    };
-    let rep = train(b, start, &samples, &a.output, opts, a.resume, None, true)?;
+    let rep = train(b, start, &samples, &a.output, opts, mode, None, true)?;
     eprintln!("done: {} and {}", rep.last.display(), rep.best.display());
     Ok(())
 }

@@ -117,8 +117,24 @@ pub fn read_map(path: &Path, role: &str, n: usize, d: [usize; 3], c: usize) -> R
 
 /// Every sample of a data folder, checked against the config (head channels, input size).
 pub fn load_samples(dir: &Path, cfg: &Config) -> Result<Vec<Sample>> {
+    load(dir, cfg, None)
+}
+
+/// `load_samples` for training with `batch` volumes a step: when a batch can hold two volumes,
+/// every volume must have one size, and the first file of another size is refused as it is
+/// read (rather than when a batch happens to draw it, epochs later).
+pub fn load_training_data(dir: &Path, cfg: &Config, batch: usize) -> Result<Vec<Sample>> {
+    load(dir, cfg, Some(batch))
+}
+
+fn load(dir: &Path, cfg: &Config, batch: Option<usize>) -> Result<Vec<Sample>> {
     let mut out = Vec::new();
+    let mut first: Option<(PathBuf, [usize; 3])> = None;
     for (name, src) in find_sources(dir)? {
+        let file = match &src {
+            Source::Pair { input, .. } => input.clone(),
+            Source::Mat(path) => path.clone(),
+        };
         let (x, t, ptg) = match src {
             Source::Pair { input, target } => {
                 let x = read_volume(&input)?.tensor;
@@ -134,6 +150,22 @@ pub fn load_samples(dir: &Path, cfg: &Config) -> Result<Vec<Sample>> {
         };
         if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
             return Err(Error::format(&ptg, format!("non-finite target value at flat index {i}")));
+        }
+        match (&first, batch) {
+            (None, _) => first = Some((file.clone(), x.shape.d)),
+            (Some((f0, d0)), Some(b)) if b > 1 && *d0 != x.shape.d => {
+                let dims = |d: &[usize; 3]| format!("{} x {} x {}", d[0], d[1], d[2]);
+                return Err(Error::format(
+                    &file,
+                    format!(
+                        "volumes of {}, but {} holds {}: a batch of {b} stacks volumes of one size (--batch 1 trains on mixed sizes; or crop them to one size)",
+                        dims(&x.shape.d),
+                        f0.display(),
+                        dims(d0)
+                    ),
+                ));
+            }
+            _ => {}
         }
         for k in 0..x.shape.n {
             let (vi, vt) = (x.shape.voxels(), t.shape.voxels() * t.shape.c);

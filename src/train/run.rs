@@ -41,6 +41,9 @@ pub struct TrainOptions {
     pub val_fraction: f64,
     pub augment: bool,
     pub dropout: f32,
+    /// The data folder (canonical path) when the run was started by `deepis train`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<PathBuf>,
 }
 
 /// The published trainer's Adam learning rate (main_DeepIS.py: 5e-5).
@@ -48,7 +51,7 @@ pub const LR: f64 = 5e-5;
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        TrainOptions { epochs: 100, batch: 2, lr: LR, weight_decay: 0.0, seed: 0, val_fraction: 0.2, augment: true, dropout: DROPOUT }
+        TrainOptions { epochs: 100, batch: 2, lr: LR, weight_decay: 0.0, seed: 0, val_fraction: 0.2, augment: true, dropout: DROPOUT, data: None }
     }
 }
 
@@ -242,8 +245,94 @@ pub struct RunReport {
     pub best: PathBuf,
 }
 
-/// Trains from `init` (or resumes from `run_dir/last.safetensors` when `resume`), on `samples`,
-/// writing into `run_dir`. `stop_after`: end this process's run after that many epochs (tests
+/// How `train` treats the run folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMode {
+    /// A new run: the folder must be missing or empty.
+    New,
+    /// Continue the run of the folder's last.safetensors, with the options it recorded.
+    Resume,
+    /// A new run in a folder that may hold an old one: its run files are removed first.
+    Force,
+}
+
+impl From<bool> for RunMode {
+    fn from(resume: bool) -> RunMode {
+        if resume { RunMode::Resume } else { RunMode::New }
+    }
+}
+
+/// The files a run writes into its folder.
+const RUN_FILES: [&str; 3] = ["last.safetensors", "best.safetensors", "log.csv"];
+
+/// Refuses to start a new run over anything (its checkpoints and log would be replaced), and
+/// to resume without a checkpoint to resume from.
+pub fn check_run_dir(run_dir: &Path, mode: RunMode) -> Result<()> {
+    let held = match std::fs::read_dir(run_dir) {
+        Ok(rd) => {
+            let mut v: Vec<String> = rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+            v.sort();
+            v
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io(run_dir, e)),
+    };
+    let list = || {
+        let shown: Vec<&str> = held.iter().take(5).map(String::as_str).collect();
+        format!("{}{}", shown.join(", "), if held.len() > 5 { format!(" and {} more", held.len() - 5) } else { String::new() })
+    };
+    match mode {
+        RunMode::New if !held.is_empty() => Err(Error::Input(format!(
+            "the run folder {} is not empty (it holds {}): --resume continues the run in it, --force starts over (removing its {}), or give another -o",
+            run_dir.display(),
+            list(),
+            RUN_FILES.join(", ")
+        ))),
+        RunMode::Resume if !run_dir.join(RUN_FILES[0]).is_file() => Err(Error::Input(format!(
+            "--resume: {} has no last.safetensors to resume from ({}); drop --resume to start a new run",
+            run_dir.display(),
+            if held.is_empty() { "the folder is empty or missing".to_string() } else { format!("it holds {}", list()) }
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a resume whose options differ from those the run recorded (all but --epochs: they
+/// fix the split, the shuffle and the optimiser, so a change would not continue the same run).
+fn check_same_options(recorded: &TrainOptions, given: &TrainOptions, last: &Path) -> Result<()> {
+    let on = |b: bool| if b { "on" } else { "off (--no-augment)" }.to_string();
+    let mut pairs = vec![
+        ("--batch", recorded.batch.to_string(), given.batch.to_string()),
+        ("--lr", recorded.lr.to_string(), given.lr.to_string()),
+        ("--weight-decay", recorded.weight_decay.to_string(), given.weight_decay.to_string()),
+        ("--seed", recorded.seed.to_string(), given.seed.to_string()),
+        ("--val-fraction", recorded.val_fraction.to_string(), given.val_fraction.to_string()),
+        ("augmentation", on(recorded.augment), on(given.augment)),
+        ("dropout", recorded.dropout.to_string(), given.dropout.to_string()),
+    ];
+    if let (Some(r), Some(g)) = (&recorded.data, &given.data) {
+        pairs.push(("--data", r.display().to_string(), g.display().to_string()));
+    }
+    match pairs.into_iter().find(|(_, r, g)| r != g) {
+        None => Ok(()),
+        Some((name, r, g)) => Err(Error::Input(format!(
+            "--resume: {name} is {g}, but the run was started with {r} (recorded in {}); a resumed run keeps its options (only --epochs may change): leave {name} out to keep {r}, or start a new run in another folder",
+            last.display()
+        ))),
+    }
+}
+
+/// The options recorded by the run in `run_dir`, when it has a checkpoint.
+pub fn recorded_options(run_dir: &Path) -> Result<Option<TrainOptions>> {
+    let last = run_dir.join(RUN_FILES[0]);
+    if !last.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(load_checkpoint(&last)?.2.options))
+}
+
+/// Trains from `init` (or resumes from `run_dir/last.safetensors`: `RunMode::Resume`, or
+/// `true`), on `samples`, writing into `run_dir` (see `RunMode` for what it may hold). `stop_after`: end this process's run after that many epochs (tests
 /// use it to emulate an interruption). `progress`: draw a progress bar.
 #[allow(clippy::too_many_arguments)]
 pub fn train<B: TrainBackend>(
@@ -252,20 +341,30 @@ pub fn train<B: TrainBackend>(
     samples: &[Sample],
     run_dir: &Path,
     opts: TrainOptions,
-    resume: bool,
+    mode: impl Into<RunMode>,
     stop_after: Option<usize>,
     progress: bool,
 ) -> Result<RunReport> {
-    let init: Start = init.into();
-    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-    let (last, best, csv) = (run_dir.join("last.safetensors"), run_dir.join("best.safetensors"), run_dir.join("log.csv"));
+    let (init, mode): (Start, RunMode) = (init.into(), mode.into());
+    let (last, best, csv) = (run_dir.join(RUN_FILES[0]), run_dir.join(RUN_FILES[1]), run_dir.join(RUN_FILES[2]));
     if samples.is_empty() {
         return Err(Error::Input("no training samples".into()));
     }
-    let (mut p, mut adam, mut state, mut rng, mut log_lines) = if resume && last.is_file() {
+    check_run_dir(run_dir, mode)?;
+    let (mut p, mut adam, mut state, mut rng, mut log_lines) = if mode == RunMode::Resume {
         let (p, adam, mut state) = load_checkpoint(&last)?;
         if p.cfg != init.params.cfg {
             return Err(Error::format(&last, "the checkpoint's config differs from the model being trained"));
+        }
+        check_same_options(&state.options, &opts, &last)?;
+        if state.epoch >= opts.epochs {
+            return Err(Error::Input(format!(
+                "--epochs {}: the run in {} has completed {} epoch(s) already; --epochs is the total, so give more than {} to train on (nothing was written)",
+                opts.epochs,
+                run_dir.display(),
+                state.epoch,
+                state.epoch
+            )));
         }
         state.options.epochs = opts.epochs;
         let rng = Rng::from_state(state.rng_state);
@@ -279,9 +378,6 @@ pub fn train<B: TrainBackend>(
         eprintln!("resuming {} after epoch {} (Adam step {})", last.display(), state.epoch, state.adam_step);
         (p, adam, state, rng, lines)
     } else {
-        if resume {
-            eprintln!("no {} yet: starting a new run", last.display());
-        }
         let mut rng = Rng::new(opts.seed);
         // validation split: a seeded shuffle of the sample indices, the last ones held out
         let mut idx: Vec<usize> = (0..samples.len()).collect();
@@ -290,9 +386,16 @@ pub fn train<B: TrainBackend>(
         let val: Vec<String> = idx[samples.len() - nval..].iter().map(|&i| samples[i].name.clone()).collect();
         let mut adam = init.adam.unwrap_or_else(|| Adam::new(init.params.specs.len(), opts.lr, opts.weight_decay));
         (adam.lr, adam.weight_decay) = (opts.lr, opts.weight_decay);
+        if opts.epochs == 0 {
+            return Err(Error::Input("--epochs 0: nothing to train (--epochs is the number of epochs in total); nothing was written".into()));
+        }
         if init.epoch >= opts.epochs {
             return Err(Error::Input(format!("the initial weights' run has completed {} epochs: --epochs (the total) must be larger, or --fresh-optimizer to fine-tune from epoch 0 with a new Adam", init.epoch)));
         }
+        if mode == RunMode::Force {
+            remove_run_files(run_dir)?;
+        }
+        std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
         let state = TrainState { options: opts.clone(), epoch: init.epoch, adam_step: adam.step, rng_state: rng.state(), best_val: None, best_epoch: 0, val };
         (init.params, adam, state, rng, Vec::new())
     };
@@ -396,6 +499,23 @@ pub fn train<B: TrainBackend>(
         ran += 1;
     }
     Ok(RunReport { log, last, best })
+}
+
+/// `--force`: the old run's files go before the new run writes its first epoch, so that a kill
+/// in that epoch cannot leave the old checkpoint to be resumed as if it were the new run's.
+fn remove_run_files(run_dir: &Path) -> Result<()> {
+    let mut removed = Vec::new();
+    for name in RUN_FILES {
+        let f = run_dir.join(name);
+        if f.is_file() {
+            std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+            removed.push(name);
+        }
+    }
+    if !removed.is_empty() {
+        eprintln!("--force: removed the previous run's {} from {}", removed.join(", "), run_dir.display());
+    }
+    Ok(())
 }
 
 /// Fisher-Yates with the run's generator.
