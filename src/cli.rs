@@ -538,7 +538,7 @@ fn predict_plan(weights: &Weights, x: &Tensor) -> Result<Tensor> {
     eprintln!("backend: cpu, {} threads; {}", rayon::current_num_threads(), plan.summary());
     let setup = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
-    let y = crate::finite::run_plan(&plan, weights, x)?;
+    let y = crate::model::run_plan(&plan, weights, x)?;
     let secs = t0.elapsed().as_secs_f64();
     let n = x.shape.n;
     let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;

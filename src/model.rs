@@ -77,7 +77,7 @@ impl<B: Backend> Network<B> {
     /// (N x D0 x D1 x D2 x C: a signed distance map, or sigmoid probabilities).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.forward_hooked(x, None)?;
-        crate::finite::checked(self, x, y)
+        checked(self, x, y)
     }
 
     /// `forward`, calling `hook` with every module's output (oracle module paths).
@@ -131,5 +131,40 @@ impl<B: Backend> Network<B> {
         }
         let out = vals[g.outputs[0]].take().ok_or_else(|| Error::Other("the graph has no output".into()))?;
         b.download(&out)
+    }
+}
+
+/// `y`, the output of `net` for `x`, when it is finite; otherwise the error naming the first
+/// module whose output is not (the reference interpreter's hook).
+fn checked<B: Backend>(net: &Network<B>, x: &Tensor, y: Tensor) -> Result<Tensor> {
+    if crate::finite::first_non_finite(&y.data).is_none() {
+        return Ok(y);
+    }
+    let mut first: Option<(String, usize, f32)> = None;
+    let mut hook = |name: &str, t: &crate::backend::DevTensor<B::S>| -> Result<()> {
+        let host = net.backend().download(t)?;
+        if let Some((i, v)) = crate::finite::first_non_finite(&host.data) {
+            first = Some((name.to_string(), i, v));
+            return Err(Error::NonFinite(String::new()));
+        }
+        Ok(())
+    };
+    match net.forward_hooked(x, Some(&mut hook)) {
+        Ok(_) | Err(Error::NonFinite(_)) => {}
+        Err(e) => return Err(e),
+    }
+    Err(crate::finite::non_finite(Some(x), &y, first))
+}
+
+/// Runs the fused plan; a non-finite output is an error naming the first layer, found by the
+/// reference interpreter on the CPU.
+pub fn run_plan(plan: &crate::plan::Plan, weights: &Weights, x: &Tensor) -> Result<Tensor> {
+    match plan.run(x) {
+        Err(Error::NonFinite(m)) => {
+            let net = Network::new(crate::cpu::CpuBackend::new(), weights)?;
+            let y_ref = net.forward_hooked(x, None)?;
+            checked(&net, x, y_ref).and(Err(Error::NonFinite(m)))
+        }
+        r => r,
     }
 }

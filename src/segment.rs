@@ -672,10 +672,10 @@ pub fn plan_predictor(weights: &Weights) -> impl FnMut(&Tensor) -> Result<Tensor
     move |x: &Tensor| {
         let d = x.shape.d;
         if let Some((_, p)) = plans.iter().find(|(s, _)| *s == d) {
-            return crate::finite::run_plan(p, weights, x);
+            return crate::model::run_plan(p, weights, x);
         }
         let p = crate::plan::Plan::new(weights, d, crate::plan::PlanOptions::default())?;
-        let y = crate::finite::run_plan(&p, weights, x);
+        let y = crate::model::run_plan(&p, weights, x);
         plans.push((d, p));
         y
     }
