@@ -182,8 +182,14 @@ impl Weights {
 
     /// Random weights and BN statistics that keep every activation O(1) (the golden cases' scheme).
     pub fn random(config: &Config, seed: u64) -> Weights {
+        Self::random_for(config, param_specs(config), seed)
+    }
+
+    /// [`Weights::random`] of the parameters `specs` (e.g. a variant graph's `params()`), drawn
+    /// in their order.
+    pub fn random_for(config: &Config, specs: Vec<ParamSpec>, seed: u64) -> Weights {
         let mut rng = Rng::new(seed);
-        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = param_specs(config)
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = specs
             .into_iter()
             .map(|s| {
                 let n = s.numel();

@@ -28,25 +28,7 @@ fn tiny_config() -> Config {
 
 /// Random tensors for every parameter of `g` (the scheme of `Weights::random`).
 fn random_weights(cfg: &Config, g: &Graph, seed: u64) -> Weights {
-    let mut rng = Rng::new(seed);
-    let tensors: Vec<_> = g
-        .params()
-        .into_iter()
-        .map(|s| {
-            let fan_in: usize = s.shape[1..].iter().product();
-            let data = (0..s.numel())
-                .map(|_| match s.kind {
-                    ParamKind::ConvWeight => (rng.normal() / (fan_in as f64).sqrt()) as f32,
-                    ParamKind::ConvBias | ParamKind::BnBias => (0.1 * rng.normal()) as f32,
-                    ParamKind::BnWeight => (0.8 + 0.4 * rng.uniform()) as f32,
-                    ParamKind::BnMean => (0.2 * rng.normal()) as f32,
-                    ParamKind::BnVar => (0.5 + rng.uniform()) as f32,
-                })
-                .collect();
-            (s.name, s.shape, data)
-        })
-        .collect();
-    Weights::from_tensors(cfg, &tensors).unwrap()
+    Weights::random_for(cfg, g.params(), seed)
 }
 
 #[test]
