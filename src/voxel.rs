@@ -130,8 +130,8 @@ pub fn trained_voxel_size(weights: &Path) -> Result<Option<[f64; 3]>> {
     f.read_exact(&mut h).map_err(|e| Error::io(weights, e))?;
     let v: serde_json::Value = serde_json::from_slice(&h).unwrap_or_default();
     let Some(s) = v["__metadata__"]["voxel_size_um"].as_str() else { return Ok(None) };
-    let um = crate::analysis::parse_voxel_size(s).map_err(|e| Error::format(weights, format!("__metadata__ voxel_size_um: {e}")))?;
-    crate::analysis::check_voxel_size(um).map_err(|e| Error::format(weights, e.to_string()))?;
+    let um = parse_voxel_size(s).map_err(|e| Error::format(weights, format!("__metadata__ voxel_size_um: {e}")))?;
+    check_voxel_size(um).map_err(|e| Error::format(weights, e.to_string()))?;
     Ok(Some(um))
 }
 
@@ -169,4 +169,28 @@ pub fn resample(t: &crate::tensor::Tensor, to: [usize; 3]) -> Result<crate::tens
         }
     }
     Tensor::new(Shape::new(t.shape.n, to, c), out)
+}
+
+/// Refuses zero, negative or non-finite voxel sizes.
+pub fn check_voxel_size(v: [f64; 3]) -> Result<()> {
+    if let Some(i) = v.iter().position(|x| !(x.is_finite() && *x > 0.0)) {
+        return Err(Error::Input(format!(
+            "voxel size {:?}: the size along axis D{i} is {}; every voxel size must be a positive number of um",
+            v, v[i]
+        )));
+    }
+    Ok(())
+}
+
+/// Parses "D0,D1,D2" voxel sizes in um (positivity is checked by [`check_voxel_size`], whose
+/// error says which axis is wrong).
+pub fn parse_voxel_size(s: &str) -> std::result::Result<[f64; 3], String> {
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f64>().map_err(|_| format!("`{p}` is not a number")))
+        .collect::<std::result::Result<_, _>>()?;
+    match v[..] {
+        [a, b, c] => Ok([a, b, c]),
+        _ => Err(format!("expected three voxel sizes in um like 0.2,0.2,0.4, got `{s}`")),
+    }
 }

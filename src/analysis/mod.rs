@@ -12,6 +12,7 @@ pub mod edt;
 pub mod marching_cubes;
 pub mod surface_area;
 
+pub use crate::voxel::{check_voxel_size, parse_voxel_size};
 use crate::error::{Error, Result};
 use crate::io::{read_volume, Volume};
 use rayon::prelude::*;
@@ -70,16 +71,6 @@ impl Options {
     }
 }
 
-/// Refuses zero, negative or non-finite voxel sizes.
-pub fn check_voxel_size(v: [f64; 3]) -> Result<()> {
-    if let Some(i) = v.iter().position(|x| !(x.is_finite() && *x > 0.0)) {
-        return Err(Error::Input(format!(
-            "voxel size {:?}: the size along axis D{i} is {}; every voxel size must be a positive number of um",
-            v, v[i]
-        )));
-    }
-    Ok(())
-}
 
 /// Metrics of one frame. Quantities of an absent cell (or of the synapse when a cell is absent)
 /// are 0 for volumes and areas and NaN for ratios, dry masses without RI, and distances.
@@ -468,18 +459,6 @@ pub fn write_labels(path: &Path, dims: &[usize], data: &[u8]) -> Result<()> {
     }
 }
 
-/// Parses "D0,D1,D2" voxel sizes in um (positivity is checked by [`check_voxel_size`], whose
-/// error says which axis is wrong).
-pub fn parse_voxel_size(s: &str) -> std::result::Result<[f64; 3], String> {
-    let v: Vec<f64> = s
-        .split(',')
-        .map(|p| p.trim().parse::<f64>().map_err(|_| format!("`{p}` is not a number")))
-        .collect::<std::result::Result<_, _>>()?;
-    match v[..] {
-        [a, b, c] => Ok([a, b, c]),
-        _ => Err(format!("expected three voxel sizes in um like 0.2,0.2,0.4, got `{s}`")),
-    }
-}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AnalyzeArgs {
