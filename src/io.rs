@@ -136,6 +136,19 @@ pub fn read_npy_file(path: &Path, check_dims: impl Fn(&[usize]) -> Result<()>) -
     read_npy(path, BufReader::new(file), len, check_dims)
 }
 
+/// Reads a whole `.npy` array or `.tif` stack as float32, C order: its dims (a TIFF's are pages,
+/// rows, columns, after the frames and channels an OME-TIFF records) and values. `check_dims` sees a `.npy`'s shape before any data is read.
+pub fn read_array(path: &Path, check_dims: impl Fn(&[usize]) -> Result<()>) -> Result<(Vec<usize>, Vec<f32>)> {
+    match kind_of(path)? {
+        Kind::Npy => read_npy_file(path, check_dims),
+        Kind::Tif => {
+            let (file, len) = open_file(path)?;
+            read_tif(path, BufReader::new(file), len)
+        }
+        Kind::Tcf => Err(Error::format(path, "expected a .npy array or a .tif stack, not a TCF file")),
+    }
+}
+
 /// The header is checked against the file's `len` and the memory budget before npyz parses it
 /// or any data is allocated.
 fn read_npy(path: &Path, mut reader: impl Read, len: u64, check_dims: impl Fn(&[usize]) -> Result<()>) -> Result<(Vec<usize>, Vec<f32>)> {
@@ -282,6 +295,7 @@ fn read_tif(path: &Path, reader: impl Read + Seek, len: u64) -> Result<(Vec<usiz
     limits.decoding_buffer_size = budget;
     limits.intermediate_buffer_size = budget;
     let mut dec = Decoder::new(reader).map_err(|e| Error::format(path, format!("not a readable TIFF file: {e}")))?.with_limits(limits);
+    let desc = dec.get_tag_ascii_string(tiff::tags::Tag::ImageDescription).unwrap_or_default();
     let mut data: Vec<f32> = Vec::new();
     let mut page = 0usize;
     let mut hw: Option<(usize, usize)> = None;
@@ -332,7 +346,8 @@ fn read_tif(path: &Path, reader: impl Read + Seek, len: u64) -> Result<(Vec<usiz
     if data.len() != page * h * w {
         return Err(Error::format(path, format!("pages hold {} samples, expected {} x {} x {}: not a single-channel stack", data.len(), page, h, w)));
     }
-    Ok((vec![page, h, w], data))
+    // An OME-TIFF's frames and channels as leading axes (`crate::ome_xml::dims`).
+    Ok((crate::ome_xml::dims(&desc, page, h, w).unwrap_or_else(|| vec![page, h, w]), data))
 }
 
 /// Refuses page `page` of `[w, h, bits]` when its pixels cannot be in a file of `len` bytes

@@ -15,6 +15,7 @@ pub mod graph;
 pub mod import;
 pub mod io;
 pub mod limits;
+pub mod ome_xml;
 pub mod model;
 pub mod ome_tiff;
 pub mod plan;

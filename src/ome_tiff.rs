@@ -30,36 +30,6 @@ impl Pixels<'_> {
     }
 }
 
-/// The OME-XML of a stack of `size_t` x `size_c` x `size_z` pages of `h` x `w`.
-pub fn ome_xml(ty: &str, [size_t, size_c, size_z, h, w]: [usize; 5], voxel: Option<[f64; 3]>, name: &str) -> String {
-    let phys = voxel.map_or(String::new(), |v| {
-        format!(r#" PhysicalSizeX="{}" PhysicalSizeY="{}" PhysicalSizeZ="{}""#, v[2], v[1], v[0])
-    });
-    let channels: String = (0..size_c).map(|c| format!(r#"<Channel ID="Channel:0:{c}" SamplesPerPixel="1"/>"#)).collect();
-    let name: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || "._- ".contains(*c)).collect();
-    format!(
-        concat!(
-            r#"<?xml version="1.0" encoding="UTF-8"?>"#,
-            r#"<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" "#,
-            r#"xsi:schemaLocation="http://www.openmicroscopy.org/Schemas/OME/2016-06 http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd" Creator="deepis {ver}">"#,
-            r#"<Image ID="Image:0" Name="{name}"><Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="{ty}" "#,
-            r#"SizeX="{w}" SizeY="{h}" SizeZ="{z}" SizeC="{c}" SizeT="{t}"{phys}>{channels}"#,
-            r#"<TiffData IFD="0" PlaneCount="{planes}"/></Pixels></Image></OME>"#
-        ),
-        ver = env!("CARGO_PKG_VERSION"),
-        name = name,
-        ty = ty,
-        w = w,
-        h = h,
-        z = size_z,
-        c = size_c,
-        t = size_t,
-        phys = phys,
-        channels = channels,
-        planes = size_t * size_c * size_z
-    )
-}
-
 /// Writes `data` (C order of `dims` = [T, C, D0, D1, D2] with missing leading axes of size 1) as
 /// an OME-TIFF stack, atomically.
 pub fn write(path: &Path, dims: [usize; 5], data: Pixels<'_>, voxel: Option<[f64; 3]>) -> Result<()> {
@@ -68,7 +38,7 @@ pub fn write(path: &Path, dims: [usize; 5], data: Pixels<'_>, voxel: Option<[f64
         return Err(Error::Shape(format!("an OME-TIFF of shape {dims:?} needs {} values, got {}", dims.iter().product::<usize>(), data.len())));
     }
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("deepis");
-    let xml = ome_xml(data.ome_type(), dims, voxel, name);
+    let xml = crate::ome_xml::ome_xml(data.ome_type(), dims, voxel, name);
     crate::io::write_atomic(path, |out| {
         use tiff::encoder::{colortype, Rational, TiffEncoder};
         use tiff::tags::{ResolutionUnit, Tag};

@@ -48,8 +48,8 @@ fn tiff_voxel_size(path: &Path) -> Result<Option<VoxelSize>> {
     };
     let bad = |what: &str, v: f64| Error::format(path, format!("the TIFF records {what} = {v}: a voxel size must be a positive number of um"));
     if desc.contains("<OME") {
-        let get = |a: &str| attr(&desc, a).and_then(|v| v.parse::<f64>().ok());
-        let unit = |a: &str| attr(&desc, &format!("{a}Unit")).map_or(Some(1.0), |u| unit_um(&u));
+        let get = |a: &str| crate::ome_xml::attr(&desc, a).and_then(|v| v.parse::<f64>().ok());
+        let unit = |a: &str| crate::ome_xml::attr(&desc, &format!("{a}Unit")).map_or(Some(1.0), |u| unit_um(&u));
         let (Some(x), Some(y), Some(z)) = (get("PhysicalSizeX"), get("PhysicalSizeY"), get("PhysicalSizeZ")) else { return Ok(None) };
         let (Some(ux), Some(uy), Some(uz)) = (unit("PhysicalSizeX"), unit("PhysicalSizeY"), unit("PhysicalSizeZ")) else {
             return Err(Error::format(path, "the OME-XML gives PhysicalSize in a unit deepis does not know (expected nm, um/µm, mm)"));
@@ -76,14 +76,6 @@ fn tiff_voxel_size(path: &Path) -> Result<Option<VoxelSize>> {
         return Ok(Some(VoxelSize { um, from: format!("{} ImageJ spacing and X/YResolution", path.display()) }));
     }
     Ok(None)
-}
-
-/// The value of XML attribute `name="..."` (first occurrence).
-fn attr(xml: &str, name: &str) -> Option<String> {
-    let key = format!(" {name}=\"");
-    let s = xml.find(&key)? + key.len();
-    let e = xml[s..].find('"')?;
-    Some(xml[s..s + e].to_string())
 }
 
 /// um per `unit` (ImageJ and OME spellings).

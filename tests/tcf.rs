@@ -102,7 +102,7 @@ fn segment_tcf_to_ome_tiff_then_analyze_in_um3_without_voxel_size() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let w = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/deepis-synth-w16.safetensors");
-    let (ok, e) = deepis(&["segment", "--weights", w, &s(&data("uint16_lz4.TCF")), "-o", &s(&d.join("seg")), "--format", "tif", "--min-size", "1", "--backend", "cpu"]);
+    let (ok, e) = deepis(&["segment", "--weights", w, &s(&data("uint16_lz4.TCF")), "-o", &s(&d.join("seg")), "--format", "tif", "--min-size", "1", "--backend", "cpu", "--save-probabilities"]);
     assert!(ok, "{e}");
     let labels = d.join("seg/uint16_lz4_labels.tif");
     let xml = description(&labels);
@@ -119,7 +119,7 @@ fn segment_tcf_to_ome_tiff_then_analyze_in_um3_without_voxel_size() {
     assert_eq!(lv.tensor.shape.n * lv.tensor.shape.d[0], 48, "2 frames x 24 pages");
 
     // .npy labels + sidecar, then analyze with no --voxel-size.
-    let (ok, e) = deepis(&["segment", "--weights", w, &s(&data("uint16_lz4.TCF")), "-o", &s(&d.join("npy")), "--min-size", "1", "--backend", "cpu"]);
+    let (ok, e) = deepis(&["segment", "--weights", w, &s(&data("uint16_lz4.TCF")), "-o", &s(&d.join("npy")), "--min-size", "1", "--backend", "cpu", "--save-probabilities"]);
     assert!(ok, "{e}");
     let labels = d.join("npy/uint16_lz4_labels.npy");
     let csv = d.join("m.csv");
@@ -138,6 +138,24 @@ fn segment_tcf_to_ome_tiff_then_analyze_in_um3_without_voxel_size() {
         assert!((c[1] - count(1.0) * vv).abs() <= 1e-5 * c[1], "{line}");
         assert!((c[2] - count(2.0) * vv).abs() <= 1e-5 * c[2].max(1.0), "{line}");
         assert!(c[7].is_finite(), "dry mass from the TCF's RI");
+    }
+    // Surfaces from the probability maps beside the labels (.npy, and the OME-TIFF pair of the
+    // first run, whose sidecar was removed above: its voxel size comes from the TIFF's tags).
+    let (pcsv, tcsv) = (d.join("p.csv"), d.join("t.csv"));
+    let (ok, e) = deepis(&["analyze", &s(&labels), "--probabilities", "-o", &s(&pcsv)]);
+    assert!(ok && e.contains("uint16_lz4_probabilities.npy"), "{e}");
+    let (ok, e) = deepis(&["analyze", &s(&d.join("seg/uint16_lz4_labels.tif")), "--probabilities", "-o", &s(&tcsv)]);
+    assert!(ok && e.contains("uint16_lz4_probabilities.tif"), "{e}");
+    let ptext = std::fs::read_to_string(&pcsv).unwrap();
+    assert_eq!(ptext, std::fs::read_to_string(&tcsv).unwrap(), "the same maps as .npy and as OME-TIFF");
+    for (line, pline) in text.lines().zip(ptext.lines()).skip(1) {
+        let (c, p): (Vec<f64>, Vec<f64>) = (line.split(',').map(|x| x.parse().unwrap()).collect(), pline.split(',').map(|x| x.parse().unwrap()).collect());
+        println!("effector area: labels {} um2, maps {} um2; sphericity {} / {}", c[3], p[3], c[5], p[5]);
+        assert_eq!(c[1..3], p[1..3], "volumes are the voxel counts either way");
+        // This network is sure of itself (its maps are 0 or 1 but at a few voxels of the
+        // boundary), so the maps move the surface little: two estimates of one surface.
+        assert!(p[3] > 0.0 && p[3] != c[3] && (p[3] / c[3] - 1.0).abs() < 0.01, "{line} / {pline}");
+        assert!(p[5] <= 1.0 + 1e-9, "sphericity of a closed surface: {pline}");
     }
     // --voxel-size overrides.
     let (ok, e) = deepis(&["analyze", &s(&labels), "--voxel-size", "1,1,1", "-o", &s(&csv)]);

@@ -10,6 +10,7 @@
 pub mod components;
 pub mod edt;
 pub mod marching_cubes;
+pub mod probabilities;
 pub mod surface_area;
 
 pub use crate::voxel::{check_voxel_size, parse_voxel_size};
@@ -141,8 +142,37 @@ pub fn labels_from_f32(values: &[f32], dims: &[usize], what: &Path) -> Result<Ve
     Ok(out)
 }
 
-/// Metrics of one frame: `labels` (0/1/2) and optional `ri`, both D0 x D1 x D2 in C order.
+/// Where the cells' surfaces come from.
+#[derive(Clone, Copy, Debug)]
+pub enum Surfaces<'a> {
+    /// The label masks: smoothed, volume-matched marching cubes ([`mask_surface`]); volumes are
+    /// voxel counts.
+    Labels,
+    /// A sigmoid head's maps of the frame (C x D0 x D1 x D2) and C: the level-1/2 surfaces of
+    /// [`probabilities::field`] near each labelled cell, volume-matched
+    /// ([`surface_area::field_surface`]); volumes are voxel counts. A class the maps have no
+    /// channel for falls back to its labels.
+    Probabilities(&'a [f32], usize),
+}
+
+/// Metrics of one frame: `labels` (0/1/2) and optional `ri`, both D0 x D1 x D2 in C order;
+/// surfaces from the labels.
 pub fn analyze_frame(frame: usize, labels: &[u8], ri: Option<&[f32]>, dims: [usize; 3], opt: &Options) -> FrameMetrics {
+    analyze_frame_from(frame, labels, ri, Surfaces::Labels, dims, opt)
+}
+
+/// The sum of `per_triangle` over the surface of the cell `mask` of `class`.
+fn cell_surface(mask: &[bool], class: u8, s: Surfaces<'_>, dims: [usize; 3], vox: [f64; 3], per_triangle: impl FnMut([[f64; 3]; 3]) -> f64) -> f64 {
+    if let Surfaces::Probabilities(maps, c) = s {
+        if let Some(g) = probabilities::field(maps, c, class) {
+            return surface_area::field_surface(&g, mask, dims, vox, per_triangle);
+        }
+    }
+    mask_surface(mask, dims, vox, per_triangle)
+}
+
+/// [`analyze_frame`] with the surfaces taken from `surfaces`.
+pub fn analyze_frame_from(frame: usize, labels: &[u8], ri: Option<&[f32]>, surfaces: Surfaces<'_>, dims: [usize; 3], opt: &Options) -> FrameMetrics {
     let n = dims[0] * dims[1] * dims[2];
     assert_eq!(labels.len(), n, "analyze_frame: labels length");
     if let Some(r) = ri {
@@ -167,7 +197,7 @@ pub fn analyze_frame(frame: usize, labels: &[u8], ri: Option<&[f32]>, dims: [usi
     // Distance (um) from every voxel centre to the nearest target voxel centre.
     let to_target = if nt > 0 && ne > 0 { Some(edt::edt(&tgt, dims, vox)) } else { None };
     let mut is_area = 0.0;
-    let ae = mask_surface(&eff, dims, vox, |t| {
+    let ae = cell_surface(&eff, EFFECTOR, surfaces, dims, vox, |t| {
         let a = marching_cubes::triangle_area(&t);
         if let Some(d) = &to_target {
             let c: [f64; 3] = std::array::from_fn(|k| (t[0][k] + t[1][k] + t[2][k]) / 3.0 / vox[k]);
@@ -177,7 +207,7 @@ pub fn analyze_frame(frame: usize, labels: &[u8], ri: Option<&[f32]>, dims: [usi
         }
         a
     });
-    let at = mask_surface(&tgt, dims, vox, marching_cubes::triangle_area_ref);
+    let at = cell_surface(&tgt, TARGET, surfaces, dims, vox, marching_cubes::triangle_area_ref);
 
     let is_mean_ri = match (&to_target, ri) {
         (Some(d), Some(r)) => {
@@ -263,14 +293,23 @@ pub fn mask_surface(mask: &[bool], dims: [usize; 3], spacing: [f64; 3], per_tria
 }
 
 /// [`mask_surface`] with the smoothing chosen by the caller (`false`: marching cubes on the raw mask).
-pub fn mask_surface_with(
-    mask: &[bool],
+pub fn mask_surface_with(mask: &[bool], dims: [usize; 3], spacing: [f64; 3], smooth: bool, per_triangle: impl FnMut([[f64; 3]; 3]) -> f64) -> f64 {
+    surface_of(|_| 1.0, mask, dims, spacing, smooth, per_triangle)
+}
+
+/// Sum over the triangles of the level-1/2 surface of the field `value(p)` on `region` (0 off
+/// it), optionally [1 2 1]/4-smoothed along each axis first, of `per_triangle(triangle)` (corners
+/// in um, in the frame of the whole volume). Works on the region's bounding box, padded so the
+/// surface closes.
+pub fn surface_of(
+    value: impl Fn(usize) -> f32,
+    region: &[bool],
     dims: [usize; 3],
     spacing: [f64; 3],
     smooth: bool,
     mut per_triangle: impl FnMut([[f64; 3]; 3]) -> f64,
 ) -> f64 {
-    let Some((lo, hi)) = bbox(mask, dims) else { return 0.0 };
+    let Some((lo, hi)) = bbox(region, dims) else { return 0.0 };
     let pad = if smooth { 2 } else { 1 };
     let org: [isize; 3] = std::array::from_fn(|k| lo[k] as isize - pad);
     let ld: [usize; 3] = std::array::from_fn(|k| hi[k] - lo[k] + 1 + 2 * pad as usize);
@@ -278,9 +317,10 @@ pub fn mask_surface_with(
     for i in lo[0]..=hi[0] {
         for j in lo[1]..=hi[1] {
             for k in lo[2]..=hi[2] {
-                if mask[(i * dims[1] + j) * dims[2] + k] {
+                let p = (i * dims[1] + j) * dims[2] + k;
+                if region[p] {
                     let (a, b, c) = ((i as isize - org[0]) as usize, (j as isize - org[1]) as usize, (k as isize - org[2]) as usize);
-                    f[(a * ld[1] + b) * ld[2] + c] = 1.0;
+                    f[(a * ld[1] + b) * ld[2] + c] = value(p);
                 }
             }
         }
@@ -336,6 +376,12 @@ pub fn frame_dims(v: &Volume) -> (usize, [usize; 3]) {
 
 /// Reads the labels (and RI) files, checks them, and analyses every frame (in parallel).
 pub fn analyze_files(labels_path: &Path, ri_path: Option<&Path>, opt: &Options) -> Result<Vec<FrameMetrics>> {
+    analyze_with(labels_path, ri_path, None, opt)
+}
+
+/// [`analyze_files`], with the surfaces from the probability maps at `prob_path` when given
+/// (see [`probabilities`]).
+pub fn analyze_with(labels_path: &Path, ri_path: Option<&Path>, prob_path: Option<&Path>, opt: &Options) -> Result<Vec<FrameMetrics>> {
     opt.validate()?;
     let lv = read_volume(labels_path)?;
     let (t, dims) = frame_dims(&lv);
@@ -358,9 +404,23 @@ pub fn analyze_files(labels_path: &Path, ri_path: Option<&Path>, opt: &Options) 
         None => None,
     };
     let n = dims[0] * dims[1] * dims[2];
+    let probs = prob_path.map(|p| probabilities::read(p, t, dims)).transpose()?;
+    if let (Some(pr), Some(path)) = (&probs, prob_path) {
+        (0..t).into_par_iter().try_for_each(|f| {
+            for class in [EFFECTOR, TARGET] {
+                if let Some(g) = probabilities::field(pr.frame(f, n), pr.channels, class) {
+                    probabilities::check_agrees(&labels[f * n..(f + 1) * n], &g, class, f, path)?;
+                }
+            }
+            Ok::<_, Error>(())
+        })?;
+    }
     Ok((0..t)
         .into_par_iter()
-        .map(|f| analyze_frame(f, &labels[f * n..(f + 1) * n], ri.as_ref().map(|r| &r[f * n..(f + 1) * n]), dims, opt))
+        .map(|f| {
+            let surfaces = probs.as_ref().map_or(Surfaces::Labels, |pr| Surfaces::Probabilities(pr.frame(f, n), pr.channels));
+            analyze_frame_from(f, &labels[f * n..(f + 1) * n], ri.as_ref().map(|r| &r[f * n..(f + 1) * n]), surfaces, dims, opt)
+        })
         .collect())
 }
 
@@ -479,6 +539,11 @@ pub struct AnalyzeArgs {
     /// Refractive-index increment (um^3/pg = mL/g) for dry mass
     #[arg(long, default_value_t = 0.19, allow_hyphen_values = true)]
     pub dn_dc: f64,
+    /// Surfaces (areas, volumes, sphericity) from a sigmoid head's probability maps, which place
+    /// the boundary between voxels, instead of from the labels: the file `segment
+    /// --save-probabilities` wrote, or, with no value, NAME_probabilities.* beside each NAME_labels.*
+    #[arg(long, value_name = "PROBABILITIES", num_args = 0..=1)]
+    pub probabilities: Option<Option<std::path::PathBuf>>,
     /// The CSV to write (one row per frame)
     #[arg(short, long, value_name = "CSV")]
     pub output: std::path::PathBuf,
@@ -538,10 +603,21 @@ fn options_for(a: &AnalyzeArgs, labels: &Path, ri: Option<&Path>) -> Result<Opti
     Ok(opt)
 }
 
+/// The probability maps for `labels`: None without --probabilities, the file given, or (no
+/// value) the one beside the labels.
+fn probabilities_for(a: &AnalyzeArgs, labels: &Path) -> Result<Option<std::path::PathBuf>> {
+    match &a.probabilities {
+        None => Ok(None),
+        Some(None) => probabilities::beside(labels).map(Some),
+        Some(Some(p)) => Ok(Some(p.clone())),
+    }
+}
+
 /// Before any work: no output over an input or the other output, and every output's folder exists.
 fn check_outputs(a: &AnalyzeArgs) -> Result<()> {
     let mut inputs = vec![("LABELS", a.labels.as_path())];
     inputs.extend(a.ri.as_deref().map(|p| ("--ri", p)));
+    inputs.extend(a.probabilities.iter().flatten().map(|p| ("--probabilities", p.as_path())));
     let mut outputs = vec![("-o", a.output.as_path())];
     outputs.extend(a.plot.as_deref().map(|p| ("--plot", p)));
     crate::io::refuse_overwrites(&outputs, &inputs)?;
@@ -560,14 +636,18 @@ pub fn run_cli(a: &AnalyzeArgs) -> Result<Vec<FrameMetrics>> {
     check_outputs(a)?;
     let t0 = std::time::Instant::now();
     if a.labels.is_dir() {
-        if a.ri.is_some() || a.plot.is_some() {
-            return Err(Error::Input(format!("{}: --ri and --plot take one label file; analyse a folder without them, or file by file", a.labels.display())));
+        if a.ri.is_some() || a.plot.is_some() || matches!(a.probabilities, Some(Some(_))) {
+            return Err(Error::Input(format!(
+                "{}: --ri, --plot and --probabilities FILE take one label file; analyse a folder without them (--probabilities with no file takes each NAME_probabilities beside NAME_labels), or file by file",
+                a.labels.display()
+            )));
         }
         let mut rows = Vec::new();
         for f in label_files(&a.labels)? {
             let opt = options_for(a, &f, None)?;
             let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            rows.extend(analyze_files(&f, None, &opt)?.into_iter().map(|r| (name.clone(), r)));
+            let probs = probabilities_for(a, &f)?;
+            rows.extend(analyze_with(&f, None, probs.as_deref(), &opt)?.into_iter().map(|r| (name.clone(), r)));
         }
         let text = to_csv_files(&rows);
         crate::io::write_atomic(&a.output, |w| std::io::Write::write_all(w, text.as_bytes()))?;
@@ -576,7 +656,11 @@ pub fn run_cli(a: &AnalyzeArgs) -> Result<Vec<FrameMetrics>> {
         return Ok(Vec::new());
     }
     let opt = options_for(a, &a.labels, a.ri.as_deref())?;
-    let rows = analyze_files(&a.labels, a.ri.as_deref(), &opt)?;
+    let probs = probabilities_for(a, &a.labels)?;
+    if let Some(p) = &probs {
+        eprintln!("surfaces from the probability maps {}", p.display());
+    }
+    let rows = analyze_with(&a.labels, a.ri.as_deref(), probs.as_deref(), &opt)?;
     write_csv(&a.output, &rows)?;
     print!("{}", format_table(&rows));
     eprintln!("{} frame(s) analysed in {:.2} s; wrote {}", rows.len(), t0.elapsed().as_secs_f64(), a.output.display());

@@ -13,30 +13,62 @@ use super::marching_cubes::{triangle_volume, Triangle};
 
 /// Sum of `per_triangle` over the triangles of the smoothed surface of `mask`, dilated about
 /// its centroid to enclose the mask's voxel-count volume (corners in um, whole-volume frame).
-pub fn volume_matched_surface(
-    mask: &[bool],
-    dims: [usize; 3],
-    spacing: [f64; 3],
-    mut per_triangle: impl FnMut(Triangle) -> f64,
-) -> f64 {
+pub fn volume_matched_surface(mask: &[bool], dims: [usize; 3], spacing: [f64; 3], per_triangle: impl FnMut(Triangle) -> f64) -> f64 {
     let mut tris: Vec<Triangle> = Vec::new();
     super::mask_surface_with(mask, dims, spacing, true, |t| {
         tris.push(t);
         0.0
     });
+    volume_matched(&tris, voxel_volume(mask, spacing), per_triangle)
+}
+
+/// The level-1/2 surface of a continuous field `g` (D0 x D1 x D2, C order) near the cell `mask`
+/// (the mask dilated by one voxel; `g` is taken as 0 elsewhere, so the surface closes), smoothed
+/// and dilated like [`volume_matched_surface`] to enclose the mask's voxel-count volume: the sum
+/// of `per_triangle` over its triangles. Where `g` ramps across the boundary (a soft map), the
+/// vertices sit where it crosses 1/2, between voxels (smoothing keeps a linear ramp's crossing);
+/// where it jumps from 0 to 1 (a saturated map), this is the labels' own surface.
+pub fn field_surface(g: &[f32], mask: &[bool], dims: [usize; 3], spacing: [f64; 3], per_triangle: impl FnMut(Triangle) -> f64) -> f64 {
+    let mut tris: Vec<Triangle> = Vec::new();
+    super::surface_of(|p| g[p], &dilate(mask, dims), dims, spacing, true, |t| {
+        tris.push(t);
+        0.0
+    });
+    volume_matched(&tris, voxel_volume(mask, spacing), per_triangle)
+}
+
+fn voxel_volume(mask: &[bool], spacing: [f64; 3]) -> f64 {
+    mask.iter().filter(|&&b| b).count() as f64 * spacing.iter().product::<f64>()
+}
+
+/// Sum of `per_triangle` over the closed mesh `tris` dilated about its centroid to enclose `v`.
+fn volume_matched(tris: &[Triangle], v: f64, mut per_triangle: impl FnMut(Triangle) -> f64) -> f64 {
     let v_mesh: f64 = tris.iter().map(triangle_volume).sum();
     if tris.is_empty() || v_mesh <= 0.0 {
         return 0.0;
     }
-    let v_mask = mask.iter().filter(|&&b| b).count() as f64 * spacing.iter().product::<f64>();
     // Volume centroid: each tetrahedron (origin, t) weighted by its signed volume.
     let mut c = [0f64; 3];
-    for t in &tris {
+    for t in tris {
         let w = triangle_volume(t) / 4.0 / v_mesh;
         for k in 0..3 {
             c[k] += w * (t[0][k] + t[1][k] + t[2][k]);
         }
     }
-    let s = (v_mask / v_mesh).cbrt();
+    let s = (v / v_mesh).cbrt();
     tris.iter().map(|t| per_triangle(t.map(|p| std::array::from_fn(|k| c[k] + s * (p[k] - c[k]))))).sum()
+}
+
+/// `mask` grown by one voxel (26 neighbours).
+fn dilate(mask: &[bool], dims: [usize; 3]) -> Vec<bool> {
+    let mut out = mask.to_vec();
+    for axis in 0..3 {
+        let stride = [dims[1] * dims[2], dims[2], 1][axis];
+        let src = out.clone();
+        for (p, o) in out.iter_mut().enumerate() {
+            let i = p / stride % dims[axis];
+            *o = src[p] || (i > 0 && src[p - stride]) || (i + 1 < dims[axis] && src[p + stride]);
+        }
+    }
+    out
 }

@@ -9,9 +9,9 @@ use crate::cpu::CpuBackend;
 use crate::engine::{choose, BackendKind, Chosen};
 use crate::error::{Error, Result};
 use crate::io::read_volume;
-use crate::weights::{metadata, Weights};
+use crate::weights::Weights;
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Work that needs a concrete `TrainBackend`.
@@ -114,15 +114,34 @@ fn train_step_on<B: TrainBackend>(b: &B, a: &TrainStepArgs) -> Result<()> {
             tensors.push((format!("grad.{}", s.name), s.shape.clone(), g.clone()));
         }
     }
-    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), bytemuck::cast_slice::<f32, u8>(d).to_vec())).collect();
-    let mut views = Vec::new();
-    for (n, s, d) in &raw {
-        views.push((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).map_err(|e| Error::Weights(format!("{n}: {e}")))?));
-    }
-    let bytes = safetensors::serialize(views, Some(metadata(&p.cfg))).map_err(|e| Error::Weights(e.to_string()))?;
+    let bytes = crate::weights::serialize(&p.cfg, &tensors)?;
     crate::io::write_atomic(&a.output, |f| std::io::Write::write_all(f, &bytes))?;
     eprintln!("wrote {} ({} gradients)", a.output.display(), tensors.len() - 1);
     Ok(())
+}
+
+/// The voxel size the training inputs record (sidecars, TCF, OME-TIFF or ImageJ tags), if any;
+/// inputs that record sizes more than 1% apart are an error naming two of them.
+fn data_voxel_size(dir: &Path) -> Result<Option<[f64; 3]>> {
+    let mut found: Option<crate::voxel::VoxelSize> = None;
+    for (_, src) in super::data::find_sources(dir)? {
+        let path = match &src {
+            super::data::Source::Pair { input, .. } => input,
+            super::data::Source::Mat(p) => p,
+        };
+        let Some(v) = crate::voxel::voxel_size_of(path)? else { continue };
+        match &found {
+            Some(f) if crate::voxel::differs(f.um, v.um, 0.01) => {
+                return Err(Error::Input(format!(
+                    "the training inputs record different voxel sizes: {:?} um ({}) and {:?} um ({}); train on one scale, or give --voxel-size",
+                    f.um, f.from, v.um, v.from
+                )))
+            }
+            Some(_) => {}
+            None => found = Some(v),
+        }
+    }
+    Ok(found.map(|v| v.um))
 }
 
 pub const TRAIN_LONG: &str = "\
@@ -214,6 +233,10 @@ pub struct TrainArgs {
     /// Where training runs (as for predict; auto: the GPU when one is found)
     #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
     pub backend: BackendKind,
+    /// Voxel size D0,D1,D2 in um of the data, recorded in every checkpoint (`voxel_size_um`) so
+    /// that `segment` warns about inputs of another scale (default: what the input files record)
+    #[arg(long, value_name = "D0,D1,D2", value_parser = crate::analysis::parse_voxel_size)]
+    pub voxel_size: Option<[f64; 3]>,
 }
 
 pub fn train_cmd(a: &TrainArgs) -> Result<()> {
@@ -242,6 +265,7 @@ fn options(a: &TrainArgs) -> Result<TrainOptions> {
         augment: base.augment && !a.no_augment,
         dropout: base.dropout,
         data: Some(std::fs::canonicalize(&a.data).unwrap_or_else(|_| a.data.clone())),
+        voxel_size_um: a.voxel_size.or(base.voxel_size_um),
     };
     if !(o.lr.is_finite() && o.lr > 0.0 && (0.0..1.0).contains(&o.val_fraction)) {
         return Err(Error::Input("--lr must be positive and --val-fraction in [0, 1)".into()));
@@ -258,7 +282,14 @@ fn train_on<B: TrainBackend>(b: &B, a: &TrainArgs) -> Result<()> {
     };
     // before the data is read: a refusal should not wait for gigabytes to load
     check_run_dir(&a.output, mode)?;
-    let opts = options(a)?;
+    let mut opts = options(a)?;
+    if opts.voxel_size_um.is_none() {
+        opts.voxel_size_um = data_voxel_size(&a.data)?;
+    }
+    match opts.voxel_size_um {
+        Some(v) => eprintln!("voxel size {v:?} um, recorded in the checkpoints"),
+        None => eprintln!("note: the data records no voxel size; give --voxel-size so that the checkpoints record it and segment can check its inputs' scale"),
+    }
     let start = match (&a.init, &a.config) {
         (Some(w), _) => {
             let (mut s, fresh) = Start::from_weights(&Weights::load(w)?, opts.seed)?;

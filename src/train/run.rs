@@ -24,7 +24,8 @@ use crate::config::Head;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
-use crate::weights::{metadata, Weights};
+use crate::weights::{serialize_with, Weights};
+use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -44,6 +45,10 @@ pub struct TrainOptions {
     /// The data folder (canonical path) when the run was started by `deepis train`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<PathBuf>,
+    /// The data's voxel size (um along D0, D1, D2), written into every checkpoint's
+    /// `__metadata__` as `voxel_size_um`, so that `segment` can warn about inputs of another scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voxel_size_um: Option<[f64; 3]>,
 }
 
 /// The published trainer's Adam learning rate (main_DeepIS.py: 5e-5).
@@ -51,7 +56,7 @@ pub const LR: f64 = 5e-5;
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        TrainOptions { epochs: 100, batch: 2, lr: LR, weight_decay: 0.0, seed: 0, val_fraction: 0.2, augment: true, dropout: DROPOUT, data: None }
+        TrainOptions { epochs: 100, batch: 2, lr: LR, weight_decay: 0.0, seed: 0, val_fraction: 0.2, augment: true, dropout: DROPOUT, data: None, voxel_size_um: None }
     }
 }
 
@@ -107,15 +112,15 @@ pub fn save_checkpoint(path: &Path, p: &Params, adam: &Adam, state: &TrainState)
             tensors.push((format!("adam.v.{}", s.name), s.shape.clone(), v.clone()));
         }
     }
-    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), bytemuck::cast_slice::<f32, u8>(d).to_vec())).collect();
-    let mut views = Vec::new();
-    for (n, s, b) in &raw {
-        views.push((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map_err(|e| Error::Weights(format!("{n}: {e}")))?));
-    }
-    let mut meta = metadata(&p.cfg);
+    let mut meta = run_metadata(&state.options);
     meta.insert("train_state".into(), serde_json::to_string(state).map_err(|e| Error::Other(e.to_string()))?);
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Weights(e.to_string()))?;
+    let bytes = serialize_with(&p.cfg, &tensors, meta)?;
     crate::io::write_atomic(path, |w| std::io::Write::write_all(w, &bytes))
+}
+
+/// The `__metadata__` every file of a run carries beyond the config: the voxel size it trained at.
+fn run_metadata(o: &TrainOptions) -> HashMap<String, String> {
+    o.voxel_size_um.map(|v| ("voxel_size_um".to_string(), format!("{},{},{}", v[0], v[1], v[2]))).into_iter().collect()
 }
 
 /// Reads a checkpoint written by `save_checkpoint`.
@@ -313,6 +318,9 @@ fn check_same_options(recorded: &TrainOptions, given: &TrainOptions, last: &Path
     if let (Some(r), Some(g)) = (&recorded.data, &given.data) {
         pairs.push(("--data", r.display().to_string(), g.display().to_string()));
     }
+    if let (Some(r), Some(g)) = (recorded.voxel_size_um, given.voxel_size_um) {
+        pairs.push(("--voxel-size", format!("{r:?}"), format!("{g:?}")));
+    }
     match pairs.into_iter().find(|(_, r, g)| r != g) {
         None => Ok(()),
         Some((name, r, g)) => Err(Error::Input(format!(
@@ -477,7 +485,8 @@ pub fn train<B: TrainBackend>(
         if improved {
             state.best_val = Some(score);
             state.best_epoch = epoch;
-            p.to_weights()?.save(&best)?;
+            let bytes = serialize_with(&p.cfg, &p.to_tensors(), run_metadata(&state.options))?;
+            crate::io::write_atomic(&best, |w| std::io::Write::write_all(w, &bytes))?;
         }
         // The checkpoint is written last: it is the commit point of the epoch. A kill before it
         // leaves the previous checkpoint, and a resume drops log rows newer than it.
