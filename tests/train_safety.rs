@@ -1,6 +1,7 @@
 //! `deepis train` keeps what a user already has: a run folder is not overwritten without
 //! --resume or --force, --resume needs a checkpoint and the run's options, epochs that would
-//! train nothing are refused, and volumes of mixed sizes are refused as the data is read.
+//! train nothing are refused, volumes of mixed sizes are refused as the data is read, and the
+//! data's voxel size is recorded in every checkpoint.
 use deepis::rng::Rng;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -198,4 +199,50 @@ fn mixed_volume_sizes_are_found_when_the_data_is_read() {
     let o = c.args(["train", "--epochs", "1", "--batch", "1", "-o"]).arg(&run).arg("--config").arg(&s.cfg).arg("--data").arg(&mixed).output().unwrap();
     ok(&o);
     assert_eq!(epochs_done(&run), 1);
+}
+
+#[test]
+fn the_data_voxel_size_is_recorded_in_every_checkpoint() {
+    use deepis::voxel::trained_voxel_size;
+    let s = setup();
+    let files = |run: &Path| [run.join("last.safetensors"), run.join("best.safetensors")];
+    // The data records none and none is given: none recorded, and the run says so.
+    let run = s.root.join("none");
+    let o = train(&s, &run, &["--epochs", "1"]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("records no voxel size"));
+    for f in files(&run) {
+        assert_eq!(trained_voxel_size(&f).unwrap(), None, "{}", f.display());
+    }
+    // Given: in every checkpoint; a resumed run keeps it and refuses another.
+    let run = s.root.join("given");
+    ok(&train(&s, &run, &["--epochs", "1", "--voxel-size", "0.4,0.4,0.8"]));
+    let e = refused(&train(&s, &run, &["--epochs", "2", "--resume", "--voxel-size", "0.2,0.2,0.4"]));
+    println!("{e}");
+    assert!(e.contains("--voxel-size is [0.2, 0.2, 0.4]") && e.contains("started with [0.4, 0.4, 0.8]"), "{e}");
+    ok(&train(&s, &run, &["--epochs", "2", "--resume"]));
+    for f in files(&run) {
+        assert_eq!(trained_voxel_size(&f).unwrap(), Some([0.4, 0.4, 0.8]), "{}", f.display());
+    }
+    // Read from the inputs' sidecars when not given.
+    let card = |um: [f64; 3]| deepis::sidecar::Sidecar {
+        shape: vec![16, 16, 16],
+        axes: vec!["D0".into(), "D1".into(), "D2".into()],
+        voxel_size_um: Some(um),
+        voxel_size_from: None,
+        provenance: None,
+    };
+    for i in 0..3 {
+        deepis::sidecar::write(&s.data.join(format!("s{i}_input.npy")), &card([0.3, 0.3, 0.6])).unwrap();
+    }
+    let run = s.root.join("sidecars");
+    let o = train(&s, &run, &["--epochs", "1"]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("voxel size [0.3, 0.3, 0.6] um"));
+    assert_eq!(trained_voxel_size(&run.join("best.safetensors")).unwrap(), Some([0.3, 0.3, 0.6]));
+    // Inputs of two scales: refused, naming both.
+    deepis::sidecar::write(&s.data.join("s2_input.npy"), &card([0.3, 0.3, 0.9])).unwrap();
+    let e = refused(&train(&s, &s.root.join("mixed"), &["--epochs", "1"]));
+    println!("{e}");
+    assert!(e.contains("different voxel sizes") && e.contains("s0_input.npy") && e.contains("s2_input.npy"), "{e}");
 }
