@@ -314,13 +314,15 @@ fn predict(a: &PredictArgs) -> Result<()> {
     // The input's voxel size travels into the output (OME-TIFF header and/or JSON sidecar).
     let voxel = crate::voxel::voxel_size_of(&a.input)?;
     let um = voxel.as_ref().map(|v| v.um);
-    crate::segment::write_map(&a.output, &y, &dims, um)?;
+    let time_interval_s = crate::sidecar::time_interval_of(&a.input)?;
+    crate::segment::write_map(&a.output, &y, &dims, um, time_interval_s)?;
     let lead: &[&str] = if dims.len() == 5 { &["N", "C"] } else { &["C"] };
     let card = crate::sidecar::Sidecar {
         axes: crate::sidecar::axes_for(dims.len(), lead),
         shape: dims.clone(),
         voxel_size_um: um,
         voxel_size_from: voxel.map(|v| v.from),
+        time_interval_s,
         provenance: None,
     };
     crate::sidecar::write(&a.output, &card)?;

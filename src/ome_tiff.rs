@@ -32,13 +32,14 @@ impl Pixels<'_> {
 
 /// Writes `data` (C order of `dims` = [T, C, D0, D1, D2] with missing leading axes of size 1) as
 /// an OME-TIFF stack, atomically.
-pub fn write(path: &Path, dims: [usize; 5], data: Pixels<'_>, voxel: Option<[f64; 3]>) -> Result<()> {
+/// `time_interval_s` goes into the XML as TimeIncrement.
+pub fn write(path: &Path, dims: [usize; 5], data: Pixels<'_>, voxel: Option<[f64; 3]>, time_interval_s: Option<f64>) -> Result<()> {
     let [_, _, _, h, w] = dims;
     if dims.iter().product::<usize>() != data.len() || h == 0 || w == 0 {
         return Err(Error::Shape(format!("an OME-TIFF of shape {dims:?} needs {} values, got {}", dims.iter().product::<usize>(), data.len())));
     }
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("deepis");
-    let xml = crate::ome_xml::ome_xml(data.ome_type(), dims, voxel, name);
+    let xml = crate::ome_xml::ome_xml(data.ome_type(), dims, voxel, time_interval_s, name);
     crate::io::write_atomic(path, |out| {
         use tiff::encoder::{colortype, Rational, TiffEncoder};
         use tiff::tags::{ResolutionUnit, Tag};

@@ -3,10 +3,13 @@
 //! A leaf module: the writer and the readers depend on it, it on nothing of theirs.
 
 /// The OME-XML of a stack of `size_t` x `size_c` x `size_z` pages of `h` x `w`.
-pub fn ome_xml(ty: &str, [size_t, size_c, size_z, h, w]: [usize; 5], voxel: Option<[f64; 3]>, name: &str) -> String {
-    let phys = voxel.map_or(String::new(), |v| {
+pub fn ome_xml(ty: &str, [size_t, size_c, size_z, h, w]: [usize; 5], voxel: Option<[f64; 3]>, time_interval_s: Option<f64>, name: &str) -> String {
+    let mut phys = voxel.map_or(String::new(), |v| {
         format!(r#" PhysicalSizeX="{}" PhysicalSizeY="{}" PhysicalSizeZ="{}""#, v[2], v[1], v[0])
     });
+    if let Some(t) = time_interval_s {
+        phys += &format!(r#" TimeIncrement="{t}" TimeIncrementUnit="s""#);
+    }
     let channels: String = (0..size_c).map(|c| format!(r#"<Channel ID="Channel:0:{c}" SamplesPerPixel="1"/>"#)).collect();
     let name: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || "._- ".contains(*c)).collect();
     format!(
@@ -62,4 +65,20 @@ pub fn dims(desc: &str, pages: usize, h: usize, w: usize) -> Option<Vec<usize>> 
     }
     d.extend([z, h, w]);
     Some(d)
+}
+
+/// The seconds between frames that `desc` (an ImageDescription) records as OME-XML
+/// `TimeIncrement` (unit s, ms or min; s when not given).
+pub fn time_increment_s(desc: &str) -> Option<f64> {
+    if !desc.contains("<OME") {
+        return None;
+    }
+    let t = attr(desc, "TimeIncrement")?.parse::<f64>().ok()?;
+    let unit = match attr(desc, "TimeIncrementUnit").as_deref() {
+        None | Some("s") => 1.0,
+        Some("ms") => 1e-3,
+        Some("min") => 60.0,
+        Some(_) => return None,
+    };
+    Some(t * unit).filter(|t| t.is_finite() && *t > 0.0)
 }

@@ -555,21 +555,23 @@ fn segment_one(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>, 
     let s = vol.tensor.shape;
     let dims: Vec<usize> = if vol.rank == 3 { s.d.to_vec() } else { vec![s.n, s.d[0], s.d[1], s.d[2]] };
     let um = voxel.as_ref().map(|v| v.um);
+    let time_interval_s = crate::sidecar::time_interval_of(input)?;
     let card = |shape: Vec<usize>, lead: &[&str]| crate::sidecar::Sidecar {
         axes: crate::sidecar::axes_for(shape.len(), lead),
         shape,
         voxel_size_um: um,
         voxel_size_from: voxel.as_ref().map(|v| v.from.clone()),
+        time_interval_s,
         provenance: Some(prov.clone()),
     };
     // made only now, so that a run refused on its first input leaves no folder behind
     std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
     if a.save_probabilities {
         let pdims = crate::io::output_dims(&y, vol.rank)?;
-        write_map(&outs[1], &y, &pdims, um)?;
+        write_map(&outs[1], &y, &pdims, um, time_interval_s)?;
         crate::sidecar::write(&outs[1], &card(pdims.clone(), if pdims.len() == 5 { &["T", "C"] } else { &["C"] }))?;
     }
-    write_labels_out(&outs[0], &dims, &labels, um)?;
+    write_labels_out(&outs[0], &dims, &labels, um, time_interval_s)?;
     // The labels' sidecar last: its provenance marks the input done.
     crate::sidecar::write(&outs[0], &card(dims.clone(), &["T"]))?;
     let count = |c: u8| labels.iter().filter(|&&l| l == c).count();
@@ -588,20 +590,20 @@ fn segment_one(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>, 
 }
 
 /// Labels as .npy, or as OME-TIFF carrying the voxel size.
-pub fn write_labels_out(path: &Path, dims: &[usize], labels: &[u8], um: Option<[f64; 3]>) -> Result<()> {
+pub fn write_labels_out(path: &Path, dims: &[usize], labels: &[u8], um: Option<[f64; 3]>, time_interval_s: Option<f64>) -> Result<()> {
     if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("npy")) {
         return crate::analysis::write_labels(path, dims, labels);
     }
     let d5 = dims5(dims, false);
-    crate::ome_tiff::write(path, d5, crate::ome_tiff::Pixels::U8(labels), um)
+    crate::ome_tiff::write(path, d5, crate::ome_tiff::Pixels::U8(labels), um, time_interval_s)
 }
 
 /// A head output (file dims from `io::output_dims`) as .npy, or as OME-TIFF with the voxel size.
-pub fn write_map(path: &Path, y: &Tensor, dims: &[usize], um: Option<[f64; 3]>) -> Result<()> {
+pub fn write_map(path: &Path, y: &Tensor, dims: &[usize], um: Option<[f64; 3]>, time_interval_s: Option<f64>) -> Result<()> {
     if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("npy")) {
         return crate::io::write_npy(path, dims, &y.to_ncdhw());
     }
-    crate::ome_tiff::write(path, dims5(dims, true), crate::ome_tiff::Pixels::F32(&y.to_ncdhw()), um)
+    crate::ome_tiff::write(path, dims5(dims, true), crate::ome_tiff::Pixels::F32(&y.to_ncdhw()), um, time_interval_s)
 }
 
 /// [T, C, D0, D1, D2] of file dims: labels are [D0..] or [T, D0..]; maps [C, D0..] or [T, C, D0..].

@@ -17,7 +17,7 @@ pub fn path_for(file: &Path) -> PathBuf {
 }
 
 /// What a sidecar says.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Sidecar {
     pub shape: Vec<usize>,
     /// Axis names, e.g. ["D0", "D1", "D2"] or ["T", "D0", "D1", "D2"].
@@ -26,6 +26,8 @@ pub struct Sidecar {
     pub voxel_size_um: Option<[f64; 3]>,
     /// Where the voxel size came from (a file and its field), for the record.
     pub voxel_size_from: Option<String>,
+    /// Seconds between the frames of a time-lapse (a TCF's `TimeInterval`), when known.
+    pub time_interval_s: Option<f64>,
     /// `segment`'s provenance (weights hash, options, version, input size and time).
     pub provenance: Option<Value>,
 }
@@ -38,6 +40,7 @@ impl Sidecar {
             "axes": self.axes,
             "voxel_size_um": self.voxel_size_um,
             "voxel_size_from": self.voxel_size_from,
+            "time_interval_s": self.time_interval_s,
             "provenance": self.provenance,
         })
     }
@@ -69,8 +72,25 @@ pub fn read(file: &Path) -> Result<Option<Sidecar>> {
         other => return Err(bad(format!("voxel_size_um is {other}: expected three positive numbers of um (D0, D1, D2) or null"))),
     };
     let voxel_size_from = v["voxel_size_from"].as_str().map(String::from);
+    let time_interval_s = match &v["time_interval_s"] {
+        Value::Null => None,
+        t => Some(t.as_f64().filter(|t| t.is_finite() && *t > 0.0).ok_or_else(|| bad(format!("time_interval_s is {t}: expected a positive number of seconds or null")))?),
+    };
     let provenance = Some(v["provenance"].clone()).filter(|p| !p.is_null());
-    Ok(Some(Sidecar { shape, axes, voxel_size_um, voxel_size_from, provenance }))
+    Ok(Some(Sidecar { shape, axes, voxel_size_um, voxel_size_from, time_interval_s, provenance }))
+}
+
+/// Seconds between the frames of `path`: its sidecar's `time_interval_s`, else a TCF's
+/// `TimeInterval` or an OME-TIFF's `TimeIncrement`; None when none records one.
+pub fn time_interval_of(path: &Path) -> Result<Option<f64>> {
+    if let Some(t) = read(path)?.and_then(|s| s.time_interval_s) {
+        return Ok(Some(t));
+    }
+    match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+        Some("tcf") => Ok(crate::tcf::read_info(path)?.time_interval_s),
+        Some("tif" | "tiff") => Ok(crate::ome_xml::time_increment_s(&crate::voxel::tiff_description(path)?.1)),
+        _ => Ok(None),
+    }
 }
 
 /// Axis names of an array of `rank` dims whose last three are D0, D1, D2.

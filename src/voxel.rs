@@ -34,12 +34,18 @@ pub fn voxel_size_of(path: &Path) -> Result<Option<VoxelSize>> {
     }
 }
 
+/// A TIFF's decoder and its first ImageDescription ("" when it has none).
+pub fn tiff_description(path: &Path) -> Result<(tiff::decoder::Decoder<std::io::BufReader<std::fs::File>>, String)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut dec = tiff::decoder::Decoder::new(std::io::BufReader::new(file)).map_err(|e| Error::format(path, format!("not a readable TIFF file: {e}")))?;
+    let desc = dec.get_tag_ascii_string(tiff::tags::Tag::ImageDescription).unwrap_or_default();
+    Ok((dec, desc))
+}
+
 fn tiff_voxel_size(path: &Path) -> Result<Option<VoxelSize>> {
     use tiff::decoder::Decoder;
     use tiff::tags::Tag;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut dec = Decoder::new(std::io::BufReader::new(file)).map_err(|e| Error::format(path, format!("not a readable TIFF file: {e}")))?;
-    let desc = dec.get_tag_ascii_string(Tag::ImageDescription).unwrap_or_default();
+    let (mut dec, desc) = tiff_description(path)?;
     let rational = |dec: &mut Decoder<_>, tag: Tag| -> Option<f64> {
         match dec.find_tag(tag).ok()?? {
             tiff::decoder::ifd::Value::Rational(n, d) if n > 0 && d > 0 => Some(n as f64 / d as f64),

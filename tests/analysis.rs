@@ -194,11 +194,12 @@ mod files {
         let csv = analysis::to_csv(&rows);
         let mut lines = csv.lines();
         assert_eq!(lines.next().unwrap(), COLUMNS.join(","));
-        assert_eq!(COLUMNS.join(", "), "frame, effector_volume_um3, target_volume_um3, effector_area_um2, target_area_um2, effector_sphericity, target_sphericity, effector_dry_mass_pg, target_dry_mass_pg, is_area_um2, is_mean_ri, centroid_distance_um");
+        assert_eq!(COLUMNS.join(", "), "frame, effector_volume_um3, target_volume_um3, effector_area_um2, target_area_um2, effector_sphericity, target_sphericity, effector_dry_mass_pg, target_dry_mass_pg, is_area_um2, is_mean_ri, centroid_distance_um, time_s");
         for (t, line) in lines.enumerate() {
             let cells: Vec<&str> = line.split(',').collect();
-            assert_eq!(cells.len(), 12);
+            assert_eq!(cells.len(), 13);
             assert_eq!(cells[0], t.to_string());
+            assert_eq!(cells[12], "NaN", "no time interval known");
         }
     }
 }

@@ -108,7 +108,7 @@ fn segment_tcf_to_ome_tiff_then_analyze_in_um3_without_voxel_size() {
     let xml = description(&labels);
     println!("{xml}");
     // pages = D0 = the microscope's X (0.4 um), rows = D1 = Y (0.45), columns = D2 = Z (0.8).
-    for attr in [r#"PhysicalSizeX="0.8""#, r#"PhysicalSizeY="0.45""#, r#"PhysicalSizeZ="0.4""#, r#"SizeX="16""#, r#"SizeY="20""#, r#"SizeZ="24""#, r#"SizeT="2""#, r#"Type="uint8""#] {
+    for attr in [r#"PhysicalSizeX="0.8""#, r#"PhysicalSizeY="0.45""#, r#"PhysicalSizeZ="0.4""#, r#"SizeX="16""#, r#"SizeY="20""#, r#"SizeZ="24""#, r#"SizeT="2""#, r#"Type="uint8""#, r#"TimeIncrement="30" TimeIncrementUnit="s""#] {
         assert!(xml.contains(attr), "{attr} missing from {xml}");
     }
     // Read back from the TIFF alone (sidecar removed).
@@ -138,6 +138,7 @@ fn segment_tcf_to_ome_tiff_then_analyze_in_um3_without_voxel_size() {
         assert!((c[1] - count(1.0) * vv).abs() <= 1e-5 * c[1], "{line}");
         assert!((c[2] - count(2.0) * vv).abs() <= 1e-5 * c[2].max(1.0), "{line}");
         assert!(c[7].is_finite(), "dry mass from the TCF's RI");
+        assert_eq!(c[12], 30.0 * t as f64, "time_s: frame x the TCF's TimeInterval (30 s), carried by the labels' sidecar");
     }
     // Surfaces from the probability maps beside the labels (.npy, and the OME-TIFF pair of the
     // first run, whose sidecar was removed above: its voxel size comes from the TIFF's tags).
@@ -157,9 +158,11 @@ fn segment_tcf_to_ome_tiff_then_analyze_in_um3_without_voxel_size() {
         assert!(p[3] > 0.0 && p[3] != c[3] && (p[3] / c[3] - 1.0).abs() < 0.01, "{line} / {pline}");
         assert!(p[5] <= 1.0 + 1e-9, "sphericity of a closed surface: {pline}");
     }
-    // --voxel-size overrides.
-    let (ok, e) = deepis(&["analyze", &s(&labels), "--voxel-size", "1,1,1", "-o", &s(&csv)]);
+    // --voxel-size (and --time-interval) override.
+    let (ok, e) = deepis(&["analyze", &s(&labels), "--voxel-size", "1,1,1", "--time-interval", "7.5", "-o", &s(&csv)]);
     assert!(ok && e.contains("--voxel-size"), "{e}");
+    let last = std::fs::read_to_string(&csv).unwrap().lines().nth(2).unwrap().rsplit(',').next().unwrap().to_string();
+    assert_eq!(last, "7.500000", "frame 1 at 7.5 s");
     // A bare .npy with no sidecar: a clear error.
     std::fs::remove_file(deepis::sidecar::path_for(&labels)).unwrap();
     let (ok, e) = deepis(&["analyze", &s(&labels), "-o", &s(&csv)]);

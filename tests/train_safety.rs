@@ -229,8 +229,7 @@ fn the_data_voxel_size_is_recorded_in_every_checkpoint() {
         shape: vec![16, 16, 16],
         axes: vec!["D0".into(), "D1".into(), "D2".into()],
         voxel_size_um: Some(um),
-        voxel_size_from: None,
-        provenance: None,
+        ..Default::default()
     };
     for i in 0..3 {
         deepis::sidecar::write(&s.data.join(format!("s{i}_input.npy")), &card([0.3, 0.3, 0.6])).unwrap();

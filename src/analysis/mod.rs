@@ -26,7 +26,7 @@ pub const EFFECTOR: u8 = 1;
 pub const TARGET: u8 = 2;
 
 /// The CSV columns, in order.
-pub const COLUMNS: [&str; 12] = [
+pub const COLUMNS: [&str; 13] = [
     "frame",
     "effector_volume_um3",
     "target_volume_um3",
@@ -39,6 +39,7 @@ pub const COLUMNS: [&str; 12] = [
     "is_area_um2",
     "is_mean_ri",
     "centroid_distance_um",
+    "time_s",
 ];
 
 #[derive(Clone, Debug, PartialEq)]
@@ -51,11 +52,13 @@ pub struct Options {
     pub dn_dc: f64,
     /// Refractive index of the medium.
     pub medium_ri: f64,
+    /// Seconds between frames (the `time_s` column), when known.
+    pub time_interval_s: Option<f64>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { voxel_size: [0.2, 0.2, 0.4], is_distance: 1.0, dn_dc: 0.19, medium_ri: MEDIUM_RI }
+        Options { voxel_size: [0.2, 0.2, 0.4], is_distance: 1.0, dn_dc: 0.19, medium_ri: MEDIUM_RI, time_interval_s: None }
     }
 }
 
@@ -67,6 +70,9 @@ impl Options {
         }
         if !(self.dn_dc.is_finite() && self.dn_dc > 0.0) {
             return Err(Error::Input(format!("--dn-dc must be positive (um^3/pg), got {}", self.dn_dc)));
+        }
+        if let Some(t) = self.time_interval_s.filter(|t| !(t.is_finite() && *t > 0.0)) {
+            return Err(Error::Input(format!("--time-interval must be a positive number of seconds, got {t}")));
         }
         Ok(())
     }
@@ -89,11 +95,14 @@ pub struct FrameMetrics {
     pub is_area_um2: f64,
     pub is_mean_ri: f64,
     pub centroid_distance_um: f64,
+    /// frame x the time-lapse's interval (a TCF's `TimeInterval`, carried by `segment` in the
+    /// labels' sidecar), NaN when unknown.
+    pub time_s: f64,
 }
 
 impl FrameMetrics {
     /// The values in [`COLUMNS`] order (frame as a float).
-    pub fn values(&self) -> [f64; 12] {
+    pub fn values(&self) -> [f64; 13] {
         [
             self.frame as f64,
             self.effector_volume_um3,
@@ -107,6 +116,7 @@ impl FrameMetrics {
             self.is_area_um2,
             self.is_mean_ri,
             self.centroid_distance_um,
+            self.time_s,
         ]
     }
 }
@@ -257,6 +267,7 @@ pub fn analyze_frame_from(frame: usize, labels: &[u8], ri: Option<&[f32]>, surfa
         is_area_um2: is_area,
         is_mean_ri,
         centroid_distance_um: cd,
+        time_s: opt.time_interval_s.map_or(f64::NAN, |dt| frame as f64 * dt),
     }
 }
 
@@ -466,7 +477,7 @@ pub fn write_csv(path: &Path, rows: &[FrameMetrics]) -> Result<()> {
 
 /// A fixed-width table of the metrics for the terminal.
 pub fn format_table(rows: &[FrameMetrics]) -> String {
-    let heads = ["frame", "V_eff", "V_tgt", "A_eff", "A_tgt", "sph_eff", "sph_tgt", "m_eff", "m_tgt", "IS_area", "IS_RI", "dist"];
+    let heads = ["frame", "V_eff", "V_tgt", "A_eff", "A_tgt", "sph_eff", "sph_tgt", "m_eff", "m_tgt", "IS_area", "IS_RI", "dist", "time_s"];
     let mut s = String::new();
     for h in heads {
         s.push_str(&format!("{h:>9}"));
@@ -544,6 +555,10 @@ pub struct AnalyzeArgs {
     /// --save-probabilities` wrote, or, with no value, NAME_probabilities.* beside each NAME_labels.*
     #[arg(long, value_name = "PROBABILITIES", num_args = 0..=1)]
     pub probabilities: Option<Option<std::path::PathBuf>>,
+    /// Seconds between frames, for the time_s column (default: what the labels' sidecar or the
+    /// RI file records, e.g. a TCF's TimeInterval)
+    #[arg(long, value_name = "S", allow_hyphen_values = true)]
+    pub time_interval: Option<f64>,
     /// The CSV to write (one row per frame)
     #[arg(short, long, value_name = "CSV")]
     pub output: std::path::PathBuf,
@@ -598,7 +613,13 @@ pub fn to_csv_files(rows: &[(String, FrameMetrics)]) -> String {
 fn options_for(a: &AnalyzeArgs, labels: &Path, ri: Option<&Path>) -> Result<Options> {
     let v = voxel_size_for(a.voxel_size, labels, ri)?;
     eprintln!("{}: voxel size {:?} um ({})", labels.display(), v.um, v.from);
-    let opt = Options { voxel_size: v.um, is_distance: a.is_distance, dn_dc: a.dn_dc, medium_ri: MEDIUM_RI };
+    let mut time_interval_s = a.time_interval;
+    for f in std::iter::once(labels).chain(ri) {
+        if time_interval_s.is_none() {
+            time_interval_s = crate::sidecar::time_interval_of(f)?;
+        }
+    }
+    let opt = Options { voxel_size: v.um, is_distance: a.is_distance, dn_dc: a.dn_dc, medium_ri: MEDIUM_RI, time_interval_s };
     opt.validate()?;
     Ok(opt)
 }
