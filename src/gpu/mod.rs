@@ -93,6 +93,13 @@ pub trait Device {
             _ => self.htod_bits(&to_half_bits(data, dtype), dtype),
         }
     }
+    /// `len` zeros of `dtype`.
+    fn alloc_zeros_as(&self, len: usize, dtype: DType) -> Result<Self::Buf> {
+        match dtype {
+            DType::F32 => self.alloc_zeros(len),
+            _ => self.htod_bits(&vec![0; len], dtype),
+        }
+    }
     /// Launches `kernel` (its `extern "C"` name) with `args` in the kernel's parameter order.
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
@@ -104,4 +111,5 @@ pub mod kernels;
 pub mod nvrtc;
 pub mod occupancy;
 pub mod ops;
+pub mod tensor_conv;
 pub mod train_ops;
