@@ -17,7 +17,7 @@ mod common;
 
 use deepis::backend::{ConvSpec, DevTensor};
 use deepis::gpu::emu::{EmuDevice, Schedule};
-use deepis::gpu::tensor_conv::{choose_chunk, conv3d_tc, tc_weight_layout, Epilogue, TcConv};
+use deepis::gpu::tensor_conv::{choose_chunk, conv3d_tc, conv3d_tc_into, tc_weight_layout, Epilogue, TcConv};
 use deepis::gpu::{from_half_bits, to_half_bits, DType, Device};
 use deepis::tensor::Shape;
 
@@ -301,8 +301,75 @@ fn bad_inputs_are_shape_errors() {
     let r = DevTensor { shape: Shape::new(1, [4, 4, 3], 4), data: dev.alloc_zeros(192).unwrap() };
     let ep = Epilogue { residual: Some(&r), relu: false, out: DType::F32 };
     shape_err(conv3d_tc(&dev, &conv, &x, &ep), "residual of another shape");
+    let y = DevTensor { shape: Shape::new(1, [4, 4, 4], 4), data: dev.alloc_zeros_as(256, DType::F16).unwrap() };
+    let into = conv3d_tc_into(&dev, &conv, &x, &Epilogue::plain(DType::F32), &y).map(|_| y);
+    shape_err(into, "an f16 output buffer for an f32 output");
     match TcConv::new(&dev, &c.spec, &data.w, None, DType::F32) {
         Err(deepis::Error::Shape(m)) => println!("f32 TcConv: {m}"),
         _ => panic!("an f32 TcConv must be a shape error"),
+    }
+}
+
+// ---- the same on a real GPU -------------------------------------------------------------------------
+
+/// A CUDA device with tensor cores the kernel uses (sm_80 and up), or None after saying why.
+fn tensor_core_gpu_or_skip() -> Option<deepis::gpu::cuda::CudaDevice> {
+    let dev = common::cuda_device_or_skip()?;
+    let cc: u32 = dev.arch().trim_start_matches("sm_").trim_end_matches('a').parse().unwrap_or(0);
+    if cc < 80 {
+        common::skip(&format!("{}: conv3d_tc needs sm_80 or newer", dev.name()));
+        return None;
+    }
+    Some(dev)
+}
+
+/// Needs a GPU (skips with the reason otherwise): every case of the table within the same bound
+/// (the bound allows truncated f32 sums, so the GPU need not equal the emulator bit for bit).
+#[test]
+fn cuda_tensor_core_conv_is_within_the_derived_bound() {
+    let Some(dev) = tensor_core_gpu_or_skip() else { return };
+    let mut failures = Vec::new();
+    for (idx, c) in cases().iter().enumerate() {
+        let data = Data::new(c, 100 * idx as u64 + 1);
+        let (want, bound) = reference(c, &data);
+        let got = run(&dev, c, &tc_conv(&dev, c, &data.w, &data), &data).unwrap_or_else(|e| panic!("{}: {e}", c.name()));
+        let (max_err, ratio, first) = check(&got, &want, &bound);
+        println!("cuda {:<34} max|err| {max_err:.3e} err/bound {ratio:.2e}", c.name());
+        if let Some(f) = first {
+            failures.push(format!("{}: {f}", c.name()));
+        }
+    }
+    assert!(failures.is_empty(), "cuda: above the derived bound:\n{}", failures.join("\n"));
+}
+
+/// Napkin-math throughput of the tensor-core conv on the published model's full-resolution
+/// shapes (128 x 128 x 64, batch 1). On a GPU: `cargo test --release --test tensor_conv --
+/// --ignored cuda_tensor_conv_throughput --nocapture` (benches/gpu_check.sh runs it).
+#[test]
+#[ignore]
+fn cuda_tensor_conv_throughput() {
+    let Some(dev) = tensor_core_gpu_or_skip() else { return };
+    let d = [128, 128, 64];
+    let shapes = [(64, 64, [3; 3]), (64, 64, [1; 3]), (64, 1, [1; 3]), (32, 64, [3; 3])];
+    println!("{:<32} {:>8} {:>9} {:>9}", "conv", "out", "ms", "TFLOP/s");
+    for (cin, cout, k) in shapes {
+        for (dtype, half_out) in [(DType::F16, true), (DType::BF16, true), (DType::F16, false)] {
+            let c = Case { half_out, residual: cout == cin, relu: true, ..case(cin, cout, k, 1, d, dtype) };
+            let data = Data::new(&c, 9);
+            let conv = tc_conv(&dev, &c, &data.w, &data);
+            let x = DevTensor { shape: Shape::new(1, d, cin), data: dev.htod_as(&data.x, dtype).unwrap() };
+            let res = data.res.as_ref().map(|r| DevTensor { shape: c.out_shape(), data: dev.htod_as(r, c.out_dtype()).unwrap() });
+            let ep = Epilogue { residual: res.as_ref(), relu: true, out: c.out_dtype() };
+            let y = conv3d_tc(&dev, &conv, &x, &ep).unwrap();
+            dev.synchronize().unwrap();
+            let reps = 20;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                conv3d_tc_into(&dev, &conv, &x, &ep, &y).unwrap();
+            }
+            dev.synchronize().unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            println!("{:<32} {:>8} {ms:>9.3} {:>9.1}", c.name(), c.out_dtype().name(), c.spec.flops(c.out_shape()) / ms / 1e9);
+        }
     }
 }

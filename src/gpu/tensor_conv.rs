@@ -165,15 +165,30 @@ fn check_tensor<D: Device>(dev: &D, what: &str, t: &DevTensor<D::Buf>, dtype: DT
     let (len, have) = (dev.buf_len(&t.data), dev.buf_dtype(&t.data));
     if len != t.shape.len() || have != dtype {
         return Err(Error::Shape(format!(
-            "conv3d_tc {what}: a {} buffer of {len} values for {} ({} values of {} needed)",
+            "conv3d_tc {what}: the buffer holds {len} {} values, {} needs {} {} values",
             have.name(), t.shape, t.shape.len(), dtype.name()
         )));
     }
     fits_i32(what, len).map(|_| ())
 }
 
-/// y = epilogue(conv(x)) on the tensor cores; `x` holds `conv.dtype` halves, channels-last.
+/// The output shape of `conv` on an input of shape `x`.
+pub fn out_shape(spec: &ConvSpec, x: Shape) -> Shape {
+    Shape::new(x.n, spec.out_dims(x.d), spec.cout)
+}
+
+/// y = epilogue(conv(x)) on the tensor cores, in a new buffer; `x` holds `conv.dtype` halves,
+/// channels-last.
 pub fn conv3d_tc<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf>, ep: &Epilogue<'_, D::Buf>) -> Result<DevTensor<D::Buf>> {
+    let out = out_shape(&conv.spec, x.shape);
+    fits_i32("conv3d_tc output", out.len())?;
+    let y = DevTensor { shape: out, data: dev.alloc_zeros_as(out.len(), ep.out)? };
+    conv3d_tc_into(dev, conv, x, ep, &y)?;
+    Ok(y)
+}
+
+/// As [`conv3d_tc`], into `y` (of the output's shape and `ep.out`'s type; every element is written).
+pub fn conv3d_tc_into<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf>, ep: &Epilogue<'_, D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
     let spec = &conv.spec;
     let kernel = kernel_for(conv.dtype)?;
     check_tensor(dev, "input", x, conv.dtype)?;
@@ -186,22 +201,24 @@ pub fn conv3d_tc<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf
     if ep.out != DType::F32 && ep.out != conv.dtype {
         return Err(Error::Shape(format!("conv3d_tc: output in {} from {} inputs (f32 or the input's type)", ep.out.name(), conv.dtype.name())));
     }
-    let out = Shape::new(x.shape.n, spec.out_dims(x.shape.d), spec.cout);
+    let out = out_shape(spec, x.shape);
+    check_tensor(dev, "output", y, ep.out)?;
+    if y.shape != out {
+        return Err(Error::Shape(format!("conv3d_tc: output buffer {} for output {out}", y.shape)));
+    }
     if let Some(r) = ep.residual {
         check_tensor(dev, "residual", r, ep.out)?;
         if r.shape != out {
             return Err(Error::Shape(format!("conv3d_tc: residual {} for output {out}", r.shape)));
         }
     }
-    fits_i32("conv3d_tc output", out.len())?;
-    let y = dev.alloc_zeros_as(out.len(), ep.out)?;
     if out.is_empty() {
-        return Ok(DevTensor { shape: out, data: y });
+        return Ok(());
     }
     // The kernel takes both output and both residual pointers; the unused ones are any live
     // buffer of their type and are never touched (out_half and has_res say which are used).
     let half_out = ep.out != DType::F32;
-    let (yf, yh) = if half_out { (&conv.bias, &y) } else { (&y, &x.data) };
+    let (yf, yh) = if half_out { (&conv.bias, &y.data) } else { (&y.data, &x.data) };
     let res = ep.residual.map(|r| &r.data);
     let (rf, rh) = match (res, half_out) {
         (Some(r), true) => (&conv.bias, r),
@@ -217,6 +234,5 @@ pub fn conv3d_tc<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf
         conv.chunk, cout_pad(spec.cout), half_out as usize, res.is_some() as usize, ep.relu as usize,
     ];
     a.extend(scalars.into_iter().map(|v| KArg::I32(v as i32)));
-    dev.launch(kernel, launch_cfg(spec, out, conv.chunk), &a)?;
-    Ok(DevTensor { shape: out, data: y })
+    dev.launch(kernel, launch_cfg(spec, out, conv.chunk), &a)
 }
