@@ -373,3 +373,40 @@ fn cuda_tensor_conv_throughput() {
         }
     }
 }
+
+// ---- f32 <-> half conversions (kernels/half.cu) -------------------------------------------------
+
+/// Rounding every f16 value, every tie and its neighbours, bf16 ties over the exponent range, the
+/// overflow and underflow edges, infinities, NaN and random bit patterns, as a channels-last tensor;
+/// both schedules equal the `half` crate bit for bit (NaN: any NaN); widening is exact on every
+/// 16-bit pattern.
+#[test]
+fn half_conversions_match_the_half_crate_on_both_schedules() {
+    use deepis::gpu::convert::{to_f32, to_half};
+    let x = common::conversion_inputs();
+    let shape = Shape::new(1, [1, 1, x.len() / 2], 2);
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    for s in SCHEDULES {
+        let dev = EmuDevice::with_schedule(s);
+        let xt = DevTensor { shape, data: dev.htod(&x[..shape.len()]).unwrap() };
+        for dtype in [DType::F16, DType::BF16] {
+            let h = to_half(&dev, &xt, dtype).unwrap();
+            assert_eq!((h.shape, dev.buf_dtype(&h.data)), (shape, dtype));
+            let (got, want) = (dev.dtoh_bits(&h.data).unwrap(), to_half_bits(&x[..shape.len()], dtype));
+            let bad = (0..got.len()).filter(|&i| !common::same_half(got[i], want[i], dtype)).count();
+            assert_eq!(bad, 0, "to_half_{} ({s:?}): {bad} of {} values differ from the half crate", dtype.name(), got.len());
+
+            let ht = DevTensor { shape: Shape::new(1, [1, 1, all.len()], 1), data: dev.htod_bits(&all, dtype).unwrap() };
+            let f = dev.dtoh(&to_f32(&dev, &ht).unwrap().data).unwrap();
+            let wf = from_half_bits(&all, dtype);
+            let bad = (0..all.len()).filter(|&i| f[i].to_bits() != wf[i].to_bits() && !(f[i].is_nan() && wf[i].is_nan())).count();
+            assert_eq!(bad, 0, "to_f32_{} ({s:?}): {bad} of 65536 patterns not exact", dtype.name());
+        }
+        // Wrong buffer types are errors, not launches.
+        assert!(matches!(to_f32(&dev, &xt), Err(deepis::Error::Shape(_))));
+        let h = to_half(&dev, &xt, DType::F16).unwrap();
+        assert!(matches!(to_half(&dev, &h, DType::BF16), Err(deepis::Error::Shape(_))));
+        assert!(matches!(to_half(&dev, &xt, DType::F32), Err(deepis::Error::Shape(_))));
+    }
+    println!("{} roundings to f16 and bf16 and 2 x 65536 widenings equal the half crate on both schedules", shape.len());
+}

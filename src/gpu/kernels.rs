@@ -12,6 +12,7 @@ pub const HEADER: &str = include_str!("../../kernels/deepis_device.h");
 pub const SOURCES: &[(&str, &str)] = &[
     ("conv3d.cu", include_str!("../../kernels/conv3d.cu")),
     ("conv3d_tc.cu", include_str!("../../kernels/conv3d_tc.cu")),
+    ("half.cu", include_str!("../../kernels/half.cu")),
     ("elementwise.cu", include_str!("../../kernels/elementwise.cu")),
     ("pool.cu", include_str!("../../kernels/pool.cu")),
     ("upsample.cu", include_str!("../../kernels/upsample.cu")),
@@ -32,6 +33,10 @@ pub const CONV3D_DIRECT: &str = "conv3d_direct_f32";
 pub const CONV3D_TILED: &str = "conv3d_tiled_f32";
 pub const CONV3D_TC_F16: &str = "conv3d_tc_f16";
 pub const CONV3D_TC_BF16: &str = "conv3d_tc_bf16";
+pub const TO_HALF_F16: &str = "to_half_f16";
+pub const TO_HALF_BF16: &str = "to_half_bf16";
+pub const TO_F32_F16: &str = "to_f32_f16";
+pub const TO_F32_BF16: &str = "to_f32_bf16";
 pub const CHANNEL_AFFINE: &str = "channel_affine_f32";
 pub const RELU: &str = "relu_f32";
 pub const ADD: &str = "add_f32";
@@ -66,6 +71,10 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("conv3d.cu", CONV3D_TILED),
     ("conv3d_tc.cu", CONV3D_TC_F16),
     ("conv3d_tc.cu", CONV3D_TC_BF16),
+    ("half.cu", TO_HALF_F16),
+    ("half.cu", TO_HALF_BF16),
+    ("half.cu", TO_F32_F16),
+    ("half.cu", TO_F32_BF16),
     ("elementwise.cu", CHANNEL_AFFINE),
     ("elementwise.cu", RELU),
     ("elementwise.cu", ADD),
@@ -99,6 +108,22 @@ pub fn conv3d_tc(dtype: DType) -> Option<&'static str> {
     match dtype {
         DType::F16 => Some(CONV3D_TC_F16),
         DType::BF16 => Some(CONV3D_TC_BF16),
+        DType::F32 => None,
+    }
+}
+
+/// The conversion f32 -> `dtype` (f16 or bf16), and `dtype` -> f32.
+pub fn to_half(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::F16 => Some(TO_HALF_F16),
+        DType::BF16 => Some(TO_HALF_BF16),
+        DType::F32 => None,
+    }
+}
+pub fn to_f32(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::F16 => Some(TO_F32_F16),
+        DType::BF16 => Some(TO_F32_BF16),
         DType::F32 => None,
     }
 }

@@ -105,6 +105,7 @@ pub trait Device {
     fn synchronize(&self) -> Result<()>;
 }
 
+pub mod convert;
 pub mod cuda;
 pub mod emu;
 pub mod kernels;
