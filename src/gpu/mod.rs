@@ -100,6 +100,11 @@ pub trait Device {
             _ => self.htod_bits(&vec![0; len], dtype),
         }
     }
+    /// Whether the device has what kernels/conv3d_tc.cu uses: mma.sync m16n8k16 in f16 / bf16,
+    /// ldmatrix and cp.async (sm_80 and up; the emulator has them).
+    fn has_tensor_cores(&self) -> bool {
+        true
+    }
     /// Launches `kernel` (its `extern "C"` name) with `args` in the kernel's parameter order.
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;

@@ -191,6 +191,9 @@ pub fn conv3d_tc<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf
 pub fn conv3d_tc_into<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf>, ep: &Epilogue<'_, D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
     let spec = &conv.spec;
     let kernel = kernel_for(conv.dtype)?;
+    if !dev.has_tensor_cores() {
+        return Err(Error::kernel(kernel, format!("{}: needs sm_80 or newer (mma.sync m16n8k16, cp.async)", dev.name())));
+    }
     check_tensor(dev, "input", x, conv.dtype)?;
     if x.shape.c != spec.cin {
         return Err(Error::Shape(format!("conv3d_tc: input {} has {} channels, the conv takes {}", x.shape, x.shape.c, spec.cin)));
