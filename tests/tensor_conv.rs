@@ -229,6 +229,51 @@ fn tensor_core_conv_is_within_the_derived_bound_on_both_schedules() {
     println!("{} cases within the bound; Forward and Reverse agree bit for bit", cases().len());
 }
 
+/// 24 shapes drawn at random (fixed seed): Cin 1..48, Cout 1..80, kernel 1..3 and stride 1..2 per
+/// axis, padding 0..k-1, volumes 1..9 per axis, batch 1..2, both half types, every epilogue.
+fn random_cases() -> Vec<Case> {
+    let mut s = 0x2545f4914f6cdd1du64;
+    let mut draw = |n: usize| {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (s >> 33) as usize % n
+    };
+    (0..24)
+        .map(|_| {
+            let k: [usize; 3] = std::array::from_fn(|_| 1 + draw(3));
+            let stride: [usize; 3] = std::array::from_fn(|_| 1 + draw(2));
+            let pad: [usize; 3] = std::array::from_fn(|a| draw(k[a]));
+            let d: [usize; 3] = std::array::from_fn(|a| (k[a] - 2 * pad[a].min(k[a] / 2)).max(1) + draw(7));
+            let spec = ConvSpec { cin: 1 + draw(48), cout: 1 + draw(80), k, stride, pad };
+            let dtype = if draw(2) == 0 { DType::F16 } else { DType::BF16 };
+            let (half_out, bias, residual, relu) = (draw(2) == 0, draw(4) != 0, draw(2) == 0, draw(2) == 0);
+            Case { spec, n: 1 + draw(2), d, dtype, half_out, bias, residual, relu }
+        })
+        .collect()
+}
+
+#[test]
+fn random_shapes_are_within_the_bound_on_both_schedules() {
+    let mut worst = (0.0f64, String::new());
+    for (idx, c) in random_cases().iter().enumerate() {
+        assert!((0..3).all(|a| c.d[a] + 2 * c.spec.pad[a] >= c.spec.k[a]), "{c:?}: the generator made an invalid shape");
+        let data = Data::new(c, 5000 + idx as u64);
+        let (want, bound) = reference(c, &data);
+        let mut outs = Vec::new();
+        for s in SCHEDULES {
+            let dev = EmuDevice::with_schedule(s);
+            outs.push(run(&dev, c, &tc_conv(&dev, c, &data.w, &data), &data).unwrap_or_else(|e| panic!("{} {s:?} {c:?}: {e}", c.name())));
+        }
+        assert!(common::same_bits(&outs[0], &outs[1]), "{}: Forward and Reverse schedules differ (a race)", c.name());
+        let (max_err, ratio, first) = check(&outs[0], &want, &bound);
+        println!("{:<52} {:<24} max|err| {max_err:.3e} err/bound {ratio:.2e}", c.name(), format!("{}", Shape::new(c.n, c.d, c.spec.cin)));
+        assert!(first.is_none(), "{} on {:?}: {}", c.name(), c.d, first.unwrap());
+        if ratio > worst.0 {
+            worst = (ratio, c.name());
+        }
+    }
+    println!("24 random shapes within the bound on both schedules; worst err/bound {:.2e} ({})", worst.0, worst.1);
+}
+
 /// The engine-layout weights with taps `a` and `b` exchanged (what a kernel reading the wrong tap does).
 fn swap_taps(spec: &ConvSpec, w: &[f32], a: usize, b: usize) -> Vec<f32> {
     let per_tap = spec.cin * spec.cout;
