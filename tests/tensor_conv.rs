@@ -186,6 +186,19 @@ fn tc_conv<D: Device>(dev: &D, c: &Case, w: &[f32], data: &Data) -> TcConv<D::Bu
     TcConv::new(dev, &c.spec, w, data.bias.as_deref(), c.dtype).unwrap_or_else(|e| panic!("{}: {e}", c.name()))
 }
 
+/// The case on the emulator under both schedules, which must agree bit for bit (else a race).
+fn run_on_both_schedules(c: &Case, data: &Data) -> Vec<f32> {
+    let outs: Vec<Vec<f32>> = SCHEDULES
+        .iter()
+        .map(|&s| {
+            let dev = EmuDevice::with_schedule(s);
+            run(&dev, c, &tc_conv(&dev, c, &data.w, data), data).unwrap_or_else(|e| panic!("{} {s:?} {c:?}: {e}", c.name()))
+        })
+        .collect();
+    assert!(common::same_bits(&outs[0], &outs[1]), "{}: Forward and Reverse schedules differ (a race)", c.name());
+    outs.into_iter().next().unwrap()
+}
+
 /// max over elements of |got - want| and of |got - want| / bound; Err names the first element
 /// above its bound.
 fn check(got: &[f32], want: &[f64], bound: &[f64]) -> (f64, f64, Option<String>) {
@@ -210,14 +223,7 @@ fn tensor_core_conv_is_within_the_derived_bound_on_both_schedules() {
         let data = Data::new(c, 100 * idx as u64 + 1);
         let (want, bound) = reference(c, &data);
         assert!(want.iter().any(|&v| v != 0.0), "{}: an all-zero reference checks nothing", c.name());
-        let mut outs = Vec::new();
-        for s in SCHEDULES {
-            let dev = EmuDevice::with_schedule(s);
-            let conv = tc_conv(&dev, c, &data.w, &data);
-            outs.push(run(&dev, c, &conv, &data).unwrap_or_else(|e| panic!("{} {s:?}: {e}", c.name())));
-        }
-        assert!(common::same_bits(&outs[0], &outs[1]), "{}: Forward and Reverse schedules differ (a race)", c.name());
-        let (max_err, ratio, first) = check(&outs[0], &want, &bound);
+        let (max_err, ratio, first) = check(&run_on_both_schedules(c, &data), &want, &bound);
         let bmax = bound.iter().cloned().fold(0.0, f64::max);
         let chunk = choose_chunk(&c.spec).unwrap();
         println!("{:<44} {:<24} {chunk:>5} {max_err:>10.3e} {bmax:>10.3e} {ratio:>9.2e}", c.name(), format!("{}", Shape::new(c.n, c.d, c.spec.cin)));
@@ -258,13 +264,7 @@ fn random_shapes_are_within_the_bound_on_both_schedules() {
         assert!((0..3).all(|a| c.d[a] + 2 * c.spec.pad[a] >= c.spec.k[a]), "{c:?}: the generator made an invalid shape");
         let data = Data::new(c, 5000 + idx as u64);
         let (want, bound) = reference(c, &data);
-        let mut outs = Vec::new();
-        for s in SCHEDULES {
-            let dev = EmuDevice::with_schedule(s);
-            outs.push(run(&dev, c, &tc_conv(&dev, c, &data.w, &data), &data).unwrap_or_else(|e| panic!("{} {s:?} {c:?}: {e}", c.name())));
-        }
-        assert!(common::same_bits(&outs[0], &outs[1]), "{}: Forward and Reverse schedules differ (a race)", c.name());
-        let (max_err, ratio, first) = check(&outs[0], &want, &bound);
+        let (max_err, ratio, first) = check(&run_on_both_schedules(c, &data), &want, &bound);
         println!("{:<52} {:<24} max|err| {max_err:.3e} err/bound {ratio:.2e}", c.name(), format!("{}", Shape::new(c.n, c.d, c.spec.cin)));
         assert!(first.is_none(), "{} on {:?}: {}", c.name(), c.d, first.unwrap());
         if ratio > worst.0 {
