@@ -2,7 +2,11 @@
 // (mma.sync.aligned.m16n8k16, ldmatrix, cp.async; sm_80 and up), zero padding, any kernel size,
 // stride and padding, any Cin and Cout, with a fused epilogue. Launched by src/gpu/tensor_conv.rs.
 //
-//   conv3d_tc_f16, conv3d_tc_bf16 — implicit GEMM: M = output voxels, N = Cout, K = taps x Cin.
+//   conv3d_tc_f16, conv3d_tc_bf16 — implicit GEMM: M = output voxels, N = Cout, K = taps x Cin;
+//                  8 warps, each 32 voxels x 64 channels (two m16 tiles).
+//   conv3d_tc_wide_f16, conv3d_tc_wide_bf16 — the same with 4 warps, each 64 voxels x 64 channels
+//                  (four m16 tiles): 1.5x the FLOPs per byte of ldmatrix, more registers.
+//   Both take the same parameters; tensor_conv::WarpTile picks one.
 //
 // Layouts (channels-last):
 //   x    (N, D0, D1, D2, Cin) in H (f16 or bf16);
@@ -16,10 +20,11 @@
 //   Epilogue: y = relu?(acc + bias + res). The unused one of yf/yh and rf/rh is any live buffer of
 //   its type (never read or written).
 //
-// Block: 256 threads (8 warps) compute an output tile of TC_T0 x TC_T1 x TC_T2 = 4 x 8 x 8 voxels
-// (M = 256) by 64 output channels. Grid: (N * ceil(O0/4) * ceil(O1/8) * ceil(O2/8), ceil(Cout/64)).
-// Warp w owns voxel rows [32 w, 32 w + 32) (two m16 tiles) and all 64 channels (eight n8 tiles,
-// n tiles past cout_pad skipped): 2 x 8 mma per 16 channels of one tap.
+// Block: 256 threads (8 warps; the wide kernels 128, 4 warps) compute an output tile of TC_T0 x
+// TC_T1 x TC_T2 = 4 x 8 x 8 voxels (M = 256) by 64 output channels. Grid: (N * ceil(O0/4) *
+// ceil(O1/8) * ceil(O2/8), ceil(Cout/64)). Warp w owns voxel rows [16 MT w, 16 MT (w + 1)) (MT = 2
+// or 4 m16 tiles) and all 64 channels (eight n8 tiles, n tiles past cout_pad skipped): MT x 8 mma
+// per 16 channels of one tap.
 //
 // Shared memory (dynamic, 16-bit words; tensor_conv::tc_smem_bytes):
 //   brick  the input brick of the tile with its halo, Bz = (Tz - 1) sz + kz voxels per axis, one
@@ -38,7 +43,6 @@
 #define TC_T0 4
 #define TC_T1 8
 #define TC_T2 8
-#define TC_THREADS 256
 #define TC_BN 64
 #define TC_STAGES 3
 
@@ -72,7 +76,7 @@ DEEPIS_DEVICE void tc_load_brick(sptr<unsigned short> brick, gptr<const H> x, co
     const int c0 = c * g.ck;
     if (g.cin % 8 == 0) {
         const int parts = g.ck / 8;
-        for (int q = tid; q < g.brick_vox * parts; q += TC_THREADS) {
+        for (int q = tid; q < g.brick_vox * parts; q += (int)blockDim.x) {
             const int v = q / parts, part = q - v * parts;
             const int b2 = v % g.b2, b1 = (v / g.b2) % g.b1, b0 = v / (g.b2 * g.b1);
             const int i0 = g.i0 + b0, i1 = g.i1 + b1, i2 = g.i2 + b2, ci = c0 + 8 * part;
@@ -81,7 +85,7 @@ DEEPIS_DEVICE void tc_load_brick(sptr<unsigned short> brick, gptr<const H> x, co
             cp_async16(brick + v * g.ckp + 8 * part, x + src, in ? 16 : 0);
         }
     } else {
-        for (int q = tid; q < g.brick_vox * g.ck; q += TC_THREADS) {
+        for (int q = tid; q < g.brick_vox * g.ck; q += (int)blockDim.x) {
             const int v = q / g.ck, j = q - v * g.ck;
             const int b2 = v % g.b2, b1 = (v / g.b2) % g.b1, b0 = v / (g.b2 * g.b1);
             const int i0 = g.i0 + b0, i1 = g.i1 + b1, i2 = g.i2 + b2, ci = c0 + j;
@@ -96,22 +100,22 @@ template <class H>
 DEEPIS_DEVICE void tc_load_weights(sptr<unsigned short> stage, gptr<const H> wt, const TcGeom& g, int c, int tap) {
     const int parts = g.ck / 8;
     const int base = ((c * g.taps + tap) * g.cout_pad + g.n0) * g.ck;
-    for (int q = (int)threadIdx.x; q < g.rows * parts; q += TC_THREADS) {
+    for (int q = (int)threadIdx.x; q < g.rows * parts; q += (int)blockDim.x) {
         const int row = q / parts, part = q - row * parts;
         cp_async16(stage + row * g.ckp + 8 * part, wt + base + row * g.ck + 8 * part, 16);
     }
 }
 
 // acc[i][j][e] (m16 tile i, n8 tile j, register e) plus bias and residual, ReLU, stored.
-template <class H>
+template <class H, int MT>
 DEEPIS_DEVICE void tc_epilogue(float (*acc)[8][4], const TcGeom& g, gptr<const float> bias, gptr<float> yf, gptr<H> yh,
                                gptr<const float> rf, gptr<const H> rh, int out_half, int has_res, int relu) {
     const int l = (int)threadIdx.x % 32, w = (int)threadIdx.x / 32;
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < MT; ++i)
 #pragma unroll
         for (int e2 = 0; e2 < 2; ++e2) {
-            const int m = 32 * w + 16 * i + l / 4 + 8 * e2;
+            const int m = 16 * MT * w + 16 * i + l / 4 + 8 * e2;
             const int j0 = g.j0 + m / (TC_T1 * TC_T2), j1 = g.j1 + (m / TC_T2) % TC_T1, j2 = g.j2 + m % TC_T2;
             if (j0 >= g.o0 || j1 >= g.o1 || j2 >= g.o2) continue;
             const int row = (((g.batch * g.o0 + j0) * g.o1 + j1) * g.o2 + j2) * g.cout;
@@ -130,7 +134,8 @@ DEEPIS_DEVICE void tc_epilogue(float (*acc)[8][4], const TcGeom& g, gptr<const f
         }
 }
 
-template <class H>
+// MT: m16 tiles per warp (2: 8 warps of 32 voxels x 64 channels; 4: 4 warps of 64 x 64).
+template <class H, int MT>
 DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<const H> wt, gptr<const float> bias,
                              gptr<const float> rf, gptr<const H> rh, int n, int d0, int d1, int d2, int cin, int o0, int o1,
                              int o2, int cout, int k0, int k1, int k2, int s0, int s1, int s2, int p0, int p1, int p2, int ck,
@@ -164,18 +169,19 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
     const int l = (int)threadIdx.x % 32, w = (int)threadIdx.x / 32;
     // ldmatrix.x4 row of this lane for A (m16 tile i): voxel row l % 16, channels 8 (l / 16) ..;
     // for B (n8 tiles 2p, 2p + 1): weight row 16 p + 8 (l / 16) + l % 8, channels 8 ((l / 8) % 2) ..
-    int abase[2];
-    for (int i = 0; i < 2; ++i) {
-        const int m = 32 * w + 16 * i + l % 16;
+    int abase[MT];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        const int m = 16 * MT * w + 16 * i + l % 16;
         const int m0 = m / (TC_T1 * TC_T2), m1 = (m / TC_T2) % TC_T1, m2 = m % TC_T2;
         abase[i] = ((m0 * s0 * g.b1 + m1 * s1) * g.b2 + m2 * s2) * g.ckp + 8 * (l / 16);
     }
     const int bbase = (8 * (l / 16) + l % 8) * g.ckp + 8 * ((l / 8) % 2);
     const int pairs = g.rows / 16;
 
-    float acc[2][8][4];
+    float acc[MT][8][4];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < MT; ++i)
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -203,16 +209,16 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
             const int aoff = ((t0 * g.b1 + t1) * g.b2 + t2) * g.ckp;
             const sptr<unsigned short> ws = stages + (tap % TC_STAGES) * stage_len;
             for (int kk = 0; kk < ck; kk += 16) {
-                unsigned a[2][4];
-                ldmatrix_x4(a[0], brick + abase[0] + aoff + kk);
-                ldmatrix_x4(a[1], brick + abase[1] + aoff + kk);
+                unsigned a[MT][4];
+#pragma unroll
+                for (int i = 0; i < MT; ++i) ldmatrix_x4(a[i], brick + abase[i] + aoff + kk);
 #pragma unroll
                 for (int p = 0; p < 4; ++p) {
                     if (p >= pairs) continue;
                     unsigned b[4];
                     ldmatrix_x4(b, ws + bbase + 16 * p * g.ckp + kk);
 #pragma unroll
-                    for (int i = 0; i < 2; ++i) {
+                    for (int i = 0; i < MT; ++i) {
                         tc_mma(acc[i][2 * p], a[i], b, H{});
                         tc_mma(acc[i][2 * p + 1], a[i], b + 2, H{});
                     }
@@ -221,26 +227,21 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
         }
     }
     cp_async_wait_group(0);  // only empty groups are left; a thread must not exit with any
-    tc_epilogue<H>(acc, g, bias, yf, yh, rf, rh, out_half, has_res, relu);
+    tc_epilogue<H, MT>(acc, g, bias, yf, yh, rf, rh, out_half, has_res, relu);
 }
 
 #if TC_SUPPORTED
-#define TC_BODY(H) \
-    conv3d_tc<H>(yf, yh, x, wt, bias, rf, rh, n, d0, d1, d2, cin, o0, o1, o2, cout, k0, k1, k2, s0, s1, s2, p0, p1, p2, ck, cout_pad, out_half, has_res, relu)
+#define TC_BODY(H, MT) \
+    conv3d_tc<H, MT>(yf, yh, x, wt, bias, rf, rh, n, d0, d1, d2, cin, o0, o1, o2, cout, k0, k1, k2, s0, s1, s2, p0, p1, p2, ck, cout_pad, out_half, has_res, relu)
 #else
-#define TC_BODY(H) __trap()  // mma.sync m16n8k16 and cp.async need sm_80; the launch code never gets here
+#define TC_BODY(H, MT) __trap()  // mma.sync m16n8k16 and cp.async need sm_80; the launch code never gets here
 #endif
+#define TC_PARAMS(H)                                                                                                    \
+    gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<const H> wt, gptr<const float> bias, gptr<const float> rf,       \
+        gptr<const H> rh, int n, int d0, int d1, int d2, int cin, int o0, int o1, int o2, int cout, int k0, int k1, int k2, \
+        int s0, int s1, int s2, int p0, int p1, int p2, int ck, int cout_pad, int out_half, int has_res, int relu
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_f16(
-    gptr<float> yf, gptr<f16> yh, gptr<const f16> x, gptr<const f16> wt, gptr<const float> bias, gptr<const float> rf,
-    gptr<const f16> rh, int n, int d0, int d1, int d2, int cin, int o0, int o1, int o2, int cout, int k0, int k1, int k2,
-    int s0, int s1, int s2, int p0, int p1, int p2, int ck, int cout_pad, int out_half, int has_res, int relu) {
-    TC_BODY(f16);
-}
-
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_bf16(
-    gptr<float> yf, gptr<bf16> yh, gptr<const bf16> x, gptr<const bf16> wt, gptr<const float> bias, gptr<const float> rf,
-    gptr<const bf16> rh, int n, int d0, int d1, int d2, int cin, int o0, int o1, int o2, int cout, int k0, int k1, int k2,
-    int s0, int s1, int s2, int p0, int p1, int p2, int ck, int cout_pad, int out_half, int has_res, int relu) {
-    TC_BODY(bf16);
-}
+extern "C" __global__ void __launch_bounds__(256) conv3d_tc_f16(TC_PARAMS(f16)) { TC_BODY(f16, 2); }
+extern "C" __global__ void __launch_bounds__(256) conv3d_tc_bf16(TC_PARAMS(bf16)) { TC_BODY(bf16, 2); }
+extern "C" __global__ void __launch_bounds__(128) conv3d_tc_wide_f16(TC_PARAMS(f16)) { TC_BODY(f16, 4); }
+extern "C" __global__ void __launch_bounds__(128) conv3d_tc_wide_bf16(TC_PARAMS(bf16)) { TC_BODY(bf16, 4); }

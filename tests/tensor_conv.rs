@@ -17,7 +17,7 @@ mod common;
 
 use deepis::backend::{ConvSpec, DevTensor};
 use deepis::gpu::emu::{EmuDevice, Schedule};
-use deepis::gpu::tensor_conv::{choose_chunk, conv3d_tc, conv3d_tc_into, tc_weight_layout, Epilogue, TcConv};
+use deepis::gpu::tensor_conv::{choose_chunk, conv3d_tc, conv3d_tc_into, tc_weight_layout, Epilogue, TcConv, WarpTile};
 use deepis::gpu::{from_half_bits, to_half_bits, DType, Device};
 use deepis::tensor::Shape;
 
@@ -186,17 +186,23 @@ fn tc_conv<D: Device>(dev: &D, c: &Case, w: &[f32], data: &Data) -> TcConv<D::Bu
     TcConv::new(dev, &c.spec, w, data.bias.as_deref(), c.dtype).unwrap_or_else(|e| panic!("{}: {e}", c.name()))
 }
 
-/// The case on the emulator under both schedules, which must agree bit for bit (else a race).
+/// The case on the emulator under both schedules (which must agree bit for bit, else a race) with
+/// both warp tiles (which add the same products in the same order, so must agree bit for bit too).
 fn run_on_both_schedules(c: &Case, data: &Data) -> Vec<f32> {
-    let outs: Vec<Vec<f32>> = SCHEDULES
-        .iter()
-        .map(|&s| {
-            let dev = EmuDevice::with_schedule(s);
-            run(&dev, c, &tc_conv(&dev, c, &data.w, data), data).unwrap_or_else(|e| panic!("{} {s:?} {c:?}: {e}", c.name()))
-        })
-        .collect();
-    assert!(common::same_bits(&outs[0], &outs[1]), "{}: Forward and Reverse schedules differ (a race)", c.name());
-    outs.into_iter().next().unwrap()
+    let mut outs: Vec<(Schedule, WarpTile, Vec<f32>)> = Vec::new();
+    for s in SCHEDULES {
+        let dev = EmuDevice::with_schedule(s);
+        for tile in WarpTile::ALL {
+            let mut conv = tc_conv(&dev, c, &data.w, data);
+            conv.tile = tile;
+            let y = run(&dev, c, &conv, data).unwrap_or_else(|e| panic!("{} {s:?} {tile:?} {c:?}: {e}", c.name()));
+            outs.push((s, tile, y));
+        }
+    }
+    for (s, tile, y) in &outs[1..] {
+        assert!(common::same_bits(&outs[0].2, y), "{}: {s:?} {tile:?} differs from Forward M32 (a race, or a tile fault)", c.name());
+    }
+    outs.swap_remove(0).2
 }
 
 /// max over elements of |got - want| and of |got - want| / bound; Err names the first element
@@ -232,7 +238,7 @@ fn tensor_core_conv_is_within_the_derived_bound_on_both_schedules() {
         }
     }
     assert!(failures.is_empty(), "above the derived bound:\n{}", failures.join("\n"));
-    println!("{} cases within the bound; Forward and Reverse agree bit for bit", cases().len());
+    println!("{} cases within the bound; both schedules and both warp tiles agree bit for bit", cases().len());
 }
 
 /// 24 shapes drawn at random (fixed seed): Cin 1..48, Cout 1..80, kernel 1..3 and stride 1..2 per
@@ -271,7 +277,7 @@ fn random_shapes_are_within_the_bound_on_both_schedules() {
             worst = (ratio, c.name());
         }
     }
-    println!("24 random shapes within the bound on both schedules; worst err/bound {:.2e} ({})", worst.0, worst.1);
+    println!("24 random shapes within the bound, both schedules and warp tiles identical; worst err/bound {:.2e} ({})", worst.0, worst.1);
 }
 
 /// The engine-layout weights with taps `a` and `b` exchanged (what a kernel reading the wrong tap does).
@@ -383,11 +389,15 @@ fn cuda_tensor_core_conv_is_within_the_derived_bound() {
     for (idx, c) in cases().iter().enumerate() {
         let data = Data::new(c, 100 * idx as u64 + 1);
         let (want, bound) = reference(c, &data);
-        let got = run(&dev, c, &tc_conv(&dev, c, &data.w, &data), &data).unwrap_or_else(|e| panic!("{}: {e}", c.name()));
-        let (max_err, ratio, first) = check(&got, &want, &bound);
-        println!("cuda {:<34} max|err| {max_err:.3e} err/bound {ratio:.2e}", c.name());
-        if let Some(f) = first {
-            failures.push(format!("{}: {f}", c.name()));
+        for tile in WarpTile::ALL {
+            let mut conv = tc_conv(&dev, c, &data.w, &data);
+            conv.tile = tile;
+            let got = run(&dev, c, &conv, &data).unwrap_or_else(|e| panic!("{} {tile:?}: {e}", c.name()));
+            let (max_err, ratio, first) = check(&got, &want, &bound);
+            println!("cuda {:<44} {tile:?} max|err| {max_err:.3e} err/bound {ratio:.2e}", c.name());
+            if let Some(f) = first {
+                failures.push(format!("{} {tile:?}: {f}", c.name()));
+            }
         }
     }
     assert!(failures.is_empty(), "cuda: above the derived bound:\n{}", failures.join("\n"));
@@ -402,25 +412,29 @@ fn cuda_tensor_conv_throughput() {
     let Some(dev) = tensor_core_gpu_or_skip() else { return };
     let d = [128, 128, 64];
     let shapes = [(64, 64, [3; 3]), (64, 64, [1; 3]), (64, 1, [1; 3]), (32, 64, [3; 3])];
-    println!("{:<32} {:>8} {:>9} {:>9}", "conv", "out", "ms", "TFLOP/s");
+    println!("{:<32} {:>8} {:>5} {:>9} {:>9}", "conv", "out", "tile", "ms", "TFLOP/s");
     for (cin, cout, k) in shapes {
         for (dtype, half_out) in [(DType::F16, true), (DType::BF16, true), (DType::F16, false)] {
             let c = Case { half_out, residual: cout == cin, relu: true, ..case(cin, cout, k, 1, d, dtype) };
             let data = Data::new(&c, 9);
-            let conv = tc_conv(&dev, &c, &data.w, &data);
+            let mut conv = tc_conv(&dev, &c, &data.w, &data);
             let x = DevTensor { shape: Shape::new(1, d, cin), data: dev.htod_as(&data.x, dtype).unwrap() };
             let res = data.res.as_ref().map(|r| DevTensor { shape: c.out_shape(), data: dev.htod_as(r, c.out_dtype()).unwrap() });
             let ep = Epilogue { residual: res.as_ref(), relu: true, out: c.out_dtype() };
-            let y = conv3d_tc(&dev, &conv, &x, &ep).unwrap();
-            dev.synchronize().unwrap();
-            let reps = 20;
-            let t = std::time::Instant::now();
-            for _ in 0..reps {
-                conv3d_tc_into(&dev, &conv, &x, &ep, &y).unwrap();
+            for tile in WarpTile::ALL {
+                conv.tile = tile;
+                let y = conv3d_tc(&dev, &conv, &x, &ep).unwrap();
+                dev.synchronize().unwrap();
+                let reps = 20;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    conv3d_tc_into(&dev, &conv, &x, &ep, &y).unwrap();
+                }
+                dev.synchronize().unwrap();
+                let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+                let tf = c.spec.flops(c.out_shape()) / ms / 1e9;
+                println!("{:<32} {:>8} {:>5} {ms:>9.3} {tf:>9.1}", c.name(), c.out_dtype().name(), format!("{tile:?}"));
             }
-            dev.synchronize().unwrap();
-            let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
-            println!("{:<32} {:>8} {ms:>9.3} {:>9.1}", c.name(), c.out_dtype().name(), c.spec.flops(c.out_shape()) / ms / 1e9);
         }
     }
 }

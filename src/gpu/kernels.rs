@@ -33,6 +33,8 @@ pub const CONV3D_DIRECT: &str = "conv3d_direct_f32";
 pub const CONV3D_TILED: &str = "conv3d_tiled_f32";
 pub const CONV3D_TC_F16: &str = "conv3d_tc_f16";
 pub const CONV3D_TC_BF16: &str = "conv3d_tc_bf16";
+pub const CONV3D_TC_WIDE_F16: &str = "conv3d_tc_wide_f16";
+pub const CONV3D_TC_WIDE_BF16: &str = "conv3d_tc_wide_bf16";
 pub const TO_HALF_F16: &str = "to_half_f16";
 pub const TO_HALF_BF16: &str = "to_half_bf16";
 pub const TO_F32_F16: &str = "to_f32_f16";
@@ -71,6 +73,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("conv3d.cu", CONV3D_TILED),
     ("conv3d_tc.cu", CONV3D_TC_F16),
     ("conv3d_tc.cu", CONV3D_TC_BF16),
+    ("conv3d_tc.cu", CONV3D_TC_WIDE_F16),
+    ("conv3d_tc.cu", CONV3D_TC_WIDE_BF16),
     ("half.cu", TO_HALF_F16),
     ("half.cu", TO_HALF_BF16),
     ("half.cu", TO_F32_F16),
@@ -103,12 +107,15 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("batchnorm.cu", BN_BACKWARD_DX),
 ];
 
-/// The tensor-core convolution for inputs and weights of `dtype` (f16 or bf16).
-pub fn conv3d_tc(dtype: DType) -> Option<&'static str> {
-    match dtype {
-        DType::F16 => Some(CONV3D_TC_F16),
-        DType::BF16 => Some(CONV3D_TC_BF16),
-        DType::F32 => None,
+/// The tensor-core convolution for inputs and weights of `dtype` (f16 or bf16), with warps of 32
+/// voxels (`wide` false) or 64 voxels (`wide` true) by 64 channels.
+pub fn conv3d_tc(dtype: DType, wide: bool) -> Option<&'static str> {
+    match (dtype, wide) {
+        (DType::F16, false) => Some(CONV3D_TC_F16),
+        (DType::BF16, false) => Some(CONV3D_TC_BF16),
+        (DType::F16, true) => Some(CONV3D_TC_WIDE_F16),
+        (DType::BF16, true) => Some(CONV3D_TC_WIDE_BF16),
+        (DType::F32, _) => None,
     }
 }
 

@@ -8,10 +8,9 @@ use crate::error::{Error, Result};
 use crate::gpu::{kernels, DType, Device, KArg, LaunchCfg};
 use crate::tensor::Shape;
 
-/// Output voxels of one block (`TC_T0 x TC_T1 x TC_T2` of conv3d_tc.cu), its threads, output
-/// channels and weight pipeline stages: the kernel's constants, mirrored.
+/// Output voxels of one block (`TC_T0 x TC_T1 x TC_T2` of conv3d_tc.cu), its output channels and
+/// weight pipeline stages: the kernel's constants, mirrored.
 pub const TILE: [usize; 3] = [4, 8, 8];
-pub const THREADS: u32 = 256;
 pub const BLOCK_COUT: usize = 64;
 pub const STAGES: usize = 3;
 /// Input channels of one brick chunk: a multiple of 16, at most this.
@@ -20,6 +19,26 @@ const MAX_CHUNK: usize = 64;
 /// most this, so that two blocks fit on an sm_90 SM (228 KB, 1 KB reserved per block).
 pub const MAX_SMEM: usize = 160 * 1024;
 pub const PREFERRED_SMEM: usize = 113 * 1024;
+
+/// The warp tile: each warp computes 32 (M32: 8 warps per block) or 64 (M64: 4 warps, the `wide`
+/// kernels) output voxels by 64 channels. Same result, bit for bit; which is faster is for a GPU to say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WarpTile {
+    #[default]
+    M32,
+    M64,
+}
+
+impl WarpTile {
+    pub const ALL: [WarpTile; 2] = [WarpTile::M32, WarpTile::M64];
+
+    pub fn threads(self) -> u32 {
+        match self {
+            WarpTile::M32 => 256,
+            WarpTile::M64 => 128,
+        }
+    }
+}
 
 /// Output channels rounded up to whole pairs of n8 mma tiles.
 pub fn cout_pad(cout: usize) -> usize {
@@ -60,9 +79,9 @@ pub fn smem_bytes(spec: &ConvSpec, ck: usize) -> usize {
 
 /// The threads and dynamic shared memory `deepis kernels` shows for the tensor-core conv: the
 /// published model's widest layer (3x3x3, stride 1, 64 -> 64 channels).
-pub fn reference_launch_block() -> (u32, u32) {
+pub fn reference_launch_block(tile: WarpTile) -> (u32, u32) {
     let spec = ConvSpec { cin: 64, cout: 64, k: [3; 3], stride: [1; 3], pad: [1; 3] };
-    (THREADS, smem_bytes(&spec, MAX_CHUNK) as u32)
+    (tile.threads(), smem_bytes(&spec, MAX_CHUNK) as u32)
 }
 
 /// The weights `w` ([k0][k1][k2][cin][cout], the engine's layout) as conv3d_tc.cu reads them:
@@ -90,6 +109,8 @@ pub struct TcConv<B> {
     pub dtype: DType,
     /// Input channels per brick chunk ([`choose_chunk`]).
     pub chunk: usize,
+    /// The kernel variant launches use (M32 unless set).
+    pub tile: WarpTile,
     weights: B,
     bias: B,
 }
@@ -97,7 +118,7 @@ pub struct TcConv<B> {
 impl<B> TcConv<B> {
     /// `w` in the engine's layout [k0][k1][k2][cin][cout], `bias` of Cout values.
     pub fn new<D: Device<Buf = B>>(dev: &D, spec: &ConvSpec, w: &[f32], bias: Option<&[f32]>, dtype: DType) -> Result<Self> {
-        kernel_for(dtype)?;
+        kernel_for(dtype, WarpTile::default())?;
         if spec.cin == 0 || spec.cout == 0 || (0..3).any(|a| spec.k[a] == 0 || spec.stride[a] == 0) {
             return Err(Error::Shape(format!("conv3d_tc: degenerate {spec:?}")));
         }
@@ -112,7 +133,7 @@ impl<B> TcConv<B> {
         let chunk = choose_chunk(spec)?;
         let laid = tc_weight_layout(spec, w, chunk);
         fits_i32("conv3d_tc weights", laid.len())?;
-        Ok(TcConv { spec: *spec, dtype, chunk, weights: dev.htod_as(&laid, dtype)?, bias: dev.htod(bias)? })
+        Ok(TcConv { spec: *spec, dtype, chunk, tile: WarpTile::default(), weights: dev.htod_as(&laid, dtype)?, bias: dev.htod(bias)? })
     }
 
     /// The laid-out half weights (tests plant faults in a copy of them).
@@ -129,8 +150,8 @@ impl<B> TcConv<B> {
     }
 }
 
-fn kernel_for(dtype: DType) -> Result<&'static str> {
-    kernels::conv3d_tc(dtype).ok_or_else(|| Error::Shape(format!("conv3d_tc: {} is not a half type (f16, bf16)", dtype.name())))
+fn kernel_for(dtype: DType, tile: WarpTile) -> Result<&'static str> {
+    kernels::conv3d_tc(dtype, tile == WarpTile::M64).ok_or_else(|| Error::Shape(format!("conv3d_tc: {} is not a half type (f16, bf16)", dtype.name())))
 }
 
 fn fits_i32(what: &str, n: usize) -> Result<i32> {
@@ -152,11 +173,11 @@ impl<B> Epilogue<'_, B> {
 }
 
 /// The grid of a launch: one block per output tile and 64 output channels.
-pub fn launch_cfg(spec: &ConvSpec, out: Shape, chunk: usize) -> LaunchCfg {
+pub fn launch_cfg(spec: &ConvSpec, out: Shape, chunk: usize, tile: WarpTile) -> LaunchCfg {
     let tiles: usize = out.n * (0..3).map(|a| out.d[a].div_ceil(TILE[a])).product::<usize>();
     LaunchCfg {
         grid: [tiles as u32, spec.cout.div_ceil(BLOCK_COUT) as u32, 1],
-        block: [THREADS, 1, 1],
+        block: [tile.threads(), 1, 1],
         shmem: smem_bytes(spec, chunk) as u32,
     }
 }
@@ -190,7 +211,7 @@ pub fn conv3d_tc<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf
 /// As [`conv3d_tc`], into `y` (of the output's shape and `ep.out`'s type; every element is written).
 pub fn conv3d_tc_into<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf>, ep: &Epilogue<'_, D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
     let spec = &conv.spec;
-    let kernel = kernel_for(conv.dtype)?;
+    let kernel = kernel_for(conv.dtype, conv.tile)?;
     if !dev.has_tensor_cores() {
         return Err(Error::kernel(kernel, format!("{}: needs sm_80 or newer (mma.sync m16n8k16, cp.async)", dev.name())));
     }
@@ -237,5 +258,5 @@ pub fn conv3d_tc_into<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D
         conv.chunk, cout_pad(spec.cout), half_out as usize, res.is_some() as usize, ep.relu as usize,
     ];
     a.extend(scalars.into_iter().map(|v| KArg::I32(v as i32)));
-    dev.launch(kernel, launch_cfg(spec, out, conv.chunk), &a)
+    dev.launch(kernel, launch_cfg(spec, out, conv.chunk, conv.tile), &a)
 }
