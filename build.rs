@@ -87,7 +87,8 @@ fn base(kdir: &Path) -> cc::Build {
         .flag_if_supported("-fno-strict-aliasing")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-unused-variable")
-        .flag_if_supported("-Wno-unused-function");
+        .flag_if_supported("-Wno-unused-function")
+        .flag_if_supported("-Wno-unknown-pragmas"); // `#pragma unroll` is for NVRTC
     b
 }
 

@@ -15,8 +15,10 @@
 #   3. the CUDA tests: every op on the GPU against the CPU (gpu_ops, gpu_train_ops), the golden
 #      cases through `deepis predict --backend cuda` and the second start compiling nothing (cuda),
 #      the tensor-core truth table and products on CUDA equal to the emulator's bit for bit
-#      (tensor_core), NVRTC's compile of every kernel (nvrtc) and the cubin cache (kernel_cache);
-#   4. napkin conv throughput of the CUDA variants (gpu_ops cuda_conv_throughput);
+#      (tensor_core), the tensor-core conv within its derived error bound (tensor_conv), NVRTC's
+#      compile of every kernel (nvrtc) and the cubin cache (kernel_cache);
+#   4. napkin conv throughput of the CUDA variants (gpu_ops cuda_conv_throughput) and of the
+#      tensor-core conv in fp16 / bf16 (tensor_conv cuda_tensor_conv_throughput);
 #   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8 (needs python3 with
 #      torch, numpy, safetensors; RUNS=N changes the 10 timed runs, SKIP_COMPARE=1 leaves it out).
 # It exits non-zero when any step fails, or when a test skipped (no GPU or NVRTC found; REQUIRE_GPU=0
@@ -26,7 +28,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 gpu=$root/.gpu
 # The test binaries each run as its own process; these are their cargo target names.
-TESTS=(cuda gpu_ops gpu_train_ops tensor_core nvrtc kernel_cache)
+TESTS=(cuda gpu_ops gpu_train_ops tensor_core tensor_conv nvrtc kernel_cache)
 
 build() {
     set -e
@@ -120,7 +122,7 @@ run() {
     excerpt kernels-second '^kernels:|^file|^conv3d|spill'
     for t in "${TESTS[@]}"; do
         step "test-$t" 150 "$gpu/tests/$t" --test-threads 1 --nocapture
-        excerpt "test-$t" '^test |rel err|^device:|SKIPPED|first start|second start|agree bit|equal|panicked|test result'
+        excerpt "test-$t" '^test |rel err|^cuda .*err/bound|^device:|SKIPPED|first start|second start|agree bit|equal|panicked|test result'
         # On the GPU machine a test that skips for want of a GPU or NVRTC has not checked anything.
         if [ "${REQUIRE_GPU:-1}" = 1 ] && grep -q SKIPPED "$out/test-$t.log"; then
             echo "**FAIL: skipped tests (no GPU or no NVRTC found)**" >>"$results"
@@ -130,6 +132,8 @@ run() {
     done
     step conv-throughput 120 "$gpu/tests/gpu_ops" --ignored cuda_conv_throughput --nocapture
     excerpt conv-throughput 'TFLOP/s|Direct|Tiled|SKIPPED'
+    step tc-conv-throughput 120 "$gpu/tests/tensor_conv" --ignored cuda_tensor_conv_throughput --nocapture
+    excerpt tc-conv-throughput 'TFLOP/s|f16|bf16|SKIPPED'
 
     if [ "${SKIP_COMPARE:-0}" = 1 ]; then
         echo "## compare: skipped (SKIP_COMPARE=1)" >>"$results"

@@ -55,7 +55,7 @@ struct bf16 {
 // ---- real device ------------------------------------------------------------------------------
 template <class T> using gptr = T*;
 template <class T> using sptr = T*;
-#define DEEPIS_DYN_SMEM(T, name) extern __shared__ T name[]
+#define DEEPIS_DYN_SMEM(T, name) extern __shared__ __align__(16) T name[]  // 16: cp.async, ldmatrix
 #define DEEPIS_SHARED(T, name, n) __shared__ T name[n]
 #define DEEPIS_SHARED2(T, name, n, m) __shared__ T name[n][m]
 #define DEEPIS_DEVICE __device__ __forceinline__

@@ -291,41 +291,6 @@ fn planted_shared_memory_and_warp_bugs_are_caught() {
 
 // ---- half types and typed buffers -----------------------------------------------------------------
 
-/// f32 inputs that exercise every rounding case of f16 and bf16: every f16 value, the midpoints
-/// between neighbours (ties) and one f32 ulp either side, the same for bf16 over its exponent
-/// range, overflow and underflow edges, infinities, NaN, and random bit patterns.
-fn conversion_inputs() -> Vec<f32> {
-    let mut v = Vec::new();
-    for h in 0u16..=0x7bff {
-        let a = half::f16::from_bits(h).to_f32();
-        let b = half::f16::from_bits(h + 1).to_f32();
-        let mid = (a as f64 + b as f64) / 2.0;
-        for x in [a, mid as f32, f32::from_bits((mid as f32).to_bits() + 1), f32::from_bits((mid as f32).to_bits() - 1)] {
-            v.extend([x, -x]);
-        }
-    }
-    for e in 0u32..255 {
-        for m in [0u32, 1, 0x7f, 0x3ff, 0x7fff] {
-            let bits = (e << 23) | (m << 16) | 0x8000; // a bf16 tie
-            for b in [bits, bits + 1, bits - 1] {
-                v.extend([f32::from_bits(b), -f32::from_bits(b)]);
-            }
-        }
-    }
-    v.extend([65504.0, 65519.99, 65520.0, 1e6, f32::MAX, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 2f32.powi(-25), 2f32.powi(-26), 1e-30]);
-    let mut s = 0x9e3779b97f4a7c15u64;
-    for _ in 0..100_000 {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        v.push(f32::from_bits((s >> 32) as u32));
-    }
-    v
-}
-
-fn same_half(a: u16, b: u16, dtype: DType) -> bool {
-    let nan = |x: u16| deepis::gpu::from_half_bits(&[x], dtype)[0].is_nan();
-    a == b || (nan(a) && nan(b))
-}
-
 fn converted<D: Device>(dev: &D, x: &[f32]) -> (Vec<u16>, Vec<u16>) {
     let xb = dev.htod(x).unwrap();
     let (h, b) = (dev.htod_bits(&vec![0; x.len()], DType::F16).unwrap(), dev.htod_bits(&vec![0; x.len()], DType::BF16).unwrap());
@@ -336,12 +301,12 @@ fn converted<D: Device>(dev: &D, x: &[f32]) -> (Vec<u16>, Vec<u16>) {
 
 #[test]
 fn half_conversions_round_to_nearest_even() {
-    let x = conversion_inputs();
+    let x = common::conversion_inputs();
     let (h, b) = converted(&EmuDevice::new(), &x);
     let (wh, wb) = (deepis::gpu::to_half_bits(&x, DType::F16), deepis::gpu::to_half_bits(&x, DType::BF16));
     for i in 0..x.len() {
-        assert!(same_half(h[i], wh[i], DType::F16), "f16({:e} = {:#010x}): emulator {:#06x}, half crate {:#06x}", x[i], x[i].to_bits(), h[i], wh[i]);
-        assert!(same_half(b[i], wb[i], DType::BF16), "bf16({:e} = {:#010x}): emulator {:#06x}, half crate {:#06x}", x[i], x[i].to_bits(), b[i], wb[i]);
+        assert!(common::same_half(h[i], wh[i], DType::F16), "f16({:e} = {:#010x}): emulator {:#06x}, half crate {:#06x}", x[i], x[i].to_bits(), h[i], wh[i]);
+        assert!(common::same_half(b[i], wb[i], DType::BF16), "bf16({:e} = {:#010x}): emulator {:#06x}, half crate {:#06x}", x[i], x[i].to_bits(), b[i], wb[i]);
     }
     // Widening is exact: every 16-bit pattern of both types.
     let dev = EmuDevice::new();
@@ -396,10 +361,10 @@ fn cuda_truth_table_matches_the_emulator() {
     assert!(first_table_difference(&gpu_t, &expected_table()).is_none());
     println!("{}: truth table (9 x 32 lanes x 8) identical to the emulator's and to the PTX ISA formulas", cuda.name());
 
-    let x = conversion_inputs();
+    let x = common::conversion_inputs();
     let ((gh, gb), (eh, eb)) = (converted(&cuda, &x), converted(&emu, &x));
     for i in 0..x.len() {
-        assert!(same_half(gh[i], eh[i], DType::F16) && same_half(gb[i], eb[i], DType::BF16), "{:e}: cuda {:#06x}/{:#06x}, emu {:#06x}/{:#06x}", x[i], gh[i], gb[i], eh[i], eb[i]);
+        assert!(common::same_half(gh[i], eh[i], DType::F16) && common::same_half(gb[i], eb[i], DType::BF16), "{:e}: cuda {:#06x}/{:#06x}, emu {:#06x}/{:#06x}", x[i], gh[i], gb[i], eh[i], eb[i]);
     }
     for (kernel, dtype) in [("mma_frag_f16", DType::F16), ("mma_frag_bf16", DType::BF16)] {
         check_mma(&cuda, kernel, dtype, &MmaCase::new(1, true, dtype), true).unwrap_or_else(|e| panic!("cuda: {e}"));

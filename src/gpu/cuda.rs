@@ -133,6 +133,18 @@ impl Device for CudaDevice {
         self.stream.alloc_zeros::<f32>(len).map(CudaBuf::F32).map_err(|e| drv("alloc", e))
     }
 
+    fn alloc_zeros_as(&self, len: usize, dtype: DType) -> Result<Self::Buf> {
+        match dtype {
+            DType::F32 => self.alloc_zeros(len),
+            _ if len == 0 => self.htod_bits(&[], dtype),
+            _ => self.stream.alloc_zeros::<u16>(len).map(|s| CudaBuf::Half(s, dtype)).map_err(|e| drv("alloc", e)),
+        }
+    }
+
+    fn has_tensor_cores(&self) -> bool {
+        self.arch.trim_start_matches("sm_").trim_end_matches('a').parse::<u32>().is_ok_and(|cc| cc >= 80)
+    }
+
     fn htod(&self, data: &[f32]) -> Result<Self::Buf> {
         if data.is_empty() {
             return self.alloc_zeros(0);

@@ -1,6 +1,8 @@
 //! The one place that names kernels and embeds their sources. Every kernel of `kernels/*.cu` is
 //! listed here with its file; the launch code (`ops`) uses these names, NVRTC compiles `SOURCES`.
 
+use crate::gpu::DType;
+
 /// Name of the device header as the sources include it.
 pub const HEADER_NAME: &str = "deepis_device.h";
 /// The device header (its NVRTC half is what NVRTC sees).
@@ -9,6 +11,8 @@ pub const HEADER: &str = include_str!("../../kernels/deepis_device.h");
 /// (file, source) of every kernel family.
 pub const SOURCES: &[(&str, &str)] = &[
     ("conv3d.cu", include_str!("../../kernels/conv3d.cu")),
+    ("conv3d_tc.cu", include_str!("../../kernels/conv3d_tc.cu")),
+    ("half.cu", include_str!("../../kernels/half.cu")),
     ("elementwise.cu", include_str!("../../kernels/elementwise.cu")),
     ("pool.cu", include_str!("../../kernels/pool.cu")),
     ("upsample.cu", include_str!("../../kernels/upsample.cu")),
@@ -27,6 +31,14 @@ pub const TESTING_SOURCES: &[(&str, &str)] = &[
 
 pub const CONV3D_DIRECT: &str = "conv3d_direct_f32";
 pub const CONV3D_TILED: &str = "conv3d_tiled_f32";
+pub const CONV3D_TC_F16: &str = "conv3d_tc_f16";
+pub const CONV3D_TC_BF16: &str = "conv3d_tc_bf16";
+pub const CONV3D_TC_WIDE_F16: &str = "conv3d_tc_wide_f16";
+pub const CONV3D_TC_WIDE_BF16: &str = "conv3d_tc_wide_bf16";
+pub const TO_HALF_F16: &str = "to_half_f16";
+pub const TO_HALF_BF16: &str = "to_half_bf16";
+pub const TO_F32_F16: &str = "to_f32_f16";
+pub const TO_F32_BF16: &str = "to_f32_bf16";
 pub const CHANNEL_AFFINE: &str = "channel_affine_f32";
 pub const RELU: &str = "relu_f32";
 pub const ADD: &str = "add_f32";
@@ -59,6 +71,14 @@ pub const BN_BACKWARD_DX: &str = "bn_backward_dx_f32";
 pub const KERNELS: &[(&str, &str)] = &[
     ("conv3d.cu", CONV3D_DIRECT),
     ("conv3d.cu", CONV3D_TILED),
+    ("conv3d_tc.cu", CONV3D_TC_F16),
+    ("conv3d_tc.cu", CONV3D_TC_BF16),
+    ("conv3d_tc.cu", CONV3D_TC_WIDE_F16),
+    ("conv3d_tc.cu", CONV3D_TC_WIDE_BF16),
+    ("half.cu", TO_HALF_F16),
+    ("half.cu", TO_HALF_BF16),
+    ("half.cu", TO_F32_F16),
+    ("half.cu", TO_F32_BF16),
     ("elementwise.cu", CHANNEL_AFFINE),
     ("elementwise.cu", RELU),
     ("elementwise.cu", ADD),
@@ -86,6 +106,34 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("batchnorm.cu", BN_BACKWARD_PARAMS),
     ("batchnorm.cu", BN_BACKWARD_DX),
 ];
+
+/// The tensor-core convolution for inputs and weights of `dtype` (f16 or bf16), with warps of 32
+/// voxels (`wide` false) or 64 voxels (`wide` true) by 64 channels.
+pub fn conv3d_tc(dtype: DType, wide: bool) -> Option<&'static str> {
+    match (dtype, wide) {
+        (DType::F16, false) => Some(CONV3D_TC_F16),
+        (DType::BF16, false) => Some(CONV3D_TC_BF16),
+        (DType::F16, true) => Some(CONV3D_TC_WIDE_F16),
+        (DType::BF16, true) => Some(CONV3D_TC_WIDE_BF16),
+        (DType::F32, _) => None,
+    }
+}
+
+/// The conversion f32 -> `dtype` (f16 or bf16), and `dtype` -> f32.
+pub fn to_half(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::F16 => Some(TO_HALF_F16),
+        DType::BF16 => Some(TO_HALF_BF16),
+        DType::F32 => None,
+    }
+}
+pub fn to_f32(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::F16 => Some(TO_F32_F16),
+        DType::BF16 => Some(TO_F32_BF16),
+        DType::F32 => None,
+    }
+}
 
 pub fn all_kernel_names() -> Vec<&'static str> {
     KERNELS.iter().map(|&(_, k)| k).collect()
@@ -124,7 +172,11 @@ mod tests {
         for &(file, kernel) in KERNELS {
             let src = SOURCES.iter().find(|&&(f, _)| f == file).expect("file listed in SOURCES").1;
             let decl = format!("__global__ void {kernel}(");
-            assert!(src.contains(&decl), "{kernel} not found in {file}");
+            let bounded = src.match_indices("__global__ void __launch_bounds__(").any(|(i, _)| {
+                let rest = &src[i..];
+                rest.find(')').is_some_and(|c| rest[c + 1..].trim_start().starts_with(&format!("{kernel}(")))
+            });
+            assert!(src.contains(&decl) || bounded, "{kernel} not found in {file}");
         }
         for &(file, src) in SOURCES {
             let n = src.matches("extern \"C\" __global__").count();

@@ -93,15 +93,29 @@ pub trait Device {
             _ => self.htod_bits(&to_half_bits(data, dtype), dtype),
         }
     }
+    /// `len` zeros of `dtype`.
+    fn alloc_zeros_as(&self, len: usize, dtype: DType) -> Result<Self::Buf> {
+        match dtype {
+            DType::F32 => self.alloc_zeros(len),
+            _ => self.htod_bits(&vec![0; len], dtype),
+        }
+    }
+    /// Whether the device has what kernels/conv3d_tc.cu uses: mma.sync m16n8k16 in f16 / bf16,
+    /// ldmatrix and cp.async (sm_80 and up; the emulator has them).
+    fn has_tensor_cores(&self) -> bool {
+        true
+    }
     /// Launches `kernel` (its `extern "C"` name) with `args` in the kernel's parameter order.
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
 }
 
+pub mod convert;
 pub mod cuda;
 pub mod emu;
 pub mod kernels;
 pub mod nvrtc;
 pub mod occupancy;
 pub mod ops;
+pub mod tensor_conv;
 pub mod train_ops;

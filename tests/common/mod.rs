@@ -104,3 +104,38 @@ pub fn cuda_device_or_skip() -> Option<CudaDevice> {
 pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())
 }
+
+/// f32 inputs that exercise every rounding case of f16 and bf16: every f16 value, the midpoints
+/// between neighbours (ties) and one f32 ulp either side, the same for bf16 over its exponent
+/// range, overflow and underflow edges, infinities, NaN, and random bit patterns.
+pub fn conversion_inputs() -> Vec<f32> {
+    let mut v = Vec::new();
+    for h in 0u16..=0x7bff {
+        let a = half::f16::from_bits(h).to_f32();
+        let b = half::f16::from_bits(h + 1).to_f32();
+        let mid = (a as f64 + b as f64) / 2.0;
+        for x in [a, mid as f32, f32::from_bits((mid as f32).to_bits() + 1), f32::from_bits((mid as f32).to_bits() - 1)] {
+            v.extend([x, -x]);
+        }
+    }
+    for e in 0u32..255 {
+        for m in [0u32, 1, 0x7f, 0x3ff, 0x7fff] {
+            let bits = (e << 23) | (m << 16) | 0x8000; // a bf16 tie
+            for b in [bits, bits + 1, bits - 1] {
+                v.extend([f32::from_bits(b), -f32::from_bits(b)]);
+            }
+        }
+    }
+    v.extend([65504.0, 65519.99, 65520.0, 1e6, f32::MAX, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 2f32.powi(-25), 2f32.powi(-26), 1e-30]);
+    let mut s = 0x9e3779b97f4a7c15u64;
+    for _ in 0..100_000 {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        v.push(f32::from_bits((s >> 32) as u32));
+    }
+    v
+}
+
+pub fn same_half(a: u16, b: u16, dtype: deepis::gpu::DType) -> bool {
+    let nan = |x: u16| deepis::gpu::from_half_bits(&[x], dtype)[0].is_nan();
+    a == b || (nan(a) && nan(b))
+}

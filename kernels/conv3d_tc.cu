@@ -1,0 +1,247 @@
+// conv3d_tc.cu — 3D convolution on tensor cores: fp16 / bf16 inputs and weights, f32 accumulation
+// (mma.sync.aligned.m16n8k16, ldmatrix, cp.async; sm_80 and up), zero padding, any kernel size,
+// stride and padding, any Cin and Cout, with a fused epilogue. Launched by src/gpu/tensor_conv.rs.
+//
+//   conv3d_tc_f16, conv3d_tc_bf16 — implicit GEMM: M = output voxels, N = Cout, K = taps x Cin;
+//                  8 warps, each 32 voxels x 64 channels (two m16 tiles).
+//   conv3d_tc_wide_f16, conv3d_tc_wide_bf16 — the same with 4 warps, each 64 voxels x 64 channels
+//                  (four m16 tiles): 1.5x the FLOPs per byte of ldmatrix, more registers.
+//   Both take the same parameters; tensor_conv::WarpTile picks one.
+//
+// Layouts (channels-last):
+//   x    (N, D0, D1, D2, Cin) in H (f16 or bf16);
+//   wt   [chunk][tap][cout_pad][ck] in H, written by the host (tensor_conv::tc_weight_layout):
+//        wt[((c * taps + tap) * cout_pad + co) * ck + j] = w[tap][c * ck + j][co], 0 where the
+//        channel c * ck + j >= Cin or co >= Cout; taps = k0 k1 k2 in (t0, t1, t2) order, `ck` (16, 32
+//        or 64) the input channels of one chunk, cout_pad = Cout rounded up to 16;
+//   bias [Cout] f32 (zeros for a conv without bias);
+//   y    (N, O0, O1, O2, Cout): `yf` (f32) when out_half == 0, else `yh` (H, rounded once);
+//   res  (N, O0, O1, O2, Cout) in the output's type (`rf` or `rh`), read when has_res.
+//   Epilogue: y = relu?(acc + bias + res). The unused one of yf/yh and rf/rh is any live buffer of
+//   its type (never read or written).
+//
+// Block: 256 threads (8 warps; the wide kernels 128, 4 warps) compute an output tile of TC_T0 x
+// TC_T1 x TC_T2 = 4 x 8 x 8 voxels (M = 256) by 64 output channels. Grid: (N * ceil(O0/4) *
+// ceil(O1/8) * ceil(O2/8), ceil(Cout/64)). Warp w owns voxel rows [16 MT w, 16 MT (w + 1)) (MT = 2
+// or 4 m16 tiles) and all 64 channels (eight n8 tiles, n tiles past cout_pad skipped): MT x 8 mma
+// per 16 channels of one tap.
+//
+// Shared memory (dynamic, 16-bit words; tensor_conv::tc_smem_bytes):
+//   brick  the input brick of the tile with its halo, Bz = (Tz - 1) sz + kz voxels per axis, one
+//          channel chunk: brick[((b0 * B1 + b1) * B2 + b2) * ckp + j], ckp = ck + 8 (the 16-byte
+//          pad makes the 8 row addresses of an ldmatrix hit 8 different 4-bank groups);
+//          loaded once per channel chunk (cp.async, 16 bytes, zero-filled outside the input, when
+//          Cin % 8 == 0; element by element otherwise) and read by every tap: the A fragment of
+//          voxel m and tap t is the brick row at m's position shifted by t (ldmatrix takes one
+//          row address per lane, so the gather costs nothing);
+//   stages TC_STAGES buffers of one tap's weights, 64 x ckp: wstage[co * ckp + j], filled by a
+//          cp.async pipeline TC_STAGES - 1 taps ahead of the mma.
+// Accumulation order: per chunk, per tap, per 16 channels, each mma summing 16 products.
+// CPU reference: tests/tensor_conv.rs (float64 on the same rounded inputs and weights).
+#include "deepis_device.h"
+
+#define TC_T0 4
+#define TC_T1 8
+#define TC_T2 8
+#define TC_BN 64
+#define TC_STAGES 3
+
+#if defined(DEEPIS_EMU) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define TC_SUPPORTED 1
+#else
+#define TC_SUPPORTED 0
+#endif
+
+DEEPIS_DEVICE void tc_mma(float* d, const unsigned* a, const unsigned* b, f16) { mma_16816_f16(d, a, b, d); }
+DEEPIS_DEVICE void tc_mma(float* d, const unsigned* a, const unsigned* b, bf16) { mma_16816_bf16(d, a, b, d); }
+DEEPIS_DEVICE float tc_widen(f16 h) { return f16_to_f32(h); }
+DEEPIS_DEVICE float tc_widen(bf16 h) { return bf16_to_f32(h); }
+DEEPIS_DEVICE void tc_round(f16& h, float v) { h = f16_from_f32(v); }
+DEEPIS_DEVICE void tc_round(bf16& h, float v) { h = bf16_from_f32(v); }
+
+// The shapes of one launch, and what each thread derives from them once.
+struct TcGeom {
+    int d0, d1, d2, cin, o0, o1, o2, cout;
+    int taps, ck, ckp, cout_pad;
+    int b1, b2, brick_vox;  // brick extent (b0 is implied by brick_vox)
+    int batch, j0, j1, j2;  // the tile's batch index and first output voxel
+    int i0, i1, i2;         // input coordinate of brick voxel (0, 0, 0)
+    int n0, rows;           // first output channel of the block, weight rows it loads (multiple of 16)
+};
+
+// Loads channel chunk `c` of the input brick into `brick` (zero outside the input and past Cin).
+template <class H>
+DEEPIS_DEVICE void tc_load_brick(sptr<unsigned short> brick, gptr<const H> x, const TcGeom& g, int c) {
+    const int tid = (int)threadIdx.x;
+    const int c0 = c * g.ck;
+    if (g.cin % 8 == 0) {
+        const int parts = g.ck / 8;
+        for (int q = tid; q < g.brick_vox * parts; q += (int)blockDim.x) {
+            const int v = q / parts, part = q - v * parts;
+            const int b2 = v % g.b2, b1 = (v / g.b2) % g.b1, b0 = v / (g.b2 * g.b1);
+            const int i0 = g.i0 + b0, i1 = g.i1 + b1, i2 = g.i2 + b2, ci = c0 + 8 * part;
+            const bool in = i0 >= 0 && i0 < g.d0 && i1 >= 0 && i1 < g.d1 && i2 >= 0 && i2 < g.d2 && ci < g.cin;
+            const int src = in ? (((g.batch * g.d0 + i0) * g.d1 + i1) * g.d2 + i2) * g.cin + ci : 0;
+            cp_async16(brick + v * g.ckp + 8 * part, x + src, in ? 16 : 0);
+        }
+    } else {
+        for (int q = tid; q < g.brick_vox * g.ck; q += (int)blockDim.x) {
+            const int v = q / g.ck, j = q - v * g.ck;
+            const int b2 = v % g.b2, b1 = (v / g.b2) % g.b1, b0 = v / (g.b2 * g.b1);
+            const int i0 = g.i0 + b0, i1 = g.i1 + b1, i2 = g.i2 + b2, ci = c0 + j;
+            const bool in = i0 >= 0 && i0 < g.d0 && i1 >= 0 && i1 < g.d1 && i2 >= 0 && i2 < g.d2 && ci < g.cin;
+            brick[v * g.ckp + j] = in ? x[(((g.batch * g.d0 + i0) * g.d1 + i1) * g.d2 + i2) * g.cin + ci].bits : (unsigned short)0;
+        }
+    }
+}
+
+// Issues the cp.async copies of the weights of (chunk c, tap) for this block's channels into `stage`.
+template <class H>
+DEEPIS_DEVICE void tc_load_weights(sptr<unsigned short> stage, gptr<const H> wt, const TcGeom& g, int c, int tap) {
+    const int parts = g.ck / 8;
+    const int base = ((c * g.taps + tap) * g.cout_pad + g.n0) * g.ck;
+    for (int q = (int)threadIdx.x; q < g.rows * parts; q += (int)blockDim.x) {
+        const int row = q / parts, part = q - row * parts;
+        cp_async16(stage + row * g.ckp + 8 * part, wt + base + row * g.ck + 8 * part, 16);
+    }
+}
+
+// acc[i][j][e] (m16 tile i, n8 tile j, register e) plus bias and residual, ReLU, stored.
+template <class H, int MT>
+DEEPIS_DEVICE void tc_epilogue(float (*acc)[8][4], const TcGeom& g, gptr<const float> bias, gptr<float> yf, gptr<H> yh,
+                               gptr<const float> rf, gptr<const H> rh, int out_half, int has_res, int relu) {
+    const int l = (int)threadIdx.x % 32, w = (int)threadIdx.x / 32;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+            const int m = 16 * MT * w + 16 * i + l / 4 + 8 * e2;
+            const int j0 = g.j0 + m / (TC_T1 * TC_T2), j1 = g.j1 + (m / TC_T2) % TC_T1, j2 = g.j2 + m % TC_T2;
+            if (j0 >= g.o0 || j1 >= g.o1 || j2 >= g.o2) continue;
+            const int row = (((g.batch * g.o0 + j0) * g.o1 + j1) * g.o2 + j2) * g.cout;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e1 = 0; e1 < 2; ++e1) {
+                    const int co = g.n0 + 8 * j + 2 * (l % 4) + e1;
+                    if (co >= g.cout) continue;
+                    float v = acc[i][j][2 * e2 + e1] + bias[co];
+                    if (has_res) v += out_half ? tc_widen(rh[row + co]) : rf[row + co];
+                    if (relu) v = fmaxf(v, 0.0f);
+                    if (out_half) tc_round(yh[row + co], v);
+                    else yf[row + co] = v;
+                }
+        }
+}
+
+// MT: m16 tiles per warp (2: 8 warps of 32 voxels x 64 channels; 4: 4 warps of 64 x 64).
+template <class H, int MT>
+DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<const H> wt, gptr<const float> bias,
+                             gptr<const float> rf, gptr<const H> rh, int n, int d0, int d1, int d2, int cin, int o0, int o1,
+                             int o2, int cout, int k0, int k1, int k2, int s0, int s1, int s2, int p0, int p1, int p2, int ck,
+                             int cout_pad, int out_half, int has_res, int relu) {
+    DEEPIS_DYN_SMEM(unsigned short, smem);
+    TcGeom g;
+    g.d0 = d0; g.d1 = d1; g.d2 = d2; g.cin = cin; g.o0 = o0; g.o1 = o1; g.o2 = o2; g.cout = cout;
+    g.taps = k0 * k1 * k2;
+    g.ck = ck;
+    g.ckp = ck + 8;
+    g.cout_pad = cout_pad;
+    const int b0 = (TC_T0 - 1) * s0 + k0;
+    g.b1 = (TC_T1 - 1) * s1 + k1;
+    g.b2 = (TC_T2 - 1) * s2 + k2;
+    g.brick_vox = b0 * g.b1 * g.b2;
+    const int nt0 = (o0 + TC_T0 - 1) / TC_T0, nt1 = (o1 + TC_T1 - 1) / TC_T1, nt2 = (o2 + TC_T2 - 1) / TC_T2;
+    int t = (int)blockIdx.x;
+    g.j2 = (t % nt2) * TC_T2; t /= nt2;
+    g.j1 = (t % nt1) * TC_T1; t /= nt1;
+    g.j0 = (t % nt0) * TC_T0;
+    g.batch = t / nt0;
+    g.i0 = g.j0 * s0 - p0;
+    g.i1 = g.j1 * s1 - p1;
+    g.i2 = g.j2 * s2 - p2;
+    g.n0 = (int)blockIdx.y * TC_BN;
+    g.rows = min(TC_BN, cout_pad - g.n0);
+    const sptr<unsigned short> brick = smem;
+    const sptr<unsigned short> stages = smem + g.brick_vox * g.ckp;
+    const int stage_len = TC_BN * g.ckp;
+
+    const int l = (int)threadIdx.x % 32, w = (int)threadIdx.x / 32;
+    // ldmatrix.x4 row of this lane for A (m16 tile i): voxel row l % 16, channels 8 (l / 16) ..;
+    // for B (n8 tiles 2p, 2p + 1): weight row 16 p + 8 (l / 16) + l % 8, channels 8 ((l / 8) % 2) ..
+    int abase[MT];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        const int m = 16 * MT * w + 16 * i + l % 16;
+        const int m0 = m / (TC_T1 * TC_T2), m1 = (m / TC_T2) % TC_T1, m2 = m % TC_T2;
+        abase[i] = ((m0 * s0 * g.b1 + m1 * s1) * g.b2 + m2 * s2) * g.ckp + 8 * (l / 16);
+    }
+    const int bbase = (8 * (l / 16) + l % 8) * g.ckp + 8 * ((l / 8) % 2);
+    const int pairs = g.rows / 16;
+
+    float acc[MT][8][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    const int chunks = (cin + ck - 1) / ck;
+    for (int c = 0; c < chunks; ++c) {
+        __syncthreads();  // every warp is done with the previous chunk's brick and stages
+        tc_load_brick<H>(brick, x, g, c);
+        // Group s holds the weights of tap s (the first one also the brick); one group per tap
+        // is committed, empty past the last tap, so that wait_group(TC_STAGES - 2) always means
+        // "tap `tap` has landed".
+        for (int s = 0; s < TC_STAGES - 1; ++s) {
+            if (s < g.taps) tc_load_weights<H>(stages + s * stage_len, wt, g, c, s);
+            cp_async_commit_group();
+        }
+        for (int tap = 0; tap < g.taps; ++tap) {
+            cp_async_wait_group(TC_STAGES - 2);
+            __syncthreads();  // tap's copies of every thread have landed; stage (tap - 1) % S is free
+            const int next = tap + TC_STAGES - 1;
+            if (next < g.taps) tc_load_weights<H>(stages + (next % TC_STAGES) * stage_len, wt, g, c, next);
+            cp_async_commit_group();
+
+            const int t2 = tap % k2, t1 = (tap / k2) % k1, t0 = tap / (k2 * k1);
+            const int aoff = ((t0 * g.b1 + t1) * g.b2 + t2) * g.ckp;
+            const sptr<unsigned short> ws = stages + (tap % TC_STAGES) * stage_len;
+            for (int kk = 0; kk < ck; kk += 16) {
+                unsigned a[MT][4];
+#pragma unroll
+                for (int i = 0; i < MT; ++i) ldmatrix_x4(a[i], brick + abase[i] + aoff + kk);
+#pragma unroll
+                for (int p = 0; p < 4; ++p) {
+                    if (p >= pairs) continue;
+                    unsigned b[4];
+                    ldmatrix_x4(b, ws + bbase + 16 * p * g.ckp + kk);
+#pragma unroll
+                    for (int i = 0; i < MT; ++i) {
+                        tc_mma(acc[i][2 * p], a[i], b, H{});
+                        tc_mma(acc[i][2 * p + 1], a[i], b + 2, H{});
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait_group(0);  // only empty groups are left; a thread must not exit with any
+    tc_epilogue<H, MT>(acc, g, bias, yf, yh, rf, rh, out_half, has_res, relu);
+}
+
+#if TC_SUPPORTED
+#define TC_BODY(H, MT) \
+    conv3d_tc<H, MT>(yf, yh, x, wt, bias, rf, rh, n, d0, d1, d2, cin, o0, o1, o2, cout, k0, k1, k2, s0, s1, s2, p0, p1, p2, ck, cout_pad, out_half, has_res, relu)
+#else
+#define TC_BODY(H, MT) __trap()  // mma.sync m16n8k16 and cp.async need sm_80; the launch code never gets here
+#endif
+#define TC_PARAMS(H)                                                                                                    \
+    gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<const H> wt, gptr<const float> bias, gptr<const float> rf,       \
+        gptr<const H> rh, int n, int d0, int d1, int d2, int cin, int o0, int o1, int o2, int cout, int k0, int k1, int k2, \
+        int s0, int s1, int s2, int p0, int p1, int p2, int ck, int cout_pad, int out_half, int has_res, int relu
+
+extern "C" __global__ void __launch_bounds__(256) conv3d_tc_f16(TC_PARAMS(f16)) { TC_BODY(f16, 2); }
+extern "C" __global__ void __launch_bounds__(256) conv3d_tc_bf16(TC_PARAMS(bf16)) { TC_BODY(bf16, 2); }
+extern "C" __global__ void __launch_bounds__(128) conv3d_tc_wide_f16(TC_PARAMS(f16)) { TC_BODY(f16, 4); }
+extern "C" __global__ void __launch_bounds__(128) conv3d_tc_wide_bf16(TC_PARAMS(bf16)) { TC_BODY(bf16, 4); }
