@@ -10,6 +10,7 @@ use deepis::cpu::CpuBackend;
 use deepis::model::Network;
 use deepis::plan::kernel::Isa;
 use deepis::plan::memory::{disjoint, place, Life};
+use deepis::graph::passes::Passes;
 use deepis::plan::{Plan, PlanOptions};
 use deepis::rng::Rng;
 use deepis::tensor::{rel_err, Shape, Tensor};
@@ -73,12 +74,14 @@ fn fused_plan_matches_golden_cases_and_the_reference() {
 fn each_fusion_switches_off_and_on_with_the_same_result() {
     let variants: Vec<(&str, PlanOptions)> = {
         let d = PlanOptions::default();
+        let on = Passes::default();
+        let off = |passes| PlanOptions { passes, ..d };
         let mut v = vec![
-            ("fold_bn off", PlanOptions { fold_bn: false, ..d }),
-            ("fuse_epilogue off", PlanOptions { fuse_epilogue: false, ..d }),
-            ("move_conv1_low off", PlanOptions { move_conv1_low: false, ..d }),
-            ("merge_1x1 off", PlanOptions { merge_1x1: false, ..d }),
-            ("fuse_gcn_planes off", PlanOptions { fuse_gcn_planes: false, ..d }),
+            ("fold_bn off", off(Passes { fold_bn: false, ..on })),
+            ("fuse_epilogue off", off(Passes { fuse_epilogue: false, ..on })),
+            ("move_conv1_low off", off(Passes { move_conv1_low: false, ..on })),
+            ("merge_1x1 off", off(Passes { merge_1x1: false, ..on })),
+            ("fuse_gcn_planes off", off(Passes { fuse_gcn_planes: false, ..on })),
             ("reuse_buffers off", PlanOptions { reuse_buffers: false, ..d }),
             ("all off", PlanOptions::unfused()),
         ];
