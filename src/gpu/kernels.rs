@@ -96,11 +96,6 @@ pub fn kernels_of(file: &str) -> impl Iterator<Item = &'static str> + '_ {
     KERNELS.iter().filter(move |&&(f, _)| f == file).map(|&(_, k)| k)
 }
 
-/// The file that defines `kernel`.
-pub fn file_of(kernel: &str) -> Option<&'static str> {
-    KERNELS.iter().find(|&&(_, k)| k == kernel).map(|&(f, _)| f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
