@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::Backend;
+use crate::backward::TrainBackend;
 use crate::config::{Config, Head};
 use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
@@ -220,10 +221,6 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn describe<B: Backend>(b: &B) -> String {
-    b.name()
-}
-
 /// Runs the network on every volume of `x`, `batch` volumes at a time; returns the output and the
 /// seconds spent in the forward passes.
 fn forward_batched<B: Backend>(net: &Network<B>, x: &Tensor, batch: usize) -> Result<(Tensor, f64)> {
@@ -269,24 +266,27 @@ struct Predict<'a> {
 
 impl Job for Predict<'_> {
     type Out = Tensor;
-    fn run<B: Backend>(self, backend: B) -> Result<Tensor> {
-        eprintln!("backend: {}", describe(&backend));
+    fn run<B: TrainBackend>(self, backend: B) -> Result<Tensor> {
+        eprintln!("backend: {}", backend.name());
         let t0 = Instant::now();
         let net = Network::new(backend, self.weights)?;
         let setup = t0.elapsed().as_secs_f64();
         let (y, secs) = forward_batched(&net, self.x, self.batch)?;
-        let n = self.x.shape.n;
-        let gflop = flops(&self.weights.config, self.x.shape.d) * n as f64 / 1e9;
-        eprintln!(
-            "forward: {n} volume(s) of {}x{}x{} in {secs:.2} s ({:.3} s/volume, {:.1} GFLOP/s); weights upload {setup:.2} s",
-            self.x.shape.d[0],
-            self.x.shape.d[1],
-            self.x.shape.d[2],
-            secs / n as f64,
-            gflop / secs.max(1e-9)
-        );
+        report_forward(self.weights, self.x, secs, &format!("weights upload {setup:.2} s"));
         Ok(y)
     }
+}
+
+/// The `forward:` line of predict: volumes, seconds and GFLOP/s of the forward passes over `x`.
+fn report_forward(weights: &Weights, x: &Tensor, secs: f64, setup: &str) {
+    let n = x.shape.n;
+    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
+    let [d0, d1, d2] = x.shape.d;
+    eprintln!(
+        "forward: {n} volume(s) of {d0}x{d1}x{d2} in {secs:.2} s ({:.3} s/volume, {:.1} GFLOP/s); {setup}",
+        secs / n as f64,
+        gflop / secs.max(1e-9)
+    );
 }
 
 fn predict(a: &PredictArgs) -> Result<()> {
@@ -462,36 +462,35 @@ struct Bench<'a> {
 
 impl Job for Bench<'_> {
     type Out = ();
-    fn run<B: Backend>(self, backend: B) -> Result<()> {
-        let name = describe(&backend);
+    fn run<B: TrainBackend>(self, backend: B) -> Result<()> {
+        println!("backend: {}", backend.name());
         let net = Network::new(backend, self.weights)?;
-        let n = self.x.shape.n;
-        let gflop = flops(&self.weights.config, self.x.shape.d) * n as f64 / 1e9;
-        println!("backend: {name}");
-        println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", self.x.shape.d);
-        for i in 0..self.warmup {
-            let t0 = Instant::now();
-            net.forward(self.x)?;
-            eprintln!("  warmup {}: {:.3} s", i + 1, t0.elapsed().as_secs_f64());
-        }
-        let mut times = Vec::new();
-        for i in 0..self.runs {
-            let t0 = Instant::now();
-            net.forward(self.x)?;
-            let t = t0.elapsed().as_secs_f64();
-            eprintln!("  run {}: {t:.3} s", i + 1);
-            times.push(t);
-        }
-        times.sort_by(f64::total_cmp);
-        let med = times[times.len() / 2];
-        println!(
-            "median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s",
-            times.len(),
-            med / n as f64,
-            gflop / med.max(1e-9)
-        );
-        Ok(())
+        time_runs(self.weights, self.x, self.runs, self.warmup, &|x| net.forward(x))
     }
+}
+
+/// `warmup` untimed then `runs` timed forward passes of `x`; prints the work and the median.
+fn time_runs(weights: &Weights, x: &Tensor, runs: u32, warmup: u32, forward: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+    let n = x.shape.n;
+    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
+    println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", x.shape.d);
+    for i in 0..warmup {
+        let t0 = Instant::now();
+        forward(x)?;
+        eprintln!("  warmup {}: {:.3} s", i + 1, t0.elapsed().as_secs_f64());
+    }
+    let mut times = Vec::new();
+    for i in 0..runs {
+        let t0 = Instant::now();
+        forward(x)?;
+        let t = t0.elapsed().as_secs_f64();
+        eprintln!("  run {}: {t:.3} s", i + 1);
+        times.push(t);
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    println!("median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s", times.len(), med / n as f64, gflop / med.max(1e-9));
+    Ok(())
 }
 
 fn bench(a: &BenchArgs) -> Result<()> {
@@ -539,17 +538,7 @@ fn predict_plan(weights: &Weights, x: &Tensor) -> Result<Tensor> {
     let setup = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let y = crate::model::run_plan(&plan, weights, x)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let n = x.shape.n;
-    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
-    eprintln!(
-        "forward: {n} volume(s) of {}x{}x{} in {secs:.2} s ({:.3} s/volume, {:.1} GFLOP/s); plan built in {setup:.2} s",
-        x.shape.d[0],
-        x.shape.d[1],
-        x.shape.d[2],
-        secs / n as f64,
-        gflop / secs.max(1e-9)
-    );
+    report_forward(weights, x, t0.elapsed().as_secs_f64(), &format!("plan built in {setup:.2} s"));
     Ok(y)
 }
 
@@ -564,27 +553,9 @@ pub fn new_plan(weights: &Weights, d: [usize; 3]) -> Result<crate::plan::Plan> {
 
 fn bench_plan(weights: &Weights, x: &Tensor, runs: u32, warmup: u32) -> Result<()> {
     let plan = new_plan(weights, x.shape.d)?;
-    let n = x.shape.n;
-    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
     println!("backend: cpu (fused plan), {} threads", rayon::current_num_threads());
     println!("{}", plan.summary());
-    println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", x.shape.d);
-    for i in 0..warmup {
-        let t0 = Instant::now();
-        plan.run(x)?;
-        eprintln!("  warmup {}: {:.3} s", i + 1, t0.elapsed().as_secs_f64());
-    }
-    let mut times = Vec::new();
-    for i in 0..runs {
-        let t0 = Instant::now();
-        plan.run(x)?;
-        let t = t0.elapsed().as_secs_f64();
-        eprintln!("  run {}: {t:.3} s", i + 1);
-        times.push(t);
-    }
-    times.sort_by(f64::total_cmp);
-    let med = times[times.len() / 2];
-    println!("median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s", times.len(), med / n as f64, gflop / med.max(1e-9));
+    time_runs(weights, x, runs, warmup, &|x| plan.run(x))?;
     println!(
         "peak memory: plan {:.1} MiB (planned), process {}",
         mib(plan.peak_bytes()),
@@ -603,8 +574,8 @@ struct Segment<'a> {
 
 impl Job for Segment<'_> {
     type Out = ();
-    fn run<B: Backend>(self, backend: B) -> Result<()> {
-        eprintln!("backend: {}", describe(&backend));
+    fn run<B: TrainBackend>(self, backend: B) -> Result<()> {
+        eprintln!("backend: {}", backend.name());
         let net = Network::new(backend, self.weights)?;
         crate::segment::run(self.args, self.weights, &mut |x| net.forward(x))?.into_result()
     }

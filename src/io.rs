@@ -4,7 +4,7 @@
 //! convention (3D, 4D or 5D) is kept so the output can follow it. Every output goes through
 //! [`write_atomic`]: a temporary file in the destination's folder, renamed when complete.
 use crate::error::{Error, Result};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::{unravel, Shape, Tensor};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -111,15 +111,9 @@ fn volume_from(path: &Path, dims: &[usize], data: Vec<f32>) -> Result<Volume> {
     let shape = volume_shape(path, dims)?;
     // With C = 1 the channels-last layout is the file's C order, so the flat index unravels on `dims`.
     if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-        let mut idx = vec![0usize; rank];
-        let mut r = i;
-        for k in (0..rank).rev() {
-            idx[k] = r % dims[k];
-            r /= dims[k];
-        }
         return Err(Error::format(
             path,
-            format!("value {} at index {:?} (shape {:?}): the volume must hold finite numbers only", data[i], idx, dims),
+            format!("value {} at index {:?} (shape {:?}): the volume must hold finite numbers only", data[i], unravel(i, dims), dims),
         ));
     }
     Ok(Volume { tensor: Tensor::new(shape, data)?, rank })

@@ -15,6 +15,7 @@ pub mod surface_area;
 pub use crate::voxel::{check_voxel_size, parse_voxel_size};
 use crate::error::{Error, Result};
 use crate::io::{read_volume, Volume};
+use crate::tensor::unravel;
 use rayon::prelude::*;
 use std::path::Path;
 
@@ -126,15 +127,9 @@ pub fn labels_from_f32(values: &[f32], dims: &[usize], what: &Path) -> Result<Ve
         if v == 0.0 || v == 1.0 || v == 2.0 {
             out.push(v as u8);
         } else {
-            let mut idx = vec![0usize; dims.len()];
-            let mut r = i;
-            for k in (0..dims.len()).rev() {
-                idx[k] = r % dims[k];
-                r /= dims[k];
-            }
             return Err(Error::format(
                 what,
-                format!("label {v} at index {idx:?}: a label volume holds 0 (background), 1 (effector) and 2 (target) only"),
+                format!("label {v} at index {:?}: a label volume holds 0 (background), 1 (effector) and 2 (target) only", unravel(i, dims)),
             ));
         }
     }

@@ -155,7 +155,7 @@ pub fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let num = |key: &str| pk.field(root, key).and_then(|i| pk.num(i)).filter(|_| trainer.is_some());
     let source = json!({
         "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
-        "sha256": sha256(path)?,
+        "sha256": crate::batch::sha256_file(path)?,
         "format": f.format,
         "contents": if trainer.is_some() { "trainer checkpoint" } else { "state_dict" },
         "model_type": pk.field(root, "model_type").and_then(|i| pk.str(i)).filter(|_| trainer.is_some()),
@@ -291,15 +291,6 @@ fn adam_state(f: &TorchFile, opt: usize, state: &Named, order: &[usize], epoch: 
     Ok((entry.to_string(), out))
 }
 
-/// Hex sha256 of a file.
-fn sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
 pub fn import_cmd(a: &ImportArgs) -> Result<()> {
     let opts = ImportOptions {
         head: a.head.map(|h| match h {
@@ -319,7 +310,7 @@ pub fn import_cmd(a: &ImportArgs) -> Result<()> {
     let bytes = im.to_bytes()?;
     crate::io::write_atomic(&a.output, |w| std::io::Write::write_all(w, &bytes))?;
     let n = im.tensors.len() - im.adam_tensors;
-    let params: usize = param_specs(&im.config).iter().filter(|s| s.kind.learnable()).map(|s| s.numel()).sum();
+    let params = crate::weights::param_count(&im.config);
     eprintln!("config: {}", im.config.to_json());
     eprintln!("source: {}", im.meta["source"]);
     if let Some(o) = im.meta.get("optimizer") {

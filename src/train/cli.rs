@@ -5,30 +5,14 @@ use super::backend::TrainBackend;
 use super::loss::loss_weights;
 use super::run::{check_run_dir, recorded_options, train, RunMode, Start, TrainOptions};
 use crate::config::Config;
-use crate::cpu::CpuBackend;
-use crate::engine::{choose, BackendKind, Chosen};
+use crate::engine::{choose, with_backend, BackendKind, Job};
 use crate::error::{Error, Result};
 use crate::io::read_volume;
-use crate::weights::{metadata, Weights};
+use crate::weights::{serialize, Weights};
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Work that needs a concrete `TrainBackend`.
-trait TrainJob {
-    fn run<B: TrainBackend>(self, b: &B) -> Result<()>;
-}
-
-/// Runs `job` on the backend `kind` names, chosen as `predict` chooses (auto: the GPU when one
-/// opens); the CPU kinds train on the CPU reference ops (the GPU backward: src/gpu/train_ops.rs).
-fn with_train_backend<J: TrainJob>(kind: BackendKind, job: J) -> Result<()> {
-    use crate::gpu::{emu::EmuDevice, ops::GpuBackend};
-    match choose(kind)? {
-        Chosen::Plan | Chosen::CpuRef => job.run(&CpuBackend::new()),
-        Chosen::Emu => job.run(&GpuBackend::new(EmuDevice::new())),
-        Chosen::Cuda(dev) => job.run(&GpuBackend::new(dev)),
-    }
-}
 
 pub const TRAIN_STEP_LONG: &str = "\
 One training-mode step of the published objective (the DeepIS trainer, trainers/CNNTrainer.py),
@@ -75,15 +59,18 @@ pub struct TrainStepArgs {
     pub backend: BackendKind,
 }
 
+/// Runs on the backend --backend names, chosen as `predict` chooses (auto: the GPU when one opens;
+/// the CPU kinds train on the CPU reference ops).
 pub fn train_step_cmd(a: &TrainStepArgs) -> Result<()> {
-    with_train_backend(a.backend, StepJob(a))
+    with_backend(choose(a.backend)?, StepJob(a))
 }
 
 struct StepJob<'a>(&'a TrainStepArgs);
 
-impl TrainJob for StepJob<'_> {
-    fn run<B: TrainBackend>(self, b: &B) -> Result<()> {
-        train_step_on(b, self.0)
+impl Job for StepJob<'_> {
+    type Out = ();
+    fn run<B: TrainBackend>(self, b: B) -> Result<()> {
+        train_step_on(&b, self.0)
     }
 }
 
@@ -114,12 +101,7 @@ fn train_step_on<B: TrainBackend>(b: &B, a: &TrainStepArgs) -> Result<()> {
             tensors.push((format!("grad.{}", s.name), s.shape.clone(), g.clone()));
         }
     }
-    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), bytemuck::cast_slice::<f32, u8>(d).to_vec())).collect();
-    let mut views = Vec::new();
-    for (n, s, d) in &raw {
-        views.push((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).map_err(|e| Error::Weights(format!("{n}: {e}")))?));
-    }
-    let bytes = safetensors::serialize(views, Some(metadata(&p.cfg))).map_err(|e| Error::Weights(e.to_string()))?;
+    let bytes = serialize(&p.cfg, &tensors)?;
     crate::io::write_atomic(&a.output, |f| std::io::Write::write_all(f, &bytes))?;
     eprintln!("wrote {} ({} gradients)", a.output.display(), tensors.len() - 1);
     Ok(())
@@ -216,15 +198,17 @@ pub struct TrainArgs {
     pub backend: BackendKind,
 }
 
+/// Runs where `train_step_cmd` runs.
 pub fn train_cmd(a: &TrainArgs) -> Result<()> {
-    with_train_backend(a.backend, RunJob(a))
+    with_backend(choose(a.backend)?, RunJob(a))
 }
 
 struct RunJob<'a>(&'a TrainArgs);
 
-impl TrainJob for RunJob<'_> {
-    fn run<B: TrainBackend>(self, b: &B) -> Result<()> {
-        train_on(b, self.0)
+impl Job for RunJob<'_> {
+    type Out = ();
+    fn run<B: TrainBackend>(self, b: B) -> Result<()> {
+        train_on(&b, self.0)
     }
 }
 

@@ -24,7 +24,8 @@ use crate::config::Head;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
-use crate::weights::{metadata, Weights};
+use crate::weights::{serialize_with, Weights};
+use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -107,41 +108,23 @@ pub fn save_checkpoint(path: &Path, p: &Params, adam: &Adam, state: &TrainState)
             tensors.push((format!("adam.v.{}", s.name), s.shape.clone(), v.clone()));
         }
     }
-    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), bytemuck::cast_slice::<f32, u8>(d).to_vec())).collect();
-    let mut views = Vec::new();
-    for (n, s, b) in &raw {
-        views.push((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map_err(|e| Error::Weights(format!("{n}: {e}")))?));
-    }
-    let mut meta = metadata(&p.cfg);
-    meta.insert("train_state".into(), serde_json::to_string(state).map_err(|e| Error::Other(e.to_string()))?);
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Weights(e.to_string()))?;
+    let state = serde_json::to_string(state).map_err(|e| Error::Other(e.to_string()))?;
+    let bytes = serialize_with(&p.cfg, &tensors, HashMap::from([("train_state".to_string(), state)]))?;
     crate::io::write_atomic(path, |w| std::io::Write::write_all(w, &bytes))
 }
 
-/// Reads a checkpoint written by `save_checkpoint`.
+/// Reads a checkpoint written by `save_checkpoint`: the model, its Adam state (as `Start` reads
+/// it, with the run's learning rate and weight decay) and the run's state.
 pub fn load_checkpoint(path: &Path) -> Result<(Params, Adam, TrainState)> {
     let w = Weights::load(path)?;
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(path, e.to_string()))?;
-    let st = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("train_state"))
-        .ok_or_else(|| Error::format(path, "no train_state in __metadata__: not a deepis training checkpoint"))?;
+    let st = w.meta.get("train_state").ok_or_else(|| Error::format(path, "no train_state in __metadata__: not a deepis training checkpoint"))?;
     let state: TrainState = serde_json::from_str(st).map_err(|e| Error::format(path, format!("train_state: {e}")))?;
-    let (p, fresh) = Params::from_weights(&w, 0)?;
+    let (start, fresh) = Start::from_weights(&w, 0)?;
     if !fresh.is_empty() {
         return Err(Error::format(path, format!("checkpoint lacks {fresh:?}")));
     }
-    let mut adam = Adam::new(p.specs.len(), state.options.lr, state.options.weight_decay);
-    adam.step = state.adam_step;
-    for (i, s) in p.specs.iter().enumerate() {
-        if w.contains(&format!("adam.m.{}", s.name)) {
-            adam.m[i] = Some(w.get(&format!("adam.m.{}", s.name))?);
-            adam.v[i] = Some(w.get(&format!("adam.v.{}", s.name))?);
-        }
-    }
-    Ok((p, adam, state))
+    let adam = Adam { lr: state.options.lr, weight_decay: state.options.weight_decay, ..start.adam.expect("a train_state records the run's progress") };
+    Ok((start.params, adam, state))
 }
 
 /// Mean Dice of the effector and target masks of an output against its target.
