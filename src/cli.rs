@@ -238,18 +238,9 @@ fn forward_batched<B: Backend>(net: &Network<B>, x: &Tensor, batch: usize) -> Re
         if n > m {
             eprintln!("  volumes {}..{} of {n}: {:.2} s", i + 1, i + m, t0.elapsed().as_secs_f64());
         }
-        out = Some(match out {
-            None => {
-                let mut t = Tensor::zeros(Shape::new(n, yb.shape.d, yb.shape.c));
-                t.data[..yb.data.len()].copy_from_slice(&yb.data);
-                t
-            }
-            Some(mut t) => {
-                let off = i * t.shape.voxels() * t.shape.c;
-                t.data[off..off + yb.data.len()].copy_from_slice(&yb.data);
-                t
-            }
-        });
+        let o = out.get_or_insert_with(|| Tensor::zeros(Shape::new(n, yb.shape.d, yb.shape.c)));
+        let off = i * o.shape.voxels() * o.shape.c;
+        o.data[off..off + yb.data.len()].copy_from_slice(&yb.data);
         i += m;
     }
     out.map(|t| (t, secs)).ok_or_else(|| Error::Input("no volume to run".into()))
@@ -297,7 +288,7 @@ fn predict(a: &PredictArgs) -> Result<()> {
     weights
         .config
         .check_input_size(vol.tensor.shape.d)
-        .map_err(|e| Error::Input(format!("{}: {}", a.input.display(), strip_prefix(&e))))?;
+        .map_err(|e| Error::Input(format!("{}: {}", a.input.display(), e.message())))?;
     eprintln!(
         "input: {} volume(s) of {}x{}x{} from {}",
         vol.tensor.shape.n,
@@ -326,14 +317,6 @@ fn predict(a: &PredictArgs) -> Result<()> {
     crate::sidecar::write(&a.output, &card)?;
     eprintln!("wrote {} ({})", a.output.display(), head_meaning(&weights.config, &dims));
     Ok(())
-}
-
-/// The message of an `Input` error without its "input: " prefix (the caller adds the file).
-fn strip_prefix(e: &Error) -> String {
-    match e {
-        Error::Input(m) => m.clone(),
-        e => e.to_string(),
-    }
 }
 
 fn head_meaning(cfg: &Config, dims: &[usize]) -> String {
@@ -368,7 +351,7 @@ fn info(a: &InfoArgs) -> Result<()> {
     let [d0, d1, d2] = a.size;
     match c.check_input_size(a.size) {
         Ok(()) => println!("cost: {:.1} GFLOP per {d0}x{d1}x{d2} volume", flops(c, a.size) / 1e9),
-        Err(e) => println!("cost: {d0}x{d1}x{d2} cannot be run: {}", strip_prefix(&e)),
+        Err(e) => println!("cost: {d0}x{d1}x{d2} cannot be run: {}", e.message()),
     }
     println!("backends on this machine:");
     let cpu = CpuBackend::new();
@@ -394,7 +377,7 @@ fn info(a: &InfoArgs) -> Result<()> {
             let v = nvrtc::version().map(|(a, b)| format!("{a}.{b}")).unwrap_or_else(|e| format!("unknown version: {e}"));
             println!("  nvrtc  yes: {path} (version {v}); `deepis kernels` compiles every kernel")
         }
-        Err(e) => println!("  nvrtc  no: {}", strip_backend(&e)),
+        Err(e) => println!("  nvrtc  no: {}", e.message()),
     }
     match CubinCache::from_env().dir() {
         Some(d) => {
@@ -404,13 +387,6 @@ fn info(a: &InfoArgs) -> Result<()> {
         None => println!("  cache  off: every start compiles the kernels"),
     }
     Ok(())
-}
-
-fn strip_backend(e: &Error) -> String {
-    match e {
-        Error::Backend { msg, .. } => msg.clone(),
-        e => e.to_string(),
-    }
 }
 
 fn group_thousands(n: usize) -> String {

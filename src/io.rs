@@ -36,6 +36,11 @@ fn kind_of(path: &Path) -> Result<Kind> {
     }
 }
 
+/// Whether `p`'s extension is one of `exts` (any case).
+pub fn extension_is(p: &Path, exts: &[&str]) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
 /// Opens `path` for reading, refusing a folder (whose read would fail with a puzzling OS error).
 pub fn open_file(path: &Path) -> Result<(File, u64)> {
     if path.is_dir() {
@@ -506,8 +511,9 @@ pub fn write_output(path: &Path, t: &Tensor, rank: usize) -> Result<()> {
         Kind::Npy => write_atomic(path, |w| write_npy_to(w, &dims, &data)),
         Kind::Tif => {
             let [_, _, _, d1, d2] = t.shape.ncdhw();
-            write_atomic(path, |w| write_tif_to(w, d1, d2, &data))
-        }        Kind::Tcf => Err(Error::format(path, "deepis does not write TCF files: give a .npy or .tif output")),
+            write_atomic(path, |w| write_tif_to::<tiff::encoder::colortype::Gray32Float>(w, d1, d2, &data))
+        }
+        Kind::Tcf => Err(Error::format(path, "deepis does not write TCF files: give a .npy or .tif output")),
     }
 }
 
@@ -516,7 +522,8 @@ pub fn write_npy(path: &Path, dims: &[usize], data: &[f32]) -> Result<()> {
     write_atomic(path, |w| write_npy_to(w, dims, data))
 }
 
-fn write_npy_to(w: impl Write, dims: &[usize], data: &[f32]) -> std::io::Result<()> {
+/// `data` of C-order `dims` as `.npy` bytes (float32 maps, uint8 labels).
+pub(crate) fn write_npy_to<T: npyz::AutoSerialize + Copy>(w: impl Write, dims: &[usize], data: &[T]) -> std::io::Result<()> {
     use npyz::WriterBuilder;
     let shape: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
     let mut npy = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(w).begin_nd()?;
@@ -524,8 +531,13 @@ fn write_npy_to(w: impl Write, dims: &[usize], data: &[f32]) -> std::io::Result<
     npy.finish()
 }
 
-fn write_tif_to(w: impl Write + Seek, d1: usize, d2: usize, data: &[f32]) -> std::io::Result<()> {
-    use tiff::encoder::{colortype::Gray32Float, TiffEncoder};
+/// `data` as a multi-page grayscale TIFF of pages of D1 rows x D2 columns (`C`: `Gray32Float`
+/// maps, `Gray8` labels).
+pub(crate) fn write_tif_to<C: tiff::encoder::colortype::ColorType>(w: impl Write + Seek, d1: usize, d2: usize, data: &[C::Inner]) -> std::io::Result<()>
+where
+    [C::Inner]: tiff::encoder::TiffValue,
+{
+    use tiff::encoder::TiffEncoder;
     let terr = |e: tiff::TiffError| match e {
         tiff::TiffError::IoError(e) => e,
         e => std::io::Error::other(format!("cannot write TIFF: {e}")),
@@ -533,7 +545,7 @@ fn write_tif_to(w: impl Write + Seek, d1: usize, d2: usize, data: &[f32]) -> std
     let page = d1 * d2;
     let mut enc = TiffEncoder::new(w).map_err(terr)?;
     for p in data.chunks(page.max(1)) {
-        enc.write_image::<Gray32Float>(d2 as u32, d1 as u32, p).map_err(terr)?;
+        enc.write_image::<C>(d2 as u32, d1 as u32, p).map_err(terr)?;
     }
     Ok(())
 }

@@ -65,10 +65,6 @@ impl<B: Backend> Network<B> {
         &self.backend
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     /// Runs N volumes (channels-last N x D0 x D1 x D2 x 1, raw values) to the head output
     /// (N x D0 x D1 x D2 x C: a signed distance map, or sigmoid probabilities).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

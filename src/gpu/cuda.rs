@@ -94,15 +94,6 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// The architecture the kernels were compiled for ("sm_90").
-    pub fn arch(&self) -> &str {
-        &self.arch
-    }
-
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
-    }
-
     /// Compiles and loads one more source (a test kernel of kernels/testing/) with its `kernels`.
     pub fn load_source(&mut self, file: &str, src: &str, kernels: &[&str]) -> Result<()> {
         let compiled = nvrtc::compile_cubin(file, src, &self.arch)?;

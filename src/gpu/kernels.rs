@@ -25,67 +25,55 @@ pub const TESTING_SOURCES: &[(&str, &str)] = &[
     ("testing/tensor_checks.cu", include_str!("../../kernels/testing/tensor_checks.cu")),
 ];
 
-pub const CONV3D_DIRECT: &str = "conv3d_direct_f32";
-pub const CONV3D_TILED: &str = "conv3d_tiled_f32";
-pub const CHANNEL_AFFINE: &str = "channel_affine_f32";
-pub const RELU: &str = "relu_f32";
-pub const ADD: &str = "add_f32";
-pub const SIGMOID: &str = "sigmoid_f32";
-pub const MAXPOOL2: &str = "maxpool2_f32";
-pub const UPSAMPLE_TRILINEAR: &str = "upsample_trilinear_f32";
-pub const SOFTMAX_CHANNELS: &str = "softmax_channels_f32";
-// Backward kernels (training; launched by src/gpu/train_ops.rs).
-pub const RELU_BACKWARD: &str = "relu_backward_f32";
-pub const SIGMOID_BACKWARD: &str = "sigmoid_backward_f32";
-pub const MUL: &str = "mul_f32";
-pub const ACCUMULATE: &str = "accumulate_f32";
-pub const COPY: &str = "copy_f32";
-pub const MAXPOOL2_BACKWARD: &str = "maxpool2_backward_f32";
-pub const UPSAMPLE_TRILINEAR_BACKWARD: &str = "upsample_trilinear_backward_f32";
-pub const SOFTMAX_BACKWARD: &str = "softmax_backward_f32";
-pub const CONV3D_FLIP_WEIGHTS: &str = "conv3d_flip_weights_f32";
-pub const CONV3D_BACKWARD_INPUT: &str = "conv3d_backward_input_f32";
-pub const CONV3D_WGRAD_PARTIAL: &str = "conv3d_wgrad_partial_f32";
-pub const SUM_PARTIALS: &str = "sum_partials_f32";
-pub const CHANNEL_SUM_PARTIAL: &str = "channel_sum_partial_f32";
-pub const BN_SQDEV_PARTIAL: &str = "bn_sqdev_partial_f32";
-pub const BN_BACKWARD_PARTIAL: &str = "bn_backward_partial_f32";
-pub const SUM_PARTIALS_F64: &str = "sum_partials_f64_f32";
-pub const BN_STATS: &str = "bn_stats_f32";
-pub const BN_BACKWARD_PARAMS: &str = "bn_backward_params_f32";
-pub const BN_BACKWARD_DX: &str = "bn_backward_dx_f32";
+/// Declares every kernel's name constant and `KERNELS`, the (file, kernel) list, from one
+/// listing: file, then its kernels.
+macro_rules! kernels {
+    ($($file:literal: $($kernel:ident = $name:literal),+;)+) => {
+        $($(pub const $kernel: &str = $name;)+)+
+        /// (file, kernel) for every kernel.
+        pub const KERNELS: &[(&str, &str)] = &[$($(($file, $kernel)),+),+];
+    };
+}
 
-/// (file, kernel) for every kernel.
-pub const KERNELS: &[(&str, &str)] = &[
-    ("conv3d.cu", CONV3D_DIRECT),
-    ("conv3d.cu", CONV3D_TILED),
-    ("elementwise.cu", CHANNEL_AFFINE),
-    ("elementwise.cu", RELU),
-    ("elementwise.cu", ADD),
-    ("elementwise.cu", SIGMOID),
-    ("pool.cu", MAXPOOL2),
-    ("upsample.cu", UPSAMPLE_TRILINEAR),
-    ("softmax.cu", SOFTMAX_CHANNELS),
-    ("backward.cu", RELU_BACKWARD),
-    ("backward.cu", SIGMOID_BACKWARD),
-    ("backward.cu", MUL),
-    ("backward.cu", ACCUMULATE),
-    ("backward.cu", COPY),
-    ("backward.cu", MAXPOOL2_BACKWARD),
-    ("backward.cu", UPSAMPLE_TRILINEAR_BACKWARD),
-    ("backward.cu", SOFTMAX_BACKWARD),
-    ("conv3d_backward.cu", CONV3D_FLIP_WEIGHTS),
-    ("conv3d_backward.cu", CONV3D_BACKWARD_INPUT),
-    ("conv3d_backward.cu", CONV3D_WGRAD_PARTIAL),
-    ("conv3d_backward.cu", SUM_PARTIALS),
-    ("batchnorm.cu", CHANNEL_SUM_PARTIAL),
-    ("batchnorm.cu", BN_SQDEV_PARTIAL),
-    ("batchnorm.cu", BN_BACKWARD_PARTIAL),
-    ("batchnorm.cu", SUM_PARTIALS_F64),
-    ("batchnorm.cu", BN_STATS),
-    ("batchnorm.cu", BN_BACKWARD_PARAMS),
-    ("batchnorm.cu", BN_BACKWARD_DX),
-];
+kernels! {
+    "conv3d.cu":
+        CONV3D_DIRECT = "conv3d_direct_f32",
+        CONV3D_TILED = "conv3d_tiled_f32";
+    "elementwise.cu":
+        CHANNEL_AFFINE = "channel_affine_f32",
+        RELU = "relu_f32",
+        ADD = "add_f32",
+        SIGMOID = "sigmoid_f32";
+    "pool.cu":
+        MAXPOOL2 = "maxpool2_f32";
+    "upsample.cu":
+        UPSAMPLE_TRILINEAR = "upsample_trilinear_f32";
+    "softmax.cu":
+        SOFTMAX_CHANNELS = "softmax_channels_f32";
+    // backward kernels (training; launched by src/gpu/train_ops.rs)
+    "backward.cu":
+        RELU_BACKWARD = "relu_backward_f32",
+        SIGMOID_BACKWARD = "sigmoid_backward_f32",
+        MUL = "mul_f32",
+        ACCUMULATE = "accumulate_f32",
+        COPY = "copy_f32",
+        MAXPOOL2_BACKWARD = "maxpool2_backward_f32",
+        UPSAMPLE_TRILINEAR_BACKWARD = "upsample_trilinear_backward_f32",
+        SOFTMAX_BACKWARD = "softmax_backward_f32";
+    "conv3d_backward.cu":
+        CONV3D_FLIP_WEIGHTS = "conv3d_flip_weights_f32",
+        CONV3D_BACKWARD_INPUT = "conv3d_backward_input_f32",
+        CONV3D_WGRAD_PARTIAL = "conv3d_wgrad_partial_f32",
+        SUM_PARTIALS = "sum_partials_f32";
+    "batchnorm.cu":
+        CHANNEL_SUM_PARTIAL = "channel_sum_partial_f32",
+        BN_SQDEV_PARTIAL = "bn_sqdev_partial_f32",
+        BN_BACKWARD_PARTIAL = "bn_backward_partial_f32",
+        SUM_PARTIALS_F64 = "sum_partials_f64_f32",
+        BN_STATS = "bn_stats_f32",
+        BN_BACKWARD_PARAMS = "bn_backward_params_f32",
+        BN_BACKWARD_DX = "bn_backward_dx_f32";
+}
 
 pub fn all_kernel_names() -> Vec<&'static str> {
     KERNELS.iter().map(|&(_, k)| k).collect()

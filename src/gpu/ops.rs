@@ -234,11 +234,7 @@ impl<D: Device> Backend for GpuBackend<D> {
     }
 
     fn add(&self, a: &DevTensor<Self::S>, b: &DevTensor<Self::S>, relu: bool) -> Result<DevTensor<Self::S>> {
-        self.check_tensor("add a", a)?;
-        self.check_tensor("add b", b)?;
-        if a.shape != b.shape {
-            return Err(Error::Shape(format!("add: {} vs {}", a.shape, b.shape)));
-        }
+        self.check_same("add", a, b)?;
         let n = a.shape.len();
         let y = self.zeros(k::ADD, n)?;
         let args = [KArg::Buf(&y), KArg::Buf(&a.data), KArg::Buf(&b.data), int(n), int(relu as usize)];

@@ -55,10 +55,10 @@ pub struct ImportArgs {
     pub output: PathBuf,
     /// Head of the network: distance (published; one channel) or sigmoid [default: from the output channels]
     #[arg(long, value_enum)]
-    pub head: Option<HeadArg>,
+    pub head: Option<Head>,
     /// Down-sampling of the encoder (not visible in the shapes)
-    #[arg(long, value_enum, default_value_t = DownsampleArg::Stride)]
-    pub downsample: DownsampleArg,
+    #[arg(long, value_enum, default_value_t = Downsample::Stride)]
+    pub downsample: Downsample,
     /// The network sees (input - input_offset) / input_scale
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub input_offset: f64,
@@ -70,18 +70,6 @@ pub struct ImportArgs {
     /// Leave the optimizer state out
     #[arg(long)]
     pub no_optimizer: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum HeadArg {
-    Distance,
-    Sigmoid,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DownsampleArg {
-    Stride,
-    Maxpool,
 }
 
 /// What shapes cannot tell.
@@ -293,14 +281,8 @@ fn adam_state(f: &TorchFile, opt: usize, state: &Named, order: &[usize], epoch: 
 
 pub fn import_cmd(a: &ImportArgs) -> Result<()> {
     let opts = ImportOptions {
-        head: a.head.map(|h| match h {
-            HeadArg::Distance => Head::Distance,
-            HeadArg::Sigmoid => Head::Sigmoid,
-        }),
-        downsample: match a.downsample {
-            DownsampleArg::Stride => Downsample::Stride,
-            DownsampleArg::Maxpool => Downsample::Maxpool,
-        },
+        head: a.head,
+        downsample: a.downsample,
         input_offset: a.input_offset,
         input_scale: a.input_scale,
         bn_eps: a.bn_eps,

@@ -19,7 +19,6 @@ pub mod kernel;
 pub mod memory;
 pub mod ops;
 
-use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::graph::passes::{Passes, Weighted};
 use crate::graph::{Graph, Mode};
@@ -84,9 +83,7 @@ impl Step {
 
 /// The network compiled for one volume size.
 pub struct Plan {
-    cfg: Config,
     size: [usize; 3],
-    opt: PlanOptions,
     isa: Isa,
     shapes: Vec<Shape>,
     steps: Vec<Step>,
@@ -115,7 +112,7 @@ impl Plan {
 
     /// Compiles the inference graph `g` (any `Arch`) with the tensors of `weights`.
     pub fn from_graph(g: &Graph, weights: &Weights, opt: PlanOptions) -> Result<Plan> {
-        let (cfg, d) = (g.cfg.clone(), g.nodes[g.input].shape.d);
+        let d = g.nodes[g.input].shape.d;
         let isa = opt.isa.unwrap_or_else(Isa::detect);
         if !isa.available() {
             return Err(Error::backend("cpu", format!("this CPU cannot run the {isa:?} kernels")));
@@ -156,9 +153,7 @@ impl Plan {
             }
         }
         Ok(Plan {
-            cfg,
             size: d,
-            opt,
             isa,
             shapes,
             steps,
@@ -184,18 +179,6 @@ impl Plan {
 
     pub fn weight_bytes(&self) -> usize {
         self.convs.iter().map(PackedConv::bytes).sum()
-    }
-
-    pub fn isa(&self) -> Isa {
-        self.isa
-    }
-
-    pub fn options(&self) -> PlanOptions {
-        self.opt
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.cfg
     }
 
     pub fn steps(&self) -> &[Step] {

@@ -123,7 +123,8 @@ pub fn load_checkpoint(path: &Path) -> Result<(Params, Adam, TrainState)> {
     if !fresh.is_empty() {
         return Err(Error::format(path, format!("checkpoint lacks {fresh:?}")));
     }
-    let adam = Adam { lr: state.options.lr, weight_decay: state.options.weight_decay, ..start.adam.expect("a train_state records the run's progress") };
+    let adam = start.adam.expect("a train_state records the run's progress");
+    let adam = Adam { lr: state.options.lr, weight_decay: state.options.weight_decay, ..adam };
     Ok((start.params, adam, state))
 }
 
