@@ -413,7 +413,7 @@ fn kernels(a: &KernelsArgs) -> Result<()> {
         eprintln!("warning: {w}");
     }
     eprintln!("{}", stats.summary(&cache, &a.arch.join(", ")));
-    print!("{}", nvrtc::format_table(&reports));
+    print!("{}", crate::gpu::occupancy::format_table(&reports));
     let spills: Vec<String> = reports
         .iter()
         .filter(|r| r.spill_stores > 0 || r.spill_loads > 0)

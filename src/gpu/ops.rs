@@ -54,15 +54,15 @@ impl ConvVariant {
     }
 }
 
-/// Threads per block and dynamic shared memory bytes `kernel` is launched with, from the
+/// Threads per block and dynamic shared memory bytes a forward kernel is launched with, from the
 /// constants the launches above use (`deepis kernels` computes occupancy from it); None for a
-/// name that is not in `kernels::KERNELS`.
+/// name that is not one (the training kernels: `train_ops::launch_block`).
 pub fn launch_block(kernel: &str) -> Option<(u32, u32)> {
     match kernel {
         k::CONV3D_TILED => Some((TILED_THREADS, 0)),
         k::CONV3D_DIRECT | k::CHANNEL_AFFINE | k::RELU | k::ADD | k::SIGMOID | k::MAXPOOL2 | k::UPSAMPLE_TRILINEAR
         | k::SOFTMAX_CHANNELS => Some((BLOCK, 0)),
-        _ => crate::gpu::train_ops::launch_block(kernel),
+        _ => None,
     }
 }
 
