@@ -12,7 +12,8 @@
 #   1. the machine: nvidia-smi, `deepis info` (CUDA device and NVRTC found);
 #   2. `deepis kernels` for the GPU's architecture twice on an empty cubin cache (all compiled,
 #      then all cached), with the occupancy table;
-#   3. the CUDA tests: every op on the GPU against the CPU (gpu_ops, gpu_train_ops), the golden
+#   3. the CUDA tests: every op on the GPU against the CPU, forward and backward (ops_table), the
+#      launch layer's shape errors (gpu_ops), the golden
 #      cases through `deepis predict --backend cuda` and the second start compiling nothing (cuda),
 #      the tensor-core truth table and products on CUDA equal to the emulator's bit for bit
 #      (tensor_core), the tensor-core conv within its derived error bound (tensor_conv), NVRTC's
@@ -28,7 +29,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 gpu=$root/.gpu
 # The test binaries each run as its own process; these are their cargo target names.
-TESTS=(cuda gpu_ops gpu_train_ops tensor_core tensor_conv nvrtc kernel_cache)
+TESTS=(cuda ops_table gpu_ops tensor_core tensor_conv nvrtc kernel_cache)
 
 build() {
     set -e
@@ -121,7 +122,10 @@ run() {
     step kernels-second 60 "$gpu/deepis" kernels --arch "$arch"
     excerpt kernels-second '^kernels:|^file|^conv3d|spill'
     for t in "${TESTS[@]}"; do
-        step "test-$t" 150 "$gpu/tests/$t" --test-threads 1 --nocapture
+        # the op table also runs every op on the emulator, under two schedules
+        limit=150
+        [ "$t" = ops_table ] && limit=300
+        step "test-$t" "$limit" "$gpu/tests/$t" --test-threads 1 --nocapture
         excerpt "test-$t" '^test |rel err|^cuda .*err/bound|^device:|SKIPPED|first start|second start|agree bit|equal|panicked|test result'
         # On the GPU machine a test that skips for want of a GPU or NVRTC has not checked anything.
         if [ "${REQUIRE_GPU:-1}" = 1 ] && grep -q SKIPPED "$out/test-$t.log"; then

@@ -1,6 +1,6 @@
 //! The op API: every op the network needs, declared once; the CPU, emulated and CUDA backends
 //! implement it (the pattern of candle's backend trait). Activations are channels-last.
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::{Shape, Tensor};
 
 /// Geometry of a 3D convolution. Weights are laid out [k0][k1][k2][cin][cout] (see `conv_weight_layout`).
@@ -18,6 +18,23 @@ impl ConvSpec {
     pub fn out_dims(&self, d: [usize; 3]) -> [usize; 3] {
         std::array::from_fn(|i| (d[i] + 2 * self.pad[i] - self.k[i]) / self.stride[i] + 1)
     }
+    /// The output of this conv on input `x` (n volumes).
+    pub fn out_shape(&self, x: Shape) -> Shape {
+        Shape::new(x.n, self.out_dims(x.d), self.cout)
+    }
+    /// `out_shape(x)`, or why this conv cannot run on `x` (every backend's check).
+    pub fn check(&self, x: Shape) -> Result<Shape> {
+        if x.c != self.cin {
+            return Err(Error::Shape(format!("conv3d: input {x} has {} channels, the conv takes {}", x.c, self.cin)));
+        }
+        if self.cin == 0 || self.cout == 0 || (0..3).any(|a| self.k[a] == 0 || self.stride[a] == 0) {
+            return Err(Error::Shape(format!("conv3d: zero channels, kernel size or stride in {self:?}")));
+        }
+        if (0..3).any(|a| x.d[a] + 2 * self.pad[a] < self.k[a]) {
+            return Err(Error::Shape(format!("conv3d: input {x} padded by {:?} is smaller than the kernel {:?}", self.pad, self.k)));
+        }
+        Ok(self.out_shape(x))
+    }
     pub fn weight_len(&self) -> usize {
         self.k[0] * self.k[1] * self.k[2] * self.cin * self.cout
     }
@@ -29,14 +46,27 @@ impl ConvSpec {
 
 /// From the PyTorch layout [cout][cin][k0][k1][k2] to the engine's [k0][k1][k2][cin][cout].
 pub fn conv_weight_layout(spec: &ConvSpec, torch: &[f32]) -> Vec<f32> {
-    let [k0, k1, k2] = spec.k;
+    permute_conv_weight(spec, torch, true)
+}
+
+/// From the engine layout back to PyTorch's (gradients, checkpoints).
+pub fn conv_weight_to_torch(spec: &ConvSpec, engine: &[f32]) -> Vec<f32> {
+    permute_conv_weight(spec, engine, false)
+}
+
+fn permute_conv_weight(spec: &ConvSpec, src: &[f32], to_engine: bool) -> Vec<f32> {
+    let kv = spec.k[0] * spec.k[1] * spec.k[2];
     let (ci, co) = (spec.cin, spec.cout);
-    let kv = k0 * k1 * k2;
-    let mut out = vec![0.0f32; torch.len()];
+    let mut out = vec![0.0f32; src.len()];
     for o in 0..co {
         for i in 0..ci {
             for t in 0..kv {
-                out[(t * ci + i) * co + o] = torch[(o * ci + i) * kv + t];
+                let (torch, engine) = ((o * ci + i) * kv + t, (t * ci + i) * co + o);
+                if to_engine {
+                    out[engine] = src[torch];
+                } else {
+                    out[torch] = src[engine];
+                }
             }
         }
     }

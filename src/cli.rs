@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::Backend;
+use crate::backward::TrainBackend;
 use crate::config::{Config, Head};
 use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
@@ -220,10 +221,6 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn describe<B: Backend>(b: &B) -> String {
-    b.name()
-}
-
 /// Runs the network on every volume of `x`, `batch` volumes at a time; returns the output and the
 /// seconds spent in the forward passes.
 fn forward_batched<B: Backend>(net: &Network<B>, x: &Tensor, batch: usize) -> Result<(Tensor, f64)> {
@@ -241,18 +238,9 @@ fn forward_batched<B: Backend>(net: &Network<B>, x: &Tensor, batch: usize) -> Re
         if n > m {
             eprintln!("  volumes {}..{} of {n}: {:.2} s", i + 1, i + m, t0.elapsed().as_secs_f64());
         }
-        out = Some(match out {
-            None => {
-                let mut t = Tensor::zeros(Shape::new(n, yb.shape.d, yb.shape.c));
-                t.data[..yb.data.len()].copy_from_slice(&yb.data);
-                t
-            }
-            Some(mut t) => {
-                let off = i * t.shape.voxels() * t.shape.c;
-                t.data[off..off + yb.data.len()].copy_from_slice(&yb.data);
-                t
-            }
-        });
+        let o = out.get_or_insert_with(|| Tensor::zeros(Shape::new(n, yb.shape.d, yb.shape.c)));
+        let off = i * o.shape.voxels() * o.shape.c;
+        o.data[off..off + yb.data.len()].copy_from_slice(&yb.data);
         i += m;
     }
     out.map(|t| (t, secs)).ok_or_else(|| Error::Input("no volume to run".into()))
@@ -269,24 +257,27 @@ struct Predict<'a> {
 
 impl Job for Predict<'_> {
     type Out = Tensor;
-    fn run<B: Backend>(self, backend: B) -> Result<Tensor> {
-        eprintln!("backend: {}", describe(&backend));
+    fn run<B: TrainBackend>(self, backend: B) -> Result<Tensor> {
+        eprintln!("backend: {}", backend.name());
         let t0 = Instant::now();
         let net = Network::new(backend, self.weights)?;
         let setup = t0.elapsed().as_secs_f64();
         let (y, secs) = forward_batched(&net, self.x, self.batch)?;
-        let n = self.x.shape.n;
-        let gflop = flops(&self.weights.config, self.x.shape.d) * n as f64 / 1e9;
-        eprintln!(
-            "forward: {n} volume(s) of {}x{}x{} in {secs:.2} s ({:.3} s/volume, {:.1} GFLOP/s); weights upload {setup:.2} s",
-            self.x.shape.d[0],
-            self.x.shape.d[1],
-            self.x.shape.d[2],
-            secs / n as f64,
-            gflop / secs.max(1e-9)
-        );
+        report_forward(self.weights, self.x, secs, &format!("weights upload {setup:.2} s"));
         Ok(y)
     }
+}
+
+/// The `forward:` line of predict: volumes, seconds and GFLOP/s of the forward passes over `x`.
+fn report_forward(weights: &Weights, x: &Tensor, secs: f64, setup: &str) {
+    let n = x.shape.n;
+    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
+    let [d0, d1, d2] = x.shape.d;
+    eprintln!(
+        "forward: {n} volume(s) of {d0}x{d1}x{d2} in {secs:.2} s ({:.3} s/volume, {:.1} GFLOP/s); {setup}",
+        secs / n as f64,
+        gflop / secs.max(1e-9)
+    );
 }
 
 fn predict(a: &PredictArgs) -> Result<()> {
@@ -297,7 +288,7 @@ fn predict(a: &PredictArgs) -> Result<()> {
     weights
         .config
         .check_input_size(vol.tensor.shape.d)
-        .map_err(|e| Error::Input(format!("{}: {}", a.input.display(), strip_prefix(&e))))?;
+        .map_err(|e| Error::Input(format!("{}: {}", a.input.display(), e.message())))?;
     eprintln!(
         "input: {} volume(s) of {}x{}x{} from {}",
         vol.tensor.shape.n,
@@ -328,14 +319,6 @@ fn predict(a: &PredictArgs) -> Result<()> {
     crate::sidecar::write(&a.output, &card)?;
     eprintln!("wrote {} ({})", a.output.display(), head_meaning(&weights.config, &dims));
     Ok(())
-}
-
-/// The message of an `Input` error without its "input: " prefix (the caller adds the file).
-fn strip_prefix(e: &Error) -> String {
-    match e {
-        Error::Input(m) => m.clone(),
-        e => e.to_string(),
-    }
 }
 
 fn head_meaning(cfg: &Config, dims: &[usize]) -> String {
@@ -370,7 +353,7 @@ fn info(a: &InfoArgs) -> Result<()> {
     let [d0, d1, d2] = a.size;
     match c.check_input_size(a.size) {
         Ok(()) => println!("cost: {:.1} GFLOP per {d0}x{d1}x{d2} volume", flops(c, a.size) / 1e9),
-        Err(e) => println!("cost: {d0}x{d1}x{d2} cannot be run: {}", strip_prefix(&e)),
+        Err(e) => println!("cost: {d0}x{d1}x{d2} cannot be run: {}", e.message()),
     }
     println!("backends on this machine:");
     let cpu = CpuBackend::new();
@@ -396,7 +379,7 @@ fn info(a: &InfoArgs) -> Result<()> {
             let v = nvrtc::version().map(|(a, b)| format!("{a}.{b}")).unwrap_or_else(|e| format!("unknown version: {e}"));
             println!("  nvrtc  yes: {path} (version {v}); `deepis kernels` compiles every kernel")
         }
-        Err(e) => println!("  nvrtc  no: {}", strip_backend(&e)),
+        Err(e) => println!("  nvrtc  no: {}", e.message()),
     }
     match CubinCache::from_env().dir() {
         Some(d) => {
@@ -406,13 +389,6 @@ fn info(a: &InfoArgs) -> Result<()> {
         None => println!("  cache  off: every start compiles the kernels"),
     }
     Ok(())
-}
-
-fn strip_backend(e: &Error) -> String {
-    match e {
-        Error::Backend { msg, .. } => msg.clone(),
-        e => e.to_string(),
-    }
 }
 
 fn group_thousands(n: usize) -> String {
@@ -439,7 +415,7 @@ fn kernels(a: &KernelsArgs) -> Result<()> {
         eprintln!("warning: {w}");
     }
     eprintln!("{}", stats.summary(&cache, &a.arch.join(", ")));
-    print!("{}", nvrtc::format_table(&reports));
+    print!("{}", crate::gpu::occupancy::format_table(&reports));
     let spills: Vec<String> = reports
         .iter()
         .filter(|r| r.spill_stores > 0 || r.spill_loads > 0)
@@ -464,36 +440,35 @@ struct Bench<'a> {
 
 impl Job for Bench<'_> {
     type Out = ();
-    fn run<B: Backend>(self, backend: B) -> Result<()> {
-        let name = describe(&backend);
+    fn run<B: TrainBackend>(self, backend: B) -> Result<()> {
+        println!("backend: {}", backend.name());
         let net = Network::new(backend, self.weights)?;
-        let n = self.x.shape.n;
-        let gflop = flops(&self.weights.config, self.x.shape.d) * n as f64 / 1e9;
-        println!("backend: {name}");
-        println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", self.x.shape.d);
-        for i in 0..self.warmup {
-            let t0 = Instant::now();
-            net.forward(self.x)?;
-            eprintln!("  warmup {}: {:.3} s", i + 1, t0.elapsed().as_secs_f64());
-        }
-        let mut times = Vec::new();
-        for i in 0..self.runs {
-            let t0 = Instant::now();
-            net.forward(self.x)?;
-            let t = t0.elapsed().as_secs_f64();
-            eprintln!("  run {}: {t:.3} s", i + 1);
-            times.push(t);
-        }
-        times.sort_by(f64::total_cmp);
-        let med = times[times.len() / 2];
-        println!(
-            "median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s",
-            times.len(),
-            med / n as f64,
-            gflop / med.max(1e-9)
-        );
-        Ok(())
+        time_runs(self.weights, self.x, self.runs, self.warmup, &|x| net.forward(x))
     }
+}
+
+/// `warmup` untimed then `runs` timed forward passes of `x`; prints the work and the median.
+fn time_runs(weights: &Weights, x: &Tensor, runs: u32, warmup: u32, forward: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+    let n = x.shape.n;
+    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
+    println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", x.shape.d);
+    for i in 0..warmup {
+        let t0 = Instant::now();
+        forward(x)?;
+        eprintln!("  warmup {}: {:.3} s", i + 1, t0.elapsed().as_secs_f64());
+    }
+    let mut times = Vec::new();
+    for i in 0..runs {
+        let t0 = Instant::now();
+        forward(x)?;
+        let t = t0.elapsed().as_secs_f64();
+        eprintln!("  run {}: {t:.3} s", i + 1);
+        times.push(t);
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    println!("median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s", times.len(), med / n as f64, gflop / med.max(1e-9));
+    Ok(())
 }
 
 fn bench(a: &BenchArgs) -> Result<()> {
@@ -541,17 +516,7 @@ fn predict_plan(weights: &Weights, x: &Tensor) -> Result<Tensor> {
     let setup = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let y = crate::model::run_plan(&plan, weights, x)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let n = x.shape.n;
-    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
-    eprintln!(
-        "forward: {n} volume(s) of {}x{}x{} in {secs:.2} s ({:.3} s/volume, {:.1} GFLOP/s); plan built in {setup:.2} s",
-        x.shape.d[0],
-        x.shape.d[1],
-        x.shape.d[2],
-        secs / n as f64,
-        gflop / secs.max(1e-9)
-    );
+    report_forward(weights, x, t0.elapsed().as_secs_f64(), &format!("plan built in {setup:.2} s"));
     Ok(y)
 }
 
@@ -566,27 +531,9 @@ pub fn new_plan(weights: &Weights, d: [usize; 3]) -> Result<crate::plan::Plan> {
 
 fn bench_plan(weights: &Weights, x: &Tensor, runs: u32, warmup: u32) -> Result<()> {
     let plan = new_plan(weights, x.shape.d)?;
-    let n = x.shape.n;
-    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
     println!("backend: cpu (fused plan), {} threads", rayon::current_num_threads());
     println!("{}", plan.summary());
-    println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", x.shape.d);
-    for i in 0..warmup {
-        let t0 = Instant::now();
-        plan.run(x)?;
-        eprintln!("  warmup {}: {:.3} s", i + 1, t0.elapsed().as_secs_f64());
-    }
-    let mut times = Vec::new();
-    for i in 0..runs {
-        let t0 = Instant::now();
-        plan.run(x)?;
-        let t = t0.elapsed().as_secs_f64();
-        eprintln!("  run {}: {t:.3} s", i + 1);
-        times.push(t);
-    }
-    times.sort_by(f64::total_cmp);
-    let med = times[times.len() / 2];
-    println!("median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s", times.len(), med / n as f64, gflop / med.max(1e-9));
+    time_runs(weights, x, runs, warmup, &|x| plan.run(x))?;
     println!(
         "peak memory: plan {:.1} MiB (planned), process {}",
         mib(plan.peak_bytes()),
@@ -605,8 +552,8 @@ struct Segment<'a> {
 
 impl Job for Segment<'_> {
     type Out = ();
-    fn run<B: Backend>(self, backend: B) -> Result<()> {
-        eprintln!("backend: {}", describe(&backend));
+    fn run<B: TrainBackend>(self, backend: B) -> Result<()> {
+        eprintln!("backend: {}", backend.name());
         let net = Network::new(backend, self.weights)?;
         crate::segment::run(self.args, self.weights, &mut |x| net.forward(x))?.into_result()
     }

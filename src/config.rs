@@ -2,14 +2,14 @@
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Downsample {
     Stride,
     Maxpool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Head {
     Distance,
@@ -117,6 +117,14 @@ impl Config {
             });
         }
         out
+    }
+
+    /// Refuses a batch that is not of raw 1-channel volumes the network can down-sample four times.
+    pub fn check_input(&self, x: crate::tensor::Shape) -> Result<()> {
+        if x.c != 1 {
+            return Err(Error::Shape(format!("the network takes 1-channel volumes, got {} channels", x.c)));
+        }
+        self.check_input_size(x.d)
     }
 
     /// Refuses volumes the network cannot down-sample four times.

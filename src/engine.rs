@@ -1,7 +1,7 @@
 //! Choosing where the network runs, below every command that runs it: the backend kinds, how
 //! `auto` resolves, and the dispatch of generic work to a concrete backend. Also the one parser of
 //! volume sizes the commands share.
-use crate::backend::Backend;
+use crate::backward::TrainBackend;
 use crate::cpu::CpuBackend;
 use crate::error::Result;
 use crate::gpu::cuda::{cuda_available, CudaDevice};
@@ -43,10 +43,10 @@ pub fn parse_size(s: &str) -> std::result::Result<[usize; 3], String> {
 /// could overflow, and no machine holds it anyway (memory is checked against the budget later).
 const MAX_VOXELS: u64 = 1 << 40;
 
-/// Work that needs a concrete backend.
+/// Work that needs a concrete backend (every backend also runs the training ops).
 pub trait Job {
     type Out;
-    fn run<B: Backend>(self, backend: B) -> Result<Self::Out>;
+    fn run<B: TrainBackend>(self, backend: B) -> Result<Self::Out>;
 }
 
 /// A backend chosen and opened: the fused CPU plan, one of the op-by-op backends, or a GPU.
@@ -78,7 +78,8 @@ pub fn choose(kind: BackendKind) -> Result<Chosen> {
     })
 }
 
-/// Runs `job` on an op-by-op backend (the fused plan is not a `Backend`: callers handle `Plan`).
+/// Runs `job` on an op-by-op backend (the fused plan is not a `Backend`: inference callers handle
+/// `Plan`; training runs the CPU reference ops for both CPU kinds).
 pub fn with_backend<J: Job>(chosen: Chosen, job: J) -> Result<J::Out> {
     match chosen {
         Chosen::Plan | Chosen::CpuRef => job.run(CpuBackend::new()),

@@ -40,6 +40,15 @@ impl Error {
         }
     }
 
+    /// The message without its kind's prefix ("input: ", "backend nvrtc: "), for a caller that
+    /// names the context itself.
+    pub fn message(&self) -> String {
+        match self {
+            Error::Input(m) | Error::Backend { msg: m, .. } => m.clone(),
+            e => e.to_string(),
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }

@@ -4,7 +4,7 @@
 //! convention (3D, 4D or 5D) is kept so the output can follow it. Every output goes through
 //! [`write_atomic`]: a temporary file in the destination's folder, renamed when complete.
 use crate::error::{Error, Result};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::{unravel, Shape, Tensor};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -34,6 +34,11 @@ fn kind_of(path: &Path) -> Result<Kind> {
         Some("tcf") => Ok(Kind::Tcf),
         _ => Err(Error::format(path, "unsupported file type: expected a .npy array, a .tif/.tiff stack or a Tomocube .TCF")),
     }
+}
+
+/// Whether `p`'s extension is one of `exts` (any case).
+pub fn extension_is(p: &Path, exts: &[&str]) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 /// Opens `path` for reading, refusing a folder (whose read would fail with a puzzling OS error).
@@ -111,15 +116,9 @@ fn volume_from(path: &Path, dims: &[usize], data: Vec<f32>) -> Result<Volume> {
     let shape = volume_shape(path, dims)?;
     // With C = 1 the channels-last layout is the file's C order, so the flat index unravels on `dims`.
     if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-        let mut idx = vec![0usize; rank];
-        let mut r = i;
-        for k in (0..rank).rev() {
-            idx[k] = r % dims[k];
-            r /= dims[k];
-        }
         return Err(Error::format(
             path,
-            format!("value {} at index {:?} (shape {:?}): the volume must hold finite numbers only", data[i], idx, dims),
+            format!("value {} at index {:?} (shape {:?}): the volume must hold finite numbers only", data[i], unravel(i, dims), dims),
         ));
     }
     Ok(Volume { tensor: Tensor::new(shape, data)?, rank })
@@ -527,8 +526,9 @@ pub fn write_output(path: &Path, t: &Tensor, rank: usize) -> Result<()> {
         Kind::Npy => write_atomic(path, |w| write_npy_to(w, &dims, &data)),
         Kind::Tif => {
             let [_, _, _, d1, d2] = t.shape.ncdhw();
-            write_atomic(path, |w| write_tif_to(w, d1, d2, &data))
-        }        Kind::Tcf => Err(Error::format(path, "deepis does not write TCF files: give a .npy or .tif output")),
+            write_atomic(path, |w| write_tif_to::<tiff::encoder::colortype::Gray32Float>(w, d1, d2, &data))
+        }
+        Kind::Tcf => Err(Error::format(path, "deepis does not write TCF files: give a .npy or .tif output")),
     }
 }
 
@@ -537,7 +537,8 @@ pub fn write_npy(path: &Path, dims: &[usize], data: &[f32]) -> Result<()> {
     write_atomic(path, |w| write_npy_to(w, dims, data))
 }
 
-fn write_npy_to(w: impl Write, dims: &[usize], data: &[f32]) -> std::io::Result<()> {
+/// `data` of C-order `dims` as `.npy` bytes (float32 maps, uint8 labels).
+pub(crate) fn write_npy_to<T: npyz::AutoSerialize + Copy>(w: impl Write, dims: &[usize], data: &[T]) -> std::io::Result<()> {
     use npyz::WriterBuilder;
     let shape: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
     let mut npy = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(w).begin_nd()?;
@@ -545,8 +546,13 @@ fn write_npy_to(w: impl Write, dims: &[usize], data: &[f32]) -> std::io::Result<
     npy.finish()
 }
 
-fn write_tif_to(w: impl Write + Seek, d1: usize, d2: usize, data: &[f32]) -> std::io::Result<()> {
-    use tiff::encoder::{colortype::Gray32Float, TiffEncoder};
+/// `data` as a multi-page grayscale TIFF of pages of D1 rows x D2 columns (`C`: `Gray32Float`
+/// maps, `Gray8` labels).
+pub(crate) fn write_tif_to<C: tiff::encoder::colortype::ColorType>(w: impl Write + Seek, d1: usize, d2: usize, data: &[C::Inner]) -> std::io::Result<()>
+where
+    [C::Inner]: tiff::encoder::TiffValue,
+{
+    use tiff::encoder::TiffEncoder;
     let terr = |e: tiff::TiffError| match e {
         tiff::TiffError::IoError(e) => e,
         e => std::io::Error::other(format!("cannot write TIFF: {e}")),
@@ -554,7 +560,7 @@ fn write_tif_to(w: impl Write + Seek, d1: usize, d2: usize, data: &[f32]) -> std
     let page = d1 * d2;
     let mut enc = TiffEncoder::new(w).map_err(terr)?;
     for p in data.chunks(page.max(1)) {
-        enc.write_image::<Gray32Float>(d2 as u32, d1 as u32, p).map_err(terr)?;
+        enc.write_image::<C>(d2 as u32, d1 as u32, p).map_err(terr)?;
     }
     Ok(())
 }

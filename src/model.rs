@@ -5,7 +5,7 @@
 use crate::backend::{conv_weight_layout, Backend, DevTensor};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::graph::{bn_affine, Arch, Graph, Mode, Op};
+use crate::graph::{bn_affine, f32s, Arch, Graph, Mode, Op};
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -30,10 +30,6 @@ pub struct Network<B: Backend> {
     params: Vec<Param<B::S>>,
 }
 
-fn f32s(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&x| x as f32).collect()
-}
-
 impl<B: Backend> Network<B> {
     /// Uploads the inference tensors of `weights` to `backend` (weights were validated on load).
     pub fn new(backend: B, weights: &Weights) -> Result<Self> {
@@ -53,8 +49,8 @@ impl<B: Backend> Network<B> {
                     b: if bias { Some(backend.upload_param(&get("bias")?)?) } else { None },
                 },
                 Op::BatchNorm => {
-                    let (scale, shift) = bn_affine(&get("weight")?, &get("bias")?, &get("running_mean")?, &get("running_var")?, cfg.bn_eps);
-                    Param::Affine { scale: backend.upload_param(&f32s(&scale))?, shift: backend.upload_param(&f32s(&shift))? }
+                    let (scale, shift) = bn_params(&backend, &get, cfg.bn_eps)?;
+                    Param::Affine { scale, shift }
                 }
                 Op::Scale { scale, shift } => {
                     Param::Affine { scale: backend.upload_param(&[scale as f32])?, shift: backend.upload_param(&[shift as f32])? }
@@ -69,10 +65,6 @@ impl<B: Backend> Network<B> {
         &self.backend
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     /// Runs N volumes (channels-last N x D0 x D1 x D2 x 1, raw values) to the head output
     /// (N x D0 x D1 x D2 x C: a signed distance map, or sigmoid probabilities).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -82,10 +74,7 @@ impl<B: Backend> Network<B> {
 
     /// `forward`, calling `hook` with every module's output (oracle module paths).
     pub fn forward_hooked(&self, x: &Tensor, mut hook: Option<Hook<'_, B::S>>) -> Result<Tensor> {
-        if x.shape.c != 1 {
-            return Err(Error::Shape(format!("the network takes 1-channel volumes, got {} channels", x.shape.c)));
-        }
-        self.cfg.check_input_size(x.shape.d)?;
+        self.cfg.check_input(x.shape)?;
         let g = Graph::with_arch(&self.cfg, Mode::Eval, x.shape.d, &self.arch);
         let b = &self.backend;
         let mut readers = g.consumers();
@@ -132,6 +121,14 @@ impl<B: Backend> Network<B> {
         let out = vals[g.outputs[0]].take().ok_or_else(|| Error::Other("the graph has no output".into()))?;
         b.download(&out)
     }
+}
+
+/// Eval-mode batch norm of the tensors `get` returns by suffix (`weight`, `bias`, `running_mean`,
+/// `running_var`), on `b` as a per-channel scale and shift.
+pub(crate) fn bn_params<B: Backend, T: AsRef<[f32]>>(b: &B, get: impl Fn(&str) -> Result<T>, eps: f64) -> Result<(B::S, B::S)> {
+    let (g, bt, m, v) = (get("weight")?, get("bias")?, get("running_mean")?, get("running_var")?);
+    let (scale, shift) = bn_affine(g.as_ref(), bt.as_ref(), m.as_ref(), v.as_ref(), eps);
+    Ok((b.upload_param(&f32s(&scale))?, b.upload_param(&f32s(&shift))?))
 }
 
 /// `y`, the output of `net` for `x`, when it is finite; otherwise the error naming the first

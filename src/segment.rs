@@ -275,30 +275,29 @@ pub fn labels_from_output(y: &Tensor, head: Head, tau: f64, grow: bool, min_size
 /// Input files from arguments that are files, folders (their .npy/.tif/.tiff files, sorted) or
 /// glob patterns.
 pub fn expand_inputs(args: &[String]) -> Result<Vec<PathBuf>> {
-    let is_volume = |p: &Path| {
-        matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("npy" | "tif" | "tiff" | "tcf"))
+    // the volumes among `found`, sorted; none is the error `none`
+    let volumes = |found: Vec<PathBuf>, none: String| -> Result<Vec<PathBuf>> {
+        let is_volume = |q: &PathBuf| q.is_file() && crate::io::extension_is(q, &["npy", "tif", "tiff", "tcf"]);
+        let mut v: Vec<PathBuf> = found.into_iter().filter(is_volume).collect();
+        if v.is_empty() {
+            return Err(Error::Input(none));
+        }
+        v.sort();
+        Ok(v)
     };
     let mut out = Vec::new();
     for a in args {
         let p = Path::new(a);
         if p.is_dir() {
             let rd = std::fs::read_dir(p).map_err(|e| Error::io(p, e))?;
-            let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|q| q.is_file() && is_volume(q)).collect();
-            if v.is_empty() {
-                return Err(Error::Input(format!("{}: the folder holds no .npy, .tif or .tiff volume or .TCF file", p.display())));
-            }
-            v.sort();
-            out.extend(v);
+            let found = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            out.extend(volumes(found, format!("{}: the folder holds no .npy, .tif or .tiff volume or .TCF file", p.display()))?);
         } else if p.exists() {
             out.push(p.to_path_buf());
         } else if a.contains(['*', '?', '[']) {
             let g = glob::glob(a).map_err(|e| Error::Input(format!("bad pattern {a:?}: {e}")))?;
-            let mut v: Vec<PathBuf> = g.filter_map(|e| e.ok()).filter(|q| q.is_file() && is_volume(q)).collect();
-            if v.is_empty() {
-                return Err(Error::Input(format!("{a}: no .npy, .tif or .tiff volume or .TCF file matches")));
-            }
-            v.sort();
-            out.extend(v);
+            let found = g.filter_map(|e| e.ok()).collect();
+            out.extend(volumes(found, format!("{a}: no .npy, .tif or .tiff volume or .TCF file matches"))?);
         } else {
             return Err(Error::io(p, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
         }
@@ -518,13 +517,7 @@ fn segment_one(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>, 
     let voxel = crate::voxel::resolve(a.voxel_size, &[input])?;
     let d = vol.tensor.shape.d;
     let len: [usize; 3] = std::array::from_fn(|k| a.tile[k].min(d[k]));
-    weights.config.check_input_size(len).map_err(|e| {
-        let m = match e {
-            Error::Input(m) => m,
-            e => e.to_string(),
-        };
-        Error::Input(format!("{}: tiles of {len:?}: {m}", input.display()))
-    })?;
+    weights.config.check_input_size(len).map_err(|e| Error::Input(format!("{}: tiles of {len:?}: {}", input.display(), e.message())))?;
     let t0 = std::time::Instant::now();
     let tiled = |x: &Tensor, p: &mut Predictor<'_>| predict_tiled_with(x, a.tile, a.overlap, a.blend, p);
     let mut run = |x: &Tensor| if a.tta { predict_tta(x, &mut |x| tiled(x, predict)) } else { tiled(x, predict) };
@@ -591,7 +584,7 @@ fn segment_one(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>, 
 
 /// Labels as .npy, or as OME-TIFF carrying the voxel size.
 pub fn write_labels_out(path: &Path, dims: &[usize], labels: &[u8], um: Option<[f64; 3]>, time_interval_s: Option<f64>) -> Result<()> {
-    if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("npy")) {
+    if crate::io::extension_is(path, &["npy"]) {
         return crate::analysis::write_labels(path, dims, labels);
     }
     let d5 = dims5(dims, false);
@@ -600,7 +593,7 @@ pub fn write_labels_out(path: &Path, dims: &[usize], labels: &[u8], um: Option<[
 
 /// A head output (file dims from `io::output_dims`) as .npy, or as OME-TIFF with the voxel size.
 pub fn write_map(path: &Path, y: &Tensor, dims: &[usize], um: Option<[f64; 3]>, time_interval_s: Option<f64>) -> Result<()> {
-    if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("npy")) {
+    if crate::io::extension_is(path, &["npy"]) {
         return crate::io::write_npy(path, dims, &y.to_ncdhw());
     }
     crate::ome_tiff::write(path, dims5(dims, true), crate::ome_tiff::Pixels::F32(&y.to_ncdhw()), um, time_interval_s)

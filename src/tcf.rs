@@ -29,11 +29,6 @@ pub struct TcfInfo {
     pub time_interval_s: Option<f64>,
 }
 
-/// Whether `path` names a TCF file (by its extension, any case).
-pub fn is_tcf(path: &Path) -> bool {
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("tcf"))
-}
-
 fn open(path: &Path) -> Result<Hdf5File> {
     if !path.is_file() {
         let e = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");

@@ -109,6 +109,17 @@ impl Tensor {
     }
 }
 
+/// The C-order multi-index of flat index `i` in `shape` (for messages naming a bad value).
+pub fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for k in (0..shape.len()).rev() {
+        let d = shape[k].max(1);
+        idx[k] = i % d;
+        i /= d;
+    }
+    idx
+}
+
 /// The error measure used by every parity check: max|a-e| / max(floor, max|e|).
 pub fn rel_err(actual: &[f32], expected: &[f32], floor: f32) -> f32 {
     assert_eq!(actual.len(), expected.len(), "rel_err: length mismatch");

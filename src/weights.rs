@@ -5,6 +5,7 @@
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
+use crate::tensor::unravel;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -145,7 +146,7 @@ impl Weights {
         Ok(())
     }
 
-    /// The values of an entry, decoded as float32 on the fly.
+    /// The values of an entry (float32, float16 or bfloat16), decoded as float32 on the fly.
     fn values<'a>(&'a self, e: &Entry) -> Box<dyn Iterator<Item = f32> + 'a> {
         let raw = &self.storage.bytes()[e.start..e.end];
         match e.dtype {
@@ -158,13 +159,10 @@ impl Weights {
     /// A tensor as float32 values (PyTorch layout).
     pub fn get(&self, name: &str) -> Result<Vec<f32>> {
         let e = self.entries.get(name).ok_or_else(|| Error::format(&self.origin, format!("tensor {name} is missing")))?;
-        let raw = &self.storage.bytes()[e.start..e.end];
-        Ok(match e.dtype {
-            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            d => return Err(Error::format(&self.origin, format!("tensor {name} has unsupported dtype {d:?}"))),
-        })
+        if !matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(Error::format(&self.origin, format!("tensor {name} has unsupported dtype {:?}", e.dtype)));
+        }
+        Ok(self.values(e).collect())
     }
 
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
@@ -229,17 +227,6 @@ impl Weights {
 }
 
 use std::io::Write as _;
-
-/// The C-order multi-index of flat index `i` in `shape`.
-fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
-    let mut idx = vec![0; shape.len()];
-    for k in (0..shape.len()).rev() {
-        let d = shape[k].max(1);
-        idx[k] = i % d;
-        i /= d;
-    }
-    idx
-}
 
 /// safetensors bytes with `format`, `format_version` and `config` metadata.
 pub fn serialize(config: &Config, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {

@@ -5,6 +5,7 @@ use deepis::config::Config;
 use deepis::cpu::CpuBackend;
 use deepis::graph::{self, Arch, Builder, Graph, Mode, NodeId, Op, ParamKind};
 use deepis::model::Network;
+use deepis::graph::passes::Passes;
 use deepis::plan::{Plan, PlanOptions};
 use deepis::rng::Rng;
 use deepis::tensor::{rel_err, Shape, Tensor};
@@ -93,14 +94,16 @@ fn each_pass_alone_keeps_the_output_and_changes_the_plan() {
     let reference = Network::new(CpuBackend::new(), &w).unwrap().forward(&x).unwrap();
     let none = Plan::new(&w, d, PlanOptions::unfused()).unwrap();
     let u = PlanOptions::unfused();
+    let with = |passes| PlanOptions { passes, ..u };
+    let no = Passes::none();
     // merge_1x1 merges what move_conv1_low moved (and gcn1 with it), so it is shown on top of that
-    let mv = PlanOptions { move_conv1_low: true, ..u };
+    let mv = with(Passes { move_conv1_low: true, ..no });
     for (label, opt, base) in [
-        ("fold_bn", PlanOptions { fold_bn: true, ..u }, &u),
-        ("fuse_epilogue", PlanOptions { fuse_epilogue: true, ..u }, &u),
+        ("fold_bn", with(Passes { fold_bn: true, ..no }), &u),
+        ("fuse_epilogue", with(Passes { fuse_epilogue: true, ..no }), &u),
         ("move_conv1_low", mv, &u),
-        ("merge_1x1 (+move)", PlanOptions { merge_1x1: true, ..mv }, &mv),
-        ("fuse_gcn_planes", PlanOptions { fuse_gcn_planes: true, ..u }, &u),
+        ("merge_1x1 (+move)", with(Passes { merge_1x1: true, ..mv.passes }), &mv),
+        ("fuse_gcn_planes", with(Passes { fuse_gcn_planes: true, ..no }), &u),
     ] {
         let plan = Plan::new(&w, d, opt).unwrap();
         let before = Plan::new(&w, d, *base).unwrap();

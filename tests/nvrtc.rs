@@ -45,7 +45,7 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
             Err(e) => panic!("{e}"),
         }
     }
-    println!("{}", nvrtc::format_table(&reports));
+    println!("{}", deepis::gpu::occupancy::format_table(&reports));
 
     // Every named kernel has a report for every arch.
     for name in deepis::gpu::kernels::all_kernel_names() {
@@ -57,7 +57,7 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
         }
     }
     let spills: Vec<_> = reports.iter().filter(|r| r.spill_stores > 0 || r.spill_loads > 0).collect();
-    assert!(spills.is_empty(), "kernels spill registers:\n{}", nvrtc::format_table(&spills.into_iter().cloned().collect::<Vec<_>>()));
+    assert!(spills.is_empty(), "kernels spill registers:\n{}", deepis::gpu::occupancy::format_table(&spills.into_iter().cloned().collect::<Vec<_>>()));
 }
 
 #[test]

@@ -1,15 +1,16 @@
-//! The fused CPU plan (`deepis::plan`): microkernels against a naive loop, the whole plan against
-//! the golden cases and the unfused CPU reference, and every fusion switched off and on.
+//! The fused CPU plan (`deepis::plan`): the buffer planner, the whole plan against the golden cases
+//! and the unfused CPU reference, and every fusion switched off and on (its microkernels, every
+//! ISA and epilogue, are rows of tests/ops_table.rs).
 //! Tolerances: golden max|a-e| / max(1, max|e|) <= 1e-4; against the reference and between
 //! fusion settings, relative to max |output|, <= 1e-4.
 mod common;
 use common::*;
-use deepis::backend::{conv_weight_layout, ConvSpec};
 use deepis::config::{Config, Downsample, Head};
 use deepis::cpu::CpuBackend;
 use deepis::model::Network;
-use deepis::plan::kernel::{conv3d, Act, Isa, PackedConv};
+use deepis::plan::kernel::Isa;
 use deepis::plan::memory::{disjoint, place, Life};
+use deepis::graph::passes::Passes;
 use deepis::plan::{Plan, PlanOptions};
 use deepis::rng::Rng;
 use deepis::tensor::{rel_err, Shape, Tensor};
@@ -19,95 +20,6 @@ const TOL: f32 = 1e-4;
 
 fn randn(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.normal() as f32).collect()
-}
-
-/// out[n][o][co] = bias + sum x[n][o*s + k - p][ci] * w[co][ci][k] (PyTorch layout), then residual, act.
-fn naive_conv(x: &[f32], xs: Shape, wt: &[f32], b: &[f32], spec: &ConvSpec, res: Option<&[f32]>, act: Act) -> Vec<f32> {
-    let od = spec.out_dims(xs.d);
-    let (ci_n, co_n) = (spec.cin, spec.cout);
-    let [k0n, k1n, k2n] = spec.k;
-    let mut out = vec![0.0f32; xs.n * od[0] * od[1] * od[2] * co_n];
-    for n in 0..xs.n {
-        for o0 in 0..od[0] {
-            for o1 in 0..od[1] {
-                for o2 in 0..od[2] {
-                    let oi = (((n * od[0] + o0) * od[1] + o1) * od[2] + o2) * co_n;
-                    for co in 0..co_n {
-                        let mut acc = b[co] as f64;
-                        for k0 in 0..k0n {
-                            for k1 in 0..k1n {
-                                for k2 in 0..k2n {
-                                    let i = [o0 * spec.stride[0] + k0, o1 * spec.stride[1] + k1, o2 * spec.stride[2] + k2];
-                                    if (0..3).any(|a| i[a] < spec.pad[a] || i[a] - spec.pad[a] >= xs.d[a]) {
-                                        continue;
-                                    }
-                                    let [i0, i1, i2] = [i[0] - spec.pad[0], i[1] - spec.pad[1], i[2] - spec.pad[2]];
-                                    let xi = (((n * xs.d[0] + i0) * xs.d[1] + i1) * xs.d[2] + i2) * ci_n;
-                                    for ci in 0..ci_n {
-                                        let wv = wt[(((co * ci_n + ci) * k0n + k0) * k1n + k1) * k2n + k2];
-                                        acc += x[xi + ci] as f64 * wv as f64;
-                                    }
-                                }
-                            }
-                        }
-                        let mut y = acc as f32 + res.map_or(0.0, |r| r[oi + co]);
-                        y = match act {
-                            Act::None => y,
-                            Act::Relu => y.max(0.0),
-                            Act::Sigmoid => 1.0 / (1.0 + (-y).exp()),
-                        };
-                        out[oi + co] = y;
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-#[test]
-fn microkernels_match_a_naive_loop_on_odd_shapes() {
-    // (cin, cout, k, stride, input dims): every kernel shape of the model, with channel counts that
-    // are not multiples of the vector width, odd sizes, and stride 2 on odd sizes.
-    let cases: &[(usize, usize, [usize; 3], usize, [usize; 3])] = &[
-        (1, 19, [3, 3, 3], 1, [5, 4, 7]),
-        (7, 64, [3, 3, 3], 1, [3, 5, 13]),
-        (13, 37, [3, 3, 3], 2, [5, 7, 9]),
-        (16, 80, [3, 3, 3], 2, [4, 3, 11]),
-        (9, 70, [1, 1, 1], 1, [3, 4, 29]),
-        (33, 1, [1, 1, 1], 1, [2, 3, 7]),
-        (10, 48, [1, 1, 1], 2, [5, 5, 5]),
-        (12, 20, [7, 1, 1], 1, [9, 3, 5]),
-        (12, 20, [1, 1, 7], 1, [3, 2, 11]),
-        (12, 20, [1, 7, 1], 1, [2, 9, 5]),
-        (5, 17, [3, 1, 1], 1, [4, 3, 3]),
-        (5, 17, [1, 1, 3], 1, [2, 2, 3]),
-        (5, 130, [1, 3, 1], 1, [2, 5, 14]),
-        (3, 8, [1, 1, 7], 1, [1, 1, 2]),
-    ];
-    let mut rng = Rng::new(11);
-    println!("{:<8} {:>4} {:>4} {:<10} {:>2} {:<12} {:<8} {:>10}", "isa", "cin", "cout", "k", "s", "input", "epi", "rel err");
-    for isa in Isa::all_available() {
-        for &(cin, cout, k, s, d) in cases {
-            let spec = ConvSpec { cin, cout, k, stride: [s; 3], pad: k.map(|k| (k - 1) / 2) };
-            let xs = Shape::new(2, d, cin);
-            let x = randn(&mut rng, xs.len());
-            let wt = randn(&mut rng, spec.weight_len());
-            let b = randn(&mut rng, cout);
-            let od = spec.out_dims(d);
-            let olen = 2 * od[0] * od[1] * od[2] * cout;
-            let res = randn(&mut rng, olen);
-            let pc = PackedConv::new(spec, &conv_weight_layout(&spec, &wt), Some(&b), isa);
-            for (epi, r, act) in [("plain", None, Act::None), ("res+relu", Some(&res[..]), Act::Relu), ("sigmoid", None, Act::Sigmoid)] {
-                let want = naive_conv(&x, xs, &wt, &b, &spec, r, act);
-                let mut got = vec![f32::NAN; olen];
-                conv3d(&pc, &x, xs, &mut got, r, act);
-                let e = rel_err(&got, &want, 1.0);
-                println!("{:<8} {cin:>4} {cout:>4} {:<10} {s:>2} {:<12} {epi:<8} {e:>10.2e}", format!("{isa:?}"), format!("{k:?}"), format!("{d:?}"));
-                assert!(e <= 1e-5, "{isa:?} {spec:?} {d:?} {epi}: rel err {e:e}");
-            }
-        }
-    }
 }
 
 #[test]
@@ -162,12 +74,14 @@ fn fused_plan_matches_golden_cases_and_the_reference() {
 fn each_fusion_switches_off_and_on_with_the_same_result() {
     let variants: Vec<(&str, PlanOptions)> = {
         let d = PlanOptions::default();
+        let on = Passes::default();
+        let off = |passes| PlanOptions { passes, ..d };
         let mut v = vec![
-            ("fold_bn off", PlanOptions { fold_bn: false, ..d }),
-            ("fuse_epilogue off", PlanOptions { fuse_epilogue: false, ..d }),
-            ("move_conv1_low off", PlanOptions { move_conv1_low: false, ..d }),
-            ("merge_1x1 off", PlanOptions { merge_1x1: false, ..d }),
-            ("fuse_gcn_planes off", PlanOptions { fuse_gcn_planes: false, ..d }),
+            ("fold_bn off", off(Passes { fold_bn: false, ..on })),
+            ("fuse_epilogue off", off(Passes { fuse_epilogue: false, ..on })),
+            ("move_conv1_low off", off(Passes { move_conv1_low: false, ..on })),
+            ("merge_1x1 off", off(Passes { merge_1x1: false, ..on })),
+            ("fuse_gcn_planes off", off(Passes { fuse_gcn_planes: false, ..on })),
             ("reuse_buffers off", PlanOptions { reuse_buffers: false, ..d }),
             ("all off", PlanOptions::unfused()),
         ];

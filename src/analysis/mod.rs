@@ -16,6 +16,7 @@ pub mod surface_area;
 pub use crate::voxel::{check_voxel_size, parse_voxel_size};
 use crate::error::{Error, Result};
 use crate::io::{read_volume, Volume};
+use crate::tensor::unravel;
 use rayon::prelude::*;
 use std::path::Path;
 
@@ -137,15 +138,9 @@ pub fn labels_from_f32(values: &[f32], dims: &[usize], what: &Path) -> Result<Ve
         if v == 0.0 || v == 1.0 || v == 2.0 {
             out.push(v as u8);
         } else {
-            let mut idx = vec![0usize; dims.len()];
-            let mut r = i;
-            for k in (0..dims.len()).rev() {
-                idx[k] = r % dims[k];
-                r /= dims[k];
-            }
             return Err(Error::format(
                 what,
-                format!("label {v} at index {idx:?}: a label volume holds 0 (background), 1 (effector) and 2 (target) only"),
+                format!("label {v} at index {:?}: a label volume holds 0 (background), 1 (effector) and 2 (target) only", unravel(i, dims)),
             ));
         }
     }
@@ -507,24 +502,10 @@ pub fn write_labels(path: &Path, dims: &[usize], data: &[u8]) -> Result<()> {
     }
     let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
     match ext.as_deref() {
-        Some("npy") => crate::io::write_atomic(path, |w| {
-            use npyz::WriterBuilder;
-            let shape: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
-            let mut npy = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(w).begin_nd()?;
-            npy.extend(data.iter().copied())?;
-            npy.finish()
-        }),
+        Some("npy") => crate::io::write_atomic(path, |w| crate::io::write_npy_to(w, dims, data)),
         Some("tif") | Some("tiff") => {
             let (h, wd) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-            crate::io::write_atomic(path, |w| {
-                use tiff::encoder::{colortype::Gray8, TiffEncoder};
-                let terr = |e: tiff::TiffError| std::io::Error::other(format!("cannot write TIFF: {e}"));
-                let mut enc = TiffEncoder::new(w).map_err(terr)?;
-                for page in data.chunks((h * wd).max(1)) {
-                    enc.write_image::<Gray8>(wd as u32, h as u32, page).map_err(terr)?;
-                }
-                Ok(())
-            })
+            crate::io::write_atomic(path, |w| crate::io::write_tif_to::<tiff::encoder::colortype::Gray8>(w, h, wd, data))
         }
         _ => Err(Error::format(path, "unsupported file type for labels: expected .npy or .tif")),
     }
@@ -587,7 +568,7 @@ pub fn label_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut all: Vec<std::path::PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("npy" | "tif" | "tiff")))
+        .filter(|p| p.is_file() && crate::io::extension_is(p, &["npy", "tif", "tiff"]))
         .collect();
     all.sort();
     let labelled: Vec<_> = all.iter().filter(|p| p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.ends_with("_labels"))).cloned().collect();

@@ -39,10 +39,10 @@ impl ConvPath {
 }
 
 /// y = a * b + c, fused or not.
-trait MulAdd {
+pub(crate) trait MulAdd {
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 }
-struct Plain;
+pub(crate) struct Plain;
 impl MulAdd for Plain {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
@@ -51,7 +51,7 @@ impl MulAdd for Plain {
 }
 /// Only used inside functions compiled with the `fma` target feature (else `mul_add` is a libm call).
 #[cfg(target_arch = "x86_64")]
-struct Fused;
+pub(crate) struct Fused;
 #[cfg(target_arch = "x86_64")]
 impl MulAdd for Fused {
     #[inline(always)]
@@ -60,22 +60,23 @@ impl MulAdd for Fused {
     }
 }
 
-/// Geometry of one line: `n_out` outputs, stride `s`, `k` taps along d2, channels.
+/// Geometry of one line: `n_out` outputs, stride `s`, `k` taps along d2, channels (the forward
+/// line kernel's and the weight gradient's).
 #[derive(Clone, Copy)]
-struct Line {
-    n_out: usize,
-    s: usize,
-    k: usize,
-    cin: usize,
-    cout: usize,
+pub(crate) struct Line {
+    pub n_out: usize,
+    pub s: usize,
+    pub k: usize,
+    pub cin: usize,
+    pub cout: usize,
 }
 
 /// Convolution of a channels-last input. The caller has checked the shapes:
 /// `x.len() == xs.len()`, `xs.c == spec.cin`, `w.len() == spec.weight_len()`, bias length cout,
 /// kernel and stride nonzero and `d + 2p >= k` on every axis.
 pub fn conv3d(x: &[f32], xs: Shape, w: &[f32], bias: Option<&[f32]>, spec: &ConvSpec, path: ConvPath) -> (Shape, Vec<f32>) {
-    let od = spec.out_dims(xs.d);
-    let os = Shape::new(xs.n, od, spec.cout);
+    let os = spec.out_shape(xs);
+    let od = os.d;
     let mut out = vec![0.0f32; os.len()];
     if os.is_empty() {
         return (os, out);

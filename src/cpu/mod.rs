@@ -11,7 +11,7 @@ pub use conv::ConvPath;
 
 use crate::backend::{Backend, ConvSpec, DevTensor};
 use crate::error::{Error, Result};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::Tensor;
 
 /// The host backend.
 #[derive(Clone, Debug)]
@@ -45,7 +45,7 @@ impl CpuBackend {
 }
 
 /// The tensor's data has the length its shape says.
-fn check_len(op: &str, t: &DevTensor<Vec<f32>>) -> Result<()> {
+pub(crate) fn check_len(op: &str, t: &DevTensor<Vec<f32>>) -> Result<()> {
     if t.data.len() != t.shape.len() {
         return Err(Error::Shape(format!(
             "{op}: tensor {} needs {} values, its storage has {}",
@@ -57,9 +57,19 @@ fn check_len(op: &str, t: &DevTensor<Vec<f32>>) -> Result<()> {
     Ok(())
 }
 
-fn check_param(op: &str, what: &str, p: &[f32], want: usize) -> Result<()> {
+pub(crate) fn check_param(op: &str, what: &str, p: &[f32], want: usize) -> Result<()> {
     if p.len() != want {
         return Err(Error::Shape(format!("{op}: {what} has {} values, expected {want}", p.len())));
+    }
+    Ok(())
+}
+
+/// Both tensors valid and of the same shape.
+pub(crate) fn check_same(op: &str, a: &DevTensor<Vec<f32>>, b: &DevTensor<Vec<f32>>) -> Result<()> {
+    check_len(op, a)?;
+    check_len(op, b)?;
+    if a.shape != b.shape {
+        return Err(Error::Shape(format!("{op}: shapes differ, {} and {}", a.shape, b.shape)));
     }
     Ok(())
 }
@@ -90,23 +100,7 @@ impl Backend for CpuBackend {
         -> Result<DevTensor<Vec<f32>>> {
         check_len("conv3d", x)?;
         let s = x.shape;
-        if s.c != spec.cin {
-            return Err(Error::Shape(format!("conv3d: input {} has {} channels, the conv expects {}", s, s.c, spec.cin)));
-        }
-        if spec.cin == 0 || spec.cout == 0 {
-            return Err(Error::Shape(format!("conv3d: zero channels in {spec:?}")));
-        }
-        for i in 0..3 {
-            if spec.k[i] == 0 || spec.stride[i] == 0 {
-                return Err(Error::Shape(format!("conv3d: zero kernel size or stride in {spec:?}")));
-            }
-            if s.d[i] + 2 * spec.pad[i] < spec.k[i] {
-                return Err(Error::Shape(format!(
-                    "conv3d: input {} padded by {:?} is smaller than the kernel {:?}",
-                    s, spec.pad, spec.k
-                )));
-            }
-        }
+        spec.check(s)?;
         check_param("conv3d", "weight", w, spec.weight_len())?;
         if let Some(b) = bias {
             check_param("conv3d", "bias", b, spec.cout)?;
@@ -132,11 +126,7 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, a: &DevTensor<Vec<f32>>, b: &DevTensor<Vec<f32>>, relu: bool) -> Result<DevTensor<Vec<f32>>> {
-        check_len("add", a)?;
-        check_len("add", b)?;
-        if a.shape != b.shape {
-            return Err(Error::Shape(format!("add: shapes differ, {} and {}", a.shape, b.shape)));
-        }
+        check_same("add", a, b)?;
         let data = if relu {
             ops::zip(&a.data, &b.data, |p, q| ops::relu(p + q))
         } else {
@@ -177,9 +167,4 @@ impl Backend for CpuBackend {
         }
         Ok(DevTensor { shape: x.shape, data: ops::softmax(&x.data, x.shape.c) })
     }
-}
-
-/// Output shape of a convolution, as `conv3d` computes it (for callers that plan buffers).
-pub fn conv_out_shape(x: Shape, spec: &ConvSpec) -> Shape {
-    Shape::new(x.n, spec.out_dims(x.d), spec.cout)
 }

@@ -72,43 +72,19 @@ impl CudaDevice {
             eprintln!("warning: {w}");
         }
         eprintln!("{}", stats.summary(&cache, &arch));
-        let mut modules = Vec::new();
-        let mut funcs = HashMap::new();
+        let name = format!("cuda:{ordinal} {dev_name} ({arch})");
+        let mut dev = CudaDevice { ctx, stream, _modules: Vec::new(), funcs: HashMap::new(), name, arch };
         for nvrtc::Compiled { file, cubin, .. } in built {
-            let module = ctx
-                .load_module(Ptx::from_binary(cubin))
-                .map_err(|e| Error::kernel(&file, format!("loading the {arch} cubin: {e}")))?;
-            for kernel in kernels::kernels_of(&file) {
-                let f = module.load_function(kernel).map_err(|e| Error::kernel(kernel, format!("lookup: {e}")))?;
-                funcs.insert(kernel.to_string(), f);
-            }
-            modules.push(module);
+            dev.load(&file, cubin, &kernels::kernels_of(&file).collect::<Vec<_>>())?;
         }
-        Ok(CudaDevice {
-            ctx,
-            stream,
-            _modules: modules,
-            funcs,
-            name: format!("cuda:{ordinal} {dev_name} ({arch})"),
-            arch,
-        })
+        Ok(dev)
     }
 
-    /// The architecture the kernels were compiled for ("sm_90").
-    pub fn arch(&self) -> &str {
-        &self.arch
-    }
-
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
-    }
-
-    /// Compiles and loads one more source (a test kernel of kernels/testing/) with its `kernels`.
-    pub fn load_source(&mut self, file: &str, src: &str, kernels: &[&str]) -> Result<()> {
-        let compiled = nvrtc::compile_cubin(file, src, &self.arch)?;
+    /// Loads a cubin and looks up its `kernels`.
+    fn load(&mut self, file: &str, cubin: Vec<u8>, kernels: &[&str]) -> Result<()> {
         let module = self
             .ctx
-            .load_module(Ptx::from_binary(compiled.cubin))
+            .load_module(Ptx::from_binary(cubin))
             .map_err(|e| Error::kernel(file, format!("loading the {} cubin: {e}", self.arch)))?;
         for &kernel in kernels {
             let f = module.load_function(kernel).map_err(|e| Error::kernel(kernel, format!("lookup: {e}")))?;
@@ -116,6 +92,12 @@ impl CudaDevice {
         }
         self._modules.push(module);
         Ok(())
+    }
+
+    /// Compiles and loads one more source (a test kernel of kernels/testing/) with its `kernels`.
+    pub fn load_source(&mut self, file: &str, src: &str, kernels: &[&str]) -> Result<()> {
+        let compiled = nvrtc::compile_cubin(file, src, &self.arch)?;
+        self.load(file, compiled.cubin, kernels)
     }
 }
 

@@ -135,9 +135,6 @@ impl EmuDevice {
         self.threads = threads;
         self
     }
-    pub fn schedule(&self) -> Schedule {
-        self.schedule
-    }
 }
 
 fn check_cfg(kernel: &str, cfg: &LaunchCfg) -> Result<()> {

@@ -29,83 +29,65 @@ pub const TESTING_SOURCES: &[(&str, &str)] = &[
     ("testing/tensor_checks.cu", include_str!("../../kernels/testing/tensor_checks.cu")),
 ];
 
-pub const CONV3D_DIRECT: &str = "conv3d_direct_f32";
-pub const CONV3D_TILED: &str = "conv3d_tiled_f32";
-pub const CONV3D_TC_F16: &str = "conv3d_tc_f16";
-pub const CONV3D_TC_BF16: &str = "conv3d_tc_bf16";
-pub const CONV3D_TC_WIDE_F16: &str = "conv3d_tc_wide_f16";
-pub const CONV3D_TC_WIDE_BF16: &str = "conv3d_tc_wide_bf16";
-pub const TO_HALF_F16: &str = "to_half_f16";
-pub const TO_HALF_BF16: &str = "to_half_bf16";
-pub const TO_F32_F16: &str = "to_f32_f16";
-pub const TO_F32_BF16: &str = "to_f32_bf16";
-pub const CHANNEL_AFFINE: &str = "channel_affine_f32";
-pub const RELU: &str = "relu_f32";
-pub const ADD: &str = "add_f32";
-pub const SIGMOID: &str = "sigmoid_f32";
-pub const MAXPOOL2: &str = "maxpool2_f32";
-pub const UPSAMPLE_TRILINEAR: &str = "upsample_trilinear_f32";
-pub const SOFTMAX_CHANNELS: &str = "softmax_channels_f32";
-// Backward kernels (training; launched by src/gpu/train_ops.rs).
-pub const RELU_BACKWARD: &str = "relu_backward_f32";
-pub const SIGMOID_BACKWARD: &str = "sigmoid_backward_f32";
-pub const MUL: &str = "mul_f32";
-pub const ACCUMULATE: &str = "accumulate_f32";
-pub const COPY: &str = "copy_f32";
-pub const MAXPOOL2_BACKWARD: &str = "maxpool2_backward_f32";
-pub const UPSAMPLE_TRILINEAR_BACKWARD: &str = "upsample_trilinear_backward_f32";
-pub const SOFTMAX_BACKWARD: &str = "softmax_backward_f32";
-pub const CONV3D_FLIP_WEIGHTS: &str = "conv3d_flip_weights_f32";
-pub const CONV3D_BACKWARD_INPUT: &str = "conv3d_backward_input_f32";
-pub const CONV3D_WGRAD_PARTIAL: &str = "conv3d_wgrad_partial_f32";
-pub const SUM_PARTIALS: &str = "sum_partials_f32";
-pub const CHANNEL_SUM_PARTIAL: &str = "channel_sum_partial_f32";
-pub const BN_SQDEV_PARTIAL: &str = "bn_sqdev_partial_f32";
-pub const BN_BACKWARD_PARTIAL: &str = "bn_backward_partial_f32";
-pub const SUM_PARTIALS_F64: &str = "sum_partials_f64_f32";
-pub const BN_STATS: &str = "bn_stats_f32";
-pub const BN_BACKWARD_PARAMS: &str = "bn_backward_params_f32";
-pub const BN_BACKWARD_DX: &str = "bn_backward_dx_f32";
+/// Declares every kernel's name constant and `KERNELS`, the (file, kernel) list, from one
+/// listing: file, then its kernels.
+macro_rules! kernels {
+    ($($file:literal: $($kernel:ident = $name:literal),+;)+) => {
+        $($(pub const $kernel: &str = $name;)+)+
+        /// (file, kernel) for every kernel.
+        pub const KERNELS: &[(&str, &str)] = &[$($(($file, $kernel)),+),+];
+    };
+}
 
-/// (file, kernel) for every kernel.
-pub const KERNELS: &[(&str, &str)] = &[
-    ("conv3d.cu", CONV3D_DIRECT),
-    ("conv3d.cu", CONV3D_TILED),
-    ("conv3d_tc.cu", CONV3D_TC_F16),
-    ("conv3d_tc.cu", CONV3D_TC_BF16),
-    ("conv3d_tc.cu", CONV3D_TC_WIDE_F16),
-    ("conv3d_tc.cu", CONV3D_TC_WIDE_BF16),
-    ("half.cu", TO_HALF_F16),
-    ("half.cu", TO_HALF_BF16),
-    ("half.cu", TO_F32_F16),
-    ("half.cu", TO_F32_BF16),
-    ("elementwise.cu", CHANNEL_AFFINE),
-    ("elementwise.cu", RELU),
-    ("elementwise.cu", ADD),
-    ("elementwise.cu", SIGMOID),
-    ("pool.cu", MAXPOOL2),
-    ("upsample.cu", UPSAMPLE_TRILINEAR),
-    ("softmax.cu", SOFTMAX_CHANNELS),
-    ("backward.cu", RELU_BACKWARD),
-    ("backward.cu", SIGMOID_BACKWARD),
-    ("backward.cu", MUL),
-    ("backward.cu", ACCUMULATE),
-    ("backward.cu", COPY),
-    ("backward.cu", MAXPOOL2_BACKWARD),
-    ("backward.cu", UPSAMPLE_TRILINEAR_BACKWARD),
-    ("backward.cu", SOFTMAX_BACKWARD),
-    ("conv3d_backward.cu", CONV3D_FLIP_WEIGHTS),
-    ("conv3d_backward.cu", CONV3D_BACKWARD_INPUT),
-    ("conv3d_backward.cu", CONV3D_WGRAD_PARTIAL),
-    ("conv3d_backward.cu", SUM_PARTIALS),
-    ("batchnorm.cu", CHANNEL_SUM_PARTIAL),
-    ("batchnorm.cu", BN_SQDEV_PARTIAL),
-    ("batchnorm.cu", BN_BACKWARD_PARTIAL),
-    ("batchnorm.cu", SUM_PARTIALS_F64),
-    ("batchnorm.cu", BN_STATS),
-    ("batchnorm.cu", BN_BACKWARD_PARAMS),
-    ("batchnorm.cu", BN_BACKWARD_DX),
-];
+kernels! {
+    "conv3d.cu":
+        CONV3D_DIRECT = "conv3d_direct_f32",
+        CONV3D_TILED = "conv3d_tiled_f32";
+    "conv3d_tc.cu":
+        CONV3D_TC_F16 = "conv3d_tc_f16",
+        CONV3D_TC_BF16 = "conv3d_tc_bf16",
+        CONV3D_TC_WIDE_F16 = "conv3d_tc_wide_f16",
+        CONV3D_TC_WIDE_BF16 = "conv3d_tc_wide_bf16";
+    "half.cu":
+        TO_HALF_F16 = "to_half_f16",
+        TO_HALF_BF16 = "to_half_bf16",
+        TO_F32_F16 = "to_f32_f16",
+        TO_F32_BF16 = "to_f32_bf16";
+    "elementwise.cu":
+        CHANNEL_AFFINE = "channel_affine_f32",
+        RELU = "relu_f32",
+        ADD = "add_f32",
+        SIGMOID = "sigmoid_f32";
+    "pool.cu":
+        MAXPOOL2 = "maxpool2_f32";
+    "upsample.cu":
+        UPSAMPLE_TRILINEAR = "upsample_trilinear_f32";
+    "softmax.cu":
+        SOFTMAX_CHANNELS = "softmax_channels_f32";
+    // backward kernels (training; launched by src/gpu/train_ops.rs)
+    "backward.cu":
+        RELU_BACKWARD = "relu_backward_f32",
+        SIGMOID_BACKWARD = "sigmoid_backward_f32",
+        MUL = "mul_f32",
+        ACCUMULATE = "accumulate_f32",
+        COPY = "copy_f32",
+        MAXPOOL2_BACKWARD = "maxpool2_backward_f32",
+        UPSAMPLE_TRILINEAR_BACKWARD = "upsample_trilinear_backward_f32",
+        SOFTMAX_BACKWARD = "softmax_backward_f32";
+    "conv3d_backward.cu":
+        CONV3D_FLIP_WEIGHTS = "conv3d_flip_weights_f32",
+        CONV3D_BACKWARD_INPUT = "conv3d_backward_input_f32",
+        CONV3D_WGRAD_PARTIAL = "conv3d_wgrad_partial_f32",
+        SUM_PARTIALS = "sum_partials_f32";
+    "batchnorm.cu":
+        CHANNEL_SUM_PARTIAL = "channel_sum_partial_f32",
+        BN_SQDEV_PARTIAL = "bn_sqdev_partial_f32",
+        BN_BACKWARD_PARTIAL = "bn_backward_partial_f32",
+        SUM_PARTIALS_F64 = "sum_partials_f64_f32",
+        BN_STATS = "bn_stats_f32",
+        BN_BACKWARD_PARAMS = "bn_backward_params_f32",
+        BN_BACKWARD_DX = "bn_backward_dx_f32";
+}
 
 /// The tensor-core convolution for inputs and weights of `dtype` (f16 or bf16), with warps of 32
 /// voxels (`wide` false) or 64 voxels (`wide` true) by 64 channels.
@@ -142,11 +124,6 @@ pub fn all_kernel_names() -> Vec<&'static str> {
 /// The kernels defined in `file`.
 pub fn kernels_of(file: &str) -> impl Iterator<Item = &'static str> + '_ {
     KERNELS.iter().filter(move |&&(f, _)| f == file).map(|&(_, k)| k)
-}
-
-/// The file that defines `kernel`.
-pub fn file_of(kernel: &str) -> Option<&'static str> {
-    KERNELS.iter().find(|&&(_, k)| k == kernel).map(|&(f, _)| f)
 }
 
 #[cfg(test)]

@@ -394,35 +394,6 @@ pub fn compile_report_cached(archs: &[String], cache: &CubinCache) -> Result<(Ve
     Ok((out, stats))
 }
 
-/// The report as an aligned text table: ptxas's figures, then the launch block (threads, dynamic
-/// shared memory) and the occupancy it gives on one SM (`occupancy`), "-" where unknown.
-pub fn format_table(reports: &[KernelReport]) -> String {
-    let kw = reports.iter().map(|r| r.kernel.len()).max().unwrap_or(0).max(6);
-    let fw = reports.iter().map(|r| r.file.len()).max().unwrap_or(0).max(4);
-    let mut s = format!(
-        "{:<fw$} {:<kw$} {:<6} {:>4} {:>6} {:>6} {:>6} {:>4} {:>7} {:>6} {:>8} {:>5} limit\n",
-        "file", "kernel", "arch", "regs", "spillS", "spillL", "smem", "bars", "threads", "blk/SM", "warps/SM", "occ%"
-    );
-    for r in reports {
-        let occ = match crate::gpu::occupancy::of_report(r) {
-            Some(((threads, dyn_smem), o)) => format!(
-                "{:>7} {:>6} {:>8} {:>5.0} {}",
-                if dyn_smem > 0 { format!("{threads}+{dyn_smem}B") } else { threads.to_string() },
-                o.blocks_per_sm,
-                format!("{}/{}", o.warps_per_sm, o.max_warps_per_sm),
-                o.percent(),
-                o.limiter_names()
-            ),
-            None => format!("{:>7} {:>6} {:>8} {:>5} -", "-", "-", "-", "-"),
-        };
-        s += &format!(
-            "{:<fw$} {:<kw$} {:<6} {:>4} {:>6} {:>6} {:>6} {:>4} {occ}\n",
-            r.file, r.kernel, r.arch, r.registers, r.spill_stores, r.spill_loads, r.smem_bytes, r.barriers
-        );
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

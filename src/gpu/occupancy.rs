@@ -199,13 +199,48 @@ pub fn occupancy(l: &SmLimits, k: KernelNeeds, threads: u32, dyn_smem: u32) -> O
     }
 }
 
+/// Threads per block and dynamic shared memory bytes `kernel` is launched with, from the constants
+/// the launches use (forward ops, then training ops); None for a name not in `kernels::KERNELS`.
+fn launch_block(kernel: &str) -> Option<(u32, u32)> {
+    crate::gpu::ops::launch_block(kernel).or_else(|| crate::gpu::train_ops::launch_block(kernel))
+}
+
 /// The launch block (threads, dynamic shared memory) and occupancy of a reported kernel, when its
 /// architecture and launch are known.
 pub fn of_report(r: &KernelReport) -> Option<((u32, u32), Occupancy)> {
     let l = limits(&r.arch)?;
-    let (threads, dyn_smem) = crate::gpu::ops::launch_block(&r.kernel)?;
+    let (threads, dyn_smem) = launch_block(&r.kernel)?;
     let needs = KernelNeeds { registers: r.registers, static_smem: r.smem_bytes, barriers: r.barriers };
     Some(((threads, dyn_smem), occupancy(&l, needs, threads, dyn_smem)))
+}
+
+/// The report as an aligned text table: ptxas's figures, then the launch block (threads, dynamic
+/// shared memory) and the occupancy it gives on one SM (`occupancy`), "-" where unknown.
+pub fn format_table(reports: &[KernelReport]) -> String {
+    let kw = reports.iter().map(|r| r.kernel.len()).max().unwrap_or(0).max(6);
+    let fw = reports.iter().map(|r| r.file.len()).max().unwrap_or(0).max(4);
+    let mut s = format!(
+        "{:<fw$} {:<kw$} {:<6} {:>4} {:>6} {:>6} {:>6} {:>4} {:>7} {:>6} {:>8} {:>5} limit\n",
+        "file", "kernel", "arch", "regs", "spillS", "spillL", "smem", "bars", "threads", "blk/SM", "warps/SM", "occ%"
+    );
+    for r in reports {
+        let occ = match of_report(r) {
+            Some(((threads, dyn_smem), o)) => format!(
+                "{:>7} {:>6} {:>8} {:>5.0} {}",
+                if dyn_smem > 0 { format!("{threads}+{dyn_smem}B") } else { threads.to_string() },
+                o.blocks_per_sm,
+                format!("{}/{}", o.warps_per_sm, o.max_warps_per_sm),
+                o.percent(),
+                o.limiter_names()
+            ),
+            None => format!("{:>7} {:>6} {:>8} {:>5} -", "-", "-", "-", "-"),
+        };
+        s += &format!(
+            "{:<fw$} {:<kw$} {:<6} {:>4} {:>6} {:>6} {:>6} {:>4} {occ}\n",
+            r.file, r.kernel, r.arch, r.registers, r.spill_stores, r.spill_loads, r.smem_bytes, r.barriers
+        );
+    }
+    s
 }
 
 #[cfg(test)]
@@ -301,9 +336,9 @@ mod tests {
     #[test]
     fn every_kernel_has_its_launch_block() {
         for name in crate::gpu::kernels::all_kernel_names() {
-            assert!(crate::gpu::ops::launch_block(name).is_some(), "{name}: no launch block in ops::launch_block");
+            assert!(launch_block(name).is_some(), "{name}: no launch block in ops::launch_block or train_ops::launch_block");
         }
-        assert_eq!(crate::gpu::ops::launch_block("not_a_kernel"), None);
+        assert_eq!(launch_block("not_a_kernel"), None);
     }
 
     #[test]

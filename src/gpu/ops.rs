@@ -8,7 +8,7 @@ use crate::gpu::{kernels as k, Device, KArg, LaunchCfg};
 use crate::tensor::{Shape, Tensor};
 
 /// Threads per block of the one-thread-per-element kernels.
-const BLOCK: u32 = 256;
+pub(crate) const BLOCK: u32 = 256;
 /// Tile of `conv3d_tiled`: output voxels x output channels per block (see conv3d.cu).
 const TILE_M: usize = 64;
 const TILE_N: usize = 64;
@@ -54,9 +54,9 @@ impl ConvVariant {
     }
 }
 
-/// Threads per block and dynamic shared memory bytes `kernel` is launched with, from the
+/// Threads per block and dynamic shared memory bytes a forward kernel is launched with, from the
 /// constants the launches above use (`deepis kernels` computes occupancy from it); None for a
-/// name that is not in `kernels::KERNELS`.
+/// name that is not one (the training kernels: `train_ops::launch_block`).
 pub fn launch_block(kernel: &str) -> Option<(u32, u32)> {
     match kernel {
         k::CONV3D_TILED => Some((TILED_THREADS, 0)),
@@ -64,8 +64,29 @@ pub fn launch_block(kernel: &str) -> Option<(u32, u32)> {
         k::CONV3D_TC_WIDE_F16 | k::CONV3D_TC_WIDE_BF16 => Some(crate::gpu::tensor_conv::reference_launch_block(crate::gpu::tensor_conv::WarpTile::M64)),
         k::CONV3D_DIRECT | k::CHANNEL_AFFINE | k::RELU | k::ADD | k::SIGMOID | k::MAXPOOL2 | k::UPSAMPLE_TRILINEAR
         | k::SOFTMAX_CHANNELS | k::TO_HALF_F16 | k::TO_HALF_BF16 | k::TO_F32_F16 | k::TO_F32_BF16 => Some((BLOCK, 0)),
-        _ => crate::gpu::train_ops::launch_block(kernel),
+        _ => None,
     }
+}
+
+/// A conv's geometry as the kernels take it: n d0 d1 d2 cin o0 o1 o2 cout k0 k1 k2 s0 s1 s2 p0 p1 p2.
+pub(crate) fn conv_dims<'a, B>(n: usize, d: [usize; 3], od: [usize; 3], spec: &ConvSpec) -> Vec<KArg<'a, B>> {
+    let (k, s, p) = (spec.k, spec.stride, spec.pad);
+    [n, d[0], d[1], d[2], spec.cin, od[0], od[1], od[2], spec.cout, k[0], k[1], k[2], s[0], s[1], s[2], p[0], p[1], p[2]]
+        .into_iter()
+        .map(int)
+        .collect()
+}
+
+/// The sizes a max-pool or up-sampling kernel (and its backward) takes: n d0 d1 d2 c o0 o1 o2
+/// for input `x` and output size `od`.
+pub(crate) fn resample_dims<'a, B>(x: Shape, od: [usize; 3]) -> Vec<KArg<'a, B>> {
+    [x.n, x.d[0], x.d[1], x.d[2], x.c, od[0], od[1], od[2]].into_iter().map(int).collect()
+}
+
+/// align_corners=True from size `d` to `od`: source = out_index * (in - 1) / (out - 1) per axis,
+/// the ratio in float32 as PyTorch (0 for an output size of 1).
+pub(crate) fn upsample_ratios<'a, B>(d: [usize; 3], od: [usize; 3]) -> [KArg<'a, B>; 3] {
+    std::array::from_fn(|a| KArg::F32(if od[a] > 1 { (d[a] - 1) as f32 / (od[a] - 1) as f32 } else { 0.0 }))
 }
 
 pub struct GpuBackend<D: Device> {
@@ -79,7 +100,7 @@ fn fits_i32(what: &str, n: usize) -> Result<i32> {
 }
 
 /// An `int` kernel argument (sizes were checked against i32 by `fits_i32`).
-fn int<'a, B>(v: usize) -> KArg<'a, B> {
+pub(crate) fn int<'a, B>(v: usize) -> KArg<'a, B> {
     KArg::I32(v as i32)
 }
 
@@ -89,11 +110,6 @@ impl<D: Device> GpuBackend<D> {
     }
 
     /// Forces one conv variant for every shape (tests and benchmarks); `None` chooses per shape.
-    pub fn with_conv_variant(mut self, v: Option<ConvVariant>) -> Self {
-        self.conv_variant = v;
-        self
-    }
-
     pub fn set_conv_variant(&mut self, v: Option<ConvVariant>) {
         self.conv_variant = v;
     }
@@ -102,40 +118,57 @@ impl<D: Device> GpuBackend<D> {
         &self.dev
     }
 
-    fn check_buf(&self, what: &str, buf: &D::Buf, len: usize) -> Result<()> {
+    pub(crate) fn check_buf(&self, what: &str, buf: &D::Buf, len: usize) -> Result<()> {
         let have = self.dev.buf_len(buf);
         if have != len {
-            return Err(Error::Shape(format!("{what}: buffer holds {have} values, the shape needs {len}")));
+            return Err(Error::Shape(format!("{what}: buffer holds {have} values, expected {len}")));
         }
         fits_i32(what, len)?;
         Ok(())
     }
 
-    fn check_tensor(&self, what: &str, t: &DevTensor<D::Buf>) -> Result<()> {
+    pub(crate) fn check_tensor(&self, what: &str, t: &DevTensor<D::Buf>) -> Result<()> {
         self.check_buf(what, &t.data, t.shape.len())
     }
 
-    /// The output buffer of an op.
-    fn alloc_out(&self, what: &str, out: Shape) -> Result<D::Buf> {
-        fits_i32(what, out.len())?;
-        self.dev.alloc_zeros(out.len())
+    /// Both tensors valid and of the same shape.
+    pub(crate) fn check_same(&self, what: &str, a: &DevTensor<D::Buf>, b: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_tensor(what, a)?;
+        self.check_tensor(what, b)?;
+        if a.shape != b.shape {
+            return Err(Error::Shape(format!("{what}: shapes differ, {} and {}", a.shape, b.shape)));
+        }
+        Ok(())
     }
 
-    /// Launches unless the output is empty (a grid of zero blocks is not a launch).
-    fn launch(&self, kernel: &str, out: Shape, cfg: LaunchCfg, args: &[KArg<'_, D::Buf>]) -> Result<()> {
-        if out.is_empty() {
+    /// A zeroed buffer of `len` values (an op's output, partial sums).
+    pub(crate) fn zeros(&self, what: &str, len: usize) -> Result<D::Buf> {
+        fits_i32(what, len)?;
+        self.dev.alloc_zeros(len)
+    }
+
+    /// Launches unless there is no work (a grid of zero blocks is not a launch).
+    pub(crate) fn launch(&self, kernel: &str, work: usize, cfg: LaunchCfg, args: &[KArg<'_, D::Buf>]) -> Result<()> {
+        if work == 0 {
             return Ok(());
         }
         self.dev.launch(kernel, cfg, args)
     }
 
-    /// One thread per element: y = f(x) for the unary kernels with signature (y, x, total).
-    fn unary(&self, kernel: &str, x: &DevTensor<D::Buf>) -> Result<DevTensor<D::Buf>> {
-        self.check_tensor(kernel, x)?;
-        let n = x.shape.len();
-        let y = self.alloc_out(kernel, x.shape)?;
-        self.launch(kernel, x.shape, LaunchCfg::linear(n, BLOCK), &[KArg::Buf(&y), KArg::Buf(&x.data), int(n)])?;
-        Ok(DevTensor { shape: x.shape, data: y })
+    /// One thread per element: y = f(inputs) for the kernels with signature (y, inputs..., total).
+    pub(crate) fn elementwise(&self, kernel: &str, inputs: &[&DevTensor<D::Buf>]) -> Result<DevTensor<D::Buf>> {
+        self.check_tensor(kernel, inputs[0])?;
+        for t in &inputs[1..] {
+            self.check_same(kernel, inputs[0], t)?;
+        }
+        let shape = inputs[0].shape;
+        let n = shape.len();
+        let y = self.zeros(kernel, n)?;
+        let mut a = vec![KArg::Buf(&y)];
+        a.extend(inputs.iter().map(|t| KArg::Buf(&t.data)));
+        a.push(int(n));
+        self.launch(kernel, n, LaunchCfg::linear(n, BLOCK), &a)?;
+        Ok(DevTensor { shape, data: y })
     }
 }
 
@@ -165,37 +198,21 @@ impl<D: Device> Backend for GpuBackend<D> {
     fn conv3d(&self, x: &DevTensor<Self::S>, w: &Self::S, bias: Option<&Self::S>, spec: &ConvSpec)
         -> Result<DevTensor<Self::S>> {
         self.check_tensor("conv3d input", x)?;
-        if x.shape.c != spec.cin {
-            return Err(Error::Shape(format!("conv3d: input {} has {} channels, the conv takes {}", x.shape, x.shape.c, spec.cin)));
-        }
-        if spec.cout == 0 || (0..3).any(|a| spec.k[a] == 0 || spec.stride[a] == 0) {
-            return Err(Error::Shape(format!("conv3d: degenerate {spec:?}")));
-        }
-        if (0..3).any(|a| x.shape.d[a] + 2 * spec.pad[a] < spec.k[a]) {
-            return Err(Error::Shape(format!("conv3d: kernel {:?} larger than padded input {}", spec.k, x.shape)));
-        }
+        let out = spec.check(x.shape)?;
         self.check_buf("conv3d weight", w, spec.weight_len())?;
         if let Some(b) = bias {
             self.check_buf("conv3d bias", b, spec.cout)?;
         }
-        let out = Shape::new(x.shape.n, spec.out_dims(x.shape.d), spec.cout);
         let v = self.conv_variant.unwrap_or_else(|| ConvVariant::choose(spec, out));
         // Without a bias the kernel never reads `bias`; any live buffer stands in.
         let (bias_buf, has_bias) = match bias {
             Some(b) => (b, 1),
             None => (w, 0),
         };
-        let [d0, d1, d2] = x.shape.d;
-        let [o0, o1, o2] = out.d;
-        let y = self.alloc_out(v.kernel(), out)?;
-        let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data), KArg::Buf(w), KArg::Buf(bias_buf)];
-        let scalars = [
-            has_bias, x.shape.n, d0, d1, d2, spec.cin, o0, o1, o2, spec.cout,
-            spec.k[0], spec.k[1], spec.k[2], spec.stride[0], spec.stride[1], spec.stride[2],
-            spec.pad[0], spec.pad[1], spec.pad[2],
-        ];
-        a.extend(scalars.into_iter().map(int));
-        self.launch(v.kernel(), out, v.launch_cfg(out), &a)?;
+        let y = self.zeros(v.kernel(), out.len())?;
+        let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data), KArg::Buf(w), KArg::Buf(bias_buf), int(has_bias)];
+        a.extend(conv_dims(x.shape.n, x.shape.d, out.d, spec));
+        self.launch(v.kernel(), out.len(), v.launch_cfg(out), &a)?;
         Ok(DevTensor { shape: out, data: y })
     }
 
@@ -205,29 +222,25 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.check_buf("channel_affine scale", scale, x.shape.c)?;
         self.check_buf("channel_affine shift", shift, x.shape.c)?;
         let n = x.shape.len();
-        let y = self.alloc_out(k::CHANNEL_AFFINE, x.shape)?;
+        let y = self.zeros(k::CHANNEL_AFFINE, n)?;
         let a = [
             KArg::Buf(&y), KArg::Buf(&x.data), KArg::Buf(scale), KArg::Buf(shift),
             int(n), int(x.shape.c), int(relu as usize),
         ];
-        self.launch(k::CHANNEL_AFFINE, x.shape, LaunchCfg::linear(n, BLOCK), &a)?;
+        self.launch(k::CHANNEL_AFFINE, n, LaunchCfg::linear(n, BLOCK), &a)?;
         Ok(DevTensor { shape: x.shape, data: y })
     }
 
     fn relu(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
-        self.unary(k::RELU, x)
+        self.elementwise(k::RELU, &[x])
     }
 
     fn add(&self, a: &DevTensor<Self::S>, b: &DevTensor<Self::S>, relu: bool) -> Result<DevTensor<Self::S>> {
-        self.check_tensor("add a", a)?;
-        self.check_tensor("add b", b)?;
-        if a.shape != b.shape {
-            return Err(Error::Shape(format!("add: {} vs {}", a.shape, b.shape)));
-        }
+        self.check_same("add", a, b)?;
         let n = a.shape.len();
-        let y = self.alloc_out(k::ADD, a.shape)?;
+        let y = self.zeros(k::ADD, n)?;
         let args = [KArg::Buf(&y), KArg::Buf(&a.data), KArg::Buf(&b.data), int(n), int(relu as usize)];
-        self.launch(k::ADD, a.shape, LaunchCfg::linear(n, BLOCK), &args)?;
+        self.launch(k::ADD, n, LaunchCfg::linear(n, BLOCK), &args)?;
         Ok(DevTensor { shape: a.shape, data: y })
     }
 
@@ -238,12 +251,10 @@ impl<D: Device> Backend for GpuBackend<D> {
             return Err(Error::Shape(format!("maxpool2: input {} has a spatial size below 2", x.shape)));
         }
         let out = x.shape.with_d(od);
-        let [d0, d1, d2] = x.shape.d;
-        let [o0, o1, o2] = od;
-        let y = self.alloc_out(k::MAXPOOL2, out)?;
+        let y = self.zeros(k::MAXPOOL2, out.len())?;
         let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data)];
-        a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
-        self.launch(k::MAXPOOL2, out, LaunchCfg::linear(out.len(), BLOCK), &a)?;
+        a.extend(resample_dims(x.shape, od));
+        self.launch(k::MAXPOOL2, out.len(), LaunchCfg::linear(out.len(), BLOCK), &a)?;
         Ok(DevTensor { shape: out, data: y })
     }
 
@@ -253,20 +264,16 @@ impl<D: Device> Backend for GpuBackend<D> {
             return Err(Error::Shape(format!("upsample: {} to {:?}", x.shape, size)));
         }
         let out = x.shape.with_d(size);
-        // align_corners=True: source = out_index * (in - 1) / (out - 1), in float32 as PyTorch.
-        let ratio = |a: usize| if size[a] > 1 { (x.shape.d[a] - 1) as f32 / (size[a] - 1) as f32 } else { 0.0 };
-        let [d0, d1, d2] = x.shape.d;
-        let [o0, o1, o2] = size;
-        let y = self.alloc_out(k::UPSAMPLE_TRILINEAR, out)?;
+        let y = self.zeros(k::UPSAMPLE_TRILINEAR, out.len())?;
         let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data)];
-        a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
-        a.extend([KArg::F32(ratio(0)), KArg::F32(ratio(1)), KArg::F32(ratio(2))]);
-        self.launch(k::UPSAMPLE_TRILINEAR, out, LaunchCfg::linear(out.len(), BLOCK), &a)?;
+        a.extend(resample_dims(x.shape, size));
+        a.extend(upsample_ratios(x.shape.d, size));
+        self.launch(k::UPSAMPLE_TRILINEAR, out.len(), LaunchCfg::linear(out.len(), BLOCK), &a)?;
         Ok(DevTensor { shape: out, data: y })
     }
 
     fn sigmoid(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
-        self.unary(k::SIGMOID, x)
+        self.elementwise(k::SIGMOID, &[x])
     }
 
     fn softmax(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
@@ -275,9 +282,9 @@ impl<D: Device> Backend for GpuBackend<D> {
             return Err(Error::Shape(format!("softmax: {} has no channels", x.shape)));
         }
         let voxels = x.shape.n * x.shape.voxels();
-        let y = self.alloc_out(k::SOFTMAX_CHANNELS, x.shape)?;
+        let y = self.zeros(k::SOFTMAX_CHANNELS, x.shape.len())?;
         let a = [KArg::Buf(&y), KArg::Buf(&x.data), int(voxels), int(x.shape.c)];
-        self.launch(k::SOFTMAX_CHANNELS, x.shape, LaunchCfg::linear(voxels, BLOCK), &a)?;
+        self.launch(k::SOFTMAX_CHANNELS, x.shape.len(), LaunchCfg::linear(voxels, BLOCK), &a)?;
         Ok(DevTensor { shape: x.shape, data: y })
     }
 }

@@ -106,6 +106,11 @@ pub fn bn_affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f6
     (scale, shift)
 }
 
+/// Per-channel float64 vectors (a batch norm's scale and shift) rounded to float32 for a kernel.
+pub fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
 /// Adds nodes, computing each output shape from its inputs.
 pub struct Builder {
     pub nodes: Vec<Node>,
@@ -132,7 +137,7 @@ impl Builder {
     pub fn conv(&mut self, name: &str, x: NodeId, cout: usize, k: [usize; 3], stride: usize, bias: bool) -> NodeId {
         let s = self.shape(x);
         let spec = conv_spec(s.c, cout, k, stride);
-        self.push(name, Op::Conv { spec, bias }, vec![x], Shape::new(1, spec.out_dims(s.d), cout), true)
+        self.push(name, Op::Conv { spec, bias }, vec![x], spec.out_shape(s), true)
     }
 
     pub fn batch_norm(&mut self, name: &str, x: NodeId) -> NodeId {

@@ -1,8 +1,9 @@
-//! Fusions as graph-to-graph passes over the inference graph with its weights attached (float64,
-//! engine layout). Each pass is a function of `Weighted` that leaves the output unchanged up to
-//! rounding and can be switched off alone; "unfused" means "no passes". A pass rewrites nodes in
-//! place, appends the nodes it creates and redirects the readers of a node it replaces; nodes
-//! nobody reads any more drop out when an engine lowers the graph (`Weighted::order`).
+//! Fusions as graph-to-graph passes over the inference graph with its weights attached (float32,
+//! engine layout; the weight algebra of a pass is done in float64 and rounded once). Each pass is
+//! a function of `Weighted` that leaves the output unchanged up to rounding and can be switched
+//! off alone; "unfused" means "no passes". A pass rewrites nodes in place, appends the nodes it
+//! creates and redirects the readers of a node it replaces; nodes nobody reads any more drop out
+//! when an engine lowers the graph (`Weighted::order`).
 use super::{bn_affine, Graph, Mode, NodeId, Op};
 use crate::backend::{conv_weight_layout, ConvSpec};
 use crate::error::{Error, Result};
@@ -20,8 +21,8 @@ pub enum Act {
 #[derive(Clone, Debug)]
 pub struct Lin {
     pub spec: ConvSpec,
-    pub w: Vec<f64>,
-    pub b: Option<Vec<f64>>,
+    pub w: Vec<f32>,
+    pub b: Option<Vec<f32>>,
 }
 
 impl Lin {
@@ -34,29 +35,22 @@ impl Lin {
     /// bias when `with_bias`.
     fn after(&self, a: &Lin, with_bias: bool) -> Lin {
         let (m, c) = (a.spec.cout, self.spec.cout);
+        // rows of a's weights, then a's bias as one more row
         let rows = a.w.len() / m;
-        let mut w = vec![0.0f64; rows * c];
-        for r in 0..rows {
-            for k in 0..m {
-                let x = a.w[r * m + k];
+        let zeros = vec![0.0f32; m];
+        let mut acc = vec![0.0f64; (rows + 1) * c];
+        for (r, x) in a.w.chunks_exact(m).chain([a.b.as_deref().unwrap_or(&zeros)]).enumerate() {
+            for (k, &x) in x.iter().enumerate() {
                 for o in 0..c {
-                    w[r * c + o] += x * self.w[k * c + o];
+                    acc[r * c + o] += x as f64 * self.w[k * c + o] as f64;
                 }
             }
         }
-        let mut b = vec![0.0f64; c];
-        if let Some(ab) = &a.b {
-            for k in 0..m {
-                for o in 0..c {
-                    b[o] += ab[k] * self.w[k * c + o];
-                }
-            }
+        if let Some(sb) = self.b.as_ref().filter(|_| with_bias) {
+            acc[rows * c..].iter_mut().zip(sb).for_each(|(b, &s)| *b += s as f64);
         }
-        if with_bias {
-            if let Some(sb) = &self.b {
-                b.iter_mut().zip(sb).for_each(|(b, s)| *b += s);
-            }
-        }
+        let mut w: Vec<f32> = acc.into_iter().map(|v| v as f32).collect();
+        let b = w.split_off(rows * c);
         Lin { spec: ConvSpec { cout: c, ..a.spec }, w, b: Some(b) }
     }
 
@@ -122,13 +116,19 @@ impl Default for Passes {
     }
 }
 
+impl Passes {
+    /// No pass: the graph as built.
+    pub fn none() -> Self {
+        Passes { fold_bn: false, move_conv1_low: false, merge_1x1: false, fuse_epilogue: false, fuse_gcn_planes: false }
+    }
+}
+
 impl Weighted {
     /// `g` (eval mode) with the tensors `get` returns by name (PyTorch layout, float32).
     pub fn new(g: &Graph, get: &dyn Fn(&str) -> Result<Vec<f32>>) -> Result<Weighted> {
         if g.mode != Mode::Eval {
             return Err(Error::Other("the weighted graph is the inference graph (eval mode)".into()));
         }
-        let f64s = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
         let mut nodes = Vec::with_capacity(g.nodes.len());
         for n in &g.nodes {
             let p = |s: &str| get(&format!("{}.{s}", n.name));
@@ -136,8 +136,8 @@ impl Weighted {
                 Op::Input => (WOp::Input, vec![]),
                 Op::Scale { scale, shift } => (WOp::Affine { scale: vec![scale], shift: vec![shift] }, n.inputs.clone()),
                 Op::Conv { spec, bias } => {
-                    let w = f64s(conv_weight_layout(&spec, &p("weight")?));
-                    let b = if bias { Some(f64s(p("bias")?)) } else { None };
+                    let w = conv_weight_layout(&spec, &p("weight")?);
+                    let b = if bias { Some(p("bias")?) } else { None };
                     (WOp::Conv { lin: Lin { spec, w, b }, act: Act::None }, n.inputs.clone())
                 }
                 Op::BatchNorm => {
@@ -232,6 +232,15 @@ impl Weighted {
         self.nodes.len() - 1
     }
 
+    /// Calls `rewrite` on every node no pass has replaced, in order (not on those it appends).
+    fn each_live(&mut self, mut rewrite: impl FnMut(&mut Weighted, NodeId)) {
+        for i in 0..self.nodes.len() {
+            if !self.dead(i) {
+                rewrite(self, i);
+            }
+        }
+    }
+
     /// A plain conv (no residual, no activation) read only by one node.
     fn bare_conv(&self, i: NodeId, readers: &[usize]) -> bool {
         readers[i] == 1 && self.nodes[i].inputs.len() == 1 && matches!(self.nodes[i].op, WOp::Conv { act: Act::None, .. })
@@ -253,88 +262,80 @@ impl Weighted {
 
     /// BN(conv(x)) as one conv: w *= scale[cout], b = b * scale + shift.
     pub fn fold_bn(&mut self) {
-        for i in 0..self.nodes.len() {
-            if self.dead(i) {
-                continue;
+        self.each_live(|g, i| {
+            let WOp::Bn { scale, shift } = g.nodes[i].op.clone() else { return };
+            let c = g.nodes[i].inputs[0];
+            if !g.bare_conv(c, &g.consumers()) {
+                return;
             }
-            let WOp::Bn { scale, shift } = self.nodes[i].op.clone() else { continue };
-            let c = self.nodes[i].inputs[0];
-            if !self.bare_conv(c, &self.consumers()) {
-                continue;
-            }
-            let l = self.lin_mut(c);
+            let l = g.lin_mut(c);
             let cout = l.spec.cout;
-            l.w.iter_mut().enumerate().for_each(|(i, w)| *w *= scale[i % cout]);
+            l.w.iter_mut().enumerate().for_each(|(i, w)| *w = (*w as f64 * scale[i % cout]) as f32);
             let b = l.b.get_or_insert_with(|| vec![0.0; cout]);
-            b.iter_mut().zip(scale.iter().zip(&shift)).for_each(|(b, (s, t))| *b = *b * s + t);
-            self.replace(i, c);
-        }
+            b.iter_mut().zip(scale.iter().zip(&shift)).for_each(|(b, (s, t))| *b = (*b as f64 * s + t) as f32);
+            g.replace(i, c);
+        });
     }
 
     /// p(up(a) + s) for a 1x1x1 conv p as up(p_nobias(a)) + p(s): the first on the low-resolution
     /// side (8x fewer voxels), the second next to whatever made s (where `merge_1x1` can absorb it).
     pub fn move_conv1_low(&mut self) {
-        for i in 0..self.nodes.len() {
-            if self.dead(i) {
-                continue;
+        self.each_live(|g, i| {
+            let Some(p) = g.lin(i).filter(|l| l.is_1x1()).cloned() else { return };
+            let readers = g.consumers();
+            let a = g.nodes[i].inputs[0];
+            if g.nodes[i].inputs.len() != 1 || !matches!(g.nodes[a].op, WOp::Add) || readers[a] != 1 {
+                return;
             }
-            let Some(p) = self.lin(i).filter(|l| l.is_1x1()).cloned() else { continue };
-            let readers = self.consumers();
-            let a = self.nodes[i].inputs[0];
-            if self.nodes[i].inputs.len() != 1 || !matches!(self.nodes[a].op, WOp::Add) || readers[a] != 1 {
-                continue;
-            }
-            let (mut up, mut s) = (self.nodes[a].inputs[0], self.nodes[a].inputs[1]);
-            if matches!(self.nodes[s].op, WOp::Upsample) {
+            let (mut up, mut s) = (g.nodes[a].inputs[0], g.nodes[a].inputs[1]);
+            if matches!(g.nodes[s].op, WOp::Upsample) {
                 std::mem::swap(&mut up, &mut s);
             }
-            if !matches!(self.nodes[up].op, WOp::Upsample) || readers[up] != 1 {
-                continue;
+            if !matches!(g.nodes[up].op, WOp::Upsample) || readers[up] != 1 {
+                return;
             }
-            let (low, name) = (self.nodes[up].inputs[0], self.nodes[i].name.clone());
-            let (ls, ss) = (self.nodes[low].shape, self.nodes[s].shape);
-            let lo = self.push(format!("{name}.low"), WOp::Conv { lin: p.without_bias(), act: Act::None }, vec![low], ls.with_c(p.spec.cout));
-            let up2 = self.push(format!("{name}.up"), WOp::Upsample, vec![lo], ss.with_c(p.spec.cout));
-            let sk = self.push(format!("{name}.skip"), WOp::Conv { lin: p, act: Act::None }, vec![s], ss.with_c(self.nodes[i].shape.c));
-            self.nodes[i].op = WOp::Add;
-            self.nodes[i].inputs = vec![up2, sk];
-            self.nodes[a].inputs.clear();
-            self.nodes[up].inputs.clear();
-        }
+            let (low, name) = (g.nodes[up].inputs[0], g.nodes[i].name.clone());
+            let (ls, ss) = (g.nodes[low].shape, g.nodes[s].shape);
+            let lo = g.push(format!("{name}.low"), WOp::Conv { lin: p.without_bias(), act: Act::None }, vec![low], ls.with_c(p.spec.cout));
+            let up2 = g.push(format!("{name}.up"), WOp::Upsample, vec![lo], ss.with_c(p.spec.cout));
+            let sk = g.push(format!("{name}.skip"), WOp::Conv { lin: p, act: Act::None }, vec![s], ss.with_c(g.nodes[i].shape.c));
+            g.nodes[i].op = WOp::Add;
+            g.nodes[i].inputs = vec![up2, sk];
+            g.nodes[a].inputs.clear();
+            g.nodes[up].inputs.clear();
+        });
     }
 
     /// A 1x1x1 conv p that reads only a conv (or the sum of two convs) merged into it (them):
     /// p(a(x)) = (p.a)(x); p(l + r) = (p.l)(x) + (p_nobias.r)(x). Only where p does not widen.
     pub fn merge_1x1(&mut self) {
-        for i in 0..self.nodes.len() {
-            if self.dead(i) {
-                continue;
+        self.each_live(|g, i| {
+            let Some(p) = g.lin(i).filter(|l| l.is_1x1() && l.spec.cout <= l.spec.cin).cloned() else { return };
+            let readers = g.consumers();
+            let a = g.nodes[i].inputs[0];
+            if g.nodes[i].inputs.len() != 1 || !matches!(g.nodes[i].op, WOp::Conv { act: Act::None, .. }) {
+                return;
             }
-            let Some(p) = self.lin(i).filter(|l| l.is_1x1() && l.spec.cout <= l.spec.cin).cloned() else { continue };
-            let readers = self.consumers();
-            let a = self.nodes[i].inputs[0];
-            if self.nodes[i].inputs.len() != 1 || !matches!(self.nodes[i].op, WOp::Conv { act: Act::None, .. }) {
-                continue;
-            }
-            if self.bare_conv(a, &readers) {
-                let m = p.after(self.lin(a).expect("conv"), true);
-                *self.lin_mut(a) = m;
-                self.nodes[a].shape.c = p.spec.cout;
-                self.replace(i, a);
-            } else if matches!(self.nodes[a].op, WOp::Add) && readers[a] == 1 {
-                let (l, r) = (self.nodes[a].inputs[0], self.nodes[a].inputs[1]);
-                if l == r || !self.bare_conv(l, &readers) || !self.bare_conv(r, &readers) {
-                    continue;
+            // the convs p merges into, and whether each takes p's bias
+            let into = if g.bare_conv(a, &readers) {
+                vec![(a, true)]
+            } else if matches!(g.nodes[a].op, WOp::Add) && readers[a] == 1 {
+                let (l, r) = (g.nodes[a].inputs[0], g.nodes[a].inputs[1]);
+                if l == r || !g.bare_conv(l, &readers) || !g.bare_conv(r, &readers) {
+                    return;
                 }
-                for (j, with_bias) in [(l, true), (r, false)] {
-                    let m = p.after(self.lin(j).expect("conv"), with_bias);
-                    *self.lin_mut(j) = m;
-                    self.nodes[j].shape.c = p.spec.cout;
-                }
-                self.nodes[a].shape.c = p.spec.cout;
-                self.replace(i, a);
+                vec![(l, true), (r, false)]
+            } else {
+                return;
+            };
+            for (j, with_bias) in into {
+                let m = p.after(g.lin(j).expect("conv"), with_bias);
+                *g.lin_mut(j) = m;
+                g.nodes[j].shape.c = p.spec.cout;
             }
-        }
+            g.nodes[a].shape.c = p.spec.cout;
+            g.replace(i, a);
+        });
     }
 
     /// Residual add, then ReLU or sigmoid, in the epilogue of the conv that makes their input.
@@ -342,56 +343,50 @@ impl Weighted {
     /// ready when it runs), not a stride-2 projection's; an up-sampled operand is left to the add
     /// (the plan fuses up-sample + add).
     pub fn fuse_epilogue(&mut self) {
-        for i in 0..self.nodes.len() {
-            if self.dead(i) {
-                continue;
-            }
-            let readers = self.consumers();
-            let ins = self.nodes[i].inputs.clone();
-            match self.nodes[i].op {
+        self.each_live(|g, i| {
+            let readers = g.consumers();
+            let ins = g.nodes[i].inputs.clone();
+            match g.nodes[i].op {
                 WOp::Add => {
-                    if ins.iter().any(|&j| matches!(self.nodes[j].op, WOp::Upsample)) || ins[0] == ins[1] {
-                        continue;
+                    if ins.iter().any(|&j| matches!(g.nodes[j].op, WOp::Upsample)) || ins[0] == ins[1] {
+                        return;
                     }
-                    let unit = |k: usize| self.lin(ins[k]).is_some_and(|l| l.spec.stride == [1, 1, 1]);
-                    let cands: Vec<usize> = [1, 0].into_iter().filter(|&k| self.bare_conv(ins[k], &readers)).collect();
-                    let Some(k) = cands.iter().copied().find(|&k| unit(k)).or(cands.first().copied()) else { continue };
+                    let unit = |k: usize| g.lin(ins[k]).is_some_and(|l| l.spec.stride == [1, 1, 1]);
+                    let cands: Vec<usize> = [1, 0].into_iter().filter(|&k| g.bare_conv(ins[k], &readers)).collect();
+                    let Some(k) = cands.iter().copied().find(|&k| unit(k)).or(cands.first().copied()) else { return };
                     let (c, other) = (ins[k], ins[1 - k]);
-                    self.nodes[c].inputs.push(other);
-                    self.replace(i, c);
+                    g.nodes[c].inputs.push(other);
+                    g.replace(i, c);
                 }
                 WOp::Relu | WOp::Sigmoid => {
                     let c = ins[0];
-                    let conv_no_act = readers[c] == 1 && matches!(self.nodes[c].op, WOp::Conv { act: Act::None, .. });
+                    let conv_no_act = readers[c] == 1 && matches!(g.nodes[c].op, WOp::Conv { act: Act::None, .. });
                     if !conv_no_act {
-                        continue;
+                        return;
                     }
-                    let new = if matches!(self.nodes[i].op, WOp::Relu) { Act::Relu } else { Act::Sigmoid };
-                    if let WOp::Conv { act, .. } = &mut self.nodes[c].op {
+                    let new = if matches!(g.nodes[i].op, WOp::Relu) { Act::Relu } else { Act::Sigmoid };
+                    if let WOp::Conv { act, .. } = &mut g.nodes[c].op {
                         *act = new;
                     }
-                    self.replace(i, c);
+                    g.replace(i, c);
                 }
                 _ => {}
             }
-        }
+        });
     }
 
     /// b(a(x)) for two in-plane convs as one plane-by-plane pair.
     pub fn fuse_gcn_planes(&mut self) {
-        for i in 0..self.nodes.len() {
-            if self.dead(i) {
-                continue;
+        self.each_live(|g, i| {
+            let readers = g.consumers();
+            let Some(b) = g.lin(i).filter(|l| l.in_plane()).cloned() else { return };
+            let a = g.nodes[i].inputs[0];
+            if !g.bare_conv(i, &vec![1; g.nodes.len()]) || !g.bare_conv(a, &readers) {
+                return;
             }
-            let readers = self.consumers();
-            let Some(b) = self.lin(i).filter(|l| l.in_plane()).cloned() else { continue };
-            let a = self.nodes[i].inputs[0];
-            if !self.bare_conv(i, &vec![1; self.nodes.len()]) || !self.bare_conv(a, &readers) {
-                continue;
-            }
-            let Some(al) = self.lin(a).filter(|l| l.in_plane()).cloned() else { continue };
-            self.nodes[i].op = WOp::Pair { a: al, b };
-            self.nodes[i].inputs = std::mem::take(&mut self.nodes[a].inputs);
-        }
+            let Some(al) = g.lin(a).filter(|l| l.in_plane()).cloned() else { return };
+            g.nodes[i].op = WOp::Pair { a: al, b };
+            g.nodes[i].inputs = std::mem::take(&mut g.nodes[a].inputs);
+        });
     }
 }

@@ -55,10 +55,10 @@ pub struct ImportArgs {
     pub output: PathBuf,
     /// Head of the network: distance (published; one channel) or sigmoid [default: from the output channels]
     #[arg(long, value_enum)]
-    pub head: Option<HeadArg>,
+    pub head: Option<Head>,
     /// Down-sampling of the encoder (not visible in the shapes)
-    #[arg(long, value_enum, default_value_t = DownsampleArg::Stride)]
-    pub downsample: DownsampleArg,
+    #[arg(long, value_enum, default_value_t = Downsample::Stride)]
+    pub downsample: Downsample,
     /// The network sees (input - input_offset) / input_scale
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub input_offset: f64,
@@ -70,18 +70,6 @@ pub struct ImportArgs {
     /// Leave the optimizer state out
     #[arg(long)]
     pub no_optimizer: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum HeadArg {
-    Distance,
-    Sigmoid,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DownsampleArg {
-    Stride,
-    Maxpool,
 }
 
 /// What shapes cannot tell.
@@ -155,7 +143,7 @@ pub fn import(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let num = |key: &str| pk.field(root, key).and_then(|i| pk.num(i)).filter(|_| trainer.is_some());
     let source = json!({
         "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
-        "sha256": sha256(path)?,
+        "sha256": crate::batch::sha256_file(path)?,
         "format": f.format,
         "contents": if trainer.is_some() { "trainer checkpoint" } else { "state_dict" },
         "model_type": pk.field(root, "model_type").and_then(|i| pk.str(i)).filter(|_| trainer.is_some()),
@@ -291,25 +279,10 @@ fn adam_state(f: &TorchFile, opt: usize, state: &Named, order: &[usize], epoch: 
     Ok((entry.to_string(), out))
 }
 
-/// Hex sha256 of a file.
-fn sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
 pub fn import_cmd(a: &ImportArgs) -> Result<()> {
     let opts = ImportOptions {
-        head: a.head.map(|h| match h {
-            HeadArg::Distance => Head::Distance,
-            HeadArg::Sigmoid => Head::Sigmoid,
-        }),
-        downsample: match a.downsample {
-            DownsampleArg::Stride => Downsample::Stride,
-            DownsampleArg::Maxpool => Downsample::Maxpool,
-        },
+        head: a.head,
+        downsample: a.downsample,
         input_offset: a.input_offset,
         input_scale: a.input_scale,
         bn_eps: a.bn_eps,
@@ -319,7 +292,7 @@ pub fn import_cmd(a: &ImportArgs) -> Result<()> {
     let bytes = im.to_bytes()?;
     crate::io::write_atomic(&a.output, |w| std::io::Write::write_all(w, &bytes))?;
     let n = im.tensors.len() - im.adam_tensors;
-    let params: usize = param_specs(&im.config).iter().filter(|s| s.kind.learnable()).map(|s| s.numel()).sum();
+    let params = crate::weights::param_count(&im.config);
     eprintln!("config: {}", im.config.to_json());
     eprintln!("source: {}", im.meta["source"]);
     if let Some(o) = im.meta.get("optimizer") {

@@ -173,6 +173,13 @@ impl Machine<'_> {
         }
     }
 
+    /// The top `n` objects, in stack order.
+    fn pop_n(&mut self, n: usize) -> R<Vec<usize>> {
+        let mut v = (0..n).map(|_| self.pop()).collect::<R<Vec<usize>>>()?;
+        v.reverse();
+        Ok(v)
+    }
+
     fn top(&self) -> R<usize> {
         self.stack.last().copied().ok_or_else(|| PickleError(format!("malformed pickle: empty stack at byte {}", self.pos)))
     }
@@ -303,44 +310,30 @@ impl Machine<'_> {
                     self.push(Obj::Tuple(v));
                 }
                 0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    let mut v = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        v.push(self.pop()?);
-                    }
-                    v.reverse();
+                    let v = self.pop_n((op - 0x84) as usize)?;
                     self.push(Obj::Tuple(v));
                 }
-                b'q' => {
-                    let k = self.uint(1)? as usize;
-                    self.memo_put(k)?;
-                }
-                b'r' => {
-                    let k = self.uint(4)? as usize;
+                // BINPUT, LONG_BINPUT
+                b'q' | b'r' => {
+                    let k = self.uint(if op == b'q' { 1 } else { 4 })? as usize;
                     self.memo_put(k)?;
                 }
                 0x94 => {
                     let k = self.memo.len();
                     self.memo_put(k)?;
                 }
-                b'h' => {
-                    let k = self.uint(1)? as usize;
-                    self.memo_get(k)?;
-                }
-                b'j' => {
-                    let k = self.uint(4)? as usize;
+                // BINGET, LONG_BINGET
+                b'h' | b'j' => {
+                    let k = self.uint(if op == b'h' { 1 } else { 4 })? as usize;
                     self.memo_get(k)?;
                 }
                 b'J' => {
                     let v = self.uint(4)? as u32 as i32 as i64;
                     self.push(Obj::Int(v));
                 }
-                b'K' => {
-                    let v = self.uint(1)? as i64;
-                    self.push(Obj::Int(v));
-                }
-                b'M' => {
-                    let v = self.uint(2)? as i64;
+                // BININT1, BININT2 (unsigned)
+                b'K' | b'M' => {
+                    let v = self.uint(if op == b'K' { 1 } else { 2 })? as i64;
                     self.push(Obj::Int(v));
                 }
                 0x8a | 0x8b => {
@@ -367,16 +360,13 @@ impl Machine<'_> {
                 b'N' => self.push(Obj::None),
                 0x88 => self.push(Obj::Bool(true)),
                 0x89 => self.push(Obj::Bool(false)),
-                0x8c => {
-                    let s = self.text(1)?;
-                    self.push(Obj::Str(s));
-                }
-                b'X' => {
-                    let s = self.text(4)?;
-                    self.push(Obj::Str(s));
-                }
-                0x8d => {
-                    let s = self.text(8)?;
+                // SHORT_BINUNICODE, BINUNICODE, BINUNICODE8: the length's width
+                0x8c | b'X' | 0x8d => {
+                    let s = self.text(match op {
+                        0x8c => 1,
+                        b'X' => 4,
+                        _ => 8,
+                    })?;
                     self.push(Obj::Str(s));
                 }
                 b'U' | b'T' | b'C' | b'B' | 0x8e => {
@@ -388,24 +378,15 @@ impl Machine<'_> {
                     let b = self.take(n)?.to_vec();
                     self.push(Obj::Bytes(b));
                 }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    let d = self.top()?;
-                    self.setitems(d, &[k, v])?;
-                }
-                b'u' => {
-                    let kv = self.pop_mark()?;
+                // SETITEM (one key and value), SETITEMS (those above the mark)
+                b's' | b'u' => {
+                    let kv = if op == b's' { self.pop_n(2)? } else { self.pop_mark()? };
                     let d = self.top()?;
                     self.setitems(d, &kv)?;
                 }
-                b'a' => {
-                    let v = self.pop()?;
-                    let l = self.top()?;
-                    self.appends(l, &[v])?;
-                }
-                b'e' => {
-                    let items = self.pop_mark()?;
+                // APPEND (one item), APPENDS (those above the mark)
+                b'a' | b'e' => {
+                    let items = if op == b'a' { self.pop_n(1)? } else { self.pop_mark()? };
                     let l = self.top()?;
                     self.appends(l, &items)?;
                 }

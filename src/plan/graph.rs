@@ -4,6 +4,7 @@
 use super::kernel::{Act, Isa, PackedConv};
 use super::{Step, V};
 use crate::error::{Error, Result};
+use crate::graph::f32s;
 use crate::graph::passes::{Lin, WOp, Weighted};
 use crate::tensor::Shape;
 
@@ -13,10 +14,6 @@ pub(super) struct Lowered {
     pub convs: Vec<PackedConv>,
     pub input: V,
     pub output: V,
-}
-
-fn f32s(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&x| x as f32).collect()
 }
 
 struct Lower<'a> {
@@ -35,8 +32,7 @@ impl Lower<'_> {
     }
 
     fn pack(&mut self, l: &Lin) -> usize {
-        let b = l.b.as_ref().map(|b| f32s(b));
-        self.out.convs.push(PackedConv::new(l.spec, &f32s(&l.w), b.as_deref(), self.isa));
+        self.out.convs.push(PackedConv::new(l.spec, &l.w, l.b.as_deref(), self.isa));
         self.out.convs.len() - 1
     }
 
@@ -70,7 +66,7 @@ impl Lower<'_> {
         let conv = self.pack(&l.without_bias());
         self.steps(Step::Conv { x, conv, out, res: None, act: Act::None });
         if let Some(b) = &l.b {
-            self.steps(Step::Affine { x: out, scale: vec![1.0; b.len()], shift: f32s(b), relu: false });
+            self.steps(Step::Affine { x: out, scale: vec![1.0; b.len()], shift: b.clone(), relu: false });
         }
         if let Some(r) = res {
             self.steps(Step::Add { acc: out, other: r, relu: act == Act::Relu });

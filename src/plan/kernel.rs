@@ -471,96 +471,68 @@ impl Simd for Portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The x86-64 builds. Their methods are only called from functions compiled with the matching
-    //! `target_feature` (`line_avx512`, `line_avx2`), into which they are inlined.
+    //! The x86-64 builds: the same operations on 16-float zmm (AVX-512F) or 8-float ymm (AVX2 +
+    //! FMA) registers, one expansion of `simd!` each. Their methods are only called from functions
+    //! compiled with the matching `target_feature` (`line_avx512`, `line_avx2`), into which they
+    //! are inlined.
     use super::Simd;
     use std::arch::x86_64::*;
 
-    pub struct Avx512;
+    macro_rules! simd {
+        ($name:ident, $w:literal, $v:ty, |$nv:ident| $pmax:expr, $zero:ident, $load:ident, $store:ident, |$p:ident| $splat:expr,
+         $fma:ident, $add:ident, $max:ident) => {
+            pub struct $name;
 
-    impl Simd for Avx512 {
-        const W: usize = 16;
-        type V = __m512;
-        fn pmax(nv: usize) -> usize {
-            // accumulators + NV weight vectors within 32 zmm registers
-            match nv {
-                1 | 2 => 12,
-                3 => 8,
-                _ => 6,
+            impl Simd for $name {
+                const W: usize = $w;
+                type V = $v;
+                fn pmax($nv: usize) -> usize {
+                    $pmax
+                }
+                #[inline(always)]
+                unsafe fn zero() -> $v {
+                    $zero()
+                }
+                #[inline(always)]
+                unsafe fn load(p: *const f32) -> $v {
+                    $load(p)
+                }
+                #[inline(always)]
+                unsafe fn store(p: *mut f32, v: $v) {
+                    $store(p, v)
+                }
+                #[inline(always)]
+                unsafe fn splat($p: *const f32) -> $v {
+                    $splat
+                }
+                #[inline(always)]
+                unsafe fn fma(a: $v, b: $v, c: $v) -> $v {
+                    $fma(a, b, c)
+                }
+                #[inline(always)]
+                unsafe fn add(a: $v, b: $v) -> $v {
+                    $add(a, b)
+                }
+                #[inline(always)]
+                unsafe fn relu(a: $v) -> $v {
+                    // max_ps returns its second operand when either is NaN: NaN stays NaN
+                    $max($zero(), a)
+                }
             }
-        }
-        #[inline(always)]
-        unsafe fn zero() -> __m512 {
-            _mm512_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m512 {
-            _mm512_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn store(p: *mut f32, v: __m512) {
-            _mm512_storeu_ps(p, v)
-        }
-        #[inline(always)]
-        unsafe fn splat(p: *const f32) -> __m512 {
-            _mm512_set1_ps(*p)
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
-            _mm512_fmadd_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn add(a: __m512, b: __m512) -> __m512 {
-            _mm512_add_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn relu(a: __m512) -> __m512 {
-            // max_ps returns its second operand when either is NaN: NaN stays NaN
-            _mm512_max_ps(_mm512_setzero_ps(), a)
-        }
+        };
     }
 
-    pub struct Avx2;
-
-    impl Simd for Avx2 {
-        const W: usize = 8;
-        type V = __m256;
-        fn pmax(nv: usize) -> usize {
-            // accumulators + NV weight vectors + one broadcast within 16 ymm registers
-            match nv {
-                1 => 8,
-                _ => 6,
-            }
-        }
-        #[inline(always)]
-        unsafe fn zero() -> __m256 {
-            _mm256_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn store(p: *mut f32, v: __m256) {
-            _mm256_storeu_ps(p, v)
-        }
-        #[inline(always)]
-        unsafe fn splat(p: *const f32) -> __m256 {
-            _mm256_broadcast_ss(&*p)
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-            _mm256_fmadd_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn add(a: __m256, b: __m256) -> __m256 {
-            _mm256_add_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn relu(a: __m256) -> __m256 {
-            _mm256_max_ps(_mm256_setzero_ps(), a)
-        }
-    }
+    // pmax: accumulators + NV weight vectors within 32 zmm registers
+    simd!(Avx512, 16, __m512, |nv| match nv {
+        1 | 2 => 12,
+        3 => 8,
+        _ => 6,
+    }, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, |p| _mm512_set1_ps(*p), _mm512_fmadd_ps, _mm512_add_ps, _mm512_max_ps);
+    // pmax: accumulators + NV weight vectors + one broadcast within 16 ymm registers
+    simd!(Avx2, 8, __m256, |nv| match nv {
+        1 => 8,
+        _ => 6,
+    }, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, |p| _mm256_broadcast_ss(&*p), _mm256_fmadd_ps, _mm256_add_ps, _mm256_max_ps);
 }
 
 /// Two in-plane convolutions (k0 = 1, stride 1, no d0 padding: (1,k,1) and (1,1,k)) run plane by
@@ -580,15 +552,11 @@ pub fn conv_pair(pa: &PackedConv, pb: &PackedConv, x: &[f32], xs: Shape, out: &m
     if plane_out == 0 {
         return;
     }
-    let lines_a = md[1];
-    let lines_b = od[1];
     out.par_chunks_mut(plane_out).enumerate().for_each_init(
         || (Scratch::default(), vec![0.0f32; mid.len()]),
         |(sc, buf), (i, oplane)| {
             let xp = &x[i * plane_in.len()..(i + 1) * plane_in.len()];
-            let _ = lines_a;
             conv_lines(pa, xp, plane_in, buf, None, 0, Act::None, sc);
-            let _ = lines_b;
             conv_lines(pb, buf, mid, oplane, None, 0, Act::None, sc);
         },
     );

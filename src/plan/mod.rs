@@ -2,8 +2,8 @@
 //! steps over one pre-planned arena (peak memory known before the run).
 //!
 //! The plan lowers the inference graph (`graph::Graph`) after the passes of `graph::passes`
-//! (each switchable in `PlanOptions`, all on by default; the tests check that every switch leaves
-//! the output unchanged):
+//! (each switchable in `PlanOptions::passes`, all on by default; the tests check that every switch
+//! leaves the output unchanged):
 //! - `fold_bn`: eval-mode batch norm folded into the conv's weights and bias;
 //! - `fuse_epilogue`: bias, residual add and ReLU (sigmoid for the head) in the conv's epilogue;
 //! - `move_conv1_low`: ConBR.conv1 (1x1x1) of `conv1(up(a) + b)` computed as
@@ -19,7 +19,6 @@ pub mod kernel;
 pub mod memory;
 pub mod ops;
 
-use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::graph::passes::{Passes, Weighted};
 use crate::graph::{Graph, Mode};
@@ -31,14 +30,10 @@ use std::sync::Mutex;
 /// A value of the plan (an index into its shapes).
 pub type V = usize;
 
-/// Which fusions the plan applies. `Default` is all on.
+/// Which fusions the plan applies: the graph passes, and buffer reuse. `Default` is all on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlanOptions {
-    pub fold_bn: bool,
-    pub fuse_epilogue: bool,
-    pub move_conv1_low: bool,
-    pub merge_1x1: bool,
-    pub fuse_gcn_planes: bool,
+    pub passes: Passes,
     pub reuse_buffers: bool,
     /// Microkernel build; None = the fastest this CPU has.
     pub isa: Option<Isa>,
@@ -46,41 +41,14 @@ pub struct PlanOptions {
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions {
-            fold_bn: true,
-            fuse_epilogue: true,
-            move_conv1_low: true,
-            merge_1x1: true,
-            fuse_gcn_planes: true,
-            reuse_buffers: true,
-            isa: None,
-        }
+        PlanOptions { passes: Passes::default(), reuse_buffers: true, isa: None }
     }
 }
 
 impl PlanOptions {
     /// Every fusion off: the reference graph, step by step (still on the plan's kernels).
     pub fn unfused() -> Self {
-        PlanOptions {
-            fold_bn: false,
-            fuse_epilogue: false,
-            move_conv1_low: false,
-            merge_1x1: false,
-            fuse_gcn_planes: false,
-            reuse_buffers: false,
-            isa: None,
-        }
-    }
-
-    /// The graph passes these options switch on.
-    pub fn passes(&self) -> Passes {
-        Passes {
-            fold_bn: self.fold_bn,
-            move_conv1_low: self.move_conv1_low,
-            merge_1x1: self.merge_1x1,
-            fuse_epilogue: self.fuse_epilogue,
-            fuse_gcn_planes: self.fuse_gcn_planes,
-        }
+        PlanOptions { passes: Passes::none(), reuse_buffers: false, isa: None }
     }
 }
 
@@ -115,9 +83,7 @@ impl Step {
 
 /// The network compiled for one volume size.
 pub struct Plan {
-    cfg: Config,
     size: [usize; 3],
-    opt: PlanOptions,
     isa: Isa,
     shapes: Vec<Shape>,
     steps: Vec<Step>,
@@ -146,14 +112,14 @@ impl Plan {
 
     /// Compiles the inference graph `g` (any `Arch`) with the tensors of `weights`.
     pub fn from_graph(g: &Graph, weights: &Weights, opt: PlanOptions) -> Result<Plan> {
-        let (cfg, d) = (g.cfg.clone(), g.nodes[g.input].shape.d);
+        let d = g.nodes[g.input].shape.d;
         let isa = opt.isa.unwrap_or_else(Isa::detect);
         if !isa.available() {
             return Err(Error::backend("cpu", format!("this CPU cannot run the {isa:?} kernels")));
         }
         let mut wg = Weighted::new(g, &|name| weights.get(name))?;
-        wg.optimise(opt.passes());
-        let graph::Lowered { shapes, steps, convs, input, output } = graph::lower(&wg, isa, opt.fuse_epilogue)?;
+        wg.optimise(opt.passes);
+        let graph::Lowered { shapes, steps, convs, input, output } = graph::lower(&wg, isa, opt.passes.fuse_epilogue)?;
         // lifetimes: from the first step touching a value to the last; the input is live from the
         // start, the output to the end
         let mut lives: Vec<memory::Life> =
@@ -187,9 +153,7 @@ impl Plan {
             }
         }
         Ok(Plan {
-            cfg,
             size: d,
-            opt,
             isa,
             shapes,
             steps,
@@ -215,18 +179,6 @@ impl Plan {
 
     pub fn weight_bytes(&self) -> usize {
         self.convs.iter().map(PackedConv::bytes).sum()
-    }
-
-    pub fn isa(&self) -> Isa {
-        self.isa
-    }
-
-    pub fn options(&self) -> PlanOptions {
-        self.opt
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.cfg
     }
 
     pub fn steps(&self) -> &[Step] {

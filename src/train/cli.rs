@@ -5,30 +5,14 @@ use super::backend::TrainBackend;
 use super::loss::loss_weights;
 use super::run::{check_run_dir, recorded_options, train, RunMode, Start, TrainOptions};
 use crate::config::Config;
-use crate::cpu::CpuBackend;
-use crate::engine::{choose, BackendKind, Chosen};
+use crate::engine::{choose, with_backend, BackendKind, Job};
 use crate::error::{Error, Result};
 use crate::io::read_volume;
-use crate::weights::Weights;
+use crate::weights::{serialize, Weights};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Work that needs a concrete `TrainBackend`.
-trait TrainJob {
-    fn run<B: TrainBackend>(self, b: &B) -> Result<()>;
-}
-
-/// Runs `job` on the backend `kind` names, chosen as `predict` chooses (auto: the GPU when one
-/// opens); the CPU kinds train on the CPU reference ops (the GPU backward: src/gpu/train_ops.rs).
-fn with_train_backend<J: TrainJob>(kind: BackendKind, job: J) -> Result<()> {
-    use crate::gpu::{emu::EmuDevice, ops::GpuBackend};
-    match choose(kind)? {
-        Chosen::Plan | Chosen::CpuRef => job.run(&CpuBackend::new()),
-        Chosen::Emu => job.run(&GpuBackend::new(EmuDevice::new())),
-        Chosen::Cuda(dev) => job.run(&GpuBackend::new(dev)),
-    }
-}
 
 pub const TRAIN_STEP_LONG: &str = "\
 One training-mode step of the published objective (the DeepIS trainer, trainers/CNNTrainer.py),
@@ -75,15 +59,18 @@ pub struct TrainStepArgs {
     pub backend: BackendKind,
 }
 
+/// Runs on the backend --backend names, chosen as `predict` chooses (auto: the GPU when one opens;
+/// the CPU kinds train on the CPU reference ops).
 pub fn train_step_cmd(a: &TrainStepArgs) -> Result<()> {
-    with_train_backend(a.backend, StepJob(a))
+    with_backend(choose(a.backend)?, StepJob(a))
 }
 
 struct StepJob<'a>(&'a TrainStepArgs);
 
-impl TrainJob for StepJob<'_> {
-    fn run<B: TrainBackend>(self, b: &B) -> Result<()> {
-        train_step_on(b, self.0)
+impl Job for StepJob<'_> {
+    type Out = ();
+    fn run<B: TrainBackend>(self, b: B) -> Result<()> {
+        train_step_on(&b, self.0)
     }
 }
 
@@ -114,7 +101,7 @@ fn train_step_on<B: TrainBackend>(b: &B, a: &TrainStepArgs) -> Result<()> {
             tensors.push((format!("grad.{}", s.name), s.shape.clone(), g.clone()));
         }
     }
-    let bytes = crate::weights::serialize(&p.cfg, &tensors)?;
+    let bytes = serialize(&p.cfg, &tensors)?;
     crate::io::write_atomic(&a.output, |f| std::io::Write::write_all(f, &bytes))?;
     eprintln!("wrote {} ({} gradients)", a.output.display(), tensors.len() - 1);
     Ok(())
@@ -239,15 +226,17 @@ pub struct TrainArgs {
     pub voxel_size: Option<[f64; 3]>,
 }
 
+/// Runs where `train_step_cmd` runs.
 pub fn train_cmd(a: &TrainArgs) -> Result<()> {
-    with_train_backend(a.backend, RunJob(a))
+    with_backend(choose(a.backend)?, RunJob(a))
 }
 
 struct RunJob<'a>(&'a TrainArgs);
 
-impl TrainJob for RunJob<'_> {
-    fn run<B: TrainBackend>(self, b: &B) -> Result<()> {
-        train_on(b, self.0)
+impl Job for RunJob<'_> {
+    type Out = ();
+    fn run<B: TrainBackend>(self, b: B) -> Result<()> {
+        train_on(&b, self.0)
     }
 }
 
@@ -283,16 +272,20 @@ fn train_on<B: TrainBackend>(b: &B, a: &TrainArgs) -> Result<()> {
     // before the data is read: a refusal should not wait for gigabytes to load
     check_run_dir(&a.output, mode)?;
     let mut opts = options(a)?;
-    if opts.voxel_size_um.is_none() {
-        opts.voxel_size_um = data_voxel_size(&a.data)?;
-    }
-    match opts.voxel_size_um {
-        Some(v) => eprintln!("voxel size {v:?} um, recorded in the checkpoints"),
-        None => eprintln!("note: the data records no voxel size; give --voxel-size so that the checkpoints record it and segment can check its inputs' scale"),
-    }
-    let start = match (&a.init, &a.config) {
+    let start = start_of(a, opts.seed)?;
+    opts.voxel_size_um = training_voxel_size(opts.voxel_size_um, &a.data)?;
+    let samples = load_training_data(&a.data, &start.params.cfg, opts.batch)?;
+    eprintln!("data: {} sample(s) from {}", samples.len(), a.data.display());
+    let rep = train(b, start, &samples, &a.output, opts, mode, None, true)?;
+    eprintln!("done: {} and {}", rep.last.display(), rep.best.display());
+    Ok(())
+}
+
+/// The model to train: from `--init` weights, a `--config`, or the default config, drawn with `seed`.
+fn start_of(a: &TrainArgs, seed: u64) -> Result<Start> {
+    Ok(match (&a.init, &a.config) {
         (Some(w), _) => {
-            let (mut s, fresh) = Start::from_weights(&Weights::load(w)?, opts.seed)?;
+            let (mut s, fresh) = Start::from_weights(&Weights::load(w)?, seed)?;
             if a.fresh_optimizer {
                 (s.adam, s.epoch) = (None, 0);
             }
@@ -312,13 +305,22 @@ fn train_on<B: TrainBackend>(b: &B, a: &TrainArgs) -> Result<()> {
             let text = std::io::read_to_string(file).map_err(|e| Error::io(c, e))?;
             let cfg = Config::from_json(&text).map_err(|e| Error::format(c, e.to_string()))?;
             crate::weights::check_param_budget(&cfg).map_err(|e| Error::format(c, e.to_string()))?;
-            Params::random(&cfg, opts.seed).into()
+            Params::random(&cfg, seed).into()
         }
-        (None, None) => Params::random(&Config::default(), opts.seed).into(),
+        (None, None) => Params::random(&Config::default(), seed).into(),
+    })
+}
+
+/// The voxel size the run records: `given` (--voxel-size or the resumed run's), else what the
+/// data's inputs record; said on stderr either way.
+fn training_voxel_size(given: Option<[f64; 3]>, data: &Path) -> Result<Option<[f64; 3]>> {
+    let v = match given {
+        Some(v) => Some(v),
+        None => data_voxel_size(data)?,
     };
-    let samples = load_training_data(&a.data, &start.params.cfg, opts.batch)?;
-    eprintln!("data: {} sample(s) from {}", samples.len(), a.data.display());
-    let rep = train(b, start, &samples, &a.output, opts, mode, None, true)?;
-    eprintln!("done: {} and {}", rep.last.display(), rep.best.display());
-    Ok(())
+    match v {
+        Some(v) => eprintln!("voxel size {v:?} um, recorded in the checkpoints"),
+        None => eprintln!("note: the data records no voxel size; give --voxel-size so that the checkpoints record it and segment can check its inputs' scale"),
+    }
+    Ok(v)
 }

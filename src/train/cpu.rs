@@ -7,37 +7,16 @@
 //! space and transposed in channels; for stride 2 on a zero-dilated, explicitly padded gradient.
 use super::backend::{BnBackward, BnForward, BnSaved, TrainBackend};
 use crate::backend::{Backend, ConvSpec, DevTensor};
-use crate::cpu::conv::{for_each_tap_row, PaddedLine};
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::conv::Fused;
+use crate::cpu::conv::{for_each_tap_row, Line, MulAdd, PaddedLine, Plain};
 use crate::cpu::ops::lin_weights;
-use crate::cpu::CpuBackend;
+use crate::cpu::{check_len, check_param, check_same, CpuBackend};
 use crate::error::{Error, Result};
 use crate::tensor::Shape;
 use rayon::prelude::*;
 
 type T = DevTensor<Vec<f32>>;
-
-fn check(op: &str, t: &T) -> Result<()> {
-    if t.data.len() != t.shape.len() {
-        return Err(Error::Shape(format!("{op}: tensor {} has {} values", t.shape, t.data.len())));
-    }
-    Ok(())
-}
-
-fn same(op: &str, a: &T, b: &T) -> Result<()> {
-    check(op, a)?;
-    check(op, b)?;
-    if a.shape != b.shape {
-        return Err(Error::Shape(format!("{op}: shapes differ, {} and {}", a.shape, b.shape)));
-    }
-    Ok(())
-}
-
-fn param(op: &str, what: &str, p: &[f32], want: usize) -> Result<()> {
-    if p.len() != want {
-        return Err(Error::Shape(format!("{op}: {what} has {} values, expected {want}", p.len())));
-    }
-    Ok(())
-}
 
 /// Number of chunks a reduction over `rows` rows is split into: at most 64, and few enough that
 /// `chunks * acc_len` partial sums stay under 16 M values.
@@ -77,6 +56,15 @@ fn channel_sums(n: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec
     out
 }
 
+/// Per-channel float64 sums of `data`, rows of `c` values, deterministically.
+fn channel_sum(data: &[f32], c: usize) -> Vec<f64> {
+    channel_sums(data.len() / c.max(1), c, |r, acc| {
+        for (a, &v) in acc.iter_mut().zip(&data[r * c..(r + 1) * c]) {
+            *a += v as f64;
+        }
+    })
+}
+
 /// Weights for the input gradient of a convolution: flipped in space, cin and cout swapped.
 pub fn flip_weights(w: &[f32], spec: &ConvSpec) -> Vec<f32> {
     let [k0, k1, k2] = spec.k;
@@ -98,36 +86,17 @@ pub fn flip_weights(w: &[f32], spec: &ConvSpec) -> Vec<f32> {
     out
 }
 
-/// One line of the weight gradient: `n_out` outputs, stride `s`, `k` taps along d2, channels.
-#[derive(Clone, Copy)]
-struct WLine {
-    n_out: usize,
-    s: usize,
-    k: usize,
-    cin: usize,
-    cout: usize,
-}
-
 /// Output channels per register block of the weight-gradient kernel.
 const WCB: usize = 16;
 /// Input channels per register block.
 const WCI: usize = 4;
 
-#[inline(always)]
-fn fma<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FUSED {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
 /// The weight gradient of one output line: w[t][ci][co] += x[o * s + t][ci] * dy[o][co] over o.
 /// Register blocks of WCI input x WCB output channels accumulate over the whole line, so each
 /// weight is loaded and stored once per line and tap, not once per output voxel.
 #[inline(always)]
-fn wgrad_line<const FUSED: bool>(x: &[f32], dy: &[f32], w: &mut [f32], g: WLine) {
-    let WLine { n_out, s, k, cin, cout } = g;
+fn wgrad_line<M: MulAdd>(x: &[f32], dy: &[f32], w: &mut [f32], g: Line) {
+    let Line { n_out, s, k, cin, cout } = g;
     assert!(n_out > 0 && x.len() >= ((n_out - 1) * s + k) * cin && dy.len() >= n_out * cout && w.len() >= k * cin * cout);
     let cb_full = cout / WCB * WCB;
     let ci_full = cin / WCI * WCI;
@@ -145,7 +114,7 @@ fn wgrad_line<const FUSED: bool>(x: &[f32], dy: &[f32], w: &mut [f32], g: WLine)
                     let xo: &[f32; WCI] = x[(o * s + t) * cin + ci..][..WCI].try_into().unwrap();
                     for q in 0..WCI {
                         for j in 0..WCB {
-                            acc[q][j] = fma::<FUSED>(xo[q], d[j], acc[q][j]);
+                            acc[q][j] = M::mul_add(xo[q], d[j], acc[q][j]);
                         }
                     }
                 }
@@ -161,7 +130,7 @@ fn wgrad_line<const FUSED: bool>(x: &[f32], dy: &[f32], w: &mut [f32], g: WLine)
                     let xv = x[(o * s + t) * cin + ci];
                     let d = &dy[o * cout + cb..][..WCB];
                     for j in 0..WCB {
-                        acc[j] = fma::<FUSED>(xv, d[j], acc[j]);
+                        acc[j] = M::mul_add(xv, d[j], acc[j]);
                     }
                 }
                 wt[ci * cout + cb..][..WCB].copy_from_slice(&acc);
@@ -174,7 +143,7 @@ fn wgrad_line<const FUSED: bool>(x: &[f32], dy: &[f32], w: &mut [f32], g: WLine)
                 for (ci, &xv) in xo.iter().enumerate() {
                     let wr = &mut wt[ci * cout + cb_full..(ci + 1) * cout];
                     for (wv, &dv) in wr.iter_mut().zip(d) {
-                        *wv = fma::<FUSED>(xv, dv, *wv);
+                        *wv = M::mul_add(xv, dv, *wv);
                     }
                 }
             }
@@ -184,15 +153,15 @@ fn wgrad_line<const FUSED: bool>(x: &[f32], dy: &[f32], w: &mut [f32], g: WLine)
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn wgrad_line_avx2(x: &[f32], dy: &[f32], w: &mut [f32], g: WLine) {
-    wgrad_line::<true>(x, dy, w, g)
+unsafe fn wgrad_line_avx2(x: &[f32], dy: &[f32], w: &mut [f32], g: Line) {
+    wgrad_line::<Fused>(x, dy, w, g)
 }
 
 
 /// Deterministic weight gradient of a convolution, engine layout.
 pub fn conv3d_wgrad(x: &[f32], xs: Shape, dy: &[f32], spec: &ConvSpec) -> Vec<f32> {
-    let od = spec.out_dims(xs.d);
-    let os = Shape::new(xs.n, od, spec.cout);
+    let os = spec.out_shape(xs);
+    let od = os.d;
     let k2n = spec.k[2];
     let (cin, cout) = (spec.cin, spec.cout);
     let wlen = spec.weight_len();
@@ -201,7 +170,7 @@ pub fn conv3d_wgrad(x: &[f32], xs: Shape, dy: &[f32], spec: &ConvSpec) -> Vec<f3
     let per = lines.div_ceil(chunks).max(1);
     let wrow = k2n * cin * cout;
     let avx = crate::cpu::simd::avx2_fma();
-    let line = WLine { n_out: od[2], s: spec.stride[2], k: k2n, cin, cout };
+    let line = Line { n_out: od[2], s: spec.stride[2], k: k2n, cin, cout };
     let parts: Vec<Vec<f32>> = (0..lines.div_ceil(per))
         .into_par_iter()
         .map(|ch| {
@@ -219,7 +188,7 @@ pub fn conv3d_wgrad(x: &[f32], xs: Shape, dy: &[f32], spec: &ConvSpec) -> Vec<f3
                             wgrad_line_avx2(xl, dyl, wt, line)
                         };
                     } else {
-                        wgrad_line::<false>(xl, dyl, wt, line);
+                        wgrad_line::<Plain>(xl, dyl, wt, line);
                     }
                 });
             }
@@ -260,12 +229,12 @@ impl TrainBackend for CpuBackend {
     }
 
     fn duplicate(&self, t: &T) -> Result<T> {
-        check("duplicate", t)?;
+        check_len("duplicate", t)?;
         Ok(DevTensor { shape: t.shape, data: t.data.clone() })
     }
 
     fn accumulate(&self, acc: &mut T, g: &T) -> Result<()> {
-        same("accumulate", acc, g)?;
+        check_same("accumulate", acc, g)?;
         acc.data.par_chunks_mut(1 << 14).zip(g.data.par_chunks(1 << 14)).for_each(|(a, g)| {
             a.iter_mut().zip(g).for_each(|(a, &g)| *a += g);
         });
@@ -273,19 +242,19 @@ impl TrainBackend for CpuBackend {
     }
 
     fn accumulate_param(&self, acc: &mut Vec<f32>, g: &Vec<f32>) -> Result<()> {
-        param("accumulate_param", "gradient", g, acc.len())?;
+        check_param("accumulate_param", "gradient", g, acc.len())?;
         acc.iter_mut().zip(g).for_each(|(a, &g)| *a += g);
         Ok(())
     }
 
     fn mul(&self, a: &T, b: &T) -> Result<T> {
-        same("mul", a, b)?;
+        check_same("mul", a, b)?;
         Ok(DevTensor { shape: a.shape, data: crate::cpu::ops::zip(&a.data, &b.data, |p, q| p * q) })
     }
 
     fn conv3d_backward_input(&self, dy: &T, w: &Vec<f32>, spec: &ConvSpec, in_d: [usize; 3]) -> Result<T> {
-        check("conv3d_backward_input", dy)?;
-        param("conv3d_backward_input", "weight", w, spec.weight_len())?;
+        check_len("conv3d_backward_input", dy)?;
+        check_param("conv3d_backward_input", "weight", w, spec.weight_len())?;
         if dy.shape.c != spec.cout || spec.out_dims(in_d) != dy.shape.d {
             return Err(Error::Shape(format!(
                 "conv3d_backward_input: gradient {} does not match {spec:?} on input size {in_d:?}",
@@ -303,9 +272,9 @@ impl TrainBackend for CpuBackend {
     }
 
     fn conv3d_backward_weight(&self, x: &T, dy: &T, spec: &ConvSpec) -> Result<Vec<f32>> {
-        check("conv3d_backward_weight", x)?;
-        check("conv3d_backward_weight", dy)?;
-        let want = Shape::new(x.shape.n, spec.out_dims(x.shape.d), spec.cout);
+        check_len("conv3d_backward_weight", x)?;
+        check_len("conv3d_backward_weight", dy)?;
+        let want = spec.out_shape(x.shape);
         if x.shape.c != spec.cin || dy.shape != want {
             return Err(Error::Shape(format!("conv3d_backward_weight: input {} and gradient {} do not match {spec:?}", x.shape, dy.shape)));
         }
@@ -313,32 +282,20 @@ impl TrainBackend for CpuBackend {
     }
 
     fn conv3d_backward_bias(&self, dy: &T) -> Result<Vec<f32>> {
-        check("conv3d_backward_bias", dy)?;
-        let c = dy.shape.c;
-        let rows = dy.shape.n * dy.shape.voxels();
-        let s = channel_sums(rows, c, |r, acc| {
-            for (a, &v) in acc.iter_mut().zip(&dy.data[r * c..(r + 1) * c]) {
-                *a += v as f64;
-            }
-        });
-        Ok(s.into_iter().map(|v| v as f32).collect())
+        check_len("conv3d_backward_bias", dy)?;
+        Ok(channel_sum(&dy.data, dy.shape.c).into_iter().map(|v| v as f32).collect())
     }
 
     fn batch_norm_train(&self, x: &T, gamma: &Vec<f32>, beta: &Vec<f32>, eps: f64) -> Result<BnForward<Vec<f32>>> {
-        check("batch_norm_train", x)?;
+        check_len("batch_norm_train", x)?;
         let c = x.shape.c;
-        param("batch_norm_train", "gamma", gamma, c)?;
-        param("batch_norm_train", "beta", beta, c)?;
+        check_param("batch_norm_train", "gamma", gamma, c)?;
+        check_param("batch_norm_train", "beta", beta, c)?;
         let rows = x.shape.n * x.shape.voxels();
         if rows == 0 || c == 0 {
             return Err(Error::Shape(format!("batch_norm_train: empty input {}", x.shape)));
         }
-        let sum = channel_sums(rows, c, |r, acc| {
-            for (a, &v) in acc.iter_mut().zip(&x.data[r * c..(r + 1) * c]) {
-                *a += v as f64;
-            }
-        });
-        let mean: Vec<f64> = sum.iter().map(|s| s / rows as f64).collect();
+        let mean: Vec<f64> = channel_sum(&x.data, c).iter().map(|s| s / rows as f64).collect();
         let sq = channel_sums(rows, c, |r, acc| {
             for ((a, &v), m) in acc.iter_mut().zip(&x.data[r * c..(r + 1) * c]).zip(&mean) {
                 let d = v as f64 - m;
@@ -355,19 +312,14 @@ impl TrainBackend for CpuBackend {
     }
 
     fn batch_norm_backward(&self, dy: &T, x: &T, gamma: &Vec<f32>, saved: &BnSaved<Vec<f32>>) -> Result<BnBackward<Vec<f32>>> {
-        same("batch_norm_backward", dy, x)?;
+        check_same("batch_norm_backward", dy, x)?;
         let c = x.shape.c;
-        param("batch_norm_backward", "gamma", gamma, c)?;
+        check_param("batch_norm_backward", "gamma", gamma, c)?;
         let rows = x.shape.n * x.shape.voxels();
         // The mean again in float64: with the float32 one, sum(xhat) and so sum(dx) (the gradient
         // of a conv bias feeding BN, exactly 0 in exact arithmetic) would carry a systematic
         // rounding error of M * |mean| * 6e-8.
-        let sum = channel_sums(rows, c, |r, acc| {
-            for (a, &v) in acc.iter_mut().zip(&x.data[r * c..(r + 1) * c]) {
-                *a += v as f64;
-            }
-        });
-        let mean: Vec<f64> = sum.iter().map(|s| s / rows as f64).collect();
+        let mean: Vec<f64> = channel_sum(&x.data, c).iter().map(|s| s / rows as f64).collect();
         let invstd: Vec<f64> = saved.invstd.iter().map(|&v| v as f64).collect();
         // [sum dy | sum dy * xhat]
         let s = channel_sums(rows, 2 * c, |r, acc| {
@@ -398,13 +350,13 @@ impl TrainBackend for CpuBackend {
     }
 
     fn relu_backward(&self, dy: &T, y: &T) -> Result<T> {
-        same("relu_backward", dy, y)?;
+        check_same("relu_backward", dy, y)?;
         Ok(DevTensor { shape: dy.shape, data: crate::cpu::ops::zip(&dy.data, &y.data, |g, y| if y > 0.0 { g } else { 0.0 }) })
     }
 
     fn maxpool2_backward(&self, dy: &T, x: &T) -> Result<T> {
-        check("maxpool2_backward", dy)?;
-        check("maxpool2_backward", x)?;
+        check_len("maxpool2_backward", dy)?;
+        check_len("maxpool2_backward", x)?;
         let xs = x.shape;
         let os = xs.with_d(xs.d.map(|d| d / 2));
         if dy.shape != os {
@@ -448,7 +400,7 @@ impl TrainBackend for CpuBackend {
     }
 
     fn upsample_backward(&self, dy: &T, in_d: [usize; 3]) -> Result<T> {
-        check("upsample_backward", dy)?;
+        check_len("upsample_backward", dy)?;
         let os = dy.shape;
         let xs = os.with_d(in_d);
         if in_d.contains(&0) {
@@ -503,12 +455,12 @@ impl TrainBackend for CpuBackend {
     }
 
     fn sigmoid_backward(&self, dy: &T, y: &T) -> Result<T> {
-        same("sigmoid_backward", dy, y)?;
+        check_same("sigmoid_backward", dy, y)?;
         Ok(DevTensor { shape: dy.shape, data: crate::cpu::ops::zip(&dy.data, &y.data, |g, y| g * y * (1.0 - y)) })
     }
 
     fn softmax_backward(&self, dy: &T, y: &T) -> Result<T> {
-        same("softmax_backward", dy, y)?;
+        check_same("softmax_backward", dy, y)?;
         let c = y.shape.c;
         let mut dx = vec![0.0f32; y.data.len()];
         if c > 0 {

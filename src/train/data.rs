@@ -10,7 +10,7 @@
 //! A .mat file is one sample, in MATLAB's index order (see `read_mat`).
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::io::read_volume;
+use crate::io::{extension_is, read_volume};
 use crate::rng::Rng;
 use crate::tensor::{Shape, Tensor};
 use std::path::{Path, PathBuf};
@@ -21,10 +21,6 @@ pub struct Sample {
     pub name: String,
     pub input: Tensor,
     pub target: Tensor,
-}
-
-fn extension_is(p: &Path, exts: &[&str]) -> bool {
-    p.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 fn is_volume(p: &Path) -> bool {
@@ -95,8 +91,7 @@ pub fn read_target(path: &Path, n: usize, d: [usize; 3], c: usize) -> Result<Ten
 /// Reads a per-voxel map (`role` names it in errors: "target", "weight map") for `n` volumes of
 /// size `d` with `c` channels.
 pub fn read_map(path: &Path, role: &str, n: usize, d: [usize; 3], c: usize) -> Result<Tensor> {
-    let is_npy = path.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("npy")).unwrap_or(false);
-    if c == 1 || !is_npy {
+    if c == 1 || !extension_is(path, &["npy"]) {
         let v = read_volume(path)?;
         if v.tensor.shape != Shape::new(n, d, 1) || c != 1 {
             return Err(Error::format(path, format!("the {role} is {}, the input needs {}", v.tensor.shape, Shape::new(n, d, c))));

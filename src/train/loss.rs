@@ -4,7 +4,7 @@
 //! Tensors are channels-last; the heads are small enough that the host does this in milliseconds.
 use crate::config::{Config, Head};
 use crate::error::{Error, Result};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::Tensor;
 
 /// Parameters of the published FocalLoss3d_ver1 weight map.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -279,9 +279,4 @@ pub fn train_loss(cfg: &Config, out: &Tensor, c3: &Tensor, c4: &Tensor, target: 
         d_c3: scale(d_c3, lw[1])?,
         d_c4: scale(d_c4, lw[2])?,
     })
-}
-
-/// Shape helper for callers building targets: the head output shape of a batch.
-pub fn head_shape(cfg: &Config, n: usize, d: [usize; 3]) -> Shape {
-    Shape::new(n, d, cfg.head_channels())
 }

@@ -6,12 +6,12 @@
 use super::backend::TrainBackend;
 use super::loss::{edge_weight, train_loss, EdgeWeight, LossWeights};
 use super::tape::{Tape, Var};
-use crate::backend::{conv_weight_layout, ConvSpec};
+use crate::backend::{conv_weight_layout, conv_weight_to_torch};
 use crate::config::{Config, Head};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
-use crate::graph::{bn_affine, layout_spec, param_specs, Graph, Mode, Op, ParamKind, ParamSpec, Use};
+use crate::graph::{layout_spec, param_specs, Graph, Mode, Op, ParamKind, ParamSpec, Use};
 use crate::weights::Weights;
 use std::collections::HashMap;
 
@@ -26,21 +26,6 @@ pub struct Params {
     pub specs: Vec<ParamSpec>,
     pub data: Vec<Vec<f32>>,
     index: HashMap<String, usize>,
-}
-
-/// From the engine layout [k0][k1][k2][cin][cout] back to PyTorch's [cout][cin][k0][k1][k2].
-pub fn conv_weight_to_torch(spec: &ConvSpec, engine: &[f32]) -> Vec<f32> {
-    let kv = spec.k[0] * spec.k[1] * spec.k[2];
-    let (ci, co) = (spec.cin, spec.cout);
-    let mut out = vec![0.0f32; engine.len()];
-    for o in 0..co {
-        for i in 0..ci {
-            for t in 0..kv {
-                out[(o * ci + i) * kv + t] = engine[(t * ci + i) * co + o];
-            }
-        }
-    }
-    out
 }
 
 impl Params {
@@ -169,11 +154,9 @@ pub fn forward_eval<B: TrainBackend>(b: &B, p: &Params, x: &Tensor) -> Result<Te
 
 /// Eval-mode batch norm of node `name` on the running statistics (no gradient).
 fn bn_eval<B: TrainBackend>(tape: &mut Tape<'_, B>, p: &Params, name: &str, x: Var) -> Result<Var> {
-    let g = |s: &str| p.get(&format!("{name}.{s}"));
-    let (scale, shift) = bn_affine(g("weight")?, g("bias")?, g("running_mean")?, g("running_var")?, p.cfg.bn_eps);
-    let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
     let b = tape.backend();
-    let y = b.channel_affine(tape.value(x), &b.upload_param(&f32s(scale))?, &b.upload_param(&f32s(shift))?, false)?;
+    let (scale, shift) = crate::model::bn_params(b, |s| p.get(&format!("{name}.{s}")), p.cfg.bn_eps)?;
+    let y = b.channel_affine(tape.value(x), &scale, &shift, false)?;
     Ok(tape.leaf(y))
 }
 
@@ -187,10 +170,7 @@ fn walk<'a, B: TrainBackend>(
     mode: Mode,
 ) -> Result<Forward<'a, B>> {
     let cfg = &p.cfg;
-    if x.shape.c != 1 {
-        return Err(Error::Shape(format!("the network takes 1-channel volumes, got {} channels", x.shape.c)));
-    }
-    cfg.check_input_size(x.shape.d)?;
+    cfg.check_input(x.shape)?;
     let g = Graph::new(cfg, mode, x.shape.d);
     let mut tape = Tape::new(b, dev);
     let mut bn = Vec::new();

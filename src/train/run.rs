@@ -123,30 +123,19 @@ fn run_metadata(o: &TrainOptions) -> HashMap<String, String> {
     o.voxel_size_um.map(|v| ("voxel_size_um".to_string(), format!("{},{},{}", v[0], v[1], v[2]))).into_iter().collect()
 }
 
-/// Reads a checkpoint written by `save_checkpoint`.
+/// Reads a checkpoint written by `save_checkpoint`: the model, its Adam state (as `Start` reads
+/// it, with the run's learning rate and weight decay) and the run's state.
 pub fn load_checkpoint(path: &Path) -> Result<(Params, Adam, TrainState)> {
     let w = Weights::load(path)?;
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(path, e.to_string()))?;
-    let st = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("train_state"))
-        .ok_or_else(|| Error::format(path, "no train_state in __metadata__: not a deepis training checkpoint"))?;
+    let st = w.meta.get("train_state").ok_or_else(|| Error::format(path, "no train_state in __metadata__: not a deepis training checkpoint"))?;
     let state: TrainState = serde_json::from_str(st).map_err(|e| Error::format(path, format!("train_state: {e}")))?;
-    let (p, fresh) = Params::from_weights(&w, 0)?;
+    let (start, fresh) = Start::from_weights(&w, 0)?;
     if !fresh.is_empty() {
         return Err(Error::format(path, format!("checkpoint lacks {fresh:?}")));
     }
-    let mut adam = Adam::new(p.specs.len(), state.options.lr, state.options.weight_decay);
-    adam.step = state.adam_step;
-    for (i, s) in p.specs.iter().enumerate() {
-        if w.contains(&format!("adam.m.{}", s.name)) {
-            adam.m[i] = Some(w.get(&format!("adam.m.{}", s.name))?);
-            adam.v[i] = Some(w.get(&format!("adam.v.{}", s.name))?);
-        }
-    }
-    Ok((p, adam, state))
+    let adam = start.adam.expect("a train_state records the run's progress");
+    let adam = Adam { lr: state.options.lr, weight_decay: state.options.weight_decay, ..adam };
+    Ok((start.params, adam, state))
 }
 
 /// Mean Dice of the effector and target masks of an output against its target.

@@ -183,12 +183,6 @@ impl<'a, B: TrainBackend> Tape<'a, B> {
                         acc(&mut grads, *x, dx)?;
                     }
                 }
-                Op::Relu { x } => {
-                    if self.needs[*x] {
-                        let dx = b.relu_backward(&g, &self.vals[i])?;
-                        acc(&mut grads, *x, dx)?;
-                    }
-                }
                 Op::Add { a, b: c } => {
                     if self.needs[*a] && self.needs[*c] {
                         let g2 = b.duplicate(&g)?;
@@ -200,35 +194,22 @@ impl<'a, B: TrainBackend> Tape<'a, B> {
                         acc(&mut grads, *c, g)?;
                     }
                 }
-                Op::MaxPool { x } => {
-                    if self.needs[*x] {
-                        let dx = b.maxpool2_backward(&g, &self.vals[*x])?;
-                        acc(&mut grads, *x, dx)?;
+                // the one-input ops: x's gradient from the output's (and y, the output, or x)
+                Op::Relu { x } | Op::MaxPool { x } | Op::Upsample { x } | Op::Sigmoid { x } | Op::Softmax { x } | Op::Mul { x, .. } => {
+                    if !self.needs[*x] {
+                        continue;
                     }
-                }
-                Op::Upsample { x } => {
-                    if self.needs[*x] {
-                        let dx = b.upsample_backward(&g, self.vals[*x].shape.d)?;
-                        acc(&mut grads, *x, dx)?;
-                    }
-                }
-                Op::Sigmoid { x } => {
-                    if self.needs[*x] {
-                        let dx = b.sigmoid_backward(&g, &self.vals[i])?;
-                        acc(&mut grads, *x, dx)?;
-                    }
-                }
-                Op::Softmax { x } => {
-                    if self.needs[*x] {
-                        let dx = b.softmax_backward(&g, &self.vals[i])?;
-                        acc(&mut grads, *x, dx)?;
-                    }
-                }
-                Op::Mul { x, mask } => {
-                    if self.needs[*x] {
-                        let dx = b.mul(&g, mask)?;
-                        acc(&mut grads, *x, dx)?;
-                    }
+                    let (xv, y) = (&self.vals[*x], &self.vals[i]);
+                    let dx = match &self.ops[i] {
+                        Op::Relu { .. } => b.relu_backward(&g, y)?,
+                        Op::MaxPool { .. } => b.maxpool2_backward(&g, xv)?,
+                        Op::Upsample { .. } => b.upsample_backward(&g, xv.shape.d)?,
+                        Op::Sigmoid { .. } => b.sigmoid_backward(&g, y)?,
+                        Op::Softmax { .. } => b.softmax_backward(&g, y)?,
+                        Op::Mul { mask, .. } => b.mul(&g, mask)?,
+                        _ => unreachable!("matched above"),
+                    };
+                    acc(&mut grads, *x, dx)?;
                 }
             }
         }
