@@ -1,6 +1,7 @@
 // pool.cu — 2x2x2 max-pool, stride 2, floor of odd sizes (PyTorch MaxPool3d(2)).
 //   maxpool2_f32 — one thread per output element (channel fastest, so reads coalesce across channels);
 //              1D grid of ceil(N*O0*O1*O2*C / 256) blocks of 256 threads, no shared memory.
+// A NaN in a window is the window's maximum (PyTorch's scan: take a larger value or a NaN).
 // CPU reference: CpuBackend::maxpool2.
 #include "deepis_device.h"
 
@@ -20,7 +21,7 @@ extern "C" __global__ void maxpool2_f32(gptr<float> y, gptr<float> x, int n, int
         for (int t1 = 0; t1 < 2; ++t1)
             for (int t2 = 0; t2 < 2; ++t2) {
                 const float e = x[(((b * d0 + 2 * j0 + t0) * d1 + 2 * j1 + t1) * d2 + 2 * j2 + t2) * c + ch];
-                m = e > m ? e : m;
+                m = (e > m || e != e) ? e : m;  // a NaN wins and stays, as in PyTorch
             }
     y[idx] = m;
 }
