@@ -247,6 +247,10 @@ fn mat_seeds() -> Vec<(String, Vec<u8>)> {
     let mut seeds: Vec<(String, Vec<u8>)> = ["cell_v6.mat", "cell_v7.mat", "masks.mat", "no_target.mat"].iter().map(|n| file("mat", n)).collect();
     seeds.push(("inflates_past".into(), mat_bytes(&zlib(std::iter::once(mi_matrix_tag(64)).chain(std::iter::once(vec![0u8; 1 << 22]))))));
     seeds.push(("promises_2g".into(), mat_bytes(&zlib(std::iter::once(mi_matrix_tag(2_100_000_000))))));
+    // found by cargo fuzz: a size whose product overflows matfile's i32; and a nested stream
+    seeds.push(("dims_overflow".into(), mat_bytes(&zlib(std::iter::once(mi_single_array("input", &[4, 0x4000_0003, 5], &[1.0; 60]))))));
+    let nested = mi_compressed(std::iter::once(mi_single_array("input", &[2, 2, 2], &[1.0; 8])));
+    seeds.push(("nested_compressed".into(), mat_bytes(&zlib(std::iter::once(nested)))));
     seeds
 }
 
