@@ -124,8 +124,12 @@ fn volume_from(path: &Path, dims: &[usize], data: Vec<f32>) -> Result<Volume> {
     Ok(Volume { tensor: Tensor::new(shape, data)?, rank })
 }
 
-/// numpy itself refuses headers over 10000 bytes unless told otherwise; a real header is ~128.
-const NPY_MAX_HEADER: u64 = 1 << 16;
+/// numpy itself refuses headers over 10000 bytes unless told otherwise (`max_header_size`: its
+/// literal parser is slow on long ones, and so is npyz's); a real header is ~128.
+const NPY_MAX_HEADER: u64 = 10000;
+/// Brackets a plain array's header nests: the dict and the shape tuple in it. npyz's parser of
+/// the header backtracks exponentially in the depth (a 400-byte header of 150 `[` ran for hours).
+const NPY_MAX_NESTING: usize = 2;
 
 /// Reads a whole `.npy` file as float32 (float32, float64, uint16 or uint8 data; C or Fortran
 /// order, returned in C order): the dims and values. `check_dims` sees the shape before any
@@ -221,7 +225,7 @@ fn npy_header(path: &Path, r: &mut impl Read, len: u64) -> Result<(Vec<u8>, Vec<
     let hlen = hl.iter().rev().fold(0u64, |acc, &b| acc << 8 | b as u64);
     pre.extend_from_slice(&hl);
     if hlen > NPY_MAX_HEADER {
-        return Err(bad(format!("the .npy header claims {hlen} bytes: more than the {NPY_MAX_HEADER} a header can be (the file is corrupt)")));
+        return Err(bad(format!("the .npy header claims {hlen} bytes: more than the {NPY_MAX_HEADER} numpy reads (the file is corrupt)")));
     }
     if pre.len() as u64 + hlen > len {
         return Err(bad(format!("the file is truncated: the .npy header claims {hlen} bytes, the file has {len} in all")));
@@ -232,7 +236,29 @@ fn npy_header(path: &Path, r: &mut impl Read, len: u64) -> Result<(Vec<u8>, Vec<
     if let Some(t) = overflowing_tuple(&text) {
         return Err(bad(format!("shape ({t}) has more than 2^64 elements: the header is corrupt")));
     }
+    let depth = nesting(&text);
+    if depth > NPY_MAX_NESTING {
+        return Err(bad(format!(
+            "the .npy header nests brackets {depth} deep: a plain array's header (a dict holding the shape tuple) nests {NPY_MAX_NESTING}, and only plain float32, float64, uint16 or uint8 arrays are read"
+        )));
+    }
     Ok((pre, header))
+}
+
+/// How deep `(`, `[` and `{` nest in `text` (a stray closer counts as none).
+fn nesting(text: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    for b in text.bytes() {
+        match b {
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 /// The first parenthesised tuple of whole numbers whose product overflows a u64.

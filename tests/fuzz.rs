@@ -6,7 +6,7 @@
 //! error or a result that holds together. Bounded: DEEPIS_FUZZ_ITERS cases per format (default
 //! 10000) or DEEPIS_FUZZ_SECS seconds per format (default 8), whichever ends first. A longer
 //! campaign: `DEEPIS_FUZZ_ITERS=100000000 DEEPIS_FUZZ_SECS=600 cargo test --release --test fuzz
-//! -- --nocapture`; with nightly, `cargo fuzz` (fuzz/README.md).
+//! -- --nocapture`; with nightly, `cargo fuzz` (README, "Fuzzing the loaders").
 mod common;
 use common::corpus::*;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -68,6 +68,10 @@ static A: Counting = Counting;
 /// (a checked request is at most the budget; conversions keep a second copy briefly).
 const BUDGET: &str = "256M";
 const ALLOWED: usize = 3 << 28;
+
+/// No case may take longer: the `-timeout` of the cargo fuzz campaign (README), far above the
+/// milliseconds a refusal takes and far below the hours of a parser that backtracks.
+const CASE_SECS: f64 = 10.0;
 
 /// One case at a time: the peak counter is global.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -155,7 +159,9 @@ fn campaign(format: &str, seeds: Vec<(String, Vec<u8>)>, load: &dyn Fn(&[u8]) ->
     let mut run = |name: &str, bytes: &[u8]| {
         let base = CURRENT.load(Relaxed);
         PEAK.store(base, Relaxed);
+        let t = std::time::Instant::now();
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(bytes)));
+        let took = t.elapsed().as_secs_f64();
         let extra = PEAK.load(Relaxed).saturating_sub(base);
         worst = worst.max(extra);
         if let Err(p) = out {
@@ -165,6 +171,7 @@ fn campaign(format: &str, seeds: Vec<(String, Vec<u8>)>, load: &dyn Fn(&[u8]) ->
             panic!("{format} {name}: panicked ({:?}); input saved in {}", p.downcast_ref::<String>(), dir.display());
         }
         assert!(extra <= ALLOWED, "{format} {name}: allocated {extra} bytes, more than {ALLOWED}");
+        assert!(took < CASE_SECS, "{format} {name}: took {took:.1} s, more than {CASE_SECS} s");
         match out.unwrap() {
             Ok(()) => ok += 1,
             Err(m) => {
@@ -218,6 +225,11 @@ fn npy_seeds() -> Vec<(String, Vec<u8>)> {
     let mut hl = npy_bytes(2, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2, 2), }", &[0u8; 32]);
     hl[8..12].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
     seeds.push(("header_len".into(), hl));
+    // found by cargo fuzz: npyz's header parser backtracks exponentially in the nesting
+    for (name, open, close) in [("deep_lists", "[", ""), ("deep_sets", "{", ""), ("deep_closed_sets", "{", "}")] {
+        let h = format!("{{'descr': '<f4', 'fortran_order': False, 'x': {}{}, 'shape': (2, 2, 2), }}", open.repeat(40), close.repeat(40));
+        seeds.push((name.into(), npy_bytes(1, &h, &[0u8; 32])));
+    }
     seeds
 }
 
@@ -235,6 +247,10 @@ fn mat_seeds() -> Vec<(String, Vec<u8>)> {
     let mut seeds: Vec<(String, Vec<u8>)> = ["cell_v6.mat", "cell_v7.mat", "masks.mat", "no_target.mat"].iter().map(|n| file("mat", n)).collect();
     seeds.push(("inflates_past".into(), mat_bytes(&zlib(std::iter::once(mi_matrix_tag(64)).chain(std::iter::once(vec![0u8; 1 << 22]))))));
     seeds.push(("promises_2g".into(), mat_bytes(&zlib(std::iter::once(mi_matrix_tag(2_100_000_000))))));
+    // found by cargo fuzz: a size whose product overflows matfile's i32; and a nested stream
+    seeds.push(("dims_overflow".into(), mat_bytes(&zlib(std::iter::once(mi_single_array("input", &[4, 0x4000_0003, 5], &[1.0; 60]))))));
+    let nested = mi_compressed(std::iter::once(mi_single_array("input", &[2, 2, 2], &[1.0; 8])));
+    seeds.push(("nested_compressed".into(), mat_bytes(&zlib(std::iter::once(nested)))));
     seeds
 }
 

@@ -90,6 +90,11 @@ fn hostile_volumes_are_refused_before_any_allocation() {
     hb[8..12].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
     let hp = write("header_len.npy", &hb);
     fails("npy header length 0xFFFFFFF0", &["predict", "-w", s(&w), s(&hp), "-o", s(&out)], &[], &["header claims 4294967280 bytes"]);
+    // found by cargo fuzz: each nested `[` of a header doubled the time of npyz's parser (18 of them: 38 s in the fuzz build)
+    let deep = write("deep.npy", &npy_bytes(1, &format!("{{'descr': '<f4', 'fortran_order': False,{} 'shape': (2, 2, 2), }}", "[".repeat(150)), &[0u8; 32]));
+    let t0 = std::time::Instant::now();
+    fails("npy header nested 152 deep", &["predict", "-w", s(&w), s(&deep), "-o", s(&out)], &[], &["deep.npy", "nests brackets 152 deep"]);
+    assert!(t0.elapsed().as_secs() < 10, "the nested header took {:?} to refuse", t0.elapsed());
 
     // TIFF of 1.1 KB claiming 100000 x 100000 float32 pixels (a 40 GB page)
     let mut t = float_tiff(1, None);
@@ -128,6 +133,15 @@ fn hostile_mat_files_inflate_no_further_than_they_promise() {
     // a tag that promises 2.1 GB: refused against the budget before inflating
     std::fs::write(data.join("bomb.mat"), mat_bytes(&zlib(std::iter::once(mi_matrix_tag(2_100_000_000))))).unwrap();
     train("MAT promising 2.1 GB", &[("DEEPIS_MAX_MEMORY", "1G")], &["bomb.mat", "promises 2.0 GiB once inflated"]);
+    // found by cargo fuzz: a size whose product overflows matfile's i32 (a panic in a debug build)
+    let dims = [4, 0x4000_0003, 5];
+    std::fs::write(data.join("bomb.mat"), mat_bytes(&zlib(std::iter::once(mi_single_array("input", &dims, &[1.0; 60]))))).unwrap();
+    train("MAT size over 2^31 elements", &[], &["bomb.mat", "has size [4, 1073741827, 5]: negative, or more than 2^31 - 1 elements"]);
+    // a compressed element inside a compressed one: matfile would inflate the inner one unbounded
+    // (here 300 MB of zeros behind a 256 MiB budget)
+    let nested = mi_compressed(std::iter::once(mi_matrix_tag(64)).chain((0..300).map(|_| vec![0u8; 1 << 20])));
+    std::fs::write(data.join("bomb.mat"), mat_bytes(&zlib(std::iter::once(nested)))).unwrap();
+    train("MAT compressed inside compressed", &[("DEEPIS_MAX_MEMORY", "256M")], &["bomb.mat", "holds another compressed element"]);
 }
 
 #[test]

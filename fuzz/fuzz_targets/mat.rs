@@ -8,6 +8,7 @@ fuzz_target!(|data: &[u8]| {
         if let Ok((x, t)) = deepis::train::data::read_mat_bytes(std::path::Path::new("fuzz.mat"), data, c) {
             assert_eq!(x.shape.d, t.shape.d);
             assert_eq!((x.data.len(), t.data.len()), (x.shape.len(), t.shape.len()));
+            assert_eq!(t.shape.c, c);
         }
     }
 });

@@ -7,5 +7,6 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(v) = deepis::io::read_volume_bytes(std::path::Path::new("fuzz.npy"), data) {
         assert_eq!(v.tensor.data.len(), v.tensor.shape.len());
         assert!(v.tensor.data.iter().all(|x| x.is_finite()));
+        assert!((3..=5).contains(&v.rank));
     }
 });

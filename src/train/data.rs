@@ -197,6 +197,7 @@ pub fn read_mat_bytes(path: &Path, bytes: &[u8], c: usize) -> Result<(Tensor, Te
         return Err(Error::format(path, "a MATLAB v7.3 (HDF5) MAT file is read from disk, not from memory"));
     }
     let plain = inflate_mat(path, bytes)?;
+    check_mat_arrays(path, &plain)?;
     let mat = matfile::MatFile::parse(&plain[..])
         .map_err(|e| Error::format(path, format!("not a readable MAT file (MATLAB level 5, saved with -v7 or -v6): {e}")))?;
     let x = mat_volume(path, &mat, "input", 1)?;
@@ -211,16 +212,10 @@ pub fn read_mat_bytes(path: &Path, bytes: &[u8], c: usize) -> Result<(Tensor, Te
 /// plain bytes: each stream is inflated under the memory budget (a 4 MB file cannot inflate to
 /// 2 GB), and every element's claimed size is checked against the file's.
 fn inflate_mat<'a>(path: &Path, b: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>> {
-    const COMPRESSED: u32 = 15;
-    let little = match b.get(126..128) {
-        Some(b"IM") => true,
-        Some(b"MI") => false,
-        _ => return Ok(b.into()), // matfile says what is wrong with the header
+    let Some(little) = mat_little_endian(b) else {
+        return Ok(b.into()); // matfile says what is wrong with the header
     };
-    let u32_at = |o: usize| -> u32 {
-        let w = [b[o], b[o + 1], b[o + 2], b[o + 3]];
-        if little { u32::from_le_bytes(w) } else { u32::from_be_bytes(w) }
-    };
+    let u32_at = |o: usize| mat_u32(b, o, little);
     // the arrays, their f32 copies and the tensors: a few times the inflated bytes
     let room = crate::limits::budget() / 4;
     let mut out = b[..128].to_vec();
@@ -236,7 +231,7 @@ fn inflate_mat<'a>(path: &Path, b: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]
         let end = off.checked_add(8 + size).filter(|&e| e <= b.len()).ok_or_else(|| {
             Error::format(path, format!("MAT element at byte {off} claims {size} bytes, but the file ends at byte {}: it is truncated", b.len()))
         })?;
-        if kind == COMPRESSED {
+        if kind == MI_COMPRESSED {
             any = true;
             inflate_element(path, &b[off + 8..end], off, little, room.saturating_sub(out.len() as u64), &mut out)?;
         } else {
@@ -258,8 +253,12 @@ fn inflate_element(path: &Path, z: &[u8], off: usize, little: bool, room: u64, o
     let mut z = flate2::read::ZlibDecoder::new(z);
     let mut tag = [0u8; 8];
     z.read_exact(&mut tag).map_err(|e| bad(format!("does not inflate to an element: {e}")))?;
-    let word = |w: [u8; 4]| if little { u32::from_le_bytes(w) } else { u32::from_be_bytes(w) };
-    let size = if word([tag[0], tag[1], tag[2], tag[3]]) >> 16 != 0 { 0 } else { word([tag[4], tag[5], tag[6], tag[7]]) as u64 };
+    let (kind, size) = (mat_u32(&tag, 0, little), mat_u32(&tag, 4, little) as u64);
+    if kind == MI_COMPRESSED {
+        // matfile would inflate it again, with no bound; MATLAB never nests them
+        return Err(bad("holds another compressed element: the file is corrupt".into()));
+    }
+    let size = if kind >> 16 != 0 { 0 } else { size };
     if size + 8 > room {
         let all = crate::limits::gb(crate::limits::budget());
         return Err(bad(format!(
@@ -277,6 +276,73 @@ fn inflate_element(path: &Path, z: &[u8], off: usize, little: bool, room: u64, o
     }
     if got < size {
         return Err(bad(format!("inflates to {got} bytes, its header promises {size}: the file is truncated or corrupt")));
+    }
+    Ok(())
+}
+
+/// MAT data-element types (the level-5 format's miUINT32, miINT32, miMATRIX, miCOMPRESSED).
+const MI_UINT32: u32 = 6;
+const MI_INT32: u32 = 5;
+const MI_MATRIX: u32 = 14;
+const MI_COMPRESSED: u32 = 15;
+
+/// The byte order a level-5 MAT header declares: little ("IM"), big ("MI"), or none.
+fn mat_little_endian(b: &[u8]) -> Option<bool> {
+    match b.get(126..128) {
+        Some(b"IM") => Some(true),
+        Some(b"MI") => Some(false),
+        _ => None,
+    }
+}
+
+/// The MAT word at byte `o` of `b` (the caller has checked that four bytes are there).
+fn mat_u32(b: &[u8], o: usize, little: bool) -> u32 {
+    let w = [b[o], b[o + 1], b[o + 2], b[o + 3]];
+    if little { u32::from_le_bytes(w) } else { u32::from_be_bytes(w) }
+}
+
+/// What matfile multiplies and pads unchecked (an overflow panics in a debug build and miscounts
+/// in a release one), checked before it parses the inflated bytes `b`: walking the top-level
+/// elements as matfile does, each array it reads must hold its sub-elements, and its size must be
+/// non-negative with a product that fits matfile's i32 at every step.
+fn check_mat_arrays(path: &Path, b: &[u8]) -> Result<()> {
+    let Some(little) = mat_little_endian(b) else { return Ok(()) };
+    let mut off = 128usize;
+    while off + 8 <= b.len() {
+        let (kind, size) = (mat_u32(b, off, little), mat_u32(b, off + 4, little) as usize);
+        if kind == MI_MATRIX {
+            check_mat_array(path, &b[off + 8..(off + 8).saturating_add(size).min(b.len())], off, little)?;
+        }
+        off += 8 + if kind >> 16 != 0 { 0 } else { size.next_multiple_of(8) };
+    }
+    Ok(())
+}
+
+/// One top-level array `a` (the element at byte `off`, past its tag) for [`check_mat_arrays`].
+fn check_mat_array(path: &Path, a: &[u8], off: usize, little: bool) -> Result<()> {
+    // array flags: a miUINT32 sub-element of 8 bytes, the class in the low byte; matfile skips
+    // cells, structs, objects and chars (classes 1 to 4) and says what is wrong with bad flags
+    if a.len() < 16 || mat_u32(a, 0, little) != MI_UINT32 || mat_u32(a, 4, little) != 8 || (mat_u32(a, 8, little) & 0xFF) < 5 {
+        return Ok(());
+    }
+    let bad = |m: String| Error::format(path, format!("the MAT array at byte {off} {m}: the file is corrupt"));
+    let (mut p, mut first) = (16usize, true);
+    while p + 8 <= a.len() {
+        let (kind, size) = (mat_u32(a, p, little), mat_u32(a, p + 4, little) as usize);
+        if kind >> 16 != 0 {
+            (p, first) = (p + 8, false);
+            continue;
+        }
+        if size > a.len() - p - 8 {
+            return Err(bad(format!("has a part at its byte {p} that claims {size} bytes, past the array's end ({} bytes)", a.len())));
+        }
+        if first && kind == MI_INT32 && size >= 8 && size % 4 == 0 {
+            let dims: Vec<i32> = (0..size / 4).map(|k| mat_u32(a, p + 8 + 4 * k, little) as i32).collect();
+            if dims.iter().try_fold(1i32, |n, &d| if d < 0 { None } else { n.checked_mul(d) }).is_none() {
+                return Err(bad(format!("has size {dims:?}: negative, or more than 2^31 - 1 elements")));
+            }
+        }
+        (p, first) = (p + 8 + size.next_multiple_of(8), false);
     }
     Ok(())
 }

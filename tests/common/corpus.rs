@@ -85,3 +85,25 @@ pub fn mi_matrix_tag(size: u32) -> Vec<u8> {
     [14u32.to_le_bytes(), size.to_le_bytes()].concat()
 }
 
+
+/// A miMATRIX element (tag and data) of a real single array `name` of size `dims` holding
+/// `values`; nothing makes the two agree (the hostile files set them apart).
+pub fn mi_single_array(name: &str, dims: &[i32], values: &[f32]) -> Vec<u8> {
+    let sub = |kind: u32, data: &[u8]| {
+        let mut v = [kind.to_le_bytes(), (data.len() as u32).to_le_bytes()].concat();
+        v.extend(data);
+        v.resize(v.len().next_multiple_of(8), 0);
+        v
+    };
+    let mut body = sub(6, &[7u32.to_le_bytes(), [0; 4]].concat()); // array flags: class 7, single
+    body.extend(sub(5, &dims.iter().flat_map(|d| d.to_le_bytes()).collect::<Vec<_>>()));
+    body.extend(sub(1, name.as_bytes()));
+    body.extend(sub(7, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>()));
+    [mi_matrix_tag(body.len() as u32), body].concat()
+}
+
+/// A compressed MAT element (tag and stream) of the bytes `chunks`.
+pub fn mi_compressed(chunks: impl Iterator<Item = Vec<u8>>) -> Vec<u8> {
+    let z = zlib(chunks);
+    [15u32.to_le_bytes().to_vec(), (z.len() as u32).to_le_bytes().to_vec(), z].concat()
+}
