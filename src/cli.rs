@@ -16,6 +16,8 @@ use crate::gpu::nvrtc::cache::CubinCache;
 use crate::gpu::{nvrtc, Device};
 use crate::io;
 use crate::engine::{choose, with_backend, Chosen, Job};
+use crate::gpu::emu::EmuDevice;
+use crate::gpu::plan::{GpuPlan, Precision};
 pub use crate::engine::{parse_size, BackendKind};
 use crate::model::{flops, Network};
 use crate::rng::Rng;
@@ -117,6 +119,12 @@ pub struct PredictArgs {
     /// Volumes per forward pass (more uses more memory)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
+    /// Arithmetic of the GPU plan (--backend emu or cuda): fp32, or fp16 / bf16 activations and
+    /// weights with f32 accumulation on tensor cores (sm_80 and newer). Default fp32: fp16 / bf16 are
+    /// checked against the float64 oracle on the emulator but not yet measured on a GPU or on real
+    /// tomograms; the CPU backends compute in fp32 only
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
 }
 
 #[derive(Args, Debug)]
@@ -169,6 +177,12 @@ pub struct BenchArgs {
     /// Untimed runs first
     #[arg(long, default_value_t = 1)]
     pub warmup: u32,
+    /// Arithmetic of the GPU plan (--backend emu or cuda): fp32, or fp16 / bf16 activations and
+    /// weights with f32 accumulation on tensor cores (sm_80 and newer). Default fp32: fp16 / bf16 are
+    /// checked against the float64 oracle on the emulator but not yet measured on a GPU or on real
+    /// tomograms; the CPU backends compute in fp32 only
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
 }
 
 /// rayon reads RAYON_NUM_THREADS itself and panics when its pool cannot start: check the value
@@ -275,16 +289,7 @@ impl Job for Predict<'_> {
         let net = Network::new(backend, self.weights)?;
         let setup = t0.elapsed().as_secs_f64();
         let (y, secs) = forward_batched(&net, self.x, self.batch)?;
-        let n = self.x.shape.n;
-        let gflop = flops(&self.weights.config, self.x.shape.d) * n as f64 / 1e9;
-        eprintln!(
-            "forward: {n} volume(s) of {}x{}x{} in {secs:.2} s ({:.3} s/volume, {:.1} GFLOP/s); weights upload {setup:.2} s",
-            self.x.shape.d[0],
-            self.x.shape.d[1],
-            self.x.shape.d[2],
-            secs / n as f64,
-            gflop / secs.max(1e-9)
-        );
+        report_forward(self.weights, self.x, secs, &format!("weights upload {setup:.2} s"));
         Ok(y)
     }
 }
@@ -306,9 +311,13 @@ fn predict(a: &PredictArgs) -> Result<()> {
         vol.tensor.shape.d[2],
         a.input.display()
     );
-    let y = match choose(a.backend)? {
-        Chosen::Plan => predict_plan(&weights, &vol.tensor)?,
-        chosen => with_backend(chosen, Predict { weights: &weights, x: &vol.tensor, batch: a.batch as usize })?,
+    let chosen = check_precision(choose(a.backend)?, a.precision)?;
+    let (x, batch) = (&vol.tensor, a.batch as usize);
+    let y = match chosen {
+        Chosen::Plan => predict_plan(&weights, x)?,
+        Chosen::Emu => predict_gpu(EmuDevice::new(), &weights, x, batch, a.precision)?,
+        Chosen::Cuda(dev) => predict_gpu(dev, &weights, x, batch, a.precision)?,
+        chosen => with_backend(chosen, Predict { weights: &weights, x, batch })?,
     };
     let dims = io::output_dims(&y, vol.rank)?;
     // The input's voxel size travels into the output (OME-TIFF header and/or JSON sidecar).
@@ -328,6 +337,60 @@ fn predict(a: &PredictArgs) -> Result<()> {
     crate::sidecar::write(&a.output, &card)?;
     eprintln!("wrote {} ({})", a.output.display(), head_meaning(&weights.config, &dims));
     Ok(())
+}
+
+/// `chosen`, unless `precision` is one it does not compute in (the CPU backends are fp32 only).
+fn check_precision(chosen: Chosen, precision: Precision) -> Result<Chosen> {
+    match chosen {
+        Chosen::Plan | Chosen::CpuRef if precision != Precision::Fp32 => Err(Error::Input(format!(
+            "--precision {}: the CPU backends compute in fp32; fp16 / bf16 run in the GPU plan (--backend emu or cuda)",
+            precision.name()
+        ))),
+        chosen => Ok(chosen),
+    }
+}
+
+/// Prints the forward line of predict: volumes, seconds, throughput and the setup time.
+fn report_forward(weights: &Weights, x: &Tensor, secs: f64, setup: &str) {
+    let n = x.shape.n;
+    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
+    let [d0, d1, d2] = x.shape.d;
+    eprintln!(
+        "forward: {n} volume(s) of {d0}x{d1}x{d2} in {secs:.2} s ({:.3} s/volume, {:.1} GFLOP/s); {setup}",
+        secs / n as f64,
+        gflop / secs.max(1e-9)
+    );
+}
+
+/// The GPU plan for `batch` (at most N) volumes of x's size on `dev`, and its output for `x`.
+fn predict_gpu<D: Device>(dev: D, weights: &Weights, x: &Tensor, batch: usize, precision: Precision) -> Result<Tensor> {
+    let t0 = Instant::now();
+    let plan = GpuPlan::new(dev, weights, x.shape.d, batch.min(x.shape.n).max(1), precision)?;
+    eprintln!("backend: {}; {}", plan.device().name(), plan.summary());
+    let setup = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let y = plan.run(x)?;
+    report_forward(weights, x, t0.elapsed().as_secs_f64(), &format!("plan built in {setup:.2} s"));
+    Ok(y)
+}
+
+/// The median seconds of `runs` calls of `f` after `warmup` untimed ones (each printed).
+fn time_runs(runs: u32, warmup: u32, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for i in 0..warmup {
+        let t0 = Instant::now();
+        f()?;
+        eprintln!("  warmup {}: {:.3} s", i + 1, t0.elapsed().as_secs_f64());
+    }
+    let mut times = Vec::new();
+    for i in 0..runs {
+        let t0 = Instant::now();
+        f()?;
+        let t = t0.elapsed().as_secs_f64();
+        eprintln!("  run {}: {t:.3} s", i + 1);
+        times.push(t);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 /// The message of an `Input` error without its "input: " prefix (the caller adds the file).
@@ -471,27 +534,8 @@ impl Job for Bench<'_> {
         let gflop = flops(&self.weights.config, self.x.shape.d) * n as f64 / 1e9;
         println!("backend: {name}");
         println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", self.x.shape.d);
-        for i in 0..self.warmup {
-            let t0 = Instant::now();
-            net.forward(self.x)?;
-            eprintln!("  warmup {}: {:.3} s", i + 1, t0.elapsed().as_secs_f64());
-        }
-        let mut times = Vec::new();
-        for i in 0..self.runs {
-            let t0 = Instant::now();
-            net.forward(self.x)?;
-            let t = t0.elapsed().as_secs_f64();
-            eprintln!("  run {}: {t:.3} s", i + 1);
-            times.push(t);
-        }
-        times.sort_by(f64::total_cmp);
-        let med = times[times.len() / 2];
-        println!(
-            "median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s",
-            times.len(),
-            med / n as f64,
-            gflop / med.max(1e-9)
-        );
+        let med = time_runs(self.runs, self.warmup, || net.forward(self.x).map(drop))?;
+        print_median(self.runs, med, n, gflop);
         Ok(())
     }
 }
@@ -513,8 +557,10 @@ fn bench(a: &BenchArgs) -> Result<()> {
     let shape = Shape::new(a.batch as usize, a.size, 1);
     let mut rng = Rng::new(7);
     let x = Tensor::new(shape, (0..shape.len()).map(|_| rng.normal() as f32).collect())?;
-    match choose(a.backend)? {
+    match check_precision(choose(a.backend)?, a.precision)? {
         Chosen::Plan => bench_plan(&weights, &x, a.runs, a.warmup),
+        Chosen::Emu => bench_gpu(EmuDevice::new(), &weights, &x, a),
+        Chosen::Cuda(dev) => bench_gpu(dev, &weights, &x, a),
         chosen => with_backend(chosen, Bench { weights: &weights, x: &x, runs: a.runs, warmup: a.warmup }),
     }
 }
@@ -541,17 +587,7 @@ fn predict_plan(weights: &Weights, x: &Tensor) -> Result<Tensor> {
     let setup = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let y = crate::model::run_plan(&plan, weights, x)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let n = x.shape.n;
-    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
-    eprintln!(
-        "forward: {n} volume(s) of {}x{}x{} in {secs:.2} s ({:.3} s/volume, {:.1} GFLOP/s); plan built in {setup:.2} s",
-        x.shape.d[0],
-        x.shape.d[1],
-        x.shape.d[2],
-        secs / n as f64,
-        gflop / secs.max(1e-9)
-    );
+    report_forward(weights, x, t0.elapsed().as_secs_f64(), &format!("plan built in {setup:.2} s"));
     Ok(y)
 }
 
@@ -564,6 +600,24 @@ pub fn new_plan(weights: &Weights, d: [usize; 3]) -> Result<crate::plan::Plan> {
     Ok(plan)
 }
 
+/// The line every bench prints: median seconds per volume and GFLOP/s.
+fn print_median(runs: u32, med: f64, n: usize, gflop: f64) {
+    println!("median of {runs} run(s): {:.5} s per volume, {:.1} GFLOP/s, {:.2} volumes/s", med / n as f64, gflop / med.max(1e-9), n as f64 / med.max(1e-9));
+}
+
+/// `bench` on the GPU plan: one batch of x's N volumes per forward pass.
+fn bench_gpu<D: Device>(dev: D, weights: &Weights, x: &Tensor, a: &BenchArgs) -> Result<()> {
+    let plan = GpuPlan::new(dev, weights, x.shape.d, x.shape.n, a.precision)?;
+    let n = x.shape.n;
+    let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
+    println!("backend: {}", plan.device().name());
+    println!("{}", plan.summary());
+    println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", x.shape.d);
+    let med = time_runs(a.runs, a.warmup, || plan.run(x).map(drop))?;
+    print_median(a.runs, med, n, gflop);
+    Ok(())
+}
+
 fn bench_plan(weights: &Weights, x: &Tensor, runs: u32, warmup: u32) -> Result<()> {
     let plan = new_plan(weights, x.shape.d)?;
     let n = x.shape.n;
@@ -571,22 +625,8 @@ fn bench_plan(weights: &Weights, x: &Tensor, runs: u32, warmup: u32) -> Result<(
     println!("backend: cpu (fused plan), {} threads", rayon::current_num_threads());
     println!("{}", plan.summary());
     println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", x.shape.d);
-    for i in 0..warmup {
-        let t0 = Instant::now();
-        plan.run(x)?;
-        eprintln!("  warmup {}: {:.3} s", i + 1, t0.elapsed().as_secs_f64());
-    }
-    let mut times = Vec::new();
-    for i in 0..runs {
-        let t0 = Instant::now();
-        plan.run(x)?;
-        let t = t0.elapsed().as_secs_f64();
-        eprintln!("  run {}: {t:.3} s", i + 1);
-        times.push(t);
-    }
-    times.sort_by(f64::total_cmp);
-    let med = times[times.len() / 2];
-    println!("median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s", times.len(), med / n as f64, gflop / med.max(1e-9));
+    let med = time_runs(runs, warmup, || plan.run(x).map(drop))?;
+    print_median(runs, med, n, gflop);
     println!(
         "peak memory: plan {:.1} MiB (planned), process {}",
         mib(plan.peak_bytes()),

@@ -131,11 +131,140 @@ impl<D: Device> GpuBackend<D> {
 
     /// One thread per element: y = f(x) for the unary kernels with signature (y, x, total).
     fn unary(&self, kernel: &str, x: &DevTensor<D::Buf>) -> Result<DevTensor<D::Buf>> {
+        let y = DevTensor { shape: x.shape, data: self.alloc_out(kernel, x.shape)? };
+        self.unary_into(kernel, x, &y)?;
+        Ok(y)
+    }
+
+    fn unary_into(&self, kernel: &str, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
         self.check_tensor(kernel, x)?;
+        self.check_out(kernel, y, x.shape)?;
         let n = x.shape.len();
-        let y = self.alloc_out(kernel, x.shape)?;
-        self.launch(kernel, x.shape, LaunchCfg::linear(n, BLOCK), &[KArg::Buf(&y), KArg::Buf(&x.data), int(n)])?;
-        Ok(DevTensor { shape: x.shape, data: y })
+        self.launch(kernel, x.shape, LaunchCfg::linear(n, BLOCK), &[KArg::Buf(&y.data), KArg::Buf(&x.data), int(n)])
+    }
+
+    /// An output tensor given to an `_into` op: of shape `want`, its buffer of that length.
+    fn check_out(&self, what: &str, y: &DevTensor<D::Buf>, want: Shape) -> Result<()> {
+        if y.shape != want {
+            return Err(Error::Shape(format!("{what}: output {} for a result of {want}", y.shape)));
+        }
+        self.check_tensor(what, y)
+    }
+
+    pub fn relu_into(&self, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.unary_into(k::RELU, x, y)
+    }
+
+    pub fn sigmoid_into(&self, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.unary_into(k::SIGMOID, x, y)
+    }
+
+    /// The output shape of `conv3d`, after checking its arguments.
+    fn conv3d_shape(&self, x: &DevTensor<D::Buf>, w: &D::Buf, bias: Option<&D::Buf>, spec: &ConvSpec) -> Result<Shape> {
+        self.check_tensor("conv3d input", x)?;
+        if x.shape.c != spec.cin {
+            return Err(Error::Shape(format!("conv3d: input {} has {} channels, the conv takes {}", x.shape, x.shape.c, spec.cin)));
+        }
+        if spec.cout == 0 || (0..3).any(|a| spec.k[a] == 0 || spec.stride[a] == 0) {
+            return Err(Error::Shape(format!("conv3d: degenerate {spec:?}")));
+        }
+        if (0..3).any(|a| x.shape.d[a] + 2 * spec.pad[a] < spec.k[a]) {
+            return Err(Error::Shape(format!("conv3d: kernel {:?} larger than padded input {}", spec.k, x.shape)));
+        }
+        self.check_buf("conv3d weight", w, spec.weight_len())?;
+        if let Some(b) = bias {
+            self.check_buf("conv3d bias", b, spec.cout)?;
+        }
+        Ok(Shape::new(x.shape.n, spec.out_dims(x.shape.d), spec.cout))
+    }
+
+    /// `conv3d` into `y` (every element written; `y` may not alias `x`).
+    pub fn conv3d_into(&self, x: &DevTensor<D::Buf>, w: &D::Buf, bias: Option<&D::Buf>, spec: &ConvSpec, y: &DevTensor<D::Buf>) -> Result<()> {
+        let out = self.conv3d_shape(x, w, bias, spec)?;
+        let v = self.conv_variant.unwrap_or_else(|| ConvVariant::choose(spec, out));
+        self.check_out(v.kernel(), y, out)?;
+        // Without a bias the kernel never reads `bias`; any live buffer stands in.
+        let (bias_buf, has_bias) = match bias {
+            Some(b) => (b, 1),
+            None => (w, 0),
+        };
+        let [d0, d1, d2] = x.shape.d;
+        let [o0, o1, o2] = out.d;
+        let mut a = vec![KArg::Buf(&y.data), KArg::Buf(&x.data), KArg::Buf(w), KArg::Buf(bias_buf)];
+        let scalars = [
+            has_bias, x.shape.n, d0, d1, d2, spec.cin, o0, o1, o2, spec.cout,
+            spec.k[0], spec.k[1], spec.k[2], spec.stride[0], spec.stride[1], spec.stride[2],
+            spec.pad[0], spec.pad[1], spec.pad[2],
+        ];
+        a.extend(scalars.into_iter().map(int));
+        self.launch(v.kernel(), out, v.launch_cfg(out), &a)
+    }
+
+    /// `channel_affine` into `y` (which may be `x` itself: one thread per element).
+    pub fn channel_affine_into(&self, x: &DevTensor<D::Buf>, scale: &D::Buf, shift: &D::Buf, relu: bool, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_tensor("channel_affine", x)?;
+        self.check_buf("channel_affine scale", scale, x.shape.c)?;
+        self.check_buf("channel_affine shift", shift, x.shape.c)?;
+        self.check_out(k::CHANNEL_AFFINE, y, x.shape)?;
+        let n = x.shape.len();
+        let a = [
+            KArg::Buf(&y.data), KArg::Buf(&x.data), KArg::Buf(scale), KArg::Buf(shift),
+            int(n), int(x.shape.c), int(relu as usize),
+        ];
+        self.launch(k::CHANNEL_AFFINE, x.shape, LaunchCfg::linear(n, BLOCK), &a)
+    }
+
+    /// `add` into `y` (which may be `a` or `b`: one thread per element).
+    pub fn add_into(&self, a: &DevTensor<D::Buf>, b: &DevTensor<D::Buf>, relu: bool, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_tensor("add a", a)?;
+        self.check_tensor("add b", b)?;
+        if a.shape != b.shape {
+            return Err(Error::Shape(format!("add: {} vs {}", a.shape, b.shape)));
+        }
+        self.check_out(k::ADD, y, a.shape)?;
+        let n = a.shape.len();
+        let args = [KArg::Buf(&y.data), KArg::Buf(&a.data), KArg::Buf(&b.data), int(n), int(relu as usize)];
+        self.launch(k::ADD, a.shape, LaunchCfg::linear(n, BLOCK), &args)
+    }
+
+    /// `maxpool2` into `y` (of the pooled shape).
+    pub fn maxpool2_into(&self, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_tensor("maxpool2", x)?;
+        let od = x.shape.d.map(|d| d / 2);
+        if od.contains(&0) {
+            return Err(Error::Shape(format!("maxpool2: input {} has a spatial size below 2", x.shape)));
+        }
+        let out = x.shape.with_d(od);
+        self.check_out(k::MAXPOOL2, y, out)?;
+        let [d0, d1, d2] = x.shape.d;
+        let [o0, o1, o2] = od;
+        let mut a = vec![KArg::Buf(&y.data), KArg::Buf(&x.data)];
+        a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
+        self.launch(k::MAXPOOL2, out, LaunchCfg::linear(out.len(), BLOCK), &a)
+    }
+
+    /// `upsample` into `y`, to y's spatial size.
+    pub fn upsample_into(&self, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_tensor("upsample", x)?;
+        let size = y.shape.d;
+        if size.contains(&0) || x.shape.d.contains(&0) {
+            return Err(Error::Shape(format!("upsample: {} to {:?}", x.shape, size)));
+        }
+        let out = x.shape.with_d(size);
+        self.check_out(k::UPSAMPLE_TRILINEAR, y, out)?;
+        // align_corners=True: source = out_index * (in - 1) / (out - 1), in float32 as PyTorch.
+        let ratio = |a: usize| if size[a] > 1 { (x.shape.d[a] - 1) as f32 / (size[a] - 1) as f32 } else { 0.0 };
+        let [d0, d1, d2] = x.shape.d;
+        let [o0, o1, o2] = size;
+        let mut a = vec![KArg::Buf(&y.data), KArg::Buf(&x.data)];
+        a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
+        a.extend([KArg::F32(ratio(0)), KArg::F32(ratio(1)), KArg::F32(ratio(2))]);
+        self.launch(k::UPSAMPLE_TRILINEAR, out, LaunchCfg::linear(out.len(), BLOCK), &a)
+    }
+
+    /// A new output of `shape`.
+    fn new_out(&self, what: &str, shape: Shape) -> Result<DevTensor<D::Buf>> {
+        Ok(DevTensor { shape, data: self.alloc_out(what, shape)? })
     }
 }
 
@@ -164,54 +293,16 @@ impl<D: Device> Backend for GpuBackend<D> {
 
     fn conv3d(&self, x: &DevTensor<Self::S>, w: &Self::S, bias: Option<&Self::S>, spec: &ConvSpec)
         -> Result<DevTensor<Self::S>> {
-        self.check_tensor("conv3d input", x)?;
-        if x.shape.c != spec.cin {
-            return Err(Error::Shape(format!("conv3d: input {} has {} channels, the conv takes {}", x.shape, x.shape.c, spec.cin)));
-        }
-        if spec.cout == 0 || (0..3).any(|a| spec.k[a] == 0 || spec.stride[a] == 0) {
-            return Err(Error::Shape(format!("conv3d: degenerate {spec:?}")));
-        }
-        if (0..3).any(|a| x.shape.d[a] + 2 * spec.pad[a] < spec.k[a]) {
-            return Err(Error::Shape(format!("conv3d: kernel {:?} larger than padded input {}", spec.k, x.shape)));
-        }
-        self.check_buf("conv3d weight", w, spec.weight_len())?;
-        if let Some(b) = bias {
-            self.check_buf("conv3d bias", b, spec.cout)?;
-        }
-        let out = Shape::new(x.shape.n, spec.out_dims(x.shape.d), spec.cout);
-        let v = self.conv_variant.unwrap_or_else(|| ConvVariant::choose(spec, out));
-        // Without a bias the kernel never reads `bias`; any live buffer stands in.
-        let (bias_buf, has_bias) = match bias {
-            Some(b) => (b, 1),
-            None => (w, 0),
-        };
-        let [d0, d1, d2] = x.shape.d;
-        let [o0, o1, o2] = out.d;
-        let y = self.alloc_out(v.kernel(), out)?;
-        let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data), KArg::Buf(w), KArg::Buf(bias_buf)];
-        let scalars = [
-            has_bias, x.shape.n, d0, d1, d2, spec.cin, o0, o1, o2, spec.cout,
-            spec.k[0], spec.k[1], spec.k[2], spec.stride[0], spec.stride[1], spec.stride[2],
-            spec.pad[0], spec.pad[1], spec.pad[2],
-        ];
-        a.extend(scalars.into_iter().map(int));
-        self.launch(v.kernel(), out, v.launch_cfg(out), &a)?;
-        Ok(DevTensor { shape: out, data: y })
+        let y = self.new_out("conv3d", self.conv3d_shape(x, w, bias, spec)?)?;
+        self.conv3d_into(x, w, bias, spec, &y)?;
+        Ok(y)
     }
 
     fn channel_affine(&self, x: &DevTensor<Self::S>, scale: &Self::S, shift: &Self::S, relu: bool)
         -> Result<DevTensor<Self::S>> {
-        self.check_tensor("channel_affine", x)?;
-        self.check_buf("channel_affine scale", scale, x.shape.c)?;
-        self.check_buf("channel_affine shift", shift, x.shape.c)?;
-        let n = x.shape.len();
-        let y = self.alloc_out(k::CHANNEL_AFFINE, x.shape)?;
-        let a = [
-            KArg::Buf(&y), KArg::Buf(&x.data), KArg::Buf(scale), KArg::Buf(shift),
-            int(n), int(x.shape.c), int(relu as usize),
-        ];
-        self.launch(k::CHANNEL_AFFINE, x.shape, LaunchCfg::linear(n, BLOCK), &a)?;
-        Ok(DevTensor { shape: x.shape, data: y })
+        let y = self.new_out(k::CHANNEL_AFFINE, x.shape)?;
+        self.channel_affine_into(x, scale, shift, relu, &y)?;
+        Ok(y)
     }
 
     fn relu(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
@@ -219,50 +310,21 @@ impl<D: Device> Backend for GpuBackend<D> {
     }
 
     fn add(&self, a: &DevTensor<Self::S>, b: &DevTensor<Self::S>, relu: bool) -> Result<DevTensor<Self::S>> {
-        self.check_tensor("add a", a)?;
-        self.check_tensor("add b", b)?;
-        if a.shape != b.shape {
-            return Err(Error::Shape(format!("add: {} vs {}", a.shape, b.shape)));
-        }
-        let n = a.shape.len();
-        let y = self.alloc_out(k::ADD, a.shape)?;
-        let args = [KArg::Buf(&y), KArg::Buf(&a.data), KArg::Buf(&b.data), int(n), int(relu as usize)];
-        self.launch(k::ADD, a.shape, LaunchCfg::linear(n, BLOCK), &args)?;
-        Ok(DevTensor { shape: a.shape, data: y })
+        let y = self.new_out(k::ADD, a.shape)?;
+        self.add_into(a, b, relu, &y)?;
+        Ok(y)
     }
 
     fn maxpool2(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
-        self.check_tensor("maxpool2", x)?;
-        let od = x.shape.d.map(|d| d / 2);
-        if od.contains(&0) {
-            return Err(Error::Shape(format!("maxpool2: input {} has a spatial size below 2", x.shape)));
-        }
-        let out = x.shape.with_d(od);
-        let [d0, d1, d2] = x.shape.d;
-        let [o0, o1, o2] = od;
-        let y = self.alloc_out(k::MAXPOOL2, out)?;
-        let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data)];
-        a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
-        self.launch(k::MAXPOOL2, out, LaunchCfg::linear(out.len(), BLOCK), &a)?;
-        Ok(DevTensor { shape: out, data: y })
+        let y = self.new_out(k::MAXPOOL2, x.shape.with_d(x.shape.d.map(|d| d / 2)))?;
+        self.maxpool2_into(x, &y)?;
+        Ok(y)
     }
 
     fn upsample(&self, x: &DevTensor<Self::S>, size: [usize; 3]) -> Result<DevTensor<Self::S>> {
-        self.check_tensor("upsample", x)?;
-        if size.contains(&0) || x.shape.d.contains(&0) {
-            return Err(Error::Shape(format!("upsample: {} to {:?}", x.shape, size)));
-        }
-        let out = x.shape.with_d(size);
-        // align_corners=True: source = out_index * (in - 1) / (out - 1), in float32 as PyTorch.
-        let ratio = |a: usize| if size[a] > 1 { (x.shape.d[a] - 1) as f32 / (size[a] - 1) as f32 } else { 0.0 };
-        let [d0, d1, d2] = x.shape.d;
-        let [o0, o1, o2] = size;
-        let y = self.alloc_out(k::UPSAMPLE_TRILINEAR, out)?;
-        let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data)];
-        a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
-        a.extend([KArg::F32(ratio(0)), KArg::F32(ratio(1)), KArg::F32(ratio(2))]);
-        self.launch(k::UPSAMPLE_TRILINEAR, out, LaunchCfg::linear(out.len(), BLOCK), &a)?;
-        Ok(DevTensor { shape: out, data: y })
+        let y = self.new_out(k::UPSAMPLE_TRILINEAR, x.shape.with_d(size))?;
+        self.upsample_into(x, &y)?;
+        Ok(y)
     }
 
     fn sigmoid(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
