@@ -5,10 +5,10 @@
 //!
 //! fp16 / bf16: the plan rounds at documented points (gpu/plan.rs): every conv's input and residual,
 //! every conv weight (the folded f32 weight rounded once), every conv output but the head's and a
-//! sigmoid's; everything else is f32. `rounded_run` below is an f64 interpreter of the same passed
+//! sigmoid's, every up-sample + add; everything else is f32. `rounded_run` below is an f64 interpreter of the same passed
 //! graph that rounds to the half type at exactly those points and nowhere else (an independent CPU
 //! run with the same rounding points). gpu and sim are the same rounding process at the same
-//! points; they differ only in the arithmetic between them (f32 with the kernels' summation order
+//! points (and up-sample + add, which the plan runs as one kernel, rounds its sum); they differ only in the arithmetic between them (f32 with the kernels' summation order
 //! vs f64: the fp32 engines' whole-network error, <= 1e-4 relative). Where that moves a value
 //! across a rounding boundary, one half rounding lands the other way; the half-ulp step it makes
 //! then reaches the next layer's roundings, which flip in turn, so past a few layers gpu and sim
@@ -294,8 +294,10 @@ fn rounded_run(g: &Weighted, x: &Tensor, p: Option<Precision>) -> Tensor {
                 WOp::Relu => elementwise(0, &|_, v| v.max(0.0)),
                 WOp::Sigmoid => elementwise(0, &|_, v| 1.0 / (1.0 + (-v).exp())),
                 WOp::Add => {
+                    // an up-sample + add is one kernel that rounds its result once
+                    let up = node.inputs.iter().any(|&j| matches!(g.nodes[j].op, WOp::Upsample));
                     let b = a(1);
-                    elementwise(0, &|j, v| v + b.v[j])
+                    elementwise(0, &|j, v| if up { r(v + b.v[j]) } else { v + b.v[j] })
                 }
                 WOp::MaxPool => maxpool(a(0)),
                 WOp::Upsample => upsample(a(0), node.shape.d),

@@ -44,7 +44,12 @@ pub const RELU: &str = "relu_f32";
 pub const ADD: &str = "add_f32";
 pub const SIGMOID: &str = "sigmoid_f32";
 pub const MAXPOOL2: &str = "maxpool2_f32";
+pub const MAXPOOL2_F16: &str = "maxpool2_f16";
+pub const MAXPOOL2_BF16: &str = "maxpool2_bf16";
 pub const UPSAMPLE_TRILINEAR: &str = "upsample_trilinear_f32";
+pub const UPSAMPLE_ADD: &str = "upsample_add_f32";
+pub const UPSAMPLE_ADD_F16: &str = "upsample_add_f16";
+pub const UPSAMPLE_ADD_BF16: &str = "upsample_add_bf16";
 pub const SOFTMAX_CHANNELS: &str = "softmax_channels_f32";
 // Backward kernels (training; launched by src/gpu/train_ops.rs).
 pub const RELU_BACKWARD: &str = "relu_backward_f32";
@@ -84,7 +89,12 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("elementwise.cu", ADD),
     ("elementwise.cu", SIGMOID),
     ("pool.cu", MAXPOOL2),
+    ("pool.cu", MAXPOOL2_F16),
+    ("pool.cu", MAXPOOL2_BF16),
     ("upsample.cu", UPSAMPLE_TRILINEAR),
+    ("upsample.cu", UPSAMPLE_ADD),
+    ("upsample.cu", UPSAMPLE_ADD_F16),
+    ("upsample.cu", UPSAMPLE_ADD_BF16),
     ("softmax.cu", SOFTMAX_CHANNELS),
     ("backward.cu", RELU_BACKWARD),
     ("backward.cu", SIGMOID_BACKWARD),
@@ -132,6 +142,24 @@ pub fn to_f32(dtype: DType) -> Option<&'static str> {
         DType::F16 => Some(TO_F32_F16),
         DType::BF16 => Some(TO_F32_BF16),
         DType::F32 => None,
+    }
+}
+
+/// 2x2x2 max-pool of `dtype` buffers.
+pub fn maxpool2(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => MAXPOOL2,
+        DType::F16 => MAXPOOL2_F16,
+        DType::BF16 => MAXPOOL2_BF16,
+    }
+}
+
+/// y = skip + trilinear up-sampling, all of `dtype`.
+pub fn upsample_add(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => UPSAMPLE_ADD,
+        DType::F16 => UPSAMPLE_ADD_F16,
+        DType::BF16 => UPSAMPLE_ADD_BF16,
     }
 }
 

@@ -4,7 +4,7 @@
 //! kernel signatures of `kernels/*.cu` exactly.
 use crate::backend::{Backend, ConvSpec, DevTensor};
 use crate::error::{Error, Result};
-use crate::gpu::{kernels as k, Device, KArg, LaunchCfg};
+use crate::gpu::{kernels as k, DType, Device, KArg, LaunchCfg};
 use crate::tensor::{Shape, Tensor};
 
 /// Threads per block of the one-thread-per-element kernels.
@@ -62,7 +62,8 @@ pub fn launch_block(kernel: &str) -> Option<(u32, u32)> {
         k::CONV3D_TILED => Some((TILED_THREADS, 0)),
         k::CONV3D_TC_F16 | k::CONV3D_TC_BF16 => Some(crate::gpu::tensor_conv::reference_launch_block(crate::gpu::tensor_conv::WarpTile::M32)),
         k::CONV3D_TC_WIDE_F16 | k::CONV3D_TC_WIDE_BF16 => Some(crate::gpu::tensor_conv::reference_launch_block(crate::gpu::tensor_conv::WarpTile::M64)),
-        k::CONV3D_DIRECT | k::CHANNEL_AFFINE | k::RELU | k::ADD | k::SIGMOID | k::MAXPOOL2 | k::UPSAMPLE_TRILINEAR
+        k::CONV3D_DIRECT | k::CHANNEL_AFFINE | k::RELU | k::ADD | k::SIGMOID | k::MAXPOOL2 | k::MAXPOOL2_F16 | k::MAXPOOL2_BF16
+        | k::UPSAMPLE_TRILINEAR | k::UPSAMPLE_ADD | k::UPSAMPLE_ADD_F16 | k::UPSAMPLE_ADD_BF16
         | k::SOFTMAX_CHANNELS | k::TO_HALF_F16 | k::TO_HALF_BF16 | k::TO_F32_F16 | k::TO_F32_BF16 => Some((BLOCK, 0)),
         _ => crate::gpu::train_ops::launch_block(kernel),
     }
@@ -227,39 +228,76 @@ impl<D: Device> GpuBackend<D> {
         self.launch(k::ADD, a.shape, LaunchCfg::linear(n, BLOCK), &args)
     }
 
-    /// `maxpool2` into `y` (of the pooled shape).
+    /// `maxpool2` into `y` (of the pooled shape and x's type: f32, f16 or bf16).
     pub fn maxpool2_into(&self, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
         self.check_tensor("maxpool2", x)?;
         let od = x.shape.d.map(|d| d / 2);
         if od.contains(&0) {
             return Err(Error::Shape(format!("maxpool2: input {} has a spatial size below 2", x.shape)));
         }
+        let kernel = k::maxpool2(self.same_dtype("maxpool2", &[x, y])?);
         let out = x.shape.with_d(od);
-        self.check_out(k::MAXPOOL2, y, out)?;
+        self.check_out(kernel, y, out)?;
         let [d0, d1, d2] = x.shape.d;
         let [o0, o1, o2] = od;
         let mut a = vec![KArg::Buf(&y.data), KArg::Buf(&x.data)];
         a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
-        self.launch(k::MAXPOOL2, out, LaunchCfg::linear(out.len(), BLOCK), &a)
+        self.launch(kernel, out, LaunchCfg::linear(out.len(), BLOCK), &a)
+    }
+
+    /// The one element type of `ts`, or an error naming `what`.
+    fn same_dtype(&self, what: &str, ts: &[&DevTensor<D::Buf>]) -> Result<DType> {
+        let t = self.dev.buf_dtype(&ts[0].data);
+        if ts.iter().any(|x| self.dev.buf_dtype(&x.data) != t) {
+            let names: Vec<&str> = ts.iter().map(|x| self.dev.buf_dtype(&x.data).name()).collect();
+            return Err(Error::Shape(format!("{what}: buffers of different types ({})", names.join(", "))));
+        }
+        Ok(t)
+    }
+
+    /// The trilinear kernels' arguments after the output and inputs: n, input size, channels,
+    /// output size and the three source-coordinate ratios.
+    fn upsample_args<'a>(x: Shape, size: [usize; 3]) -> Vec<KArg<'a, D::Buf>> {
+        // align_corners=True: source = out_index * (in - 1) / (out - 1), in float32 as PyTorch.
+        let ratio = |a: usize| if size[a] > 1 { (x.d[a] - 1) as f32 / (size[a] - 1) as f32 } else { 0.0 };
+        let [d0, d1, d2] = x.d;
+        let [o0, o1, o2] = size;
+        let mut a: Vec<KArg<'a, D::Buf>> = [x.n, d0, d1, d2, x.c, o0, o1, o2].into_iter().map(int).collect();
+        a.extend([KArg::F32(ratio(0)), KArg::F32(ratio(1)), KArg::F32(ratio(2))]);
+        a
+    }
+
+    fn check_upsample(x: Shape, size: [usize; 3]) -> Result<Shape> {
+        if size.contains(&0) || x.d.contains(&0) {
+            return Err(Error::Shape(format!("upsample: {} to {:?}", x, size)));
+        }
+        Ok(x.with_d(size))
     }
 
     /// `upsample` into `y`, to y's spatial size.
     pub fn upsample_into(&self, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
         self.check_tensor("upsample", x)?;
-        let size = y.shape.d;
-        if size.contains(&0) || x.shape.d.contains(&0) {
-            return Err(Error::Shape(format!("upsample: {} to {:?}", x.shape, size)));
-        }
-        let out = x.shape.with_d(size);
+        let out = Self::check_upsample(x.shape, y.shape.d)?;
         self.check_out(k::UPSAMPLE_TRILINEAR, y, out)?;
-        // align_corners=True: source = out_index * (in - 1) / (out - 1), in float32 as PyTorch.
-        let ratio = |a: usize| if size[a] > 1 { (x.shape.d[a] - 1) as f32 / (size[a] - 1) as f32 } else { 0.0 };
-        let [d0, d1, d2] = x.shape.d;
-        let [o0, o1, o2] = size;
         let mut a = vec![KArg::Buf(&y.data), KArg::Buf(&x.data)];
-        a.extend([x.shape.n, d0, d1, d2, x.shape.c, o0, o1, o2].into_iter().map(int));
-        a.extend([KArg::F32(ratio(0)), KArg::F32(ratio(1)), KArg::F32(ratio(2))]);
+        a.extend(Self::upsample_args(x.shape, out.d));
         self.launch(k::UPSAMPLE_TRILINEAR, out, LaunchCfg::linear(out.len(), BLOCK), &a)
+    }
+
+    /// y = skip + trilinear up-sampling of `low` to skip's size, in f32 from the stored values,
+    /// rounded once to the buffers' one type (f32, f16 or bf16); `y` may be `skip`.
+    pub fn upsample_add_into(&self, skip: &DevTensor<D::Buf>, low: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_tensor("upsample_add skip", skip)?;
+        self.check_tensor("upsample_add low", low)?;
+        let kernel = k::upsample_add(self.same_dtype("upsample_add", &[skip, low, y])?);
+        let out = Self::check_upsample(low.shape, skip.shape.d)?;
+        if out != skip.shape {
+            return Err(Error::Shape(format!("upsample_add: {} up-sampled is {out}, the skip is {}", low.shape, skip.shape)));
+        }
+        self.check_out(kernel, y, out)?;
+        let mut a = vec![KArg::Buf(&y.data), KArg::Buf(&skip.data), KArg::Buf(&low.data)];
+        a.extend(Self::upsample_args(low.shape, out.d));
+        self.launch(kernel, out, LaunchCfg::linear(out.len(), BLOCK), &a)
     }
 
     /// A new output of `shape`.

@@ -8,10 +8,12 @@
 //! channels-last in the half type and run every convolution on the tensor cores (`tensor_conv`:
 //! weights rounded to the half type and laid out once, here; f32 accumulation; bias, residual and
 //! ReLU in the epilogue; output rounded once to the half type, or kept in f32 for the head and
-//! a sigmoid). The ops with no half kernel (input scaling, up-sampling, the adds the passes leave,
-//! max-pool) run in f32 on a converted copy (`convert`); their result is rounded to the half type
-//! when a convolution reads it. The rounding points are therefore: the input of every conv and its
-//! residual, every conv weight, and every conv output but the head's.
+//! a sigmoid). Up-sampling and the add that reads it are one kernel in every type (skip + up(low)
+//! in f32, rounded once), max-pool too (exact). The other ops (input scaling; the adds, ReLUs and
+//! up-samplings the passes leave unfused) run in f32 on a converted copy (`convert`); their
+//! result is rounded to the half type when a convolution reads it. The rounding points are
+//! therefore: the input of every conv and its residual, every conv weight, every conv output but
+//! the head's and a sigmoid's, and every up-sample + add.
 //!
 //! The graph's `Pair` (two in-plane GCN convs, which the CPU runs plane by plane for its caches)
 //! is two convs here. Values whose lifetimes do not overlap share memory (`plan::memory`).
@@ -82,6 +84,8 @@ enum Step {
     Relu { x: V, out: V },
     Sigmoid { x: V, out: V },
     Upsample { x: V, out: V },
+    /// out = skip + up-sampling of `low` to skip's size.
+    UpAdd { skip: V, low: V, out: V },
     MaxPool { x: V, out: V },
     /// f32 <-> half, to the type of `out`.
     Convert { x: V, out: V },
@@ -91,7 +95,7 @@ impl Step {
     fn values(&self) -> Vec<V> {
         match *self {
             Step::Conv { x, out, res, .. } => [Some(x), Some(out), res].into_iter().flatten().collect(),
-            Step::Add { a, b, out } => vec![a, b, out],
+            Step::Add { a: x, b: y, out } | Step::UpAdd { skip: x, low: y, out } => vec![x, y, out],
             Step::Affine { x, out, .. } | Step::Relu { x, out } | Step::Sigmoid { x, out } | Step::Upsample { x, out } | Step::MaxPool { x, out } | Step::Convert { x, out } => vec![x, out],
         }
     }
@@ -128,7 +132,8 @@ struct Lower<'a, D: Device> {
     steps: Vec<Step>,
     convs: Vec<Conv<D::Buf>>,
     affines: Vec<(D::Buf, D::Buf)>,
-    /// The value of each node.
+    readers: Vec<usize>,
+    /// The value of each node (none for an up-sampling its add runs).
     val: Vec<Option<V>>,
     /// (value, type) -> its converted copy, made once.
     converted: HashMap<(V, DType), V>,
@@ -140,9 +145,13 @@ impl<D: Device> Lower<'_, D> {
         self.shapes.len() - 1
     }
 
-    /// Input k of node i in type `t`, converted (once) when it is stored in another.
+    /// Input k of node i in type `t`.
     fn input(&mut self, i: usize, k: usize, t: DType) -> Result<V> {
-        let j = self.g.nodes[i].inputs[k];
+        self.value_of(i, self.g.nodes[i].inputs[k], t)
+    }
+
+    /// The value of node j, which node i reads, in type `t`: converted (once) when stored in another.
+    fn value_of(&mut self, i: usize, j: usize, t: DType) -> Result<V> {
         let v = self.val[j].ok_or_else(|| Error::Other(format!("gpu plan: {} reads {}, which has no value", self.g.nodes[i].name, self.g.nodes[j].name)))?;
         if self.shapes[v].1 == t {
             return Ok(v);
@@ -191,19 +200,42 @@ impl<D: Device> Lower<'_, D> {
         Ok(out)
     }
 
-    fn node(&mut self, i: usize) -> Result<V> {
+    /// The up-sampled input of an add (its index among the add's inputs) that the add runs.
+    fn fused_up(&self, i: usize) -> Option<usize> {
+        let n = &self.g.nodes[i];
+        (0..n.inputs.len()).find(|&k| self.up_by_its_add(n.inputs[k]))
+    }
+
+    /// Node j is an up-sampling read only by an add (which then runs it, in one kernel).
+    fn up_by_its_add(&self, j: usize) -> bool {
+        matches!(self.g.nodes[j].op, WOp::Upsample)
+            && self.readers[j] == 1
+            && self.g.nodes.iter().any(|m| matches!(m.op, WOp::Add) && m.inputs.contains(&j) && m.inputs[0] != m.inputs[1])
+    }
+
+    fn node(&mut self, i: usize) -> Result<Option<V>> {
         let g = self.g;
         let n = &g.nodes[i];
         let (s, storage) = (n.shape, self.precision.storage());
-        match &n.op {
-            WOp::Input => Ok(self.value(s, DType::F32)),
+        if matches!(n.op, WOp::Upsample) && self.up_by_its_add(i) {
+            return Ok(None);
+        }
+        if let (WOp::Add, Some(k)) = (&n.op, self.fused_up(i)) {
+            let skip = self.input(i, 1 - k, storage)?;
+            let low = self.value_of(i, g.nodes[n.inputs[k]].inputs[0], storage)?;
+            let out = self.value(s, storage);
+            self.steps.push(Step::UpAdd { skip, low, out });
+            return Ok(Some(out));
+        }
+        Ok(Some(match &n.op {
+            WOp::Input => self.value(s, DType::F32),
             WOp::Conv { lin, act } => {
                 let t = self.conv_out_type(i, *act);
                 let x = self.input(i, 0, storage)?;
                 let res = if n.inputs.len() > 1 { Some(self.input(i, 1, t)?) } else { None };
                 let out = self.value(s, t);
                 self.conv(x, lin, res, *act, out)?;
-                Ok(out)
+                out
             }
             WOp::Pair { a, b } => {
                 let x = self.input(i, 0, storage)?;
@@ -211,21 +243,26 @@ impl<D: Device> Lower<'_, D> {
                 let out = self.value(s, self.conv_out_type(i, Act::None));
                 self.conv(x, a, None, Act::None, mid)?;
                 self.conv(mid, b, None, Act::None, out)?;
-                Ok(out)
+                out
             }
             WOp::Affine { scale, shift } | WOp::Bn { scale, shift } => {
                 let c = s.c;
                 let per_c = |v: &[f64]| (0..c).map(|k| v[k % v.len()] as f32).collect::<Vec<f32>>();
                 self.affines.push((self.dev.htod(&per_c(scale))?, self.dev.htod(&per_c(shift))?));
                 let aff = self.affines.len() - 1;
-                self.f32_op(i, |v, out| Step::Affine { x: v[0], aff, out })
+                self.f32_op(i, |v, out| Step::Affine { x: v[0], aff, out })?
             }
-            WOp::Relu => self.f32_op(i, |v, out| Step::Relu { x: v[0], out }),
-            WOp::Sigmoid => self.f32_op(i, |v, out| Step::Sigmoid { x: v[0], out }),
-            WOp::Add => self.f32_op(i, |v, out| Step::Add { a: v[0], b: v[1], out }),
-            WOp::MaxPool => self.f32_op(i, |v, out| Step::MaxPool { x: v[0], out }),
-            WOp::Upsample => self.f32_op(i, |v, out| Step::Upsample { x: v[0], out }),
-        }
+            WOp::MaxPool => {
+                let x = self.input(i, 0, storage)?;
+                let out = self.value(s, storage);
+                self.steps.push(Step::MaxPool { x, out });
+                out
+            }
+            WOp::Relu => self.f32_op(i, |v, out| Step::Relu { x: v[0], out })?,
+            WOp::Sigmoid => self.f32_op(i, |v, out| Step::Sigmoid { x: v[0], out })?,
+            WOp::Add => self.f32_op(i, |v, out| Step::Add { a: v[0], b: v[1], out })?,
+            WOp::Upsample => self.f32_op(i, |v, out| Step::Upsample { x: v[0], out })?,
+        }))
     }
 }
 
@@ -256,11 +293,12 @@ impl<D: Device> GpuPlan<D> {
             steps: Vec::new(),
             convs: Vec::new(),
             affines: Vec::new(),
+            readers: g.consumers(),
             val: vec![None; g.nodes.len()],
             converted: HashMap::new(),
         };
         for i in g.order() {
-            l.val[i] = Some(l.node(i)?);
+            l.val[i] = l.node(i)?;
         }
         let (input, output) = (l.val[g.input], l.val[g.output]);
         let (Some(input), Some(output)) = (input, output) else {
@@ -398,6 +436,7 @@ impl<D: Device> GpuPlan<D> {
                 Step::Relu { x, out } => g.relu_into(v(x), v(out))?,
                 Step::Sigmoid { x, out } => g.sigmoid_into(v(x), v(out))?,
                 Step::Upsample { x, out } => g.upsample_into(v(x), v(out))?,
+                Step::UpAdd { skip, low, out } => g.upsample_add_into(v(skip), v(low), v(out))?,
                 Step::MaxPool { x, out } => g.maxpool2_into(v(x), v(out))?,
                 Step::Convert { x, out } => convert::convert_to(dev, v(x), v(out))?,
             }
