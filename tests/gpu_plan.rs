@@ -343,3 +343,79 @@ fn predict_takes_the_precision() {
     assert!(!o.status.success() && err.contains("--precision fp16: the CPU backends compute in fp32"), "{err}");
     assert!(!err.contains("panicked") && !out.exists(), "{err}");
 }
+
+/// The plan's own kernels (upsample_add_{f32,f16,bf16}, maxpool2_{f16,bf16}) on odd shapes, under
+/// both schedules, against the CPU on the same stored (rounded) inputs. Max-pool is exact in every
+/// type. Up-sample + add: the CPU sums in f32 too, in another order (a few f32 ulps, 1e-5 of
+/// max(1, |y|) covers it), and the kernel rounds the sum once to the half type (at most u_h |y|,
+/// u_h = 2^-11 f16, 2^-8 bf16; f32: 0).
+#[test]
+fn plan_kernels_match_the_cpu_on_both_schedules() {
+    use deepis::gpu::{from_half_bits, to_half_bits, DType, Device};
+    let stored = |v: Vec<f32>, t: DType| if t == DType::F32 { v } else { from_half_bits(&to_half_bits(&v, t), t) };
+    let shapes = [(Shape::new(1, [3, 2, 5], 3), [5, 4, 9]), (Shape::new(2, [1, 3, 2], 5), [2, 5, 3]), (Shape::new(1, [4, 4, 4], 16), [8, 8, 7])];
+    println!("{:<28} {:>5} {:>11} {:>11}", "op", "type", "max|err|", "bound");
+    for (ls, hd) in shapes {
+        let hs = ls.with_d(hd);
+        for t in [DType::F32, DType::F16, DType::BF16] {
+            let u_h = match t {
+                DType::F32 => 0.0,
+                DType::F16 => 2f32.powi(-11),
+                DType::BF16 => 2f32.powi(-8),
+            };
+            let low = stored(values(ls.len(), 1).iter().map(|v| 3.0 * v).collect(), t);
+            let skip = stored(values(hs.len(), 2), t);
+            let mut want = skip.clone();
+            deepis::plan::ops::upsample_add(&mut want, hs, &low, ls);
+            let pool_x = stored(values(hs.len(), 3), t);
+            let pool_os = hs.with_d(hd.map(|d| d / 2));
+            let pool_want = deepis::cpu::ops::maxpool2(&pool_x, hs, pool_os);
+            let mut outs = Vec::new();
+            for schedule in [Schedule::Forward, Schedule::Reverse] {
+                let gpu = deepis::gpu::ops::GpuBackend::new(EmuDevice::with_schedule(schedule));
+                let dev = gpu.device();
+                let up = |v: &[f32], s: Shape| deepis::backend::DevTensor { shape: s, data: dev.htod_as(v, t).unwrap() };
+                let (sk, lo, y) = (up(&skip, hs), up(&low, ls), up(&vec![0.0; hs.len()], hs));
+                gpu.upsample_add_into(&sk, &lo, &y).unwrap();
+                let got = dev.dtoh(&y.data).unwrap();
+                let (mut worst, mut bound_at) = (0.0f32, 0.0f32);
+                for (g, w) in got.iter().zip(&want) {
+                    let bound = u_h * w.abs() + 1e-5 * w.abs().max(1.0);
+                    assert!((g - w).abs() <= bound, "upsample_add {} {ls} -> {hd:?}: got {g}, want {w} (bound {bound:.3e})", t.name());
+                    if (g - w).abs() >= worst {
+                        (worst, bound_at) = ((g - w).abs(), bound);
+                    }
+                }
+                let (px, py) = (up(&pool_x, hs), up(&vec![0.0; pool_os.len()], pool_os));
+                gpu.maxpool2_into(&px, &py).unwrap();
+                let pooled = dev.dtoh(&py.data).unwrap();
+                assert!(same_bits(&pooled, &pool_want), "maxpool2 {} {hs}: not the CPU's maxima", t.name());
+                if schedule == Schedule::Forward {
+                    println!("{:<28} {:>5} {worst:>11.3e} {bound_at:>11.3e}", format!("upsample_add {:?}->{hd:?}x{}", ls.d, ls.c), t.name());
+                }
+                outs.push((got, pooled));
+            }
+            assert!(same_bits(&outs[0].0, &outs[1].0) && same_bits(&outs[0].1, &outs[1].1), "{}: the schedules differ", t.name());
+        }
+    }
+}
+
+/// Arena regions are typed, aligned and bounded: a value cannot reach into its neighbour's bytes.
+#[test]
+fn arena_regions_are_bounded() {
+    use deepis::gpu::{DType, Device};
+    let dev = EmuDevice::new();
+    let arena = dev.alloc_arena(256).unwrap();
+    let a = dev.region(&arena, 0, 16, DType::F32).unwrap();
+    let b = dev.region(&arena, 64, 32, DType::F16).unwrap();
+    assert!(dev.region(&arena, 192, 17, DType::F32).is_err(), "past the end");
+    assert!(dev.region(&arena, 32, 4, DType::F32).is_err(), "misaligned");
+    dev.htod_into(&[1.5; 16], &a).unwrap();
+    assert_eq!(dev.dtoh(&a).unwrap(), vec![1.5; 16]);
+    assert_eq!(dev.dtoh(&b).unwrap(), vec![0.0; 32], "writing a changed b");
+    assert!(dev.htod_into(&[1.0; 15], &a).is_err() && dev.htod_into(&[1.0; 32], &b).is_err());
+    // a kernel given more elements than its region holds is refused by the emulator's bounds check
+    let k = deepis::gpu::kernels::RELU;
+    let r = dev.launch(k, deepis::gpu::LaunchCfg::linear(32, 256), &[deepis::gpu::KArg::Buf(&a), deepis::gpu::KArg::Buf(&a), deepis::gpu::KArg::I32(32)]);
+    assert!(r.is_err(), "relu over 32 elements of a 16-element region ran");
+}
