@@ -144,5 +144,14 @@ DEEPIS_DEVICE float bf16_to_f32(bf16 h) { return ::emu::bf16_bits_to_f32(h.bits)
 #define cp_async_wait_group(n) ::emu::cp_async_wait(__LINE__, (n))
 #endif
 
+// One element in the type of the second argument (a value of that type picks the overload):
+// f32 -> f16 / bf16 rounded to nearest even, f16 / bf16 -> f32 exact, f32 -> f32 unchanged. Kernels
+// templated over their storage type read and write through it and compute in f32.
+DEEPIS_DEVICE f16 half_cast(float v, f16) { return f16_from_f32(v); }
+DEEPIS_DEVICE bf16 half_cast(float v, bf16) { return bf16_from_f32(v); }
+DEEPIS_DEVICE float half_cast(float v, float) { return v; }
+DEEPIS_DEVICE float half_cast(f16 v, float) { return f16_to_f32(v); }
+DEEPIS_DEVICE float half_cast(bf16 v, float) { return bf16_to_f32(v); }
+
 // Two halves in one 32-bit register: `lo` in bits 0..15 (the lower-index element of a fragment).
 template <class H> DEEPIS_DEVICE unsigned pack2(H lo, H hi) { return (unsigned)lo.bits | ((unsigned)hi.bits << 16); }

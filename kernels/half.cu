@@ -6,11 +6,6 @@
 //   to_f32_f16, to_f32_bf16   — y = x, exact
 #include "deepis_device.h"
 
-// y[i] = x[i] in Y's type: the overload is picked by a value of the target type.
-DEEPIS_DEVICE f16 half_cast(float v, f16) { return f16_from_f32(v); }
-DEEPIS_DEVICE bf16 half_cast(float v, bf16) { return bf16_from_f32(v); }
-DEEPIS_DEVICE float half_cast(f16 v, float) { return f16_to_f32(v); }
-DEEPIS_DEVICE float half_cast(bf16 v, float) { return bf16_to_f32(v); }
 template <class Y, class X> DEEPIS_DEVICE void half_convert_all(gptr<Y> y, gptr<const X> x, int total) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i < total) y[i] = half_cast(x[i], Y{});

@@ -17,6 +17,8 @@ use crate::gpu::nvrtc::cache::CubinCache;
 use crate::gpu::{nvrtc, Device};
 use crate::io;
 use crate::engine::{choose, with_backend, Chosen, Job};
+use crate::gpu::emu::EmuDevice;
+use crate::gpu::plan::{GpuPlan, Precision};
 pub use crate::engine::{parse_size, BackendKind};
 use crate::model::{flops, Network};
 use crate::rng::Rng;
@@ -118,6 +120,12 @@ pub struct PredictArgs {
     /// Volumes per forward pass (more uses more memory)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
+    /// Arithmetic of the GPU plan (--backend emu or cuda): fp32, or fp16 / bf16 activations and
+    /// weights with f32 accumulation on tensor cores (sm_80 and newer). Default fp32: fp16 / bf16 are
+    /// checked against the float64 oracle on the emulator but not yet measured on a GPU or on real
+    /// tomograms; the CPU backends compute in fp32 only
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
 }
 
 #[derive(Args, Debug)]
@@ -170,6 +178,12 @@ pub struct BenchArgs {
     /// Untimed runs first
     #[arg(long, default_value_t = 1)]
     pub warmup: u32,
+    /// Arithmetic of the GPU plan (--backend emu or cuda): fp32, or fp16 / bf16 activations and
+    /// weights with f32 accumulation on tensor cores (sm_80 and newer). Default fp32: fp16 / bf16 are
+    /// checked against the float64 oracle on the emulator but not yet measured on a GPU or on real
+    /// tomograms; the CPU backends compute in fp32 only
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
 }
 
 /// rayon reads RAYON_NUM_THREADS itself and panics when its pool cannot start: check the value
@@ -297,9 +311,13 @@ fn predict(a: &PredictArgs) -> Result<()> {
         vol.tensor.shape.d[2],
         a.input.display()
     );
-    let y = match choose(a.backend)? {
-        Chosen::Plan => predict_plan(&weights, &vol.tensor)?,
-        chosen => with_backend(chosen, Predict { weights: &weights, x: &vol.tensor, batch: a.batch as usize })?,
+    let chosen = check_precision(choose(a.backend)?, a.precision)?;
+    let (x, batch) = (&vol.tensor, a.batch as usize);
+    let y = match chosen {
+        Chosen::Plan => predict_plan(&weights, x)?,
+        Chosen::Emu => predict_gpu(EmuDevice::new(), &weights, x, batch, a.precision)?,
+        Chosen::Cuda(dev) => predict_gpu(dev, &weights, x, batch, a.precision)?,
+        chosen => with_backend(chosen, Predict { weights: &weights, x, batch })?,
     };
     let dims = io::output_dims(&y, vol.rank)?;
     // The input's voxel size travels into the output (OME-TIFF header and/or JSON sidecar).
@@ -319,6 +337,29 @@ fn predict(a: &PredictArgs) -> Result<()> {
     crate::sidecar::write(&a.output, &card)?;
     eprintln!("wrote {} ({})", a.output.display(), head_meaning(&weights.config, &dims));
     Ok(())
+}
+
+/// `chosen`, unless `precision` is one it does not compute in (the CPU backends are fp32 only).
+fn check_precision(chosen: Chosen, precision: Precision) -> Result<Chosen> {
+    match chosen {
+        Chosen::Plan | Chosen::CpuRef if precision != Precision::Fp32 => Err(Error::Input(format!(
+            "--precision {}: the CPU backends compute in fp32; fp16 / bf16 run in the GPU plan (--backend emu or cuda)",
+            precision.name()
+        ))),
+        chosen => Ok(chosen),
+    }
+}
+
+/// The GPU plan for `batch` (at most N) volumes of x's size on `dev`, and its output for `x`.
+fn predict_gpu<D: Device>(dev: D, weights: &Weights, x: &Tensor, batch: usize, precision: Precision) -> Result<Tensor> {
+    let t0 = Instant::now();
+    let plan = GpuPlan::new(dev, weights, x.shape.d, batch.min(x.shape.n).max(1), precision)?;
+    eprintln!("backend: {}; {}", plan.device().name(), plan.summary());
+    let setup = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let y = plan.run(x)?;
+    report_forward(weights, x, t0.elapsed().as_secs_f64(), &format!("plan built in {setup:.2} s"));
+    Ok(y)
 }
 
 fn head_meaning(cfg: &Config, dims: &[usize]) -> String {
@@ -467,7 +508,7 @@ fn time_runs(weights: &Weights, x: &Tensor, runs: u32, warmup: u32, forward: &dy
     }
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
-    println!("median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s", times.len(), med / n as f64, gflop / med.max(1e-9));
+    println!("median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s, {:.2} volumes/s", times.len(), med / n as f64, gflop / med.max(1e-9), n as f64 / med.max(1e-9));
     Ok(())
 }
 
@@ -488,8 +529,10 @@ fn bench(a: &BenchArgs) -> Result<()> {
     let shape = Shape::new(a.batch as usize, a.size, 1);
     let mut rng = Rng::new(7);
     let x = Tensor::new(shape, (0..shape.len()).map(|_| rng.normal() as f32).collect())?;
-    match choose(a.backend)? {
+    match check_precision(choose(a.backend)?, a.precision)? {
         Chosen::Plan => bench_plan(&weights, &x, a.runs, a.warmup),
+        Chosen::Emu => bench_gpu(EmuDevice::new(), &weights, &x, a),
+        Chosen::Cuda(dev) => bench_gpu(dev, &weights, &x, a),
         chosen => with_backend(chosen, Bench { weights: &weights, x: &x, runs: a.runs, warmup: a.warmup }),
     }
 }
@@ -527,6 +570,14 @@ pub fn new_plan(weights: &Weights, d: [usize; 3]) -> Result<crate::plan::Plan> {
     let what = format!("the CPU plan for {}x{}x{} volumes", d[0], d[1], d[2]);
     crate::limits::check(&what, Some(plan.peak_bytes() as u64)).map_err(Error::Input)?;
     Ok(plan)
+}
+
+/// `bench` on the GPU plan: one batch of x's N volumes per forward pass.
+fn bench_gpu<D: Device>(dev: D, weights: &Weights, x: &Tensor, a: &BenchArgs) -> Result<()> {
+    let plan = GpuPlan::new(dev, weights, x.shape.d, x.shape.n, a.precision)?;
+    println!("backend: {}", plan.device().name());
+    println!("{}", plan.summary());
+    time_runs(weights, x, a.runs, a.warmup, &|x| plan.run(x))
 }
 
 fn bench_plan(weights: &Weights, x: &Tensor, runs: u32, warmup: u32) -> Result<()> {

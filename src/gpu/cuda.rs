@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
@@ -26,10 +26,12 @@ pub fn cuda_available() -> bool {
     matches!(CudaContext::device_count(), Ok(n) if n > 0)
 }
 
-/// A device buffer: f32, or 16-bit words of an f16 / bf16 tensor.
+/// A device buffer: f32, or 16-bit words of an f16 / bf16 tensor, or `len` elements of `dtype` at
+/// device address `ptr` inside an arena (`Device::alloc_arena`, `Device::region`), which it keeps alive.
 pub enum CudaBuf {
     F32(CudaSlice<f32>),
     Half(CudaSlice<u16>, DType),
+    Region { arena: Arc<CudaSlice<u8>>, ptr: u64, len: usize, dtype: DType },
 }
 
 pub struct CudaDevice {
@@ -78,6 +80,14 @@ impl CudaDevice {
             dev.load(&file, cubin, &kernels::kernels_of(&file).collect::<Vec<_>>())?;
         }
         Ok(dev)
+    }
+
+    /// Copies `dst.len()` elements at device address `ptr` (inside a live arena region) to the host.
+    fn region_dtoh<T>(&self, ptr: u64, dst: &mut [T]) -> Result<()> {
+        // SAFETY: the caller's region holds `dst.len()` elements of T at `ptr` (checked by
+        // `region`); the copy is complete when `synchronize` returns, while `dst` is borrowed.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, self.stream.cu_stream()) }.map_err(|e| drv("copy to host", e))?;
+        self.synchronize()
     }
 
     /// Loads a cubin and looks up its `kernels`.
@@ -138,6 +148,12 @@ impl Device for CudaDevice {
         match buf {
             CudaBuf::F32(s) => self.stream.clone_dtoh(s).map_err(|e| drv("copy to host", e)),
             CudaBuf::Half(_, d) => Ok(from_half_bits(&self.dtoh_bits(buf)?, *d)),
+            &CudaBuf::Region { ptr, len, dtype: DType::F32, .. } => {
+                let mut v = vec![0f32; len];
+                self.region_dtoh(ptr, &mut v)?;
+                Ok(v)
+            }
+            CudaBuf::Region { dtype, .. } => Ok(from_half_bits(&self.dtoh_bits(buf)?, *dtype)),
         }
     }
 
@@ -145,13 +161,47 @@ impl Device for CudaDevice {
         match buf {
             CudaBuf::F32(s) => s.len(),
             CudaBuf::Half(s, _) => s.len(),
+            CudaBuf::Region { len, .. } => *len,
         }
     }
 
     fn buf_dtype(&self, buf: &Self::Buf) -> DType {
         match buf {
             CudaBuf::F32(_) => DType::F32,
-            CudaBuf::Half(_, d) => *d,
+            CudaBuf::Half(_, d) | CudaBuf::Region { dtype: d, .. } => *d,
+        }
+    }
+
+    fn alloc_arena(&self, bytes: usize) -> Result<Self::Buf> {
+        let bytes = bytes.div_ceil(4).max(1) * 4;
+        let arena = Arc::new(self.stream.alloc_zeros::<u8>(bytes).map_err(|e| drv("alloc", e))?);
+        let (ptr, _sync) = arena.device_ptr(&self.stream);
+        Ok(CudaBuf::Region { ptr, len: bytes / 4, dtype: DType::F32, arena: Arc::clone(&arena) })
+    }
+
+    fn region(&self, arena: &Self::Buf, offset: usize, len: usize, dtype: DType) -> Result<Self::Buf> {
+        let CudaBuf::Region { arena, ptr, .. } = arena else {
+            return Err(Error::backend("cuda", "region: not a buffer made by alloc_arena"));
+        };
+        let (base, _sync) = arena.device_ptr(&self.stream);
+        let start = (*ptr - base) as usize + offset;
+        crate::gpu::check_region("cuda", start, len * dtype.bytes(), arena.len())?;
+        Ok(CudaBuf::Region { arena: Arc::clone(arena), ptr: base + start as u64, len, dtype })
+    }
+
+    fn htod_into(&self, data: &[f32], dst: &Self::Buf) -> Result<()> {
+        let ok = self.buf_dtype(dst) == DType::F32 && self.buf_len(dst) == data.len();
+        if !ok {
+            return Err(Error::backend("cuda", format!("htod_into: {} f32 values into a buffer of {}", data.len(), self.buf_len(dst))));
+        }
+        match dst {
+            CudaBuf::F32(_) | CudaBuf::Half(..) => Err(Error::backend("cuda", "htod_into: only arena regions are written in place")),
+            &CudaBuf::Region { ptr, .. } => {
+                // SAFETY: `ptr` addresses `data.len()` f32 values inside the live arena (checked by
+                // `region`); the copy is complete when `synchronize` returns, before `data` can move.
+                unsafe { cudarc::driver::result::memcpy_htod_async(ptr, data, self.stream.cu_stream()) }.map_err(|e| drv("copy to device", e))?;
+                self.synchronize()
+            }
         }
     }
 
@@ -165,8 +215,13 @@ impl Device for CudaDevice {
 
     fn dtoh_bits(&self, buf: &Self::Buf) -> Result<Vec<u16>> {
         match buf {
-            CudaBuf::F32(_) => Err(Error::backend("cuda", "dtoh_bits: the buffer holds f32")),
+            CudaBuf::F32(_) | CudaBuf::Region { dtype: DType::F32, .. } => Err(Error::backend("cuda", "dtoh_bits: the buffer holds f32")),
             CudaBuf::Half(s, _) => self.stream.clone_dtoh(s).map_err(|e| drv("copy to host", e)),
+            &CudaBuf::Region { ptr, len, .. } => {
+                let mut v = vec![0u16; len];
+                self.region_dtoh(ptr, &mut v)?;
+                Ok(v)
+            }
         }
     }
 
@@ -179,7 +234,8 @@ impl Device for CudaDevice {
         // Scalars must outlive the builder, which keeps pointers to them.
         let ints: Vec<i32> = args.iter().filter_map(|a| if let KArg::I32(v) = a { Some(*v) } else { None }).collect();
         let floats: Vec<f32> = args.iter().filter_map(|a| if let KArg::F32(v) = a { Some(*v) } else { None }).collect();
-        let (mut ni, mut nf) = (0, 0);
+        let ptrs: Vec<u64> = args.iter().filter_map(|a| if let KArg::Buf(CudaBuf::Region { ptr, .. }) = a { Some(*ptr) } else { None }).collect();
+        let (mut ni, mut nf, mut np) = (0, 0, 0);
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -188,6 +244,10 @@ impl Device for CudaDevice {
                 }
                 KArg::Buf(CudaBuf::Half(s, _)) => {
                     b.arg(s);
+                }
+                KArg::Buf(CudaBuf::Region { .. }) => {
+                    b.arg(&ptrs[np]);
+                    np += 1;
                 }
                 KArg::I32(_) => {
                     b.arg(&ints[ni]);
@@ -206,7 +266,8 @@ impl Device for CudaDevice {
         };
         // SAFETY: `args` is the kernel's parameter list in order, built by `ops` from the kernel's
         // signature in kernels/*.cu: every `gptr<float>` gets a live CudaSlice<f32> and every
-        // `gptr<f16>` / `gptr<bf16>` a CudaSlice<u16> (device pointers; the emulator checks the
+        // `gptr<f16>` / `gptr<bf16>` a CudaSlice<u16>, an arena region its device address as a u64
+        // (the region's element type, inside its live arena) (device pointers; the emulator checks the
         // element types against the same signatures), every `int` an i32 and every `float` an f32, all alive until the launch is queued;
         // `ops` checks every index the kernel computes against the buffer lengths.
         unsafe { b.launch(lc) }.map_err(|e| Error::kernel(kernel, format!("launch {cfg:?}: {e}")))?;

@@ -5,6 +5,7 @@
 //! race shows up as a difference between [`Schedule::Forward`] and [`Schedule::Reverse`].
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_void, CStr};
+use std::rc::Rc;
 
 use super::{from_half_bits, DType, Device, KArg, LaunchCfg};
 use crate::error::{Error, Result};
@@ -73,9 +74,13 @@ pub fn host_build_failures() -> &'static [(&'static str, &'static str)] {
 #[repr(C, align(16))]
 struct Block16([u8; 16]);
 
-/// A device buffer in host memory. Kernels write through `&EmuBuf` (as through a device pointer).
+/// A device buffer in host memory: `len` elements at byte `offset` of a storage that regions of
+/// one arena share (`Device::region`). Kernels write through `&EmuBuf` (as through a device pointer),
+/// and each launch bounds-checks its accesses against the buffer's own bytes, so a plan step that
+/// strays out of its value into a neighbour's is an error.
 pub struct EmuBuf {
-    data: UnsafeCell<Vec<Block16>>,
+    data: Rc<UnsafeCell<Vec<Block16>>>,
+    offset: usize,
     len: usize,
     dtype: DType,
 }
@@ -84,11 +89,16 @@ impl EmuBuf {
     fn from_bytes(bytes: &[u8], len: usize, dtype: DType) -> EmuBuf {
         let mut v = vec![Block16([0; 16]); bytes.len().div_ceil(16)];
         bytemuck::cast_slice_mut::<Block16, u8>(&mut v)[..bytes.len()].copy_from_slice(bytes);
-        EmuBuf { data: UnsafeCell::new(v), len, dtype }
+        EmuBuf { data: Rc::new(UnsafeCell::new(v)), offset: 0, len, dtype }
+    }
+    fn storage_bytes(&self) -> usize {
+        // SAFETY: reads the length only; the Vec is never resized.
+        unsafe { (*self.data.get()).len() * 16 }
     }
     fn ptr(&self) -> *mut u8 {
-        // SAFETY: the Vec itself is never resized after creation; only its bytes are written.
-        unsafe { (*self.data.get()).as_mut_ptr().cast() }
+        // SAFETY: the Vec itself is never resized after creation; only its bytes are written, and
+        // `offset + bytes()` lies within it (checked by `region`).
+        unsafe { (*self.data.get()).as_mut_ptr().cast::<u8>().add(self.offset) }
     }
     fn len(&self) -> usize {
         self.len
@@ -231,6 +241,18 @@ impl Device for EmuDevice {
             return Err(Error::backend("emu", "dtoh_bits: the buffer holds f32"));
         }
         Ok(bytemuck::pod_collect_to_vec(&buf.to_bytes()))
+    }
+    fn region(&self, arena: &EmuBuf, offset: usize, len: usize, dtype: DType) -> Result<EmuBuf> {
+        super::check_region("emu", arena.offset + offset, len * dtype.bytes(), arena.storage_bytes().min(arena.offset + arena.bytes()))?;
+        Ok(EmuBuf { data: Rc::clone(&arena.data), offset: arena.offset + offset, len, dtype })
+    }
+    fn htod_into(&self, data: &[f32], dst: &EmuBuf) -> Result<()> {
+        if dst.dtype != DType::F32 || dst.len != data.len() {
+            return Err(Error::backend("emu", format!("htod_into: {} f32 values into {} {} values", data.len(), dst.len, dst.dtype.name())));
+        }
+        // SAFETY: launches are synchronous, so no kernel touches the buffer now; it holds `bytes()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().cast::<u8>(), dst.ptr(), dst.bytes()) };
+        Ok(())
     }
 
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, EmuBuf>]) -> Result<()> {

@@ -59,9 +59,14 @@ kernels! {
         ADD = "add_f32",
         SIGMOID = "sigmoid_f32";
     "pool.cu":
-        MAXPOOL2 = "maxpool2_f32";
+        MAXPOOL2 = "maxpool2_f32",
+        MAXPOOL2_F16 = "maxpool2_f16",
+        MAXPOOL2_BF16 = "maxpool2_bf16";
     "upsample.cu":
-        UPSAMPLE_TRILINEAR = "upsample_trilinear_f32";
+        UPSAMPLE_TRILINEAR = "upsample_trilinear_f32",
+        UPSAMPLE_ADD = "upsample_add_f32",
+        UPSAMPLE_ADD_F16 = "upsample_add_f16",
+        UPSAMPLE_ADD_BF16 = "upsample_add_bf16";
     "softmax.cu":
         SOFTMAX_CHANNELS = "softmax_channels_f32";
     // backward kernels (training; launched by src/gpu/train_ops.rs)
@@ -114,6 +119,24 @@ pub fn to_f32(dtype: DType) -> Option<&'static str> {
         DType::F16 => Some(TO_F32_F16),
         DType::BF16 => Some(TO_F32_BF16),
         DType::F32 => None,
+    }
+}
+
+/// 2x2x2 max-pool of `dtype` buffers.
+pub fn maxpool2(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => MAXPOOL2,
+        DType::F16 => MAXPOOL2_F16,
+        DType::BF16 => MAXPOOL2_BF16,
+    }
+}
+
+/// y = skip + trilinear up-sampling, all of `dtype`.
+pub fn upsample_add(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => UPSAMPLE_ADD,
+        DType::F16 => UPSAMPLE_ADD_F16,
+        DType::BF16 => UPSAMPLE_ADD_BF16,
     }
 }
 

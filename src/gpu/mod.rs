@@ -70,6 +70,20 @@ pub fn from_half_bits(bits: &[u16], dtype: DType) -> Vec<f32> {
     }
 }
 
+/// Offsets of arena regions are multiples of this many bytes (cp.async and vector loads need 16).
+pub const REGION_ALIGN: usize = 64;
+
+/// The checks every `Device::region` makes: alignment and bounds.
+fn check_region(dev: &str, offset: usize, bytes: usize, arena_bytes: usize) -> Result<()> {
+    if !offset.is_multiple_of(REGION_ALIGN) || offset + bytes > arena_bytes {
+        return Err(crate::error::Error::backend(
+            dev,
+            format!("region of {bytes} bytes at {offset}: outside the {arena_bytes}-byte arena or not {REGION_ALIGN}-byte aligned"),
+        ));
+    }
+    Ok(())
+}
+
 /// A device that stores f32, f16 and bf16 buffers and launches the kernels of `kernels/` by name.
 /// The f32 calls (`alloc_zeros`, `htod`) make f32 buffers; `dtoh` reads any buffer as f32 (exact).
 pub trait Device {
@@ -100,6 +114,16 @@ pub trait Device {
             _ => self.htod_bits(&vec![0; len], dtype),
         }
     }
+    /// One zeroed allocation of `bytes` (an f32 buffer) that [`Device::region`] cuts into typed
+    /// buffers sharing its memory: a plan's arena, allocated once.
+    fn alloc_arena(&self, bytes: usize) -> Result<Self::Buf> {
+        self.alloc_zeros(bytes.div_ceil(4))
+    }
+    /// `len` elements of `dtype` at byte `offset` (a multiple of [`REGION_ALIGN`]) of `arena` (made
+    /// by `alloc_arena`), sharing its memory; an error past its end.
+    fn region(&self, arena: &Self::Buf, offset: usize, len: usize, dtype: DType) -> Result<Self::Buf>;
+    /// Copies `data` into the f32 buffer `dst` of the same length (no allocation).
+    fn htod_into(&self, data: &[f32], dst: &Self::Buf) -> Result<()>;
     /// Whether the device has what kernels/conv3d_tc.cu uses: mma.sync m16n8k16 in f16 / bf16,
     /// ldmatrix and cp.async (sm_80 and up; the emulator has them).
     fn has_tensor_cores(&self) -> bool {
@@ -117,5 +141,6 @@ pub mod kernels;
 pub mod nvrtc;
 pub mod occupancy;
 pub mod ops;
+pub mod plan;
 pub mod tensor_conv;
 pub mod train_ops;

@@ -4,7 +4,7 @@
 //! kernel signatures of `kernels/*.cu` exactly.
 use crate::backend::{Backend, ConvSpec, DevTensor};
 use crate::error::{Error, Result};
-use crate::gpu::{kernels as k, Device, KArg, LaunchCfg};
+use crate::gpu::{kernels as k, DType, Device, KArg, LaunchCfg};
 use crate::tensor::{Shape, Tensor};
 
 /// Threads per block of the one-thread-per-element kernels.
@@ -62,7 +62,8 @@ pub fn launch_block(kernel: &str) -> Option<(u32, u32)> {
         k::CONV3D_TILED => Some((TILED_THREADS, 0)),
         k::CONV3D_TC_F16 | k::CONV3D_TC_BF16 => Some(crate::gpu::tensor_conv::reference_launch_block(crate::gpu::tensor_conv::WarpTile::M32)),
         k::CONV3D_TC_WIDE_F16 | k::CONV3D_TC_WIDE_BF16 => Some(crate::gpu::tensor_conv::reference_launch_block(crate::gpu::tensor_conv::WarpTile::M64)),
-        k::CONV3D_DIRECT | k::CHANNEL_AFFINE | k::RELU | k::ADD | k::SIGMOID | k::MAXPOOL2 | k::UPSAMPLE_TRILINEAR
+        k::CONV3D_DIRECT | k::CHANNEL_AFFINE | k::RELU | k::ADD | k::SIGMOID | k::MAXPOOL2 | k::MAXPOOL2_F16 | k::MAXPOOL2_BF16
+        | k::UPSAMPLE_TRILINEAR | k::UPSAMPLE_ADD | k::UPSAMPLE_ADD_F16 | k::UPSAMPLE_ADD_BF16
         | k::SOFTMAX_CHANNELS | k::TO_HALF_F16 | k::TO_HALF_BF16 | k::TO_F32_F16 | k::TO_F32_BF16 => Some((BLOCK, 0)),
         _ => None,
     }
@@ -170,6 +171,144 @@ impl<D: Device> GpuBackend<D> {
         self.launch(kernel, n, LaunchCfg::linear(n, BLOCK), &a)?;
         Ok(DevTensor { shape, data: y })
     }
+
+    /// A zeroed output tensor of `shape`.
+    fn new_out(&self, what: &str, shape: Shape) -> Result<DevTensor<D::Buf>> {
+        Ok(DevTensor { shape, data: self.zeros(what, shape.len())? })
+    }
+
+    /// An output tensor given to an `_into` op: of shape `want`, its buffer of that length.
+    fn check_out(&self, what: &str, y: &DevTensor<D::Buf>, want: Shape) -> Result<()> {
+        if y.shape != want {
+            return Err(Error::Shape(format!("{what}: output {} for a result of {want}", y.shape)));
+        }
+        self.check_tensor(what, y)
+    }
+
+    /// The one element type of `ts`, or an error naming `what`.
+    fn same_dtype(&self, what: &str, ts: &[&DevTensor<D::Buf>]) -> Result<DType> {
+        let t = self.dev.buf_dtype(&ts[0].data);
+        if ts.iter().any(|x| self.dev.buf_dtype(&x.data) != t) {
+            let names: Vec<&str> = ts.iter().map(|x| self.dev.buf_dtype(&x.data).name()).collect();
+            return Err(Error::Shape(format!("{what}: buffers of different types ({})", names.join(", "))));
+        }
+        Ok(t)
+    }
+
+    /// y = f(x) into `y` for the unary kernels with signature (y, x, total); `y` may be `x`.
+    fn unary_into(&self, kernel: &str, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_tensor(kernel, x)?;
+        self.check_out(kernel, y, x.shape)?;
+        let n = x.shape.len();
+        self.launch(kernel, n, LaunchCfg::linear(n, BLOCK), &[KArg::Buf(&y.data), KArg::Buf(&x.data), int(n)])
+    }
+
+    pub fn relu_into(&self, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.unary_into(k::RELU, x, y)
+    }
+
+    pub fn sigmoid_into(&self, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.unary_into(k::SIGMOID, x, y)
+    }
+
+    /// The output shape of `conv3d`, after checking its arguments.
+    fn conv3d_shape(&self, x: &DevTensor<D::Buf>, w: &D::Buf, bias: Option<&D::Buf>, spec: &ConvSpec) -> Result<Shape> {
+        self.check_tensor("conv3d input", x)?;
+        let out = spec.check(x.shape)?;
+        self.check_buf("conv3d weight", w, spec.weight_len())?;
+        if let Some(b) = bias {
+            self.check_buf("conv3d bias", b, spec.cout)?;
+        }
+        Ok(out)
+    }
+
+    /// `conv3d` into `y` (every element written; `y` may not alias `x`).
+    pub fn conv3d_into(&self, x: &DevTensor<D::Buf>, w: &D::Buf, bias: Option<&D::Buf>, spec: &ConvSpec, y: &DevTensor<D::Buf>) -> Result<()> {
+        let out = self.conv3d_shape(x, w, bias, spec)?;
+        let v = self.conv_variant.unwrap_or_else(|| ConvVariant::choose(spec, out));
+        self.check_out(v.kernel(), y, out)?;
+        // Without a bias the kernel never reads `bias`; any live buffer stands in.
+        let (bias_buf, has_bias) = match bias {
+            Some(b) => (b, 1),
+            None => (w, 0),
+        };
+        let mut a = vec![KArg::Buf(&y.data), KArg::Buf(&x.data), KArg::Buf(w), KArg::Buf(bias_buf), int(has_bias)];
+        a.extend(conv_dims(x.shape.n, x.shape.d, out.d, spec));
+        self.launch(v.kernel(), out.len(), v.launch_cfg(out), &a)
+    }
+
+    /// `channel_affine` into `y` (which may be `x` itself: one thread per element).
+    pub fn channel_affine_into(&self, x: &DevTensor<D::Buf>, scale: &D::Buf, shift: &D::Buf, relu: bool, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_tensor("channel_affine", x)?;
+        self.check_buf("channel_affine scale", scale, x.shape.c)?;
+        self.check_buf("channel_affine shift", shift, x.shape.c)?;
+        self.check_out(k::CHANNEL_AFFINE, y, x.shape)?;
+        let n = x.shape.len();
+        let a = [
+            KArg::Buf(&y.data), KArg::Buf(&x.data), KArg::Buf(scale), KArg::Buf(shift),
+            int(n), int(x.shape.c), int(relu as usize),
+        ];
+        self.launch(k::CHANNEL_AFFINE, n, LaunchCfg::linear(n, BLOCK), &a)
+    }
+
+    /// `add` into `y` (which may be `a` or `b`: one thread per element).
+    pub fn add_into(&self, a: &DevTensor<D::Buf>, b: &DevTensor<D::Buf>, relu: bool, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_same("add", a, b)?;
+        self.check_out(k::ADD, y, a.shape)?;
+        let n = a.shape.len();
+        let args = [KArg::Buf(&y.data), KArg::Buf(&a.data), KArg::Buf(&b.data), int(n), int(relu as usize)];
+        self.launch(k::ADD, n, LaunchCfg::linear(n, BLOCK), &args)
+    }
+
+    /// `maxpool2` into `y` (of the pooled shape and x's type: f32, f16 or bf16).
+    pub fn maxpool2_into(&self, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_tensor("maxpool2", x)?;
+        let od = x.shape.d.map(|d| d / 2);
+        if od.contains(&0) {
+            return Err(Error::Shape(format!("maxpool2: input {} has a spatial size below 2", x.shape)));
+        }
+        let kernel = k::maxpool2(self.same_dtype("maxpool2", &[x, y])?);
+        let out = x.shape.with_d(od);
+        self.check_out(kernel, y, out)?;
+        let mut a = vec![KArg::Buf(&y.data), KArg::Buf(&x.data)];
+        a.extend(resample_dims(x.shape, od));
+        self.launch(kernel, out.len(), LaunchCfg::linear(out.len(), BLOCK), &a)
+    }
+
+    fn check_upsample(x: Shape, size: [usize; 3]) -> Result<Shape> {
+        if size.contains(&0) || x.d.contains(&0) {
+            return Err(Error::Shape(format!("upsample: {} to {:?}", x, size)));
+        }
+        Ok(x.with_d(size))
+    }
+
+    /// `upsample` into `y`, to y's spatial size.
+    pub fn upsample_into(&self, x: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_tensor("upsample", x)?;
+        let out = Self::check_upsample(x.shape, y.shape.d)?;
+        self.check_out(k::UPSAMPLE_TRILINEAR, y, out)?;
+        let mut a = vec![KArg::Buf(&y.data), KArg::Buf(&x.data)];
+        a.extend(resample_dims(x.shape, out.d));
+        a.extend(upsample_ratios(x.shape.d, out.d));
+        self.launch(k::UPSAMPLE_TRILINEAR, out.len(), LaunchCfg::linear(out.len(), BLOCK), &a)
+    }
+
+    /// y = skip + trilinear up-sampling of `low` to skip's size, in f32 from the stored values,
+    /// rounded once to the buffers' one type (f32, f16 or bf16); `y` may be `skip`.
+    pub fn upsample_add_into(&self, skip: &DevTensor<D::Buf>, low: &DevTensor<D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
+        self.check_tensor("upsample_add skip", skip)?;
+        self.check_tensor("upsample_add low", low)?;
+        let kernel = k::upsample_add(self.same_dtype("upsample_add", &[skip, low, y])?);
+        let out = Self::check_upsample(low.shape, skip.shape.d)?;
+        if out != skip.shape {
+            return Err(Error::Shape(format!("upsample_add: {} up-sampled is {out}, the skip is {}", low.shape, skip.shape)));
+        }
+        self.check_out(kernel, y, out)?;
+        let mut a = vec![KArg::Buf(&y.data), KArg::Buf(&skip.data), KArg::Buf(&low.data)];
+        a.extend(resample_dims(low.shape, out.d));
+        a.extend(upsample_ratios(low.shape.d, out.d));
+        self.launch(kernel, out.len(), LaunchCfg::linear(out.len(), BLOCK), &a)
+    }
 }
 
 impl<D: Device> Backend for GpuBackend<D> {
@@ -197,38 +336,16 @@ impl<D: Device> Backend for GpuBackend<D> {
 
     fn conv3d(&self, x: &DevTensor<Self::S>, w: &Self::S, bias: Option<&Self::S>, spec: &ConvSpec)
         -> Result<DevTensor<Self::S>> {
-        self.check_tensor("conv3d input", x)?;
-        let out = spec.check(x.shape)?;
-        self.check_buf("conv3d weight", w, spec.weight_len())?;
-        if let Some(b) = bias {
-            self.check_buf("conv3d bias", b, spec.cout)?;
-        }
-        let v = self.conv_variant.unwrap_or_else(|| ConvVariant::choose(spec, out));
-        // Without a bias the kernel never reads `bias`; any live buffer stands in.
-        let (bias_buf, has_bias) = match bias {
-            Some(b) => (b, 1),
-            None => (w, 0),
-        };
-        let y = self.zeros(v.kernel(), out.len())?;
-        let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data), KArg::Buf(w), KArg::Buf(bias_buf), int(has_bias)];
-        a.extend(conv_dims(x.shape.n, x.shape.d, out.d, spec));
-        self.launch(v.kernel(), out.len(), v.launch_cfg(out), &a)?;
-        Ok(DevTensor { shape: out, data: y })
+        let y = self.new_out("conv3d", self.conv3d_shape(x, w, bias, spec)?)?;
+        self.conv3d_into(x, w, bias, spec, &y)?;
+        Ok(y)
     }
 
     fn channel_affine(&self, x: &DevTensor<Self::S>, scale: &Self::S, shift: &Self::S, relu: bool)
         -> Result<DevTensor<Self::S>> {
-        self.check_tensor("channel_affine", x)?;
-        self.check_buf("channel_affine scale", scale, x.shape.c)?;
-        self.check_buf("channel_affine shift", shift, x.shape.c)?;
-        let n = x.shape.len();
-        let y = self.zeros(k::CHANNEL_AFFINE, n)?;
-        let a = [
-            KArg::Buf(&y), KArg::Buf(&x.data), KArg::Buf(scale), KArg::Buf(shift),
-            int(n), int(x.shape.c), int(relu as usize),
-        ];
-        self.launch(k::CHANNEL_AFFINE, n, LaunchCfg::linear(n, BLOCK), &a)?;
-        Ok(DevTensor { shape: x.shape, data: y })
+        let y = self.new_out(k::CHANNEL_AFFINE, x.shape)?;
+        self.channel_affine_into(x, scale, shift, relu, &y)?;
+        Ok(y)
     }
 
     fn relu(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
@@ -237,39 +354,23 @@ impl<D: Device> Backend for GpuBackend<D> {
 
     fn add(&self, a: &DevTensor<Self::S>, b: &DevTensor<Self::S>, relu: bool) -> Result<DevTensor<Self::S>> {
         self.check_same("add", a, b)?;
-        let n = a.shape.len();
-        let y = self.zeros(k::ADD, n)?;
-        let args = [KArg::Buf(&y), KArg::Buf(&a.data), KArg::Buf(&b.data), int(n), int(relu as usize)];
-        self.launch(k::ADD, n, LaunchCfg::linear(n, BLOCK), &args)?;
-        Ok(DevTensor { shape: a.shape, data: y })
+        let y = self.new_out(k::ADD, a.shape)?;
+        self.add_into(a, b, relu, &y)?;
+        Ok(y)
     }
 
     fn maxpool2(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {
         self.check_tensor("maxpool2", x)?;
-        let od = x.shape.d.map(|d| d / 2);
-        if od.contains(&0) {
-            return Err(Error::Shape(format!("maxpool2: input {} has a spatial size below 2", x.shape)));
-        }
-        let out = x.shape.with_d(od);
-        let y = self.zeros(k::MAXPOOL2, out.len())?;
-        let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data)];
-        a.extend(resample_dims(x.shape, od));
-        self.launch(k::MAXPOOL2, out.len(), LaunchCfg::linear(out.len(), BLOCK), &a)?;
-        Ok(DevTensor { shape: out, data: y })
+        let y = self.new_out(k::MAXPOOL2, x.shape.with_d(x.shape.d.map(|d| d / 2)))?;
+        self.maxpool2_into(x, &y)?;
+        Ok(y)
     }
 
     fn upsample(&self, x: &DevTensor<Self::S>, size: [usize; 3]) -> Result<DevTensor<Self::S>> {
         self.check_tensor("upsample", x)?;
-        if size.contains(&0) || x.shape.d.contains(&0) {
-            return Err(Error::Shape(format!("upsample: {} to {:?}", x.shape, size)));
-        }
-        let out = x.shape.with_d(size);
-        let y = self.zeros(k::UPSAMPLE_TRILINEAR, out.len())?;
-        let mut a = vec![KArg::Buf(&y), KArg::Buf(&x.data)];
-        a.extend(resample_dims(x.shape, size));
-        a.extend(upsample_ratios(x.shape.d, size));
-        self.launch(k::UPSAMPLE_TRILINEAR, out.len(), LaunchCfg::linear(out.len(), BLOCK), &a)?;
-        Ok(DevTensor { shape: out, data: y })
+        let y = self.new_out(k::UPSAMPLE_TRILINEAR, Self::check_upsample(x.shape, size)?)?;
+        self.upsample_into(x, &y)?;
+        Ok(y)
     }
 
     fn sigmoid(&self, x: &DevTensor<Self::S>) -> Result<DevTensor<Self::S>> {

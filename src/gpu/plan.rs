@@ -1,0 +1,450 @@
+//! The GPU inference plan: the passed inference graph (`graph::passes::Weighted`, the same one the
+//! CPU plan lowers: folded batch norm, bias + residual add + ReLU / sigmoid in the conv epilogue,
+//! the moved and merged 1x1 convs) lowered to a list of kernel launches over ONE device arena,
+//! allocated once per (batch, size), on any [`Device`] (CUDA or the emulator).
+//!
+//! Precision ([`Precision`]): `Fp32` runs the fp32 kernels of `ops` (conv3d with bias, then the
+//! residual add / ReLU / sigmoid in place on its output). `Fp16` / `Bf16` keep activations
+//! channels-last in the half type and run every convolution on the tensor cores (`tensor_conv`:
+//! weights rounded to the half type and laid out once, here; f32 accumulation; bias, residual and
+//! ReLU in the epilogue; output rounded once to the half type, or kept in f32 for the head and
+//! a sigmoid). Up-sampling and the add that reads it are one kernel in every type (skip + up(low)
+//! in f32, rounded once), max-pool too (exact). The other ops (input scaling; the adds, ReLUs and
+//! up-samplings the passes leave unfused) run in f32 on a converted copy (`convert`); their
+//! result is rounded to the half type when a convolution reads it. The rounding points are
+//! therefore: the input of every conv and its residual, every conv weight, every conv output but
+//! the head's and a sigmoid's, and every up-sample + add.
+//!
+//! The graph's `Pair` (two in-plane GCN convs, which the CPU runs plane by plane for its caches)
+//! is two convs here. Values whose lifetimes do not overlap share memory (`plan::memory`).
+use std::collections::HashMap;
+
+use crate::backend::{ConvSpec, DevTensor};
+use crate::error::{Error, Result};
+use crate::gpu::ops::GpuBackend;
+use crate::gpu::tensor_conv::{conv3d_tc_into, Epilogue, TcConv};
+use crate::gpu::{convert, DType, Device};
+use crate::graph::passes::{Act, Lin, Passes, WOp, Weighted};
+use crate::graph::{Graph, Mode};
+use crate::plan::memory;
+use crate::tensor::{Shape, Tensor};
+use crate::weights::Weights;
+
+/// The arithmetic of the GPU plan. The default is `Fp32`: until fp16 / bf16 are measured on a
+/// GPU (speed) and on real tomograms (accuracy; the golden cases are small random networks),
+/// the precision that matches the float64 oracle to 1e-4 stays the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Precision {
+    /// float32 everywhere (CUDA cores)
+    #[default]
+    Fp32,
+    /// float16 activations and weights, f32 accumulation (tensor cores, sm_80+)
+    Fp16,
+    /// bfloat16 activations and weights, f32 accumulation (tensor cores, sm_80+)
+    Bf16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Fp16, Precision::Bf16];
+
+    /// The type activations are stored in between convolutions.
+    pub fn storage(self) -> DType {
+        match self {
+            Precision::Fp32 => DType::F32,
+            Precision::Fp16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A value of the plan (an index into its shapes and types).
+type V = usize;
+
+/// A convolution's weights on the device, in the form its kernel reads.
+enum Conv<B> {
+    F32 { spec: ConvSpec, w: B, b: Option<B> },
+    Half(TcConv<B>),
+}
+
+/// One step. Outputs are values of their own, except the fp32 conv's epilogue, which runs in place
+/// on the conv's output (one thread per element).
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Conv { x: V, conv: usize, out: V, res: Option<V>, act: Act },
+    Affine { x: V, aff: usize, out: V },
+    Add { a: V, b: V, out: V },
+    Relu { x: V, out: V },
+    Sigmoid { x: V, out: V },
+    Upsample { x: V, out: V },
+    /// out = skip + up-sampling of `low` to skip's size.
+    UpAdd { skip: V, low: V, out: V },
+    MaxPool { x: V, out: V },
+    /// f32 <-> half, to the type of `out`.
+    Convert { x: V, out: V },
+}
+
+impl Step {
+    fn values(&self) -> Vec<V> {
+        match *self {
+            Step::Conv { x, out, res, .. } => [Some(x), Some(out), res].into_iter().flatten().collect(),
+            Step::Add { a: x, b: y, out } | Step::UpAdd { skip: x, low: y, out } => vec![x, y, out],
+            Step::Affine { x, out, .. } | Step::Relu { x, out } | Step::Sigmoid { x, out } | Step::Upsample { x, out } | Step::MaxPool { x, out } | Step::Convert { x, out } => vec![x, out],
+        }
+    }
+}
+
+/// The network compiled for `batch` volumes of one size on one device.
+pub struct GpuPlan<D: Device> {
+    gpu: GpuBackend<D>,
+    precision: Precision,
+    batch: usize,
+    steps: Vec<Step>,
+    convs: Vec<Conv<D::Buf>>,
+    affines: Vec<(D::Buf, D::Buf)>,
+    /// Every value as a region of `arena` (declared first: dropped before it).
+    vals: Vec<DevTensor<D::Buf>>,
+    arena_bytes: usize,
+    weight_bytes: usize,
+    input: V,
+    output: V,
+    _arena: D::Buf,
+}
+
+/// The lowering: values (shape with the batch, type) and steps, node by node in the graph's order.
+struct Lower<'a, D: Device> {
+    g: &'a Weighted,
+    dev: &'a D,
+    precision: Precision,
+    batch: usize,
+    shapes: Vec<(Shape, DType)>,
+    steps: Vec<Step>,
+    convs: Vec<Conv<D::Buf>>,
+    affines: Vec<(D::Buf, D::Buf)>,
+    readers: Vec<usize>,
+    /// The value of each node (none for an up-sampling its add runs).
+    val: Vec<Option<V>>,
+    /// (value, type) -> its converted copy, made once.
+    converted: HashMap<(V, DType), V>,
+}
+
+impl<D: Device> Lower<'_, D> {
+    fn value(&mut self, s: Shape, t: DType) -> V {
+        self.shapes.push((Shape { n: self.batch, ..s }, t));
+        self.shapes.len() - 1
+    }
+
+    /// Input k of node i in type `t`.
+    fn input(&mut self, i: usize, k: usize, t: DType) -> Result<V> {
+        self.value_of(i, self.g.nodes[i].inputs[k], t)
+    }
+
+    /// The value of node j, which node i reads, in type `t`: converted (once) when stored in another.
+    fn value_of(&mut self, i: usize, j: usize, t: DType) -> Result<V> {
+        let v = self.val[j].ok_or_else(|| Error::Other(format!("gpu plan: {} reads {}, which has no value", self.g.nodes[i].name, self.g.nodes[j].name)))?;
+        if self.shapes[v].1 == t {
+            return Ok(v);
+        }
+        if let Some(&c) = self.converted.get(&(v, t)) {
+            return Ok(c);
+        }
+        let out = self.value(self.shapes[v].0, t);
+        self.steps.push(Step::Convert { x: v, out });
+        self.converted.insert((v, t), out);
+        Ok(out)
+    }
+
+    /// The type a conv writes: the storage type, but f32 for the graph's output and before a sigmoid.
+    fn conv_out_type(&self, i: usize, act: Act) -> DType {
+        if i == self.g.output || act == Act::Sigmoid { DType::F32 } else { self.precision.storage() }
+    }
+
+    fn upload_conv(&mut self, l: &Lin) -> Result<usize> {
+        let (w, b) = (&l.w, l.b.as_ref());
+        let conv = match self.precision {
+            Precision::Fp32 => Conv::F32 {
+                spec: l.spec,
+                w: self.dev.htod(w)?,
+                b: b.as_ref().map(|b| self.dev.htod(b)).transpose()?,
+            },
+            p => Conv::Half(TcConv::new(self.dev, &l.spec, w, b.map(|b| b.as_slice()), p.storage())?),
+        };
+        self.convs.push(conv);
+        Ok(self.convs.len() - 1)
+    }
+
+    fn conv(&mut self, x: V, l: &Lin, res: Option<V>, act: Act, out: V) -> Result<()> {
+        let conv = self.upload_conv(l)?;
+        self.steps.push(Step::Conv { x, conv, out, res, act });
+        Ok(())
+    }
+
+    /// A step of an f32-only op reading node i's inputs (converted to f32) into a new f32 value.
+    fn f32_op(&mut self, i: usize, make: impl Fn(&[V], V) -> Step) -> Result<V> {
+        let g = self.g;
+        let n = &g.nodes[i];
+        let ins = (0..n.inputs.len()).map(|k| self.input(i, k, DType::F32)).collect::<Result<Vec<V>>>()?;
+        let out = self.value(n.shape, DType::F32);
+        self.steps.push(make(&ins, out));
+        Ok(out)
+    }
+
+    /// The up-sampled input of an add (its index among the add's inputs) that the add runs.
+    fn fused_up(&self, i: usize) -> Option<usize> {
+        let n = &self.g.nodes[i];
+        (0..n.inputs.len()).find(|&k| self.up_by_its_add(n.inputs[k]))
+    }
+
+    /// Node j is an up-sampling read only by an add (which then runs it, in one kernel).
+    fn up_by_its_add(&self, j: usize) -> bool {
+        matches!(self.g.nodes[j].op, WOp::Upsample)
+            && self.readers[j] == 1
+            && self.g.nodes.iter().any(|m| matches!(m.op, WOp::Add) && m.inputs.contains(&j) && m.inputs[0] != m.inputs[1])
+    }
+
+    fn node(&mut self, i: usize) -> Result<Option<V>> {
+        let g = self.g;
+        let n = &g.nodes[i];
+        let (s, storage) = (n.shape, self.precision.storage());
+        if matches!(n.op, WOp::Upsample) && self.up_by_its_add(i) {
+            return Ok(None);
+        }
+        if let (WOp::Add, Some(k)) = (&n.op, self.fused_up(i)) {
+            let skip = self.input(i, 1 - k, storage)?;
+            let low = self.value_of(i, g.nodes[n.inputs[k]].inputs[0], storage)?;
+            let out = self.value(s, storage);
+            self.steps.push(Step::UpAdd { skip, low, out });
+            return Ok(Some(out));
+        }
+        Ok(Some(match &n.op {
+            WOp::Input => self.value(s, DType::F32),
+            WOp::Conv { lin, act } => {
+                let t = self.conv_out_type(i, *act);
+                let x = self.input(i, 0, storage)?;
+                let res = if n.inputs.len() > 1 { Some(self.input(i, 1, t)?) } else { None };
+                let out = self.value(s, t);
+                self.conv(x, lin, res, *act, out)?;
+                out
+            }
+            WOp::Pair { a, b } => {
+                let x = self.input(i, 0, storage)?;
+                let mid = self.value(s.with_c(a.spec.cout).with_d(a.spec.out_dims(self.shapes[x].0.d)), storage);
+                let out = self.value(s, self.conv_out_type(i, Act::None));
+                self.conv(x, a, None, Act::None, mid)?;
+                self.conv(mid, b, None, Act::None, out)?;
+                out
+            }
+            WOp::Affine { scale, shift } | WOp::Bn { scale, shift } => {
+                let c = s.c;
+                let per_c = |v: &[f64]| (0..c).map(|k| v[k % v.len()] as f32).collect::<Vec<f32>>();
+                self.affines.push((self.dev.htod(&per_c(scale))?, self.dev.htod(&per_c(shift))?));
+                let aff = self.affines.len() - 1;
+                self.f32_op(i, |v, out| Step::Affine { x: v[0], aff, out })?
+            }
+            WOp::MaxPool => {
+                let x = self.input(i, 0, storage)?;
+                let out = self.value(s, storage);
+                self.steps.push(Step::MaxPool { x, out });
+                out
+            }
+            WOp::Relu => self.f32_op(i, |v, out| Step::Relu { x: v[0], out })?,
+            WOp::Sigmoid => self.f32_op(i, |v, out| Step::Sigmoid { x: v[0], out })?,
+            WOp::Add => self.f32_op(i, |v, out| Step::Add { a: v[0], b: v[1], out })?,
+            WOp::Upsample => self.f32_op(i, |v, out| Step::Upsample { x: v[0], out })?,
+        }))
+    }
+}
+
+impl<D: Device> GpuPlan<D> {
+    /// Compiles `weights` for `batch` volumes of size `d` with every pass of the CPU plan.
+    pub fn new(dev: D, weights: &Weights, d: [usize; 3], batch: usize, precision: Precision) -> Result<Self> {
+        weights.config.check_input_size(d)?;
+        let g = Graph::new(&weights.config, Mode::Eval, d);
+        let mut wg = Weighted::new(&g, &|name| weights.get(name))?;
+        wg.optimise(Passes::default());
+        GpuPlan::from_weighted(dev, &wg, batch, precision)
+    }
+
+    /// Compiles a passed inference graph (any passes, any `Arch`).
+    pub fn from_weighted(dev: D, g: &Weighted, batch: usize, precision: Precision) -> Result<Self> {
+        if batch == 0 {
+            return Err(Error::Input("the GPU plan needs a batch of at least one volume".into()));
+        }
+        if precision != Precision::Fp32 && !dev.has_tensor_cores() {
+            return Err(Error::backend(&dev.name(), format!("--precision {}: needs tensor cores (sm_80 or newer)", precision.name())));
+        }
+        let mut l = Lower {
+            g,
+            dev: &dev,
+            precision,
+            batch,
+            shapes: Vec::new(),
+            steps: Vec::new(),
+            convs: Vec::new(),
+            affines: Vec::new(),
+            readers: g.consumers(),
+            val: vec![None; g.nodes.len()],
+            converted: HashMap::new(),
+        };
+        for i in g.order() {
+            l.val[i] = l.node(i)?;
+        }
+        let (input, output) = (l.val[g.input], l.val[g.output]);
+        let (Some(input), Some(output)) = (input, output) else {
+            return Err(Error::Other("gpu plan: the graph's input or output has no value".into()));
+        };
+        let Lower { shapes, steps, convs, affines, .. } = l;
+        // lifetimes in 4-byte units: from the first step touching a value to the last; the input
+        // is live from the start, the output to the end
+        let mut lives: Vec<memory::Life> =
+            shapes.iter().map(|(s, t)| memory::Life { len: (s.len() * t.bytes()).div_ceil(4), first: usize::MAX, last: 0 }).collect();
+        for (i, st) in steps.iter().enumerate() {
+            for v in st.values() {
+                lives[v].first = lives[v].first.min(i);
+                lives[v].last = lives[v].last.max(i);
+            }
+        }
+        lives[input].first = 0;
+        lives[output].last = steps.len();
+        for l in lives.iter_mut().filter(|l| l.first == usize::MAX) {
+            *l = memory::Life { len: 0, first: 0, last: 0 };
+        }
+        let (off, arena_len) = memory::place(&lives, true);
+        debug_assert!(memory::disjoint(&lives, &off));
+        let arena_bytes = 4 * arena_len;
+        let arena = dev.alloc_arena(arena_bytes)?;
+        let vals = shapes
+            .iter()
+            .zip(&off)
+            .zip(&lives)
+            .map(|(((s, t), &o), life)| {
+                let len = if life.len == 0 { 0 } else { s.len() };
+                Ok(DevTensor { shape: *s, data: dev.region(&arena, 4 * o, len, *t)? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let weight_bytes = convs.iter().map(|c| conv_bytes(&dev, c)).sum();
+        Ok(GpuPlan { gpu: GpuBackend::new(dev), precision, batch, steps, convs, affines, vals, arena_bytes, weight_bytes, input, output, _arena: arena })
+    }
+
+    pub fn device(&self) -> &D {
+        self.gpu.device()
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Kernel launches of one forward pass of a batch (at most: empty values launch nothing).
+    pub fn launches(&self) -> usize {
+        self.steps
+            .iter()
+            .map(|s| match *s {
+                Step::Conv { conv, res, act, .. } => match self.convs[conv] {
+                    Conv::F32 { .. } => 1 + (res.is_some() || act == Act::Relu) as usize + (act == Act::Sigmoid) as usize,
+                    Conv::Half(_) => 1 + (act == Act::Sigmoid) as usize,
+                },
+                _ => 1,
+            })
+            .sum()
+    }
+
+    pub fn arena_bytes(&self) -> usize {
+        self.arena_bytes
+    }
+
+    /// One line: precision, batch, steps, launches and memory.
+    pub fn summary(&self) -> String {
+        format!(
+            "gpu plan: {}, batch {}, {} steps ({} convs, {} launches per batch), arena {:.1} MiB + weights {:.1} MiB",
+            self.precision.name(),
+            self.batch,
+            self.steps.len(),
+            self.convs.len(),
+            self.launches(),
+            self.arena_bytes as f64 / 1048576.0,
+            self.weight_bytes as f64 / 1048576.0
+        )
+    }
+
+    /// N raw 1-channel volumes (channels-last) in, the head output out, `batch` volumes at a time
+    /// (a last, partial batch is padded with zeros).
+    pub fn run(&self, x: &Tensor) -> Result<Tensor> {
+        let ins = self.vals[self.input].shape;
+        if x.shape.c != 1 || x.shape.d != ins.d {
+            return Err(Error::Shape(format!("this GPU plan runs 1-channel {:?} volumes, got {}", ins.d, x.shape)));
+        }
+        if x.data.len() != x.shape.len() {
+            return Err(Error::Shape(format!("{} needs {} values, got {}", x.shape, x.shape.len(), x.data.len())));
+        }
+        let os = self.vals[self.output].shape;
+        let (per_in, per_out) = (ins.len() / self.batch, os.len() / self.batch);
+        let mut out = Tensor::zeros(Shape::new(x.shape.n, os.d, os.c));
+        let mut host = vec![0.0f32; ins.len()];
+        for first in (0..x.shape.n).step_by(self.batch) {
+            let m = self.batch.min(x.shape.n - first);
+            host.fill(0.0);
+            host[..m * per_in].copy_from_slice(&x.data[first * per_in..(first + m) * per_in]);
+            self.device().htod_into(&host, &self.vals[self.input].data)?;
+            self.exec()?;
+            let y = self.device().dtoh(&self.vals[self.output].data)?;
+            out.data[first * per_out..(first + m) * per_out].copy_from_slice(&y[..m * per_out]);
+        }
+        crate::finite::plain(out)
+    }
+
+    fn exec(&self) -> Result<()> {
+        let (g, dev, v) = (&self.gpu, self.gpu.device(), |i: V| &self.vals[i]);
+        for st in &self.steps {
+            match *st {
+                Step::Conv { x, conv, out, res, act } => match &self.convs[conv] {
+                    Conv::F32 { spec, w, b } => {
+                        g.conv3d_into(v(x), w, b.as_ref(), spec, v(out))?;
+                        match res {
+                            Some(r) => g.add_into(v(out), v(r), act == Act::Relu, v(out))?,
+                            None if act == Act::Relu => g.relu_into(v(out), v(out))?,
+                            None => {}
+                        }
+                        if act == Act::Sigmoid {
+                            g.sigmoid_into(v(out), v(out))?;
+                        }
+                    }
+                    Conv::Half(tc) => {
+                        let ep = Epilogue { residual: res.map(v), relu: act == Act::Relu, out: dev.buf_dtype(&v(out).data) };
+                        conv3d_tc_into(dev, tc, v(x), &ep, v(out))?;
+                        if act == Act::Sigmoid {
+                            g.sigmoid_into(v(out), v(out))?;
+                        }
+                    }
+                },
+                Step::Affine { x, aff, out } => g.channel_affine_into(v(x), &self.affines[aff].0, &self.affines[aff].1, false, v(out))?,
+                Step::Add { a, b, out } => g.add_into(v(a), v(b), false, v(out))?,
+                Step::Relu { x, out } => g.relu_into(v(x), v(out))?,
+                Step::Sigmoid { x, out } => g.sigmoid_into(v(x), v(out))?,
+                Step::Upsample { x, out } => g.upsample_into(v(x), v(out))?,
+                Step::UpAdd { skip, low, out } => g.upsample_add_into(v(skip), v(low), v(out))?,
+                Step::MaxPool { x, out } => g.maxpool2_into(v(x), v(out))?,
+                Step::Convert { x, out } => convert::convert_to(dev, v(x), v(out))?,
+            }
+        }
+        dev.synchronize()
+    }
+}
+
+fn conv_bytes<D: Device>(dev: &D, c: &Conv<D::Buf>) -> usize {
+    let b = |buf: &D::Buf| dev.buf_len(buf) * dev.buf_dtype(buf).bytes();
+    match c {
+        Conv::F32 { w, b: bias, .. } => b(w) + bias.as_ref().map_or(0, b),
+        Conv::Half(tc) => b(tc.weights()) + 4 * tc.spec.cout,
+    }
+}

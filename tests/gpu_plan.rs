@@ -1,0 +1,421 @@
+//! The GPU inference plan (`gpu::plan`) on the kernel emulator, against the golden cases.
+//!
+//! fp32: within 1e-4 of the float64 oracle (max|a-e| / max(1, max|e|), as every engine), and
+//! within 1e-5 of the CPU plan (both lower the same passed graph; they differ by f32 summation order).
+//!
+//! fp16 / bf16: the plan rounds at documented points (gpu/plan.rs): every conv's input and residual,
+//! every conv weight (the folded f32 weight rounded once), every conv output but the head's and a
+//! sigmoid's, every up-sample + add; everything else is f32. `rounded_run` below is an f64 interpreter of the same passed
+//! graph that rounds to the half type at exactly those points and nowhere else (an independent CPU
+//! run with the same rounding points). gpu and sim are the same rounding process at the same
+//! points (and up-sample + add, which the plan runs as one kernel, rounds its sum); they differ only in the arithmetic between them (f32 with the kernels' summation order
+//! vs f64: the fp32 engines' whole-network error, <= 1e-4 relative). Where that moves a value
+//! across a rounding boundary, one half rounding lands the other way; the half-ulp step it makes
+//! then reaches the next layer's roundings, which flip in turn, so past a few layers gpu and sim
+//! carry independent rounding errors of the same distribution (measured: |gpu - sim| is 0.7-1.2
+//! e_sim). The claim tested is that the GPU's error is the size of the sim's:
+//!   e_gpu <= 2 e_sim + 1e-4
+//! (e = max|a - oracle| / max(1, max|oracle|); measured e_gpu / e_sim 0.9-1.3). A layout or
+//! epilogue bug is O(1): the planted fault below (one residual add skipped) is far above it.
+//!
+//! Emulator time: tiny, small (batch 2) and readme (max-pool, sigmoid head, input scaling); mid
+//! (64x64x32, widths 16..256) is left to the GPU (minutes on the emulator).
+mod common;
+use common::*;
+use deepis::backend::ConvSpec;
+use deepis::gpu::emu::{EmuDevice, Schedule};
+use deepis::gpu::plan::{GpuPlan, Precision};
+use deepis::graph::passes::{Act, Lin, Passes, WOp, Weighted};
+use deepis::graph::{Graph, Mode};
+use deepis::plan::{Plan, PlanOptions};
+use deepis::tensor::{rel_err, Shape, Tensor};
+use deepis::weights::Weights;
+use std::time::Instant;
+
+const CASES: [&str; 3] = ["tiny", "small", "readme"];
+const ORACLE_TOL: f32 = 1e-4;
+const CPU_PLAN_TOL: f32 = 1e-5;
+
+fn passed(w: &Weights, d: [usize; 3]) -> Weighted {
+    let g = Graph::new(&w.config, Mode::Eval, d);
+    let mut wg = Weighted::new(&g, &|n| w.get(n)).unwrap();
+    wg.optimise(Passes::default());
+    wg
+}
+
+fn case(name: &str) -> (Weights, Tensor, Tensor) {
+    (Weights::load(&data(name, "weights.safetensors")).unwrap(), read_5d(&data(name, "input.npy")), read_5d(&data(name, "expected.npy")))
+}
+
+fn run(w: &Weighted, x: &Tensor, p: Precision, schedule: Schedule) -> Tensor {
+    GpuPlan::from_weighted(EmuDevice::with_schedule(schedule), w, x.shape.n, p).unwrap().run(x).unwrap()
+}
+
+#[test]
+fn fp32_plan_matches_the_oracle_and_the_cpu_plan() {
+    println!("{:<8} {:>10} {:>12} {:>12} {:>8}", "case", "precision", "vs oracle", "vs cpu plan", "emu s");
+    for name in CASES {
+        let (w, x, want) = case(name);
+        let t0 = Instant::now();
+        let plan = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, x.shape.n, Precision::Fp32).unwrap();
+        let got = plan.run(&x).unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = Plan::new(&w, x.shape.d, PlanOptions::default()).unwrap().run(&x).unwrap();
+        assert_eq!(got.shape, want.shape, "{name}");
+        let (e, ec) = (rel_err(&got.data, &want.data, 1.0), rel_err(&got.data, &cpu.data, 1.0));
+        println!("{name:<8} {:>10} {e:>12.3e} {ec:>12.3e} {secs:>8.1}   {}", "fp32", plan.summary());
+        assert!(e <= ORACLE_TOL, "{name}: rel err {e:.3e} > {ORACLE_TOL:e} against the oracle");
+        assert!(ec <= CPU_PLAN_TOL, "{name}: rel err {ec:.3e} > {CPU_PLAN_TOL:e} against the CPU plan");
+    }
+}
+
+#[test]
+fn half_plans_are_within_the_bound_of_the_same_rounding_on_the_cpu() {
+    println!("{:<8} {:>6} {:>11} {:>11} {:>11} {:>11} {:>8}", "case", "prec", "e_gpu", "e_sim", "|gpu-sim|", "bound", "emu s");
+    for name in CASES {
+        let (w, x, want) = case(name);
+        let wg = passed(&w, x.shape.d);
+        let exact = rounded_run(&wg, &x, None);
+        let e0 = rel_err(&exact.data, &want.data, 1.0);
+        println!("{name:<8} {:>6} {:>11} {e0:>11.3e}   (the interpreter unrounded, a check of it)", "f64", "");
+        assert!(e0 <= 1e-5, "{name}: the f64 interpreter is {e0:.3e} from the oracle");
+        for p in [Precision::Fp16, Precision::Bf16] {
+            let t0 = Instant::now();
+            let got = run(&wg, &x, p, Schedule::Forward);
+            let secs = t0.elapsed().as_secs_f64();
+            let sim = rounded_run(&wg, &x, Some(p));
+            let (eg, es, d) = (rel_err(&got.data, &want.data, 1.0), rel_err(&sim.data, &want.data, 1.0), rel_err(&got.data, &sim.data, 1.0));
+            let bound = 2.0 * es + ORACLE_TOL;
+            println!("{name:<8} {:>6} {eg:>11.3e} {es:>11.3e} {d:>11.3e} {bound:>11.3e} {secs:>8.1}", p.name());
+            assert!(eg <= bound, "{name} {}: e_gpu {eg:.3e} > bound {bound:.3e}", p.name());
+        }
+    }
+}
+
+#[test]
+fn both_schedules_agree_bit_for_bit_in_every_precision() {
+    let (w, x, _) = case("tiny");
+    let wg = passed(&w, x.shape.d);
+    for p in Precision::ALL {
+        let (a, b) = (run(&wg, &x, p, Schedule::Forward), run(&wg, &x, p, Schedule::Reverse));
+        assert!(same_bits(&a.data, &b.data), "{}: forward and reverse schedules differ", p.name());
+    }
+}
+
+#[test]
+fn a_skipped_residual_add_fails_every_precision() {
+    let (w, x, want) = case("tiny");
+    let mut wg = passed(&w, x.shape.d);
+    let sim = |p| rel_err(&rounded_run(&wg, &x, Some(p)).data, &want.data, 1.0);
+    let bounds: Vec<f32> = [Precision::Fp16, Precision::Bf16].into_iter().map(|p| 2.0 * sim(p) + ORACLE_TOL).collect();
+    // the first conv that adds a residual in its epilogue (a bottleneck's increase conv) loses it
+    let i = wg.order().into_iter().find(|&i| matches!(wg.nodes[i].op, WOp::Conv { .. }) && wg.nodes[i].inputs.len() == 2).expect("a fused residual");
+    println!("planted: {} without its residual add", wg.nodes[i].name);
+    wg.nodes[i].inputs.truncate(1);
+    for (p, bound) in [(Precision::Fp32, ORACLE_TOL), (Precision::Fp16, bounds[0]), (Precision::Bf16, bounds[1])] {
+        let e = rel_err(&run(&wg, &x, p, Schedule::Forward).data, &want.data, 1.0);
+        println!("{}: rel err {e:.3e}, bound {bound:.3e}, {:.0}x", p.name(), e / bound);
+        assert!(e > bound, "{}: the planted fault went unnoticed ({e:.3e} <= {bound:.3e})", p.name());
+    }
+}
+
+/// The same checks on a real GPU, when there is one: fp32 against the oracle, fp16 / bf16 within
+/// the bound above (every golden case, mid included).
+#[test]
+fn cuda_plans_are_within_the_bounds() {
+    for name in ["tiny", "small", "readme", "mid"] {
+        let (w, x, want) = case(name);
+        let wg = passed(&w, x.shape.d);
+        for p in Precision::ALL {
+            let Some(dev) = cuda_device_or_skip() else { return };
+            let got = GpuPlan::from_weighted(dev, &wg, x.shape.n, p).unwrap().run(&x).unwrap();
+            let e = rel_err(&got.data, &want.data, 1.0);
+            let bound = match p {
+                Precision::Fp32 => ORACLE_TOL,
+                p => 2.0 * rel_err(&rounded_run(&wg, &x, Some(p)).data, &want.data, 1.0) + ORACLE_TOL,
+            };
+            println!("{name:<8} {} on cuda: rel err {e:.3e}, bound {bound:.3e}", p.name());
+            assert!(e <= bound, "{name} {} on cuda: rel err {e:.3e} > {bound:.3e}", p.name());
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let (w, x, _) = case("tiny");
+    let plan = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, 1, Precision::Fp16).unwrap();
+    let wrong = Tensor::zeros(Shape::new(1, [16, 16, 16], 1));
+    assert!(matches!(plan.run(&wrong), Err(deepis::Error::Shape(_))));
+    let two = Tensor::zeros(Shape::new(1, x.shape.d, 2));
+    assert!(matches!(plan.run(&two), Err(deepis::Error::Shape(_))));
+    assert!(GpuPlan::new(EmuDevice::new(), &w, x.shape.d, 0, Precision::Fp32).is_err());
+    // a batch of 2 on 3 volumes pads the last batch, and gives what batch 1 gives to rounding
+    let three = Tensor::new(Shape::new(3, x.shape.d, 1), [x.data.clone(), x.data.iter().map(|v| -v).collect(), x.data.clone()].concat()).unwrap();
+    let a = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, 2, Precision::Fp32).unwrap().run(&three).unwrap();
+    let b = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, 1, Precision::Fp32).unwrap().run(&three).unwrap();
+    assert_eq!(a.shape, three.shape.with_c(1));
+    let e = rel_err(&a.data, &b.data, 1.0);
+    assert!(e <= CPU_PLAN_TOL, "batch 2 vs batch 1: {e:.3e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The f64 interpreter of a passed graph, rounding to `p`'s half type at the plan's rounding points.
+
+/// One volume's values are channels-last [d0][d1][d2][c].
+struct Vol {
+    d: [usize; 3],
+    c: usize,
+    v: Vec<f64>,
+}
+
+fn round(p: Option<Precision>) -> impl Fn(f64) -> f64 {
+    move |x| match p {
+        Some(Precision::Fp16) => half::f16::from_f64(x).to_f64(),
+        Some(Precision::Bf16) => half::bf16::from_f64(x).to_f64(),
+        _ => x,
+    }
+}
+
+fn conv(x: &Vol, l: &Lin, res: Option<&Vol>, act: Act, r: &dyn Fn(f64) -> f64, round_out: bool) -> Vol {
+    let ConvSpec { cin, cout, k, stride, pad } = l.spec;
+    let d = l.spec.out_dims(x.d);
+    let xin: Vec<f64> = x.v.iter().map(|&v| r(v)).collect();
+    let w: Vec<f64> = l.w.iter().map(|&v| r(v as f64)).collect();
+    let mut y = vec![0.0f64; d[0] * d[1] * d[2] * cout];
+    for o0 in 0..d[0] {
+        for o1 in 0..d[1] {
+            for o2 in 0..d[2] {
+                let acc = &mut y[((o0 * d[1] + o1) * d[2] + o2) * cout..][..cout];
+                for t0 in 0..k[0] {
+                    for t1 in 0..k[1] {
+                        for t2 in 0..k[2] {
+                            let i = [o0 * stride[0] + t0, o1 * stride[1] + t1, o2 * stride[2] + t2];
+                            if (0..3).any(|a| i[a] < pad[a] || i[a] - pad[a] >= x.d[a]) {
+                                continue;
+                            }
+                            let at = (((i[0] - pad[0]) * x.d[1] + i[1] - pad[1]) * x.d[2] + i[2] - pad[2]) * cin;
+                            let tap = (t0 * k[1] + t1) * k[2] + t2;
+                            for ci in 0..cin {
+                                let xv = xin[at + ci];
+                                let wrow = &w[(tap * cin + ci) * cout..][..cout];
+                                acc.iter_mut().zip(wrow).for_each(|(a, &wv)| *a += xv * wv);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (j, y) in y.iter_mut().enumerate() {
+        let mut v = *y + l.b.as_ref().map_or(0.0, |b| b[j % cout] as f64) + res.map_or(0.0, |r0| if round_out { r(r0.v[j]) } else { r0.v[j] });
+        v = match act {
+            Act::None => v,
+            Act::Relu => v.max(0.0),
+            Act::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+        };
+        *y = if round_out { r(v) } else { v };
+    }
+    Vol { d, c: cout, v: y }
+}
+
+/// Trilinear, align_corners=True, along one axis at a time (the product is the same).
+fn upsample(x: &Vol, to: [usize; 3]) -> Vol {
+    let mut cur = Vol { d: x.d, c: x.c, v: x.v.clone() };
+    for a in 0..3 {
+        let (n_in, n_out) = (cur.d[a], to[a]);
+        let mut d = cur.d;
+        d[a] = n_out;
+        let inner: usize = d[a + 1..].iter().product::<usize>() * cur.c;
+        let outer: usize = d[..a].iter().product();
+        let mut v = vec![0.0; outer * n_out * inner];
+        for o in 0..outer {
+            for j in 0..n_out {
+                let s = if n_out > 1 { j as f64 * (n_in - 1) as f64 / (n_out - 1) as f64 } else { 0.0 };
+                let i0 = (s.floor() as usize).min(n_in - 1);
+                let i1 = (i0 + 1).min(n_in - 1);
+                let f = s - i0 as f64;
+                for q in 0..inner {
+                    let at = |i: usize| cur.v[(o * n_in + i) * inner + q];
+                    v[(o * n_out + j) * inner + q] = at(i0) * (1.0 - f) + at(i1) * f;
+                }
+            }
+        }
+        cur = Vol { d, c: cur.c, v };
+    }
+    cur
+}
+
+fn maxpool(x: &Vol) -> Vol {
+    let d = x.d.map(|v| v / 2);
+    let mut v = vec![f64::NEG_INFINITY; d[0] * d[1] * d[2] * x.c];
+    for (o, y) in v.iter_mut().enumerate() {
+        let (ch, vox) = (o % x.c, o / x.c);
+        let j = [vox / (d[1] * d[2]), vox / d[2] % d[1], vox % d[2]];
+        for t in 0..8 {
+            let i = [2 * j[0] + t / 4, 2 * j[1] + t / 2 % 2, 2 * j[2] + t % 2];
+            *y = y.max(x.v[((i[0] * x.d[1] + i[1]) * x.d[2] + i[2]) * x.c + ch]);
+        }
+    }
+    Vol { d, c: x.c, v }
+}
+
+/// The graph's output for every volume of `x`, in f64, rounding as the GPU plan in precision `p`
+/// does (None or Fp32: no rounding at all, an f64 run of the passed graph).
+fn rounded_run(g: &Weighted, x: &Tensor, p: Option<Precision>) -> Tensor {
+    let r = round(p.filter(|&p| p != Precision::Fp32));
+    let per = x.shape.voxels();
+    let mut out = Vec::new();
+    let mut oshape = x.shape;
+    for n in 0..x.shape.n {
+        let mut vals: Vec<Option<Vol>> = (0..g.nodes.len()).map(|_| None).collect();
+        for i in g.order() {
+            let node = &g.nodes[i];
+            let a = |k: usize| vals[node.inputs[k]].as_ref().expect("computed");
+            let elementwise = |k: usize, f: &dyn Fn(usize, f64) -> f64| {
+                let x = a(k);
+                Vol { d: x.d, c: x.c, v: x.v.iter().enumerate().map(|(j, &v)| f(j, v)).collect() }
+            };
+            // the plan's rule: the head and a sigmoid's conv stay f32, every other conv output is rounded
+            let round_out = |act: Act| i != g.output && act != Act::Sigmoid;
+            let y = match &node.op {
+                WOp::Input => Vol { d: x.shape.d, c: 1, v: x.data[n * per..(n + 1) * per].iter().map(|&v| v as f64).collect() },
+                WOp::Conv { lin, act } => {
+                    let res = if node.inputs.len() > 1 { Some(a(1)) } else { None };
+                    conv(a(0), lin, res, *act, &r, round_out(*act))
+                }
+                WOp::Pair { a: la, b: lb } => {
+                    let mid = conv(a(0), la, None, Act::None, &r, true);
+                    conv(&mid, lb, None, Act::None, &r, round_out(Act::None))
+                }
+                WOp::Affine { scale, shift } | WOp::Bn { scale, shift } => {
+                    let c = a(0).c;
+                    elementwise(0, &|j, v| v * scale[j % c % scale.len()] + shift[j % c % shift.len()])
+                }
+                WOp::Relu => elementwise(0, &|_, v| v.max(0.0)),
+                WOp::Sigmoid => elementwise(0, &|_, v| 1.0 / (1.0 + (-v).exp())),
+                WOp::Add => {
+                    // an up-sample + add is one kernel that rounds its result once
+                    let up = node.inputs.iter().any(|&j| matches!(g.nodes[j].op, WOp::Upsample));
+                    let b = a(1);
+                    elementwise(0, &|j, v| if up { r(v + b.v[j]) } else { v + b.v[j] })
+                }
+                WOp::MaxPool => maxpool(a(0)),
+                WOp::Upsample => upsample(a(0), node.shape.d),
+            };
+            vals[i] = Some(y);
+        }
+        let y = vals[g.output].take().expect("output");
+        oshape = Shape::new(x.shape.n, y.d, y.c);
+        out.extend(y.v.iter().map(|&v| v as f32));
+    }
+    Tensor::new(oshape, out).unwrap()
+}
+
+/// `deepis predict --backend emu --precision P` is the GPU plan in P (bit for bit the library's
+/// output), and the CPU backends refuse a half precision with a clear message.
+#[test]
+fn predict_takes_the_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, x, _) = case("tiny");
+    let predict = |backend: &str, p: &str, out: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_deepis"))
+            .args(["predict", "--backend", backend, "--precision", p, "--weights"])
+            .arg(data("tiny", "weights.safetensors"))
+            .arg(data("tiny", "input.npy"))
+            .arg("-o")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    for p in [Precision::Fp16, Precision::Bf16] {
+        let out = dir.path().join(format!("{}.npy", p.name()));
+        let o = predict("emu", p.name(), &out);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && err.contains(&format!("gpu plan: {}", p.name())), "{err}");
+        let lib = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, 1, p).unwrap().run(&x).unwrap();
+        let (_, got) = read_npy(&out);
+        let lib_ncdhw = lib.to_ncdhw();
+        assert!(same_bits(&got, &lib_ncdhw), "{}: the CLI's output is not the plan's", p.name());
+    }
+    let out = dir.path().join("cpu.npy");
+    let o = predict("cpu", "fp16", &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--precision fp16: the CPU backends compute in fp32"), "{err}");
+    assert!(!err.contains("panicked") && !out.exists(), "{err}");
+}
+
+/// The plan's own kernels (upsample_add_{f32,f16,bf16}, maxpool2_{f16,bf16}) on odd shapes, under
+/// both schedules, against the CPU on the same stored (rounded) inputs. Max-pool is exact in every
+/// type. Up-sample + add: the CPU sums in f32 too, in another order (a few f32 ulps, 1e-5 of
+/// max(1, |y|) covers it), and the kernel rounds the sum once to the half type (at most u_h |y|,
+/// u_h = 2^-11 f16, 2^-8 bf16; f32: 0).
+#[test]
+fn plan_kernels_match_the_cpu_on_both_schedules() {
+    use deepis::gpu::{from_half_bits, to_half_bits, DType, Device};
+    let stored = |v: Vec<f32>, t: DType| if t == DType::F32 { v } else { from_half_bits(&to_half_bits(&v, t), t) };
+    let shapes = [(Shape::new(1, [3, 2, 5], 3), [5, 4, 9]), (Shape::new(2, [1, 3, 2], 5), [2, 5, 3]), (Shape::new(1, [4, 4, 4], 16), [8, 8, 7])];
+    println!("{:<28} {:>5} {:>11} {:>11}", "op", "type", "max|err|", "bound");
+    for (ls, hd) in shapes {
+        let hs = ls.with_d(hd);
+        for t in [DType::F32, DType::F16, DType::BF16] {
+            let u_h = match t {
+                DType::F32 => 0.0,
+                DType::F16 => 2f32.powi(-11),
+                DType::BF16 => 2f32.powi(-8),
+            };
+            let low = stored(values(ls.len(), 1).iter().map(|v| 3.0 * v).collect(), t);
+            let skip = stored(values(hs.len(), 2), t);
+            let mut want = skip.clone();
+            deepis::plan::ops::upsample_add(&mut want, hs, &low, ls);
+            let pool_x = stored(values(hs.len(), 3), t);
+            let pool_os = hs.with_d(hd.map(|d| d / 2));
+            let pool_want = deepis::cpu::ops::maxpool2(&pool_x, hs, pool_os);
+            let mut outs = Vec::new();
+            for schedule in [Schedule::Forward, Schedule::Reverse] {
+                let gpu = deepis::gpu::ops::GpuBackend::new(EmuDevice::with_schedule(schedule));
+                let dev = gpu.device();
+                let up = |v: &[f32], s: Shape| deepis::backend::DevTensor { shape: s, data: dev.htod_as(v, t).unwrap() };
+                let (sk, lo, y) = (up(&skip, hs), up(&low, ls), up(&vec![0.0; hs.len()], hs));
+                gpu.upsample_add_into(&sk, &lo, &y).unwrap();
+                let got = dev.dtoh(&y.data).unwrap();
+                let (mut worst, mut bound_at) = (0.0f32, 0.0f32);
+                for (g, w) in got.iter().zip(&want) {
+                    let bound = u_h * w.abs() + 1e-5 * w.abs().max(1.0);
+                    assert!((g - w).abs() <= bound, "upsample_add {} {ls} -> {hd:?}: got {g}, want {w} (bound {bound:.3e})", t.name());
+                    if (g - w).abs() >= worst {
+                        (worst, bound_at) = ((g - w).abs(), bound);
+                    }
+                }
+                let (px, py) = (up(&pool_x, hs), up(&vec![0.0; pool_os.len()], pool_os));
+                gpu.maxpool2_into(&px, &py).unwrap();
+                let pooled = dev.dtoh(&py.data).unwrap();
+                assert!(same_bits(&pooled, &pool_want), "maxpool2 {} {hs}: not the CPU's maxima", t.name());
+                if schedule == Schedule::Forward {
+                    println!("{:<28} {:>5} {worst:>11.3e} {bound_at:>11.3e}", format!("upsample_add {:?}->{hd:?}x{}", ls.d, ls.c), t.name());
+                }
+                outs.push((got, pooled));
+            }
+            assert!(same_bits(&outs[0].0, &outs[1].0) && same_bits(&outs[0].1, &outs[1].1), "{}: the schedules differ", t.name());
+        }
+    }
+}
+
+/// Arena regions are typed, aligned and bounded: a value cannot reach into its neighbour's bytes.
+#[test]
+fn arena_regions_are_bounded() {
+    use deepis::gpu::{DType, Device};
+    let dev = EmuDevice::new();
+    let arena = dev.alloc_arena(256).unwrap();
+    let a = dev.region(&arena, 0, 16, DType::F32).unwrap();
+    let b = dev.region(&arena, 64, 32, DType::F16).unwrap();
+    assert!(dev.region(&arena, 192, 17, DType::F32).is_err(), "past the end");
+    assert!(dev.region(&arena, 32, 4, DType::F32).is_err(), "misaligned");
+    dev.htod_into(&[1.5; 16], &a).unwrap();
+    assert_eq!(dev.dtoh(&a).unwrap(), vec![1.5; 16]);
+    assert_eq!(dev.dtoh(&b).unwrap(), vec![0.0; 32], "writing a changed b");
+    assert!(dev.htod_into(&[1.0; 15], &a).is_err() && dev.htod_into(&[1.0; 32], &b).is_err());
+    // a kernel given more elements than its region holds is refused by the emulator's bounds check
+    let k = deepis::gpu::kernels::RELU;
+    let r = dev.launch(k, deepis::gpu::LaunchCfg::linear(32, 256), &[deepis::gpu::KArg::Buf(&a), deepis::gpu::KArg::Buf(&a), deepis::gpu::KArg::I32(32)]);
+    assert!(r.is_err(), "relu over 32 elements of a 16-element region ran");
+}
