@@ -162,6 +162,10 @@ fn hostile_configs_and_options_are_refused_with_the_number() {
     fails_with(2, "synth --size 2^32,2^32,8", &["synth", "-o", s(&d.join("syn")), "--size", "4294967296,4294967296,8"], &[], &["more than 2^40 voxels"]);
     assert!(!d.join("syn").exists());
     fails("bench --batch 1000000", &["bench", "--batch", "1000000", "--config", "readme"], &[], &["--batch 1000000", "needs 3906.2 GiB, this machine has"]);
+    // The GPU plan's arena on the emulator is this machine's memory: refused over the budget.
+    let budget = [("DEEPIS_MAX_MEMORY", "256M")];
+    let big = ["bench", "--backend", "emu", "--config", "published", "--size", "16,16,16", "--batch", "128", "--runs", "1"];
+    fails("bench --backend emu --batch 128", &big, &budget, &["emulated device buffer", "needs 384.0 MiB, more than DEEPIS_MAX_MEMORY=256.0 MiB"]);
     let w = tiny("weights.safetensors");
     fails_with(2, "info --size overflowing", &["info", s(&w), "--size", "18446744073709551615,2,2"], &[], &["more than 2^40 voxels"]);
     let o = deepis(&["info", s(&w), "--size", "100000,100000,100"], &[]);

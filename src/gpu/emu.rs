@@ -212,6 +212,9 @@ impl Device for EmuDevice {
         }
     }
     fn alloc_zeros(&self, len: usize) -> Result<EmuBuf> {
+        // The emulated device's memory is this machine's: it answers to the memory budget.
+        let what = format!("an emulated device buffer of {len} values");
+        crate::limits::check(&what, crate::limits::bytes_of(Some(len as u64), 4)).map_err(Error::Input)?;
         Ok(EmuBuf::from_bytes(&vec![0; len * 4], len, DType::F32))
     }
     fn htod(&self, data: &[f32]) -> Result<EmuBuf> {
