@@ -86,10 +86,12 @@ pub fn time_interval_of(path: &Path) -> Result<Option<f64>> {
     if let Some(t) = read(path)?.and_then(|s| s.time_interval_s) {
         return Ok(Some(t));
     }
-    match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
-        Some("tcf") => Ok(crate::tcf::read_info(path)?.time_interval_s),
-        Some("tif" | "tiff") => Ok(crate::ome_xml::time_increment_s(&crate::voxel::tiff_description(path)?.1)),
-        _ => Ok(None),
+    if crate::io::extension_is(path, &["tcf"]) {
+        Ok(crate::tcf::read_info(path)?.time_interval_s)
+    } else if crate::io::extension_is(path, &["tif", "tiff"]) {
+        Ok(crate::ome_xml::time_increment_s(&crate::voxel::tiff_description(path)?.1))
+    } else {
+        Ok(None)
     }
 }
 

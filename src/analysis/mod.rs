@@ -153,11 +153,11 @@ pub enum Surfaces<'a> {
     /// The label masks: smoothed, volume-matched marching cubes ([`mask_surface`]); volumes are
     /// voxel counts.
     Labels,
-    /// A sigmoid head's maps of the frame (C x D0 x D1 x D2) and C: the level-1/2 surfaces of
-    /// [`probabilities::field`] near each labelled cell, volume-matched
-    /// ([`surface_area::field_surface`]); volumes are voxel counts. A class the maps have no
-    /// channel for falls back to its labels.
-    Probabilities(&'a [f32], usize),
+    /// The effector's and the target's fields of a sigmoid head's maps ([`probabilities::field`]):
+    /// their level-1/2 surfaces near each labelled cell, volume-matched
+    /// ([`surface_area::field_surface`]); volumes are voxel counts. A class with no field (the
+    /// maps have no channel for it) falls back to its labels.
+    Fields([Option<&'a [f32]>; 2]),
 }
 
 /// Metrics of one frame: `labels` (0/1/2) and optional `ri`, both D0 x D1 x D2 in C order;
@@ -168,9 +168,9 @@ pub fn analyze_frame(frame: usize, labels: &[u8], ri: Option<&[f32]>, dims: [usi
 
 /// The sum of `per_triangle` over the surface of the cell `mask` of `class`.
 fn cell_surface(mask: &[bool], class: u8, s: Surfaces<'_>, dims: [usize; 3], vox: [f64; 3], per_triangle: impl FnMut([[f64; 3]; 3]) -> f64) -> f64 {
-    if let Surfaces::Probabilities(maps, c) = s {
-        if let Some(g) = probabilities::field(maps, c, class) {
-            return surface_area::field_surface(&g, mask, dims, vox, per_triangle);
+    if let Surfaces::Fields(fields) = s {
+        if let Some(g) = fields[class as usize - 1] {
+            return surface_area::field_surface(g, mask, dims, vox, per_triangle);
         }
     }
     mask_surface(mask, dims, vox, per_triangle)
@@ -410,24 +410,31 @@ pub fn analyze_with(labels_path: &Path, ri_path: Option<&Path>, prob_path: Optio
         None => None,
     };
     let n = dims[0] * dims[1] * dims[2];
-    let probs = prob_path.map(|p| probabilities::read(p, t, dims)).transpose()?;
-    if let (Some(pr), Some(path)) = (&probs, prob_path) {
-        (0..t).into_par_iter().try_for_each(|f| {
-            for class in [EFFECTOR, TARGET] {
-                if let Some(g) = probabilities::field(pr.frame(f, n), pr.channels, class) {
-                    probabilities::check_agrees(&labels[f * n..(f + 1) * n], &g, class, f, path)?;
-                }
-            }
-            Ok::<_, Error>(())
-        })?;
-    }
-    Ok((0..t)
+    let probs = match prob_path {
+        Some(p) => Some((probabilities::read(p, t, dims)?, p)),
+        None => None,
+    };
+    (0..t)
         .into_par_iter()
         .map(|f| {
-            let surfaces = probs.as_ref().map_or(Surfaces::Labels, |pr| Surfaces::Probabilities(pr.frame(f, n), pr.channels));
-            analyze_frame_from(f, &labels[f * n..(f + 1) * n], ri.as_ref().map(|r| &r[f * n..(f + 1) * n]), surfaces, dims, opt)
+            let l = &labels[f * n..(f + 1) * n];
+            // Each class's field, made once per frame: checked against the labels, then surfaced.
+            let fields: [Option<Vec<f32>>; 2] = match &probs {
+                Some((pr, path)) => {
+                    let g = [EFFECTOR, TARGET].map(|c| probabilities::field(pr.frame(f, n), pr.channels, c));
+                    for (c, g) in [EFFECTOR, TARGET].into_iter().zip(&g) {
+                        if let Some(g) = g {
+                            probabilities::check_agrees(l, g, c, f, path)?;
+                        }
+                    }
+                    g
+                }
+                None => [None, None],
+            };
+            let surfaces = if probs.is_some() { Surfaces::Fields([fields[0].as_deref(), fields[1].as_deref()]) } else { Surfaces::Labels };
+            Ok(analyze_frame_from(f, l, ri.as_ref().map(|r| &r[f * n..(f + 1) * n]), surfaces, dims, opt))
         })
-        .collect())
+        .collect()
 }
 
 /// The dims as the file has them.

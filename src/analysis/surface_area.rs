@@ -14,12 +14,7 @@ use super::marching_cubes::{triangle_volume, Triangle};
 /// Sum of `per_triangle` over the triangles of the smoothed surface of `mask`, dilated about
 /// its centroid to enclose the mask's voxel-count volume (corners in um, whole-volume frame).
 pub fn volume_matched_surface(mask: &[bool], dims: [usize; 3], spacing: [f64; 3], per_triangle: impl FnMut(Triangle) -> f64) -> f64 {
-    let mut tris: Vec<Triangle> = Vec::new();
-    super::mask_surface_with(mask, dims, spacing, true, |t| {
-        tris.push(t);
-        0.0
-    });
-    volume_matched(&tris, voxel_volume(mask, spacing), per_triangle)
+    matched_surface_of(|_| 1.0, mask, mask, dims, spacing, per_triangle)
 }
 
 /// The level-1/2 surface of a continuous field `g` (D0 x D1 x D2, C order) near the cell `mask`
@@ -29,16 +24,26 @@ pub fn volume_matched_surface(mask: &[bool], dims: [usize; 3], spacing: [f64; 3]
 /// vertices sit where it crosses 1/2, between voxels (smoothing keeps a linear ramp's crossing);
 /// where it jumps from 0 to 1 (a saturated map), this is the labels' own surface.
 pub fn field_surface(g: &[f32], mask: &[bool], dims: [usize; 3], spacing: [f64; 3], per_triangle: impl FnMut(Triangle) -> f64) -> f64 {
+    matched_surface_of(|p| g[p], &dilate(mask, dims), mask, dims, spacing, per_triangle)
+}
+
+/// The smoothed level-1/2 surface of `value` on `region` (`super::surface_of`), dilated to
+/// enclose the voxel-count volume of `mask`: the sum of `per_triangle` over its triangles.
+fn matched_surface_of(
+    value: impl Fn(usize) -> f32,
+    region: &[bool],
+    mask: &[bool],
+    dims: [usize; 3],
+    spacing: [f64; 3],
+    per_triangle: impl FnMut(Triangle) -> f64,
+) -> f64 {
     let mut tris: Vec<Triangle> = Vec::new();
-    super::surface_of(|p| g[p], &dilate(mask, dims), dims, spacing, true, |t| {
+    super::surface_of(value, region, dims, spacing, true, |t| {
         tris.push(t);
         0.0
     });
-    volume_matched(&tris, voxel_volume(mask, spacing), per_triangle)
-}
-
-fn voxel_volume(mask: &[bool], spacing: [f64; 3]) -> f64 {
-    mask.iter().filter(|&&b| b).count() as f64 * spacing.iter().product::<f64>()
+    let v = mask.iter().filter(|&&b| b).count() as f64 * spacing.iter().product::<f64>();
+    volume_matched(&tris, v, per_triangle)
 }
 
 /// Sum of `per_triangle` over the closed mesh `tris` dilated about its centroid to enclose `v`.
