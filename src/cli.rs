@@ -18,7 +18,7 @@ use crate::gpu::{nvrtc, Device};
 use crate::io;
 use crate::engine::{choose, with_backend, Chosen, Job};
 use crate::gpu::emu::EmuDevice;
-use crate::gpu::plan::{GpuPlan, Precision};
+use crate::gpu::plan::{GpuOptions, GpuPlan, Precision};
 pub use crate::engine::{parse_size, BackendKind};
 use crate::model::{flops, Network};
 use crate::rng::Rng;
@@ -120,12 +120,8 @@ pub struct PredictArgs {
     /// Volumes per forward pass (more uses more memory)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
-    /// Arithmetic of the GPU plan (--backend emu or cuda): fp32, or fp16 / bf16 activations and
-    /// weights with f32 accumulation on tensor cores (sm_80 and newer). Default fp32: fp16 / bf16 are
-    /// checked against the float64 oracle on the emulator but not yet measured on a GPU or on real
-    /// tomograms; the CPU backends compute in fp32 only
-    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
-    pub precision: Precision,
+    #[command(flatten)]
+    pub gpu: GpuOptions,
 }
 
 #[derive(Args, Debug)]
@@ -178,12 +174,8 @@ pub struct BenchArgs {
     /// Untimed runs first
     #[arg(long, default_value_t = 1)]
     pub warmup: u32,
-    /// Arithmetic of the GPU plan (--backend emu or cuda): fp32, or fp16 / bf16 activations and
-    /// weights with f32 accumulation on tensor cores (sm_80 and newer). Default fp32: fp16 / bf16 are
-    /// checked against the float64 oracle on the emulator but not yet measured on a GPU or on real
-    /// tomograms; the CPU backends compute in fp32 only
-    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
-    pub precision: Precision,
+    #[command(flatten)]
+    pub gpu: GpuOptions,
 }
 
 /// rayon reads RAYON_NUM_THREADS itself and panics when its pool cannot start: check the value
@@ -311,12 +303,12 @@ fn predict(a: &PredictArgs) -> Result<()> {
         vol.tensor.shape.d[2],
         a.input.display()
     );
-    let chosen = check_precision(choose(a.backend)?, a.precision)?;
+    let chosen = check_precision(choose(a.backend)?, a.gpu.precision)?;
     let (x, batch) = (&vol.tensor, a.batch as usize);
     let y = match chosen {
         Chosen::Plan => predict_plan(&weights, x)?,
-        Chosen::Emu => predict_gpu(EmuDevice::new(), &weights, x, batch, a.precision)?,
-        Chosen::Cuda(dev) => predict_gpu(dev, &weights, x, batch, a.precision)?,
+        Chosen::Emu => predict_gpu(EmuDevice::new(), &weights, x, batch, a.gpu)?,
+        Chosen::Cuda(dev) => predict_gpu(dev, &weights, x, batch, a.gpu)?,
         chosen => with_backend(chosen, Predict { weights: &weights, x, batch })?,
     };
     let dims = io::output_dims(&y, vol.rank)?;
@@ -351,9 +343,10 @@ fn check_precision(chosen: Chosen, precision: Precision) -> Result<Chosen> {
 }
 
 /// The GPU plan for `batch` (at most N) volumes of x's size on `dev`, and its output for `x`.
-fn predict_gpu<D: Device>(dev: D, weights: &Weights, x: &Tensor, batch: usize, precision: Precision) -> Result<Tensor> {
+fn predict_gpu<D: Device>(dev: D, weights: &Weights, x: &Tensor, batch: usize, o: GpuOptions) -> Result<Tensor> {
     let t0 = Instant::now();
-    let plan = GpuPlan::new(dev, weights, x.shape.d, batch.min(x.shape.n).max(1), precision)?;
+    let mut plan = GpuPlan::new(dev, weights, x.shape.d, batch.min(x.shape.n).max(1), o.precision)?;
+    plan.set_graph(!o.no_graph);
     eprintln!("backend: {}; {}", plan.device().name(), plan.summary());
     let setup = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
@@ -529,7 +522,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
     let shape = Shape::new(a.batch as usize, a.size, 1);
     let mut rng = Rng::new(7);
     let x = Tensor::new(shape, (0..shape.len()).map(|_| rng.normal() as f32).collect())?;
-    match check_precision(choose(a.backend)?, a.precision)? {
+    match check_precision(choose(a.backend)?, a.gpu.precision)? {
         Chosen::Plan => bench_plan(&weights, &x, a.runs, a.warmup),
         Chosen::Emu => bench_gpu(EmuDevice::new(), &weights, &x, a),
         Chosen::Cuda(dev) => bench_gpu(dev, &weights, &x, a),
@@ -574,7 +567,8 @@ pub fn new_plan(weights: &Weights, d: [usize; 3]) -> Result<crate::plan::Plan> {
 
 /// `bench` on the GPU plan: one batch of x's N volumes per forward pass.
 fn bench_gpu<D: Device>(dev: D, weights: &Weights, x: &Tensor, a: &BenchArgs) -> Result<()> {
-    let plan = GpuPlan::new(dev, weights, x.shape.d, x.shape.n, a.precision)?;
+    let mut plan = GpuPlan::new(dev, weights, x.shape.d, x.shape.n, a.gpu.precision)?;
+    plan.set_graph(!a.gpu.no_graph);
     println!("backend: {}", plan.device().name());
     println!("{}", plan.summary());
     time_runs(weights, x, a.runs, a.warmup, &|x| plan.run(x))
@@ -612,13 +606,21 @@ impl Job for Segment<'_> {
 
 fn segment(a: &crate::segment::SegmentArgs) -> Result<()> {
     let weights = Weights::load(&a.weights)?;
-    match choose(a.backend)? {
+    let report = match check_precision(choose(a.backend)?, a.gpu.precision)? {
         Chosen::Plan => {
             eprintln!("backend: cpu (fused plan), {} threads", rayon::current_num_threads());
-            crate::segment::run(a, &weights, &mut crate::segment::plan_predictor(&weights))?.into_result()
+            crate::segment::run(a, &weights, &mut crate::segment::plan_predictor(&weights))?
         }
-        chosen => with_backend(chosen, Segment { args: a, weights: &weights }),
-    }
+        Chosen::Emu => segment_gpu(EmuDevice::new(), a, &weights)?,
+        Chosen::Cuda(dev) => segment_gpu(dev, a, &weights)?,
+        chosen => return with_backend(chosen, Segment { args: a, weights: &weights }),
+    };
+    report.into_result()
+}
+
+fn segment_gpu<D: Device>(dev: D, a: &crate::segment::SegmentArgs, weights: &Weights) -> Result<crate::segment::Report> {
+    eprintln!("backend: {}", dev.name());
+    crate::segment::run(a, weights, &mut crate::segment::gpu_predictor(dev, weights, a.gpu))
 }
 
 /// Exposed for `main`: parse the process arguments (clap prints help/usage and exits itself).

@@ -379,6 +379,8 @@ pub struct SegmentArgs {
     /// Where to run the network
     #[arg(long, value_enum, default_value_t = crate::engine::BackendKind::Auto)]
     pub backend: crate::engine::BackendKind,
+    #[command(flatten)]
+    pub gpu: crate::gpu::plan::GpuOptions,
 }
 
 fn ext(format: LabelFormat) -> &'static str {
@@ -426,11 +428,16 @@ impl Report {
 
 /// The options that decide the outputs' content (the provenance's `options`).
 fn options_json(a: &SegmentArgs) -> serde_json::Value {
-    serde_json::json!({
+    let mut o = serde_json::json!({
         "tau": a.tau, "regrow": !a.no_regrow, "min_size": a.min_size, "tile": a.tile, "overlap": a.overlap,
         "blend": format!("{:?}", a.blend).to_lowercase(), "tta": a.tta, "save_probabilities": a.save_probabilities,
         "format": ext(a.format), "voxel_size": a.voxel_size, "resample": a.resample,
-    })
+    });
+    // fp32 on any backend is one result (to rounding); a half precision is another
+    if a.gpu.precision != crate::gpu::plan::Precision::Fp32 {
+        o["precision"] = a.gpu.precision.name().into();
+    }
+    o
 }
 
 /// All inputs of the run, in the order every shard agrees on.
@@ -659,6 +666,28 @@ pub fn predict_tta(x: &Tensor, predict: &mut dyn FnMut(&Tensor) -> Result<Tensor
         out.data[n * vox * c..(n + 1) * vox * c].copy_from_slice(&a);
     }
     sum.ok_or_else(|| Error::Input("no volume to segment".into()))
+}
+
+/// A predictor on the GPU plan of `dev` (batch 1), one plan per tile size met, all on that device.
+/// The first plan's summary is printed.
+pub fn gpu_predictor<'a, D: crate::gpu::Device + 'a>(dev: D, weights: &'a Weights, o: crate::gpu::plan::GpuOptions) -> impl FnMut(&Tensor) -> Result<Tensor> + 'a {
+    use crate::gpu::plan::GpuPlan;
+    let dev = std::rc::Rc::new(dev);
+    let mut plans: Vec<GpuPlan<std::rc::Rc<D>>> = Vec::new();
+    move |x: &Tensor| {
+        let d = x.shape.d;
+        if let Some(p) = plans.iter().find(|p| p.size() == d) {
+            return p.run(x);
+        }
+        let mut p = GpuPlan::new(std::rc::Rc::clone(&dev), weights, d, 1, o.precision)?;
+        p.set_graph(!o.no_graph);
+        if plans.is_empty() {
+            eprintln!("{} for {}x{}x{} tiles", p.summary(), d[0], d[1], d[2]);
+        }
+        let y = p.run(x);
+        plans.push(p);
+        y
+    }
 }
 
 /// A predictor on the fused CPU plan, one plan per tile size met.

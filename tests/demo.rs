@@ -51,6 +51,46 @@ fn untrained_weights_fail_the_dice_check() {
     assert!(mean_e < 0.9 || mean_t < 0.9, "random weights pass: {mean_e:.3} {mean_t:.3}");
 }
 
+/// Labels as the demo makes them (shipped weights, size and post-processing) with the GPU plan in
+/// fp16 / bf16 (on the emulator, through `segment`'s GPU predictor) against fp32 (the CPU plan),
+/// on held-out frames (seed 100: approach and spreading).
+/// The bound is a requirement, not a fit: a half precision may change at most a tenth as many
+/// voxels as the fp32 network already gets wrong against the synthetic truth, so that the
+/// precision is a small part of the error a user sees. Labels can differ only where fp32's
+/// probability lies within the precision's output error of 0.5, plus what the small-component
+/// removal does with them; a layout or epilogue bug
+/// changes the probabilities by O(1) and the labels wholesale.
+#[test]
+fn demo_labels_in_fp16_and_bf16_agree_with_fp32() {
+    use deepis::gpu::emu::EmuDevice;
+    use deepis::gpu::plan::{GpuOptions, Precision};
+    let w = shipped_weights().unwrap();
+    let o = SynthOptions { frames: 6, size: SHIPPED_SIZE, voxel_size: SHIPPED_VOXEL_SIZE, seed: 100 };
+    let frames = synthesize(&o).unwrap();
+    let frames = [&frames[0], &frames[5]];
+    let segment = |predict: &mut deepis::segment::Predictor<'_>, ri: &[f32]| segment_volume(predict, &w, ri, SHIPPED_SIZE, SHIPPED_TAU, SHIPPED_REGROW, SHIPPED_MIN_SIZE).unwrap();
+    let mut cpu = deepis::segment::plan_predictor(&w);
+    let fp32: Vec<Vec<u8>> = frames.iter().map(|f| segment(&mut cpu, &f.ri)).collect();
+    let voxels = (frames.len() * fp32[0].len()) as f64;
+    let wrong32 = frames.iter().zip(&fp32).map(|(f, l)| l.iter().zip(&f.labels).filter(|(a, b)| a != b).count()).sum::<usize>() as f64 / voxels;
+    println!("fp32 (cpu plan) labels differ from the truth at {:.3}% of voxels", 100.0 * wrong32);
+    for p in [Precision::Fp16, Precision::Bf16] {
+        let mut gpu = deepis::segment::gpu_predictor(EmuDevice::new(), &w, GpuOptions { precision: p, no_graph: false });
+        let half: Vec<Vec<u8>> = frames.iter().map(|f| segment(&mut gpu, &f.ri)).collect();
+        let differ = half.iter().zip(&fp32).map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count()).sum::<usize>() as f64 / voxels;
+        let d = |c: u8| frames.iter().zip(&half).map(|(f, l)| dice(l, &f.labels, c)).fold(1.0, f64::min);
+        println!(
+            "{}: labels differ from fp32 at {:.4}% of voxels (bound {:.4}%: a tenth of fp32's error); min Dice vs truth effector {:.4}, target {:.4}",
+            p.name(),
+            100.0 * differ,
+            10.0 * wrong32,
+            d(EFFECTOR),
+            d(TARGET)
+        );
+        assert!(differ <= wrong32 / 10.0, "{}: {:.4}% of labels differ from fp32 (bound {:.4}%)", p.name(), 100.0 * differ, 10.0 * wrong32);
+    }
+}
+
 #[test]
 fn dice_counts_overlap() {
     assert_eq!(dice(&[1, 1, 0, 2], &[1, 0, 0, 2], 1), 2.0 / 3.0);

@@ -222,6 +222,50 @@ fn launch_is_validated() {
     assert_eq!(dev.name(), "emu");
 }
 
+/// A captured graph (`Device::capture`, a CUDA graph on a GPU) runs nothing while recording, holds
+/// its buffers by reference (a replay sees what was copied in since), replays in order, and refuses
+/// what a graph cannot hold: a copy, an allocation, a synchronisation; a bad launch is refused
+/// when recorded, not at the replay.
+#[test]
+fn graph_capture_records_launches_and_replays_them() {
+    let dev = EmuDevice::new();
+    let n: usize = 256 * 3 + 5;
+    let second = (4 * n).div_ceil(64) * 64;
+    let arena = dev.alloc_arena(second + 4 * n).unwrap();
+    let x = dev.region(&arena, 0, n, deepis::gpu::DType::F32).unwrap();
+    let y = dev.region(&arena, second, n, deepis::gpu::DType::F32).unwrap();
+    let relu = |dst: &EmuBuf, src: &EmuBuf| dev.launch("relu_f32", LaunchCfg::linear(n, 256), &[KArg::Buf(dst), KArg::Buf(src), KArg::I32(n as i32)]);
+    // y = relu(x), then x = relu(y) - a graph of two launches in order
+    let graph = dev.capture(&mut || relu(&y, &x).and_then(|()| relu(&x, &y))).unwrap();
+    assert_eq!(graph.len(), 2);
+    let first = data(n);
+    dev.htod_into(&first, &x).unwrap();
+    assert_eq!(dev.dtoh(&y).unwrap(), vec![0.0; n], "recording ran a kernel");
+    for round in 0..2 {
+        let input: Vec<f32> = first.iter().map(|v| v * (1.0 - 2.0 * round as f32)).collect();
+        dev.htod_into(&input, &x).unwrap();
+        dev.replay(&graph).unwrap();
+        let want: Vec<f32> = input.iter().map(|v| v.max(0.0)).collect();
+        assert_eq!(dev.dtoh(&y).unwrap(), want, "round {round}: the replay did not read the new input");
+        assert_eq!(dev.dtoh(&x).unwrap(), want, "round {round}: the second launch did not follow the first");
+    }
+    let host = vec![1.0f32; n];
+    let refused: [(&str, &mut dyn FnMut() -> deepis::Result<()>); 4] = [
+        ("a copy to the device", &mut || dev.htod_into(&host, &x)),
+        ("a copy to the host", &mut || dev.dtoh(&x).map(drop)),
+        ("an allocation", &mut || dev.alloc_zeros(4).map(drop)),
+        ("a synchronisation", &mut || relu(&y, &x).and_then(|()| dev.synchronize())),
+    ];
+    for (what, body) in refused {
+        let msg = dev.capture(body).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains(what) && msg.contains("while capturing a graph"), "{what}: {msg}");
+    }
+    let (_, msg) = kernel_err(dev.capture(&mut || relu(&y, &x).and_then(|()| dev.launch("relu_f32", cfg(1, 2048, 0), &[]))).map(drop));
+    assert!(msg.contains("1..=1024"), "{msg}");
+    // after a refused capture the device is out of capture mode
+    dev.htod_into(&host, &x).unwrap();
+}
+
 /// 65,536 threads (256 blocks of 256), 2 barriers per round: prints the emulator's speed.
 #[test]
 fn throughput() {

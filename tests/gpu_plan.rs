@@ -140,6 +140,29 @@ fn cuda_plans_are_within_the_bounds() {
     }
 }
 
+/// The forward pass recorded once as a graph and replayed per batch gives, bit for bit, what the
+/// same launches queued one by one give: three volumes in batches of 2 are two replays with
+/// different inputs (and a padded last batch), so a graph that baked in its first input, or lost
+/// a launch, differs. Same plan, same kernels, same order: bit equality is the claim.
+#[test]
+fn graph_replay_is_bit_identical_to_launches_one_by_one() {
+    let (w, x, _) = case("tiny");
+    let three = Tensor::new(Shape::new(3, x.shape.d, 1), [x.data.clone(), x.data.iter().map(|v| 2.0 - v).collect(), x.data.iter().map(|v| v * 0.5).collect()].concat()).unwrap();
+    for p in [Precision::Fp32, Precision::Fp16] {
+        let mut plan = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, 2, p).unwrap();
+        assert!(plan.uses_graph() && plan.summary().contains("replayed as one graph"), "{}", plan.summary());
+        let replayed = plan.run(&three).unwrap();
+        plan.set_graph(false);
+        assert!(!plan.uses_graph() && plan.summary().contains("queued one by one"));
+        let queued = plan.run(&three).unwrap();
+        let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&replayed), bits(&queued), "{p:?}: graph replay vs launches one by one");
+        let per = replayed.data.len() / 3;
+        assert_ne!(bits(&replayed)[..per], bits(&replayed)[per..2 * per], "{p:?}: two inputs gave one output");
+        println!("{p:?}: 3 volumes in 2 replays, bit-identical to {} launches per batch queued one by one", plan.launches());
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors() {
     let (w, x, _) = case("tiny");

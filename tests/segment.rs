@@ -180,6 +180,7 @@ fn args(inputs: Vec<String>, out: &std::path::Path, w: &std::path::Path) -> Segm
         keep_going: false,
         resample: false,
         backend: deepis::cli::BackendKind::CpuRef,
+        gpu: Default::default(),
     }
 }
 

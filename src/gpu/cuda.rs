@@ -6,8 +6,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use std::sync::Mutex;
+
+use cudarc::driver::sys::{CUfunction_attribute_enum, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
@@ -39,6 +41,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     _modules: Vec<Arc<CudaModule>>,
     funcs: HashMap<String, CudaFunction>,
+    /// The dynamic shared memory each kernel has been allowed (set once, not at every launch).
+    smem_set: Mutex<HashMap<String, u32>>,
     name: String,
     arch: String,
 }
@@ -75,7 +79,7 @@ impl CudaDevice {
         }
         eprintln!("{}", stats.summary(&cache, &arch));
         let name = format!("cuda:{ordinal} {dev_name} ({arch})");
-        let mut dev = CudaDevice { ctx, stream, _modules: Vec::new(), funcs: HashMap::new(), name, arch };
+        let mut dev = CudaDevice { ctx, stream, _modules: Vec::new(), funcs: HashMap::new(), smem_set: Mutex::default(), name, arch };
         for nvrtc::Compiled { file, cubin, .. } in built {
             dev.load(&file, cubin, &kernels::kernels_of(&file).collect::<Vec<_>>())?;
         }
@@ -104,6 +108,19 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Lets `f` use `shmem` bytes of dynamic shared memory (past the default 48 KB, the kernel must
+    /// opt in); set once per kernel and size, so that launches, and a graph capture, make no call.
+    fn allow_smem(&self, kernel: &str, f: &CudaFunction, shmem: u32) -> Result<()> {
+        let mut set = self.smem_set.lock().unwrap_or_else(|p| p.into_inner());
+        if shmem <= DEFAULT_DYN_SMEM || set.get(kernel).is_some_and(|&s| s >= shmem) {
+            return Ok(());
+        }
+        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shmem as i32)
+            .map_err(|e| Error::kernel(kernel, format!("{shmem} bytes of dynamic shared memory: {e}")))?;
+        set.insert(kernel.to_string(), shmem);
+        Ok(())
+    }
+
     /// Compiles and loads one more source (a test kernel of kernels/testing/) with its `kernels`.
     pub fn load_source(&mut self, file: &str, src: &str, kernels: &[&str]) -> Result<()> {
         let compiled = nvrtc::compile_cubin(file, src, &self.arch)?;
@@ -113,6 +130,7 @@ impl CudaDevice {
 
 impl Device for CudaDevice {
     type Buf = CudaBuf;
+    type Graph = CudaGraph;
 
     fn name(&self) -> String {
         self.name.clone()
@@ -227,10 +245,7 @@ impl Device for CudaDevice {
 
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()> {
         let f = self.funcs.get(kernel).ok_or_else(|| Error::kernel(kernel, "not a known kernel"))?;
-        if cfg.shmem > DEFAULT_DYN_SMEM {
-            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, cfg.shmem as i32)
-                .map_err(|e| Error::kernel(kernel, format!("{} bytes of dynamic shared memory: {e}", cfg.shmem)))?;
-        }
+        self.allow_smem(kernel, f, cfg.shmem)?;
         // Scalars must outlive the builder, which keeps pointers to them.
         let ints: Vec<i32> = args.iter().filter_map(|a| if let KArg::I32(v) = a { Some(*v) } else { None }).collect();
         let floats: Vec<f32> = args.iter().filter_map(|a| if let KArg::F32(v) = a { Some(*v) } else { None }).collect();
@@ -276,5 +291,28 @@ impl Device for CudaDevice {
 
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| drv("synchronize", e))
+    }
+
+    fn capture(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraph> {
+        // The warm-up: lazy module loading and shared-memory opt-ins happen here, not in the capture.
+        body()?;
+        self.synchronize()?;
+        // Thread-local mode: another thread's unsafe calls do not invalidate this capture.
+        self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| drv("begin graph capture", e))?;
+        let recorded = body();
+        // The capture is ended whatever `body` returned, so that the stream leaves capture mode.
+        let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = ended.map_err(|e| drv("end graph capture / instantiate", e))?.ok_or_else(|| drv("graph capture", "no graph was captured"))?;
+        graph.upload().map_err(|e| drv("graph upload", e))?;
+        Ok(graph)
+    }
+
+    fn replay(&self, graph: &CudaGraph) -> Result<()> {
+        graph.launch().map_err(|e| drv("graph launch", e))
+    }
+
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        self.ctx.mem_get_info().ok()
     }
 }

@@ -3,7 +3,7 @@
 //! It checks what a GPU would not report: out-of-bounds accesses of `gptr` arguments and dynamic
 //! shared memory, barriers reached by part of a block, warp collectives that would deadlock; and a
 //! race shows up as a difference between [`Schedule::Forward`] and [`Schedule::Reverse`].
-use std::cell::UnsafeCell;
+use std::cell::{RefCell, UnsafeCell};
 use std::ffi::{c_char, c_void, CStr};
 use std::rc::Rc;
 
@@ -112,16 +112,51 @@ impl EmuBuf {
         // storage holds at least `bytes()` bytes.
         unsafe { std::slice::from_raw_parts(self.ptr(), self.bytes()) }.to_vec()
     }
+    /// Another handle to the same memory (as a device pointer is copied into a recorded launch).
+    fn share(&self) -> EmuBuf {
+        EmuBuf { data: Rc::clone(&self.data), offset: self.offset, len: self.len, dtype: self.dtype }
+    }
+}
+
+/// One argument of a recorded launch, held by value (a buffer as another handle to its memory).
+enum RecArg {
+    Buf(EmuBuf),
+    I32(i32),
+    F32(f32),
+}
+
+/// A launch recorded by [`Device::capture`]: checked when recorded, run when replayed.
+struct Recorded {
+    kernel: String,
+    cfg: LaunchCfg,
+    args: Vec<RecArg>,
+}
+
+/// The emulator's graph: the recorded launches, replayed in order with the same buffers and scalars.
+pub struct EmuGraph {
+    launches: Vec<Recorded>,
+}
+
+impl EmuGraph {
+    /// The number of launches recorded.
+    pub fn len(&self) -> usize {
+        self.launches.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.launches.is_empty()
+    }
 }
 
 
 /// The host emulator of the CUDA device.
-#[derive(Clone, Debug, Default)]
+#[derive(Default)]
 pub struct EmuDevice {
     schedule: Schedule,
     threads: usize,
     /// A bad DEEPIS_EMU_SCHEDULE, reported by every launch.
     bad_env: Option<String>,
+    /// The launches of a capture in progress ([`Device::capture`]).
+    recording: RefCell<Option<Vec<Recorded>>>,
 }
 
 /// The environment variable that picks the schedule of [`EmuDevice::new`] (`forward`, `reverse`),
@@ -138,12 +173,70 @@ impl EmuDevice {
         }
     }
     pub fn with_schedule(schedule: Schedule) -> Self {
-        EmuDevice { schedule, threads: 0, bad_env: None }
+        EmuDevice { schedule, ..Self::default() }
     }
     /// Runs blocks on `threads` OS threads (0: the default, `DEEPIS_EMU_THREADS` or the core count).
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads;
         self
+    }
+
+    /// An error when a capture is in progress: `what` is not a launch, which a graph cannot hold.
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.recording.borrow().is_some() {
+            return Err(Error::backend("emu", format!("{what} while capturing a graph: only kernel launches can be recorded")));
+        }
+        Ok(())
+    }
+
+    /// Runs one checked launch now.
+    fn run_launch(&self, k: &EmuKernel, cfg: LaunchCfg, args: &[KArg<'_, EmuBuf>]) -> Result<()> {
+        // Every argument gets a slot that outlives the call; `ptrs` points into `slots`.
+        enum Slot {
+            Buf(EmuBufArg),
+            I32(i32),
+            F32(f32),
+        }
+        let mut slots: Vec<Slot> = args
+            .iter()
+            .map(|a| match a {
+                KArg::Buf(b) => Slot::Buf(EmuBufArg { ptr: b.ptr().cast(), bytes: b.bytes() as u64 }),
+                KArg::I32(v) => Slot::I32(*v),
+                KArg::F32(v) => Slot::F32(*v),
+            })
+            .collect();
+        let ptrs: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| match s {
+                Slot::Buf(b) => (b as *mut EmuBufArg).cast(),
+                Slot::I32(v) => (v as *mut i32).cast(),
+                Slot::F32(v) => (v as *mut f32).cast(),
+            })
+            .collect();
+        let mut err = vec![0 as c_char; 2048];
+        let l = EmuLaunch {
+            grid: cfg.grid,
+            block: cfg.block,
+            shmem: cfg.shmem,
+            schedule: match self.schedule {
+                Schedule::Forward => 0,
+                Schedule::Reverse => 1,
+            },
+            threads: self.threads.min(64) as i32,
+            err: err.as_mut_ptr(),
+            err_cap: err.len() as u32,
+        };
+        // SAFETY: check_args matched the argument list with the kernel's parameter kinds ('B'/'b' a
+        // buffer descriptor, 'i' an i32, 'f' an f32) and the generated wrapper reads exactly those;
+        // buffer descriptors carry their byte length and every access is bounds-checked.
+        let rc = unsafe { (k.run)(&l, ptrs.as_ptr()) };
+        drop(slots);
+        if rc != 0 {
+            // SAFETY: the runtime wrote a NUL-terminated message within err_cap bytes.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+            return Err(Error::kernel(k.name, msg));
+        }
+        Ok(())
     }
 }
 
@@ -204,6 +297,7 @@ fn check_args(k: &EmuKernel, args: &[KArg<'_, EmuBuf>]) -> Result<()> {
 
 impl Device for EmuDevice {
     type Buf = EmuBuf;
+    type Graph = EmuGraph;
 
     fn name(&self) -> String {
         match self.schedule {
@@ -212,15 +306,18 @@ impl Device for EmuDevice {
         }
     }
     fn alloc_zeros(&self, len: usize) -> Result<EmuBuf> {
+        self.not_capturing("an allocation")?;
         // The emulated device's memory is this machine's: it answers to the memory budget.
         let what = format!("an emulated device buffer of {len} values");
         crate::limits::check(&what, crate::limits::bytes_of(Some(len as u64), 4)).map_err(Error::Input)?;
         Ok(EmuBuf::from_bytes(&vec![0; len * 4], len, DType::F32))
     }
     fn htod(&self, data: &[f32]) -> Result<EmuBuf> {
+        self.not_capturing("a copy to the device")?;
         Ok(EmuBuf::from_bytes(bytemuck::cast_slice(data), data.len(), DType::F32))
     }
     fn dtoh(&self, buf: &EmuBuf) -> Result<Vec<f32>> {
+        self.not_capturing("a copy to the host")?;
         let bytes = buf.to_bytes();
         Ok(match buf.dtype {
             DType::F32 => bytemuck::pod_collect_to_vec(&bytes),
@@ -237,12 +334,14 @@ impl Device for EmuDevice {
         if dtype == DType::F32 {
             return Err(Error::backend("emu", "htod_bits: f32 is not a 16-bit type"));
         }
+        self.not_capturing("a copy to the device")?;
         Ok(EmuBuf::from_bytes(bytemuck::cast_slice(bits), bits.len(), dtype))
     }
     fn dtoh_bits(&self, buf: &EmuBuf) -> Result<Vec<u16>> {
         if buf.dtype == DType::F32 {
             return Err(Error::backend("emu", "dtoh_bits: the buffer holds f32"));
         }
+        self.not_capturing("a copy to the host")?;
         Ok(bytemuck::pod_collect_to_vec(&buf.to_bytes()))
     }
     fn region(&self, arena: &EmuBuf, offset: usize, len: usize, dtype: DType) -> Result<EmuBuf> {
@@ -253,6 +352,7 @@ impl Device for EmuDevice {
         if dst.dtype != DType::F32 || dst.len != data.len() {
             return Err(Error::backend("emu", format!("htod_into: {} f32 values into {} {} values", data.len(), dst.len, dst.dtype.name())));
         }
+        self.not_capturing("a copy to the device")?;
         // SAFETY: launches are synchronous, so no kernel touches the buffer now; it holds `bytes()` bytes.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().cast::<u8>(), dst.ptr(), dst.bytes()) };
         Ok(())
@@ -271,55 +371,48 @@ impl Device for EmuDevice {
         check_cfg(kernel, &cfg)?;
         check_args(k, args)?;
 
-        // Every argument gets a slot that outlives the call; `ptrs` points into `slots`.
-        enum Slot {
-            Buf(EmuBufArg),
-            I32(i32),
-            F32(f32),
+        if let Some(rec) = self.recording.borrow_mut().as_mut() {
+            let args = args
+                .iter()
+                .map(|a| match a {
+                    KArg::Buf(b) => RecArg::Buf(b.share()),
+                    KArg::I32(v) => RecArg::I32(*v),
+                    KArg::F32(v) => RecArg::F32(*v),
+                })
+                .collect();
+            rec.push(Recorded { kernel: kernel.to_string(), cfg, args });
+            return Ok(());
         }
-        let mut slots: Vec<Slot> = args
-            .iter()
-            .map(|a| match a {
-                KArg::Buf(b) => Slot::Buf(EmuBufArg { ptr: b.ptr().cast(), bytes: b.bytes() as u64 }),
-                KArg::I32(v) => Slot::I32(*v),
-                KArg::F32(v) => Slot::F32(*v),
-            })
-            .collect();
-        let ptrs: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| match s {
-                Slot::Buf(b) => (b as *mut EmuBufArg).cast(),
-                Slot::I32(v) => (v as *mut i32).cast(),
-                Slot::F32(v) => (v as *mut f32).cast(),
-            })
-            .collect();
-        let mut err = vec![0 as c_char; 2048];
-        let l = EmuLaunch {
-            grid: cfg.grid,
-            block: cfg.block,
-            shmem: cfg.shmem,
-            schedule: match self.schedule {
-                Schedule::Forward => 0,
-                Schedule::Reverse => 1,
-            },
-            threads: self.threads.min(64) as i32,
-            err: err.as_mut_ptr(),
-            err_cap: err.len() as u32,
-        };
-        // SAFETY: check_args matched the argument list with the kernel's parameter kinds ('B'/'b' a
-        // buffer descriptor, 'i' an i32, 'f' an f32) and the generated wrapper reads exactly those;
-        // buffer descriptors carry their byte length and every access is bounds-checked.
-        let rc = unsafe { (k.run)(&l, ptrs.as_ptr()) };
-        drop(slots);
-        if rc != 0 {
-            // SAFETY: the runtime wrote a NUL-terminated message within err_cap bytes.
-            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-            return Err(Error::kernel(kernel, msg));
-        }
-        Ok(())
+        self.run_launch(k, cfg, args)
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.not_capturing("a synchronisation")
+    }
+
+    fn capture(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<EmuGraph> {
+        if self.recording.borrow().is_some() {
+            return Err(Error::backend("emu", "capture: a capture is already in progress"));
+        }
+        *self.recording.borrow_mut() = Some(Vec::new());
+        let r = body();
+        let launches = self.recording.borrow_mut().take().unwrap_or_default();
+        r.map(|()| EmuGraph { launches })
+    }
+
+    fn replay(&self, graph: &EmuGraph) -> Result<()> {
+        for r in &graph.launches {
+            let args: Vec<KArg<'_, EmuBuf>> = r
+                .args
+                .iter()
+                .map(|a| match a {
+                    RecArg::Buf(b) => KArg::Buf(b),
+                    RecArg::I32(v) => KArg::I32(*v),
+                    RecArg::F32(v) => KArg::F32(*v),
+                })
+                .collect();
+            self.launch(&r.kernel, r.cfg, &args)?;
+        }
         Ok(())
     }
 }

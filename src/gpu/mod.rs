@@ -88,6 +88,8 @@ fn check_region(dev: &str, offset: usize, bytes: usize, arena_bytes: usize) -> R
 /// The f32 calls (`alloc_zeros`, `htod`) make f32 buffers; `dtoh` reads any buffer as f32 (exact).
 pub trait Device {
     type Buf;
+    /// A recorded sequence of launches, replayed as one ([`Device::capture`]): a CUDA graph on a GPU.
+    type Graph;
     fn name(&self) -> String;
     fn alloc_zeros(&self, len: usize) -> Result<Self::Buf>;
     fn htod(&self, data: &[f32]) -> Result<Self::Buf>;
@@ -132,6 +134,81 @@ pub trait Device {
     /// Launches `kernel` (its `extern "C"` name) with `args` in the kernel's parameter order.
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
+    /// Records the launches `body` makes into a graph, to be replayed by [`Device::replay`] with the
+    /// same buffers and scalars. Only launches may be recorded: an allocation, a copy or a
+    /// synchronisation inside `body` is an error (a CUDA graph would not hold it, or would stall).
+    /// The device may run `body` once beforehand as a warm-up (CUDA does: modules load and
+    /// shared-memory limits are set outside the capture).
+    fn capture(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph>;
+    /// Queues every launch of `graph` in order (asynchronously, as `launch`).
+    fn replay(&self, graph: &Self::Graph) -> Result<()>;
+    /// Free and total device memory in bytes, where the device knows them.
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        None
+    }
+}
+
+/// A device shared by several plans (one per volume size, say): each call goes to the one device.
+impl<T: Device> Device for std::rc::Rc<T> {
+    type Buf = T::Buf;
+    type Graph = T::Graph;
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn alloc_zeros(&self, len: usize) -> Result<Self::Buf> {
+        (**self).alloc_zeros(len)
+    }
+    fn htod(&self, data: &[f32]) -> Result<Self::Buf> {
+        (**self).htod(data)
+    }
+    fn dtoh(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
+        (**self).dtoh(buf)
+    }
+    fn buf_len(&self, buf: &Self::Buf) -> usize {
+        (**self).buf_len(buf)
+    }
+    fn buf_dtype(&self, buf: &Self::Buf) -> DType {
+        (**self).buf_dtype(buf)
+    }
+    fn htod_bits(&self, bits: &[u16], dtype: DType) -> Result<Self::Buf> {
+        (**self).htod_bits(bits, dtype)
+    }
+    fn dtoh_bits(&self, buf: &Self::Buf) -> Result<Vec<u16>> {
+        (**self).dtoh_bits(buf)
+    }
+    fn htod_as(&self, data: &[f32], dtype: DType) -> Result<Self::Buf> {
+        (**self).htod_as(data, dtype)
+    }
+    fn alloc_zeros_as(&self, len: usize, dtype: DType) -> Result<Self::Buf> {
+        (**self).alloc_zeros_as(len, dtype)
+    }
+    fn alloc_arena(&self, bytes: usize) -> Result<Self::Buf> {
+        (**self).alloc_arena(bytes)
+    }
+    fn region(&self, arena: &Self::Buf, offset: usize, len: usize, dtype: DType) -> Result<Self::Buf> {
+        (**self).region(arena, offset, len, dtype)
+    }
+    fn htod_into(&self, data: &[f32], dst: &Self::Buf) -> Result<()> {
+        (**self).htod_into(data, dst)
+    }
+    fn has_tensor_cores(&self) -> bool {
+        (**self).has_tensor_cores()
+    }
+    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()> {
+        (**self).launch(kernel, cfg, args)
+    }
+    fn synchronize(&self) -> Result<()> {
+        (**self).synchronize()
+    }
+    fn capture(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph> {
+        (**self).capture(body)
+    }
+    fn replay(&self, graph: &Self::Graph) -> Result<()> {
+        (**self).replay(graph)
+    }
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        (**self).memory_info()
+    }
 }
 
 pub mod convert;

@@ -17,6 +17,7 @@
 //!
 //! The graph's `Pair` (two in-plane GCN convs, which the CPU runs plane by plane for its caches)
 //! is two convs here. Values whose lifetimes do not overlap share memory (`plan::memory`).
+use std::cell::OnceCell;
 use std::collections::HashMap;
 
 use crate::backend::{ConvSpec, DevTensor};
@@ -65,6 +66,21 @@ impl Precision {
     }
 }
 
+/// How the GPU plan computes (`--backend emu` or `cuda` of predict, segment and bench).
+#[derive(clap::Args, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// Arithmetic of the GPU plan (--backend emu or cuda): fp32, or fp16 / bf16 activations and
+    /// weights with f32 accumulation on tensor cores (sm_80 and newer). Default fp32: fp16 / bf16 are
+    /// checked against the float64 oracle on the emulator but not yet measured on a GPU or on real
+    /// tomograms; the CPU backends compute in fp32 only
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
+    /// Queue the GPU plan's kernel launches one by one instead of replaying them as one graph
+    /// recorded at the first run (a CUDA graph): to compare the two, or for a profiler
+    #[arg(long)]
+    pub no_graph: bool,
+}
+
 /// A value of the plan (an index into its shapes and types).
 type V = usize;
 
@@ -101,8 +117,13 @@ impl Step {
     }
 }
 
-/// The network compiled for `batch` volumes of one size on one device.
+/// The network compiled for `batch` volumes of one size on one device. Its launches are recorded
+/// into a graph at the first run ([`Device::capture`]: a CUDA graph on a GPU) and replayed for
+/// every batch, unless [`GpuPlan::set_graph`] turns that off (then they are queued one by one).
 pub struct GpuPlan<D: Device> {
+    /// The recorded launches (declared first: dropped before the buffers they name).
+    graph: OnceCell<D::Graph>,
+    use_graph: bool,
     gpu: GpuBackend<D>,
     precision: Precision,
     batch: usize,
@@ -265,15 +286,55 @@ impl<D: Device> Lower<'_, D> {
 impl<D: Device> GpuPlan<D> {
     /// Compiles `weights` for `batch` volumes of size `d` with every pass of the CPU plan.
     pub fn new(dev: D, weights: &Weights, d: [usize; 3], batch: usize, precision: Precision) -> Result<Self> {
-        weights.config.check_input_size(d)?;
-        let g = Graph::new(&weights.config, Mode::Eval, d);
-        let mut wg = Weighted::new(&g, &|name| weights.get(name))?;
-        wg.optimise(Passes::default());
-        GpuPlan::from_weighted(dev, &wg, batch, precision)
+        GpuPlan::try_new(dev, weights, d, batch, precision).map_err(|(e, _)| e)
+    }
+
+    /// As [`GpuPlan::new`], but a failure hands the device back with the error (so that a caller
+    /// can go on with it: another size, another batch).
+    pub fn try_new(dev: D, weights: &Weights, d: [usize; 3], batch: usize, precision: Precision) -> std::result::Result<Self, (Error, D)> {
+        let passed = weights.config.check_input_size(d).and_then(|()| {
+            let mut wg = Weighted::new(&Graph::new(&weights.config, Mode::Eval, d), &|name| weights.get(name))?;
+            wg.optimise(Passes::default());
+            Ok(wg)
+        });
+        match passed {
+            Ok(wg) => GpuPlan::try_from_weighted(dev, &wg, batch, precision),
+            Err(e) => Err((e, dev)),
+        }
     }
 
     /// Compiles a passed inference graph (any passes, any `Arch`).
     pub fn from_weighted(dev: D, g: &Weighted, batch: usize, precision: Precision) -> Result<Self> {
+        GpuPlan::try_from_weighted(dev, g, batch, precision).map_err(|(e, _)| e)
+    }
+
+    fn try_from_weighted(dev: D, g: &Weighted, batch: usize, precision: Precision) -> std::result::Result<Self, (Error, D)> {
+        let b = match Built::lower(&dev, g, batch, precision) {
+            Ok(b) => b,
+            Err(e) => return Err((e, dev)),
+        };
+        let Built { steps, convs, affines, vals, arena_bytes, weight_bytes, input, output, arena } = b;
+        let gpu = GpuBackend::new(dev);
+        Ok(GpuPlan { graph: OnceCell::new(), use_graph: true, gpu, precision, batch, steps, convs, affines, vals, arena_bytes, weight_bytes, input, output, _arena: arena })
+    }
+}
+
+/// What the lowering makes on the device: everything of a [`GpuPlan`] but the device itself.
+struct Built<B> {
+    steps: Vec<Step>,
+    convs: Vec<Conv<B>>,
+    affines: Vec<(B, B)>,
+    vals: Vec<DevTensor<B>>,
+    arena_bytes: usize,
+    weight_bytes: usize,
+    input: V,
+    output: V,
+    arena: B,
+}
+
+impl<B> Built<B> {
+    /// Lowers `g` onto `dev`: weights uploaded, values placed in one arena, allocated.
+    fn lower<D: Device<Buf = B>>(dev: &D, g: &Weighted, batch: usize, precision: Precision) -> Result<Self> {
         if batch == 0 {
             return Err(Error::Input("the GPU plan needs a batch of at least one volume".into()));
         }
@@ -282,7 +343,7 @@ impl<D: Device> GpuPlan<D> {
         }
         let mut l = Lower {
             g,
-            dev: &dev,
+            dev,
             precision,
             batch,
             shapes: Vec::new(),
@@ -319,6 +380,7 @@ impl<D: Device> GpuPlan<D> {
         let (off, arena_len) = memory::place(&lives, true);
         debug_assert!(memory::disjoint(&lives, &off));
         let arena_bytes = 4 * arena_len;
+        check_device_memory(dev, arena_bytes, batch)?;
         let arena = dev.alloc_arena(arena_bytes)?;
         let vals = shapes
             .iter()
@@ -329,8 +391,34 @@ impl<D: Device> GpuPlan<D> {
                 Ok(DevTensor { shape: *s, data: dev.region(&arena, 4 * o, len, *t)? })
             })
             .collect::<Result<Vec<_>>>()?;
-        let weight_bytes = convs.iter().map(|c| conv_bytes(&dev, c)).sum();
-        Ok(GpuPlan { gpu: GpuBackend::new(dev), precision, batch, steps, convs, affines, vals, arena_bytes, weight_bytes, input, output, _arena: arena })
+        let weight_bytes = convs.iter().map(|c| conv_bytes(dev, c)).sum();
+        Ok(Built { steps, convs, affines, vals, arena_bytes, weight_bytes, input, output, arena })
+    }
+}
+
+impl<D: Device> GpuPlan<D> {
+    /// Replays the forward pass as one graph recorded at the next run (`true`, the default), or
+    /// queues its launches one by one (`false`: for comparing the two, and for profilers that
+    /// follow single launches).
+    pub fn set_graph(&mut self, on: bool) {
+        self.graph.take();
+        self.use_graph = on;
+    }
+
+    pub fn uses_graph(&self) -> bool {
+        self.use_graph
+    }
+
+    /// The volume size this plan runs.
+    pub fn size(&self) -> [usize; 3] {
+        self.vals[self.input].shape.d
+    }
+
+    /// The device, back from the plan (to build a plan for another size on it).
+    pub fn into_device(self) -> D {
+        let GpuPlan { graph, gpu, vals, .. } = self;
+        drop((graph, vals));
+        gpu.into_device()
     }
 
     pub fn device(&self) -> &D {
@@ -366,12 +454,13 @@ impl<D: Device> GpuPlan<D> {
     /// One line: precision, batch, steps, launches and memory.
     pub fn summary(&self) -> String {
         format!(
-            "gpu plan: {}, batch {}, {} steps ({} convs, {} launches per batch), arena {:.1} MiB + weights {:.1} MiB",
+            "gpu plan: {}, batch {}, {} steps ({} convs, {} launches per batch, {}), arena {:.1} MiB + weights {:.1} MiB",
             self.precision.name(),
             self.batch,
             self.steps.len(),
             self.convs.len(),
             self.launches(),
+            if self.uses_graph() { "replayed as one graph" } else { "queued one by one" },
             self.arena_bytes as f64 / 1048576.0,
             self.weight_bytes as f64 / 1048576.0
         )
@@ -403,7 +492,23 @@ impl<D: Device> GpuPlan<D> {
         crate::finite::plain(out)
     }
 
+    /// One forward pass of the batch in the input value: the graph replayed, or the launches queued.
     fn exec(&self) -> Result<()> {
+        if !self.use_graph {
+            self.launch_steps()?;
+        } else {
+            if self.graph.get().is_none() {
+                let graph = self.device().capture(&mut || self.launch_steps())?;
+                let _ = self.graph.set(graph);
+            }
+            let graph = self.graph.get().ok_or_else(|| Error::Other("gpu plan: no graph after its capture".into()))?;
+            self.device().replay(graph)?;
+        }
+        self.device().synchronize()
+    }
+
+    /// Queues every step's launches (no allocation, copy or synchronisation: a graph records this).
+    fn launch_steps(&self) -> Result<()> {
         let (g, dev, v) = (&self.gpu, self.gpu.device(), |i: V| &self.vals[i]);
         for st in &self.steps {
             match *st {
@@ -437,8 +542,28 @@ impl<D: Device> GpuPlan<D> {
                 Step::Convert { x, out } => convert::convert_to(dev, v(x), v(out))?,
             }
         }
-        dev.synchronize()
+        Ok(())
     }
+}
+
+/// An error when the device reports less free memory than the arena needs (with room for the
+/// driver's own), said before allocating, with what would fit.
+fn check_device_memory<D: Device>(dev: &D, arena_bytes: usize, batch: usize) -> Result<()> {
+    const HEADROOM: usize = 256 << 20;
+    let Some((free, total)) = dev.memory_info() else { return Ok(()) };
+    if arena_bytes + HEADROOM <= free {
+        return Ok(());
+    }
+    let per_volume = arena_bytes / batch;
+    let fits = free.saturating_sub(HEADROOM) / per_volume.max(1);
+    Err(Error::Input(format!(
+        "the GPU plan for a batch of {batch} needs {:.0} MiB of device memory, but {} has {:.0} MiB free of {:.0} MiB: use --batch {} or fewer",
+        arena_bytes as f64 / 1048576.0,
+        dev.name(),
+        free as f64 / 1048576.0,
+        total as f64 / 1048576.0,
+        fits.max(1)
+    )))
 }
 
 fn conv_bytes<D: Device>(dev: &D, c: &Conv<D::Buf>) -> usize {
