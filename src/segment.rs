@@ -474,34 +474,11 @@ pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> R
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} files, {elapsed} elapsed, ETA {eta} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let say = |line: String| if pb.is_hidden() { eprintln!("{line}") } else { pb.println(line) };
-    let mut report = Report::default();
-    for &i in &mine {
-        let input = &all[i];
-        pb.set_message(input.display().to_string());
-        let prov = crate::batch::provenance(&wsha, &options, input)?;
-        let mut outs = vec![output_path(&a.out_dir, &stems[i], a.format)];
-        if a.save_probabilities {
-            outs.push(probabilities_path(&a.out_dir, &stems[i], a.format));
-        }
-        if crate::batch::is_done(&outs, &prov) {
-            say(format!("{} -> {}: done before (same weights, options and input), skipped", input.display(), outs[0].display()));
-            report.skipped.push(input.clone());
-        } else {
-            match segment_one(a, weights, predict, input, &outs, prov) {
-                Ok(line) => {
-                    say(line);
-                    report.written.push(outs[0].clone());
-                }
-                Err(e) if a.keep_going => {
-                    say(format!("{}: FAILED: {e}", input.display()));
-                    report.failed.push((input.clone(), e.to_string()));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        pb.inc(1);
-    }
+    let t0 = std::time::Instant::now();
+    let jobs: Vec<(&Path, &str)> = mine.iter().map(|&i| (all[i].as_path(), stems[i].as_str())).collect();
+    let trained = crate::voxel::trained_voxel_size(&a.weights)?;
+    let ctx = Ctx { a, weights, trained, wsha: &wsha, options: &options, pb: &pb };
+    let mut report = std::thread::scope(|s| pipeline(s, &ctx, &jobs, predict))?;
     pb.finish_and_clear();
     let list = crate::batch::failed_list_path(&a.out_dir, shard);
     if report.failed.is_empty() {
@@ -514,61 +491,196 @@ pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> R
         crate::batch::write_failed_list(&list, &report.failed)?;
         report.failed_list = Some(list);
     }
-    eprintln!("{} written, {} skipped (already done), {} failed", report.written.len(), report.skipped.len(), report.failed.len());
+    let secs = t0.elapsed().as_secs_f64();
+    let rate = if report.written.is_empty() { String::new() } else { format!(" ({:.2} files/s)", report.written.len() as f64 / secs.max(1e-9)) };
+    eprintln!("{} written, {} skipped (already done), {} failed in {secs:.1} s{rate}", report.written.len(), report.skipped.len(), report.failed.len());
     Ok(report)
 }
 
-/// Reads, predicts, labels and writes one input; returns the line to print.
-fn segment_one(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>, input: &Path, outs: &[PathBuf], prov: serde_json::Value) -> Result<String> {
+/// What the stages of [`pipeline`] share.
+struct Ctx<'a> {
+    a: &'a SegmentArgs,
+    weights: &'a Weights,
+    /// The voxel size the weights were trained at, where they record it.
+    trained: Option<[f64; 3]>,
+    wsha: &'a str,
+    options: &'a serde_json::Value,
+    pb: &'a indicatif::ProgressBar,
+}
+
+impl Ctx<'_> {
+    fn say(&self, line: String) {
+        if self.pb.is_hidden() {
+            eprintln!("{line}")
+        } else {
+            self.pb.println(line)
+        }
+    }
+}
+
+/// One input as the reader hands it on.
+struct Job {
+    input: PathBuf,
+    outs: Vec<PathBuf>,
+    prov: serde_json::Value,
+    /// None when its outputs are done (same weights, options and input): skipped.
+    load: Option<Result<Loaded>>,
+}
+
+/// An input volume read, with what its outputs record.
+struct Loaded {
+    vol: crate::io::Volume,
+    voxel: Option<crate::voxel::VoxelSize>,
+    time_interval_s: Option<f64>,
+}
+
+/// A job after the network: None when skipped, else its volume and output (or the error); timed
+/// from the start of its prediction.
+struct Predicted {
+    job: Job,
+    y: Option<Result<(Loaded, Tensor)>>,
+    t0: std::time::Instant,
+}
+
+/// The run in three stages, one input after another in each: a reader thread reads the next input
+/// while the network (this thread: a GPU plan stays on the thread that made it) predicts the
+/// current one, and a writer thread labels and writes the last one. At most one input waits
+/// between two stages, so memory stays at a few inputs and outputs. An input that fails stops the
+/// run, unless --keep-going.
+fn pipeline<'s, 'e>(s: &'s std::thread::Scope<'s, 'e>, c: &'s Ctx<'e>, jobs: &'s [(&'e Path, &'e str)], predict: &mut Predictor<'_>) -> Result<Report> {
+    let (to_net, from_reader) = std::sync::mpsc::sync_channel::<Job>(1);
+    let (to_writer, from_net) = std::sync::mpsc::sync_channel::<Predicted>(1);
+    s.spawn(move || {
+        for &(input, stem) in jobs {
+            if to_net.send(read_job(c, input, stem)).is_err() {
+                break;
+            }
+        }
+    });
+    let writer = s.spawn(move || {
+        let mut report = Report::default();
+        for p in from_net {
+            write_job(c, p, &mut report)?;
+            c.pb.inc(1);
+        }
+        Ok::<Report, Error>(report)
+    });
+    for mut job in from_reader {
+        let t0 = std::time::Instant::now();
+        let y = job.load.take().map(|load| {
+            let l = load?;
+            c.pb.set_message(job.input.display().to_string());
+            predict_job(c, &job.input, &l, predict).map(|y| (l, y))
+        });
+        let stop = !c.a.keep_going && matches!(y, Some(Err(_)));
+        // a writer that stopped (an input failed) ends the run, as does a failure here
+        if to_writer.send(Predicted { job, y, t0 }).is_err() || stop {
+            break;
+        }
+    }
+    drop(to_writer);
+    writer.join().map_err(|_| Error::Other("segment: the writer thread panicked".into()))?
+}
+
+/// The reader's stage: outputs, provenance, and the volume unless the outputs are done.
+fn read_job(c: &Ctx, input: &Path, stem: &str) -> Job {
+    let a = c.a;
+    let mut outs = vec![output_path(&a.out_dir, stem, a.format)];
+    if a.save_probabilities {
+        outs.push(probabilities_path(&a.out_dir, stem, a.format));
+    }
+    let (prov, load) = match crate::batch::provenance(c.wsha, c.options, input) {
+        Ok(p) if crate::batch::is_done(&outs, &p) => (p, None),
+        Ok(p) => (p, Some(load(c, input))),
+        Err(e) => (serde_json::Value::Null, Some(Err(e))),
+    };
+    Job { input: input.to_path_buf(), outs, prov, load }
+}
+
+fn load(c: &Ctx, input: &Path) -> Result<Loaded> {
     let vol = crate::io::read_volume(input)?;
-    let voxel = crate::voxel::resolve(a.voxel_size, &[input])?;
+    let voxel = crate::voxel::resolve(c.a.voxel_size, &[input])?;
     let d = vol.tensor.shape.d;
-    let len: [usize; 3] = std::array::from_fn(|k| a.tile[k].min(d[k]));
-    weights.config.check_input_size(len).map_err(|e| Error::Input(format!("{}: tiles of {len:?}: {}", input.display(), e.message())))?;
-    let t0 = std::time::Instant::now();
+    let len: [usize; 3] = std::array::from_fn(|k| c.a.tile[k].min(d[k]));
+    c.weights.config.check_input_size(len).map_err(|e| Error::Input(format!("{}: tiles of {len:?}: {}", input.display(), e.message())))?;
+    Ok(Loaded { vol, voxel, time_interval_s: crate::sidecar::time_interval_of(input)? })
+}
+
+/// The network's stage: tiled (and test-time augmented, and resampled) prediction of one volume.
+fn predict_job(c: &Ctx, input: &Path, l: &Loaded, predict: &mut Predictor<'_>) -> Result<Tensor> {
+    let a = c.a;
+    let d = l.vol.tensor.shape.d;
     let tiled = |x: &Tensor, p: &mut Predictor<'_>| predict_tiled_with(x, a.tile, a.overlap, a.blend, p);
     let mut run = |x: &Tensor| if a.tta { predict_tta(x, &mut |x| tiled(x, predict)) } else { tiled(x, predict) };
-    let trained = crate::voxel::trained_voxel_size(&a.weights)?;
-    let mismatch = match (&voxel, trained) {
+    let mismatch = match (&l.voxel, c.trained) {
         (Some(v), Some(t)) if crate::voxel::differs(v.um, t, 0.10) => Some((v.um, t)),
         _ => None,
     };
-    let y = match mismatch {
+    match mismatch {
         Some((v, t)) if a.resample => {
             let to: [usize; 3] = std::array::from_fn(|k| ((d[k] as f64 * v[k] / t[k]).round() as usize).max(1));
-            eprintln!("{}: resampled from {d:?} voxels of {v:?} um to {to:?} of {t:?} um (the weights' training voxel size) and back", input.display());
-            let yr = run(&crate::voxel::resample(&vol.tensor, to)?)?;
-            crate::voxel::resample(&yr, d)?
+            c.say(format!("{}: resampled from {d:?} voxels of {v:?} um to {to:?} of {t:?} um (the weights' training voxel size) and back", input.display()));
+            let yr = run(&crate::voxel::resample(&l.vol.tensor, to)?)?;
+            crate::voxel::resample(&yr, d)
         }
         Some((v, t)) => {
             let worst = (0..3).map(|k| (v[k] / t[k] - 1.0).abs()).fold(0.0, f64::max);
-            eprintln!(
+            c.say(format!(
                 "warning: {}: voxels of {v:?} um, but the weights were trained at {t:?} um ({:.1}% apart): the network sees cells at another scale; --resample predicts at the training voxel size",
                 input.display(),
                 100.0 * worst
-            );
-            run(&vol.tensor)?
+            ));
+            run(&l.vol.tensor)
         }
-        None => run(&vol.tensor)?,
+        None => run(&l.vol.tensor),
+    }
+}
+
+/// The writer's stage: one input's line printed and its outcome recorded; an error when it failed
+/// and the run stops at a failure.
+fn write_job(c: &Ctx, p: Predicted, report: &mut Report) -> Result<()> {
+    let Predicted { job, y, t0 } = p;
+    let Some(y) = y else {
+        c.say(format!("{} -> {}: done before (same weights, options and input), skipped", job.input.display(), job.outs[0].display()));
+        report.skipped.push(job.input);
+        return Ok(());
     };
-    let (labels, removed) = labels_from_output(&y, weights.config.head, a.tau, !a.no_regrow, a.min_size)?;
+    match y.and_then(|(l, y)| finish_job(c, &job, &l, &y, t0)) {
+        Ok(line) => {
+            c.say(line);
+            report.written.push(job.outs[0].clone());
+            Ok(())
+        }
+        Err(e) if c.a.keep_going => {
+            c.say(format!("{}: FAILED: {e}", job.input.display()));
+            report.failed.push((job.input, e.to_string()));
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Labels one input's output and writes its files; returns the line to print.
+fn finish_job(c: &Ctx, job: &Job, l: &Loaded, y: &Tensor, t0: std::time::Instant) -> Result<String> {
+    let (a, outs) = (c.a, &job.outs);
+    let (labels, removed) = labels_from_output(y, c.weights.config.head, a.tau, !a.no_regrow, a.min_size)?;
+    let (vol, voxel, time_interval_s) = (&l.vol, &l.voxel, l.time_interval_s);
     let s = vol.tensor.shape;
     let dims: Vec<usize> = if vol.rank == 3 { s.d.to_vec() } else { vec![s.n, s.d[0], s.d[1], s.d[2]] };
     let um = voxel.as_ref().map(|v| v.um);
-    let time_interval_s = crate::sidecar::time_interval_of(input)?;
     let card = |shape: Vec<usize>, lead: &[&str]| crate::sidecar::Sidecar {
         axes: crate::sidecar::axes_for(shape.len(), lead),
         shape,
         voxel_size_um: um,
         voxel_size_from: voxel.as_ref().map(|v| v.from.clone()),
         time_interval_s,
-        provenance: Some(prov.clone()),
+        provenance: Some(job.prov.clone()),
     };
     // made only now, so that a run refused on its first input leaves no folder behind
     std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
     if a.save_probabilities {
-        let pdims = crate::io::output_dims(&y, vol.rank)?;
-        write_map(&outs[1], &y, &pdims, um, time_interval_s)?;
+        let pdims = crate::io::output_dims(y, vol.rank)?;
+        write_map(&outs[1], y, &pdims, um, time_interval_s)?;
         crate::sidecar::write(&outs[1], &card(pdims.clone(), if pdims.len() == 5 { &["T", "C"] } else { &["C"] }))?;
     }
     write_labels_out(&outs[0], &dims, &labels, um, time_interval_s)?;
@@ -578,7 +690,7 @@ fn segment_one(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>, 
     let vs = voxel.as_ref().map_or("no voxel size recorded".to_string(), |v| format!("voxels {:?} um from {}", v.um, v.from));
     Ok(format!(
         "{} -> {}: {} volume(s) of {:?} in {:.1} s; effector {} voxels, target {} voxels, {} spurious voxels removed; {vs}",
-        input.display(),
+        job.input.display(),
         outs[0].display(),
         s.n,
         s.d,

@@ -76,3 +76,15 @@ fn second_start_compiles_nothing() {
     assert!(first.contains(&format!("kernels: 0 cached, {n} compiled")), "{first}");
     assert!(second.contains(&format!("kernels: {n} cached, 0 compiled")), "{second}");
 }
+
+/// A batch far past the GPU's memory is refused before allocating, with the batch that fits.
+#[test]
+fn a_batch_past_the_gpu_memory_is_refused() {
+    if !gpu_or_skip("a_batch_past_the_gpu_memory_is_refused") {
+        return;
+    }
+    let o = Command::new(BIN).args(["bench", "--backend", "cuda", "--batch", "1000", "--runs", "1", "--warmup", "0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    println!("{}", err.lines().last().unwrap_or(""));
+    assert!(!o.status.success() && err.contains("needs") && err.contains("or fewer"), "{err}");
+}

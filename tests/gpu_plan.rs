@@ -140,27 +140,70 @@ fn cuda_plans_are_within_the_bounds() {
     }
 }
 
+/// Three volumes of `x` (as given, mirrored around 1, halved): two batches of 2, the last padded.
+fn three_of(x: &Tensor) -> Tensor {
+    let data = [x.data.clone(), x.data.iter().map(|v| 2.0 - v).collect(), x.data.iter().map(|v| v * 0.5).collect()].concat();
+    Tensor::new(Shape::new(3, x.shape.d, 1), data).unwrap()
+}
+
+/// `plan` run on `three` as one graph replayed per batch, then with its launches queued one by
+/// one: the two outputs' bits, which must be equal (same plan, same kernels, same order).
+fn replayed_and_queued<D: deepis::gpu::Device>(plan: &mut GpuPlan<D>, three: &Tensor) -> (Vec<u32>, Vec<u32>) {
+    let bits = |t: Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    plan.set_graph(true);
+    assert!(plan.summary().contains("replayed as one graph"), "{}", plan.summary());
+    let replayed = bits(plan.run(three).unwrap());
+    plan.set_graph(false);
+    assert!(!plan.uses_graph() && plan.summary().contains("queued one by one"));
+    (replayed, bits(plan.run(three).unwrap()))
+}
+
 /// The forward pass recorded once as a graph and replayed per batch gives, bit for bit, what the
 /// same launches queued one by one give: three volumes in batches of 2 are two replays with
 /// different inputs (and a padded last batch), so a graph that baked in its first input, or lost
-/// a launch, differs. Same plan, same kernels, same order: bit equality is the claim.
+/// a launch, differs.
 #[test]
 fn graph_replay_is_bit_identical_to_launches_one_by_one() {
     let (w, x, _) = case("tiny");
-    let three = Tensor::new(Shape::new(3, x.shape.d, 1), [x.data.clone(), x.data.iter().map(|v| 2.0 - v).collect(), x.data.iter().map(|v| v * 0.5).collect()].concat()).unwrap();
+    let three = three_of(&x);
     for p in [Precision::Fp32, Precision::Fp16] {
         let mut plan = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, 2, p).unwrap();
-        assert!(plan.uses_graph() && plan.summary().contains("replayed as one graph"), "{}", plan.summary());
-        let replayed = plan.run(&three).unwrap();
-        plan.set_graph(false);
-        assert!(!plan.uses_graph() && plan.summary().contains("queued one by one"));
-        let queued = plan.run(&three).unwrap();
-        let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
-        assert_eq!(bits(&replayed), bits(&queued), "{p:?}: graph replay vs launches one by one");
-        let per = replayed.data.len() / 3;
-        assert_ne!(bits(&replayed)[..per], bits(&replayed)[per..2 * per], "{p:?}: two inputs gave one output");
+        let (replayed, queued) = replayed_and_queued(&mut plan, &three);
+        assert_eq!(replayed, queued, "{p:?}: graph replay vs launches one by one");
+        let per = replayed.len() / 3;
+        assert_ne!(replayed[..per], replayed[per..2 * per], "{p:?}: two inputs gave one output");
         println!("{p:?}: 3 volumes in 2 replays, bit-identical to {} launches per batch queued one by one", plan.launches());
     }
+}
+
+/// The same on a real GPU (a CUDA graph), in every precision, on the readme case.
+#[test]
+fn cuda_graph_replay_is_bit_identical_to_launches_one_by_one() {
+    let (w, x, _) = case("readme");
+    let three = three_of(&x);
+    for p in Precision::ALL {
+        let Some(dev) = cuda_device_or_skip() else { return };
+        let mut plan = GpuPlan::new(dev, &w, x.shape.d, 2, p).unwrap();
+        let (replayed, queued) = replayed_and_queued(&mut plan, &three);
+        assert_eq!(replayed, queued, "{p:?} on cuda: CUDA graph replay vs launches one by one");
+        println!("{p:?} on cuda: CUDA graph replay equal bit for bit to {} launches queued one by one", plan.launches());
+    }
+}
+
+/// A plan whose arena does not fit the device's free memory is refused before it is allocated,
+/// with the batch that would fit (the emulator reporting a device of a given size, as a GPU does).
+#[test]
+fn a_plan_larger_than_the_device_is_refused_with_the_batch_that_fits() {
+    let (w, x, _) = case("small");
+    let one = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, 1, Precision::Fp32).unwrap().arena_bytes();
+    let headroom = 256 << 20;
+    // room for the weights, the driver's headroom and three volumes' arenas, not for eight
+    let dev = EmuDevice::new().with_memory(headroom + 3 * one + (1 << 20));
+    let msg = GpuPlan::new(dev, &w, x.shape.d, 8, Precision::Fp32).err().map(|e| e.to_string()).unwrap_or_default();
+    println!("{msg}");
+    assert!(msg.contains("batch of 8 needs") && msg.contains("use --batch 3 or fewer"), "{msg}");
+    let dev = EmuDevice::new().with_memory(headroom + 3 * one + (1 << 20));
+    assert!(GpuPlan::new(dev, &w, x.shape.d, 3, Precision::Fp32).is_ok());
 }
 
 #[test]

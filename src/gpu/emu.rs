@@ -3,7 +3,7 @@
 //! It checks what a GPU would not report: out-of-bounds accesses of `gptr` arguments and dynamic
 //! shared memory, barriers reached by part of a block, warp collectives that would deadlock; and a
 //! race shows up as a difference between [`Schedule::Forward`] and [`Schedule::Reverse`].
-use std::cell::{RefCell, UnsafeCell};
+use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ffi::{c_char, c_void, CStr};
 use std::rc::Rc;
 
@@ -157,6 +157,9 @@ pub struct EmuDevice {
     bad_env: Option<String>,
     /// The launches of a capture in progress ([`Device::capture`]).
     recording: RefCell<Option<Vec<Recorded>>>,
+    /// The device memory it reports ([`EmuDevice::with_memory`]), and the bytes allocated so far.
+    memory: Option<usize>,
+    allocated: Cell<usize>,
 }
 
 /// The environment variable that picks the schedule of [`EmuDevice::new`] (`forward`, `reverse`),
@@ -179,6 +182,19 @@ impl EmuDevice {
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads;
         self
+    }
+
+    /// Reports `bytes` of device memory ([`Device::memory_info`]: free = `bytes` less what was
+    /// allocated), as a GPU of that size would, so that what checks it can be tested.
+    pub fn with_memory(mut self, bytes: usize) -> Self {
+        self.memory = Some(bytes);
+        self
+    }
+
+    /// A new buffer of `bytes` (its length and type given), counted against the reported memory.
+    fn new_buf(&self, bytes: &[u8], len: usize, dtype: DType) -> EmuBuf {
+        self.allocated.set(self.allocated.get() + bytes.len());
+        EmuBuf::from_bytes(bytes, len, dtype)
     }
 
     /// An error when a capture is in progress: `what` is not a launch, which a graph cannot hold.
@@ -310,11 +326,11 @@ impl Device for EmuDevice {
         // The emulated device's memory is this machine's: it answers to the memory budget.
         let what = format!("an emulated device buffer of {len} values");
         crate::limits::check(&what, crate::limits::bytes_of(Some(len as u64), 4)).map_err(Error::Input)?;
-        Ok(EmuBuf::from_bytes(&vec![0; len * 4], len, DType::F32))
+        Ok(self.new_buf(&vec![0; len * 4], len, DType::F32))
     }
     fn htod(&self, data: &[f32]) -> Result<EmuBuf> {
         self.not_capturing("a copy to the device")?;
-        Ok(EmuBuf::from_bytes(bytemuck::cast_slice(data), data.len(), DType::F32))
+        Ok(self.new_buf(bytemuck::cast_slice(data), data.len(), DType::F32))
     }
     fn dtoh(&self, buf: &EmuBuf) -> Result<Vec<f32>> {
         self.not_capturing("a copy to the host")?;
@@ -335,7 +351,7 @@ impl Device for EmuDevice {
             return Err(Error::backend("emu", "htod_bits: f32 is not a 16-bit type"));
         }
         self.not_capturing("a copy to the device")?;
-        Ok(EmuBuf::from_bytes(bytemuck::cast_slice(bits), bits.len(), dtype))
+        Ok(self.new_buf(bytemuck::cast_slice(bits), bits.len(), dtype))
     }
     fn dtoh_bits(&self, buf: &EmuBuf) -> Result<Vec<u16>> {
         if buf.dtype == DType::F32 {
@@ -398,6 +414,10 @@ impl Device for EmuDevice {
         let r = body();
         let launches = self.recording.borrow_mut().take().unwrap_or_default();
         r.map(|()| EmuGraph { launches })
+    }
+
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        self.memory.map(|total| (total.saturating_sub(self.allocated.get()), total))
     }
 
     fn replay(&self, graph: &EmuGraph) -> Result<()> {

@@ -557,8 +557,9 @@ fn check_device_memory<D: Device>(dev: &D, arena_bytes: usize, batch: usize) -> 
     let per_volume = arena_bytes / batch;
     let fits = free.saturating_sub(HEADROOM) / per_volume.max(1);
     Err(Error::Input(format!(
-        "the GPU plan for a batch of {batch} needs {:.0} MiB of device memory, but {} has {:.0} MiB free of {:.0} MiB: use --batch {} or fewer",
+        "the GPU plan for a batch of {batch} needs {:.0} MiB of device memory and {} MiB to spare, but {} has {:.0} MiB free of {:.0} MiB: use --batch {} or fewer",
         arena_bytes as f64 / 1048576.0,
+        HEADROOM >> 20,
         dev.name(),
         free as f64 / 1048576.0,
         total as f64 / 1048576.0,
