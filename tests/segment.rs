@@ -63,6 +63,34 @@ fn blending_reproduces_a_pointwise_predictor_exactly() {
     }
 }
 
+/// Tiles of up to `batch` frames given to the predictor at once give every frame, bit for bit, what
+/// it gets one frame at a time (same tiles, same blending order), for a 5-frame time-lapse in
+/// batches of 3 (a full and a partial batch), whole-volume and tiled; the predictor sees the batches.
+#[test]
+fn batched_tiles_give_each_frame_what_it_gets_alone() {
+    let w = local_weights(4);
+    let d = [40, 36, 20];
+    let frames: Vec<f32> = (0..5).flat_map(|k| random_volume(d, 10 + k).data).collect();
+    let x = Tensor::new(Shape::new(5, d, 1), frames).unwrap();
+    let plan = deepis::plan::Plan::new(&w, [24, 24, 20], deepis::plan::PlanOptions::default()).unwrap();
+    for (tile, overlap) in [([64, 64, 64], 8), ([24, 24, 20], 8)] {
+        let whole = tile == [64, 64, 64];
+        let seen = std::cell::RefCell::new(Vec::new());
+        let mut net = |t: &Tensor| {
+            seen.borrow_mut().push(t.shape.n);
+            if whole { Network::new(CpuBackend::new(), &w)?.forward(t) } else { deepis::model::run_plan(&plan, &w, t) }
+        };
+        let alone = segment::predict_tiled_batched(&x, tile, overlap, segment::Blend::Window, 1, &mut net).unwrap();
+        let tiles = seen.borrow().len() / 5;
+        seen.borrow_mut().clear();
+        let batched = segment::predict_tiled_batched(&x, tile, overlap, segment::Blend::Window, 3, &mut net).unwrap();
+        let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&alone), bits(&batched), "tile {tile:?}: batched frames differ from frames alone");
+        let want: Vec<usize> = [3].repeat(tiles).into_iter().chain([2].repeat(tiles)).collect();
+        assert_eq!(*seen.borrow(), want, "tile {tile:?}: the predictor's batches ({tiles} tile(s) per frame)");
+    }
+}
+
 #[test]
 fn tiled_network_prediction_equals_untiled() {
     let w = local_weights(3);
@@ -180,6 +208,7 @@ fn args(inputs: Vec<String>, out: &std::path::Path, w: &std::path::Path) -> Segm
         keep_going: false,
         resample: false,
         backend: deepis::cli::BackendKind::CpuRef,
+        batch: 1,
         gpu: Default::default(),
     }
 }
