@@ -17,10 +17,10 @@
 #      cases through `deepis predict --backend cuda` and the second start compiling nothing (cuda),
 #      the tensor-core truth table and products on CUDA equal to the emulator's bit for bit
 #      (tensor_core), the tensor-core conv within its derived error bound (tensor_conv), the GPU
-#      plan on every golden case in fp32 / fp16 / bf16 within its bounds (gpu_plan), NVRTC's
+#      plan on every golden case in fp32 / tf32 / fp16 / bf16 within its bounds (gpu_plan), NVRTC's
 #      compile of every kernel (nvrtc) and the cubin cache (kernel_cache);
 #   4. napkin conv throughput of the CUDA variants (gpu_ops cuda_conv_throughput) and of the
-#      tensor-core conv in fp16 / bf16 (tensor_conv cuda_tensor_conv_throughput); the GPU plan's
+#      tensor-core conv in fp16 / bf16 / tf32 (tensor_conv cuda_tensor_conv_throughput); the GPU plan's
 #      ms per volume of the published model at 128x128x64 in each precision, batch 1 and 8
 #      (deepis bench --backend cuda --precision P --batch B);
 #   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8 (needs python3 with
@@ -140,8 +140,8 @@ run() {
     step conv-throughput 120 "$gpu/tests/gpu_ops" --ignored cuda_conv_throughput --nocapture
     excerpt conv-throughput 'TFLOP/s|Direct|Tiled|SKIPPED'
     step tc-conv-throughput 120 "$gpu/tests/tensor_conv" --ignored cuda_tensor_conv_throughput --nocapture
-    excerpt tc-conv-throughput 'TFLOP/s|f16|bf16|SKIPPED'
-    for p in fp32 fp16 bf16; do
+    excerpt tc-conv-throughput 'TFLOP/s|f16|bf16|f32|SKIPPED'
+    for p in fp32 tf32 fp16 bf16; do
         for b in 1 8; do
             step "plan-$p-b$b" 120 "$gpu/deepis" bench --backend cuda --precision "$p" --batch "$b" --runs 5 --warmup 2
             excerpt "plan-$p-b$b" '^gpu plan|^median|^backend'

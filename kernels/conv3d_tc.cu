@@ -1,21 +1,35 @@
-// conv3d_tc.cu — 3D convolution on tensor cores: fp16 / bf16 inputs and weights, f32 accumulation
-// (mma.sync.aligned.m16n8k16, ldmatrix, cp.async; sm_80 and up), zero padding, any kernel size,
-// stride and padding, any Cin and Cout, with a fused epilogue. Launched by src/gpu/tensor_conv.rs.
+// conv3d_tc.cu — 3D convolution on tensor cores: fp16 / bf16 inputs and weights (mma.sync.aligned
+// .m16n8k16), or f32 inputs and weights computed in tf32 (mma.sync.aligned.m16n8k8 .tf32), f32
+// accumulation (ldmatrix, cp.async; sm_80 and up), zero padding, any kernel size, stride and
+// padding, any Cin and Cout, with a fused epilogue. Launched by src/gpu/tensor_conv.rs.
 //
-//   conv3d_tc_f16, conv3d_tc_bf16 — implicit GEMM: M = output voxels, N = Cout, K = taps x Cin;
-//                  8 warps, each 32 voxels x 64 channels (two m16 tiles).
-//   conv3d_tc_wide_f16, conv3d_tc_wide_bf16 — the same with 4 warps, each 64 voxels x 64 channels
-//                  (four m16 tiles): 1.5x the FLOPs per byte of ldmatrix, more registers.
+//   conv3d_tc_f16, conv3d_tc_bf16, conv3d_tc_tf32 — implicit GEMM: M = output voxels, N = Cout,
+//                  K = taps x Cin; 8 warps, each 32 voxels x 64 channels (two m16 tiles).
+//   conv3d_tc_wide_f16, conv3d_tc_wide_bf16, conv3d_tc_wide_tf32 — the same with 4 warps, each 64
+//                  voxels x 64 channels (four m16 tiles): 1.5x the FLOPs per byte of ldmatrix,
+//                  more registers.
 //   Both take the same parameters; tensor_conv::WarpTile picks one.
 //
+// The element type H: f16 / bf16 (one 16-bit word, 16 channels per mma), or float (two words, 8
+// channels per mma of m16n8k8 .tf32). Everything below is in 16-bit words, so the tf32 kernels
+// are the half ones byte for byte: a k8 step of floats is 32 bytes like a k16 step of halves, and
+// ldmatrix of an 8 x 8 b16 matrix is an 8 x 4 f32 matrix (lane l gets row l / 4, f32 column l % 4),
+// which is exactly the m16n8k8 .tf32 A and B fragment layout (A: a0 = A[g][t], a1 = A[g+8][t],
+// a2 = A[g][t+4], a3 = A[g+8][t+4]; B: b0 = B[t][g], b1 = B[t+4][g]; C, D as m16n8k16).
+// tf32 rounding: the weights are rounded on the host (tensor_conv::round_tf32, ties away); every
+// A register is rounded after its ldmatrix with cvt.rna.tf32.f32 (to nearest, ties away), so the
+// mma gets tf32 values and the result does not depend on how the hardware treats low bits.
+//
 // Layouts (channels-last):
-//   x    (N, D0, D1, D2, Cin) in H (f16 or bf16);
+//   x    (N, D0, D1, D2, Cin) in H (f16, bf16 or float);
 //   wt   [chunk][tap][cout_pad][ck] in H, written by the host (tensor_conv::tc_weight_layout):
 //        wt[((c * taps + tap) * cout_pad + co) * ck + j] = w[tap][c * ck + j][co], 0 where the
-//        channel c * ck + j >= Cin or co >= Cout; taps = k0 k1 k2 in (t0, t1, t2) order, `ck` (16, 32
-//        or 64) the input channels of one chunk, cout_pad = Cout rounded up to 16;
+//        channel c * ck + j >= Cin or co >= Cout; taps = k0 k1 k2 in (t0, t1, t2) order, `ck` (a
+//        multiple of the channels of one mma, at most 64) the input channels of one chunk,
+//        cout_pad = Cout rounded up to 16;
 //   bias [Cout] f32 (zeros for a conv without bias);
-//   y    (N, O0, O1, O2, Cout): `yf` (f32) when out_half == 0, else `yh` (H, rounded once);
+//   y    (N, O0, O1, O2, Cout): `yf` (f32) when out_half == 0, else `yh` (H, rounded once; the
+//        tf32 kernels always get out_half == 0);
 //   res  (N, O0, O1, O2, Cout) in the output's type (`rf` or `rh`), read when has_res.
 //   Epilogue: y = relu?(acc + bias + res). The unused one of yf/yh and rf/rh is any live buffer of
 //   its type (never read or written).
@@ -26,17 +40,18 @@
 // or 4 m16 tiles) and all 64 channels (eight n8 tiles, n tiles past cout_pad skipped): MT x 8 mma
 // per 16 channels of one tap.
 //
-// Shared memory (dynamic, 16-bit words; tensor_conv::tc_smem_bytes):
+// Shared memory (dynamic, 16-bit words; tensor_conv::smem_bytes), W = words per element:
 //   brick  the input brick of the tile with its halo, Bz = (Tz - 1) sz + kz voxels per axis, one
-//          channel chunk: brick[((b0 * B1 + b1) * B2 + b2) * ckp + j], ckp = ck + 8 (the 16-byte
-//          pad makes the 8 row addresses of an ldmatrix hit 8 different 4-bank groups);
+//          channel chunk: element j of voxel b at words [b * ckp + W j, + W), ckp = W ck + 8 (the
+//          16-byte pad makes the 8 row addresses of an ldmatrix hit 8 different 4-bank groups);
 //          loaded once per channel chunk (cp.async, 16 bytes, zero-filled outside the input, when
-//          Cin % 8 == 0; element by element otherwise) and read by every tap: the A fragment of
+//          Cin is a multiple of 16 bytes' elements; element by element otherwise) and read by
+//          every tap: the A fragment of
 //          voxel m and tap t is the brick row at m's position shifted by t (ldmatrix takes one
 //          row address per lane, so the gather costs nothing);
 //   stages TC_STAGES buffers of one tap's weights, 64 x ckp: wstage[co * ckp + j], filled by a
 //          cp.async pipeline TC_STAGES - 1 taps ahead of the mma.
-// Accumulation order: per chunk, per tap, per 16 channels, each mma summing 16 products.
+// Accumulation order: per chunk, per tap, per 16 (tf32: 8) channels, each mma summing 16 (8) products.
 // CPU reference: tests/tensor_conv.rs (float64 on the same rounded inputs and weights).
 #include "deepis_device.h"
 
@@ -52,17 +67,43 @@
 #define TC_SUPPORTED 0
 #endif
 
+// 16-bit words per element and channels per mma of each element type.
+template <class H> struct TcElem {
+    enum { W = 1, K = 16 };
+};
+template <> struct TcElem<float> {
+    enum { W = 2, K = 8 };
+};
+
 DEEPIS_DEVICE void tc_mma(float* d, const unsigned* a, const unsigned* b, f16) { mma_16816_f16(d, a, b, d); }
 DEEPIS_DEVICE void tc_mma(float* d, const unsigned* a, const unsigned* b, bf16) { mma_16816_bf16(d, a, b, d); }
+DEEPIS_DEVICE void tc_mma(float* d, const unsigned* a, const unsigned* b, float) { mma_1688_tf32(d, a, b, d); }
+// An A fragment after its ldmatrix: halves are used as loaded, floats rounded to tf32.
+DEEPIS_DEVICE void tc_round_a(unsigned*, f16) {}
+DEEPIS_DEVICE void tc_round_a(unsigned*, bf16) {}
+DEEPIS_DEVICE void tc_round_a(unsigned* a, float) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[r] = tf32_from_f32(__uint_as_float(a[r]));
+}
 DEEPIS_DEVICE float tc_widen(f16 h) { return f16_to_f32(h); }
 DEEPIS_DEVICE float tc_widen(bf16 h) { return bf16_to_f32(h); }
+DEEPIS_DEVICE float tc_widen(float v) { return v; }
 DEEPIS_DEVICE void tc_round(f16& h, float v) { h = f16_from_f32(v); }
 DEEPIS_DEVICE void tc_round(bf16& h, float v) { h = bf16_from_f32(v); }
+DEEPIS_DEVICE void tc_round(float& h, float v) { h = v; }
+// One element into the brick's 16-bit words (a float as two: low word first).
+DEEPIS_DEVICE void tc_put(sptr<unsigned short> p, f16 v) { p[0] = v.bits; }
+DEEPIS_DEVICE void tc_put(sptr<unsigned short> p, bf16 v) { p[0] = v.bits; }
+DEEPIS_DEVICE void tc_put(sptr<unsigned short> p, float v) {
+    const unsigned u = __float_as_uint(v);
+    p[0] = (unsigned short)(u & 0xffffu);
+    p[1] = (unsigned short)(u >> 16);
+}
 
 // The shapes of one launch, and what each thread derives from them once.
 struct TcGeom {
     int d0, d1, d2, cin, o0, o1, o2, cout;
-    int taps, ck, ckp, cout_pad;
+    int taps, ck, ckp, cout_pad;  // ckp in 16-bit words
     int b1, b2, brick_vox;  // brick extent (b0 is implied by brick_vox)
     int batch, j0, j1, j2;  // the tile's batch index and first output voxel
     int i0, i1, i2;         // input coordinate of brick voxel (0, 0, 0)
@@ -74,12 +115,13 @@ template <class H>
 DEEPIS_DEVICE void tc_load_brick(sptr<unsigned short> brick, gptr<const H> x, const TcGeom& g, int c) {
     const int tid = (int)threadIdx.x;
     const int c0 = c * g.ck;
-    if (g.cin % 8 == 0) {
-        const int parts = g.ck / 8;
+    const int per = 8 / TcElem<H>::W;  // elements in 16 bytes
+    if (g.cin % per == 0) {
+        const int parts = g.ck / per;
         for (int q = tid; q < g.brick_vox * parts; q += (int)blockDim.x) {
             const int v = q / parts, part = q - v * parts;
             const int b2 = v % g.b2, b1 = (v / g.b2) % g.b1, b0 = v / (g.b2 * g.b1);
-            const int i0 = g.i0 + b0, i1 = g.i1 + b1, i2 = g.i2 + b2, ci = c0 + 8 * part;
+            const int i0 = g.i0 + b0, i1 = g.i1 + b1, i2 = g.i2 + b2, ci = c0 + per * part;
             const bool in = i0 >= 0 && i0 < g.d0 && i1 >= 0 && i1 < g.d1 && i2 >= 0 && i2 < g.d2 && ci < g.cin;
             const int src = in ? (((g.batch * g.d0 + i0) * g.d1 + i1) * g.d2 + i2) * g.cin + ci : 0;
             cp_async16(brick + v * g.ckp + 8 * part, x + src, in ? 16 : 0);
@@ -90,7 +132,7 @@ DEEPIS_DEVICE void tc_load_brick(sptr<unsigned short> brick, gptr<const H> x, co
             const int b2 = v % g.b2, b1 = (v / g.b2) % g.b1, b0 = v / (g.b2 * g.b1);
             const int i0 = g.i0 + b0, i1 = g.i1 + b1, i2 = g.i2 + b2, ci = c0 + j;
             const bool in = i0 >= 0 && i0 < g.d0 && i1 >= 0 && i1 < g.d1 && i2 >= 0 && i2 < g.d2 && ci < g.cin;
-            brick[v * g.ckp + j] = in ? x[(((g.batch * g.d0 + i0) * g.d1 + i1) * g.d2 + i2) * g.cin + ci].bits : (unsigned short)0;
+            tc_put(brick + v * g.ckp + TcElem<H>::W * j, in ? x[(((g.batch * g.d0 + i0) * g.d1 + i1) * g.d2 + i2) * g.cin + ci] : H{});
         }
     }
 }
@@ -98,11 +140,12 @@ DEEPIS_DEVICE void tc_load_brick(sptr<unsigned short> brick, gptr<const H> x, co
 // Issues the cp.async copies of the weights of (chunk c, tap) for this block's channels into `stage`.
 template <class H>
 DEEPIS_DEVICE void tc_load_weights(sptr<unsigned short> stage, gptr<const H> wt, const TcGeom& g, int c, int tap) {
-    const int parts = g.ck / 8;
+    const int per = 8 / TcElem<H>::W;  // elements in 16 bytes
+    const int parts = g.ck / per;
     const int base = ((c * g.taps + tap) * g.cout_pad + g.n0) * g.ck;
     for (int q = (int)threadIdx.x; q < g.rows * parts; q += (int)blockDim.x) {
         const int row = q / parts, part = q - row * parts;
-        cp_async16(stage + row * g.ckp + 8 * part, wt + base + row * g.ck + 8 * part, 16);
+        cp_async16(stage + row * g.ckp + 8 * part, wt + base + row * g.ck + per * part, 16);
     }
 }
 
@@ -145,7 +188,7 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
     g.d0 = d0; g.d1 = d1; g.d2 = d2; g.cin = cin; g.o0 = o0; g.o1 = o1; g.o2 = o2; g.cout = cout;
     g.taps = k0 * k1 * k2;
     g.ck = ck;
-    g.ckp = ck + 8;
+    g.ckp = TcElem<H>::W * ck + 8;
     g.cout_pad = cout_pad;
     const int b0 = (TC_T0 - 1) * s0 + k0;
     g.b1 = (TC_T1 - 1) * s1 + k1;
@@ -167,8 +210,9 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
     const int stage_len = TC_BN * g.ckp;
 
     const int l = (int)threadIdx.x % 32, w = (int)threadIdx.x / 32;
-    // ldmatrix.x4 row of this lane for A (m16 tile i): voxel row l % 16, channels 8 (l / 16) ..;
-    // for B (n8 tiles 2p, 2p + 1): weight row 16 p + 8 (l / 16) + l % 8, channels 8 ((l / 8) % 2) ..
+    // ldmatrix.x4 row of this lane for A (m16 tile i): voxel row l % 16, words 8 (l / 16) ..;
+    // for B (n8 tiles 2p, 2p + 1): weight row 16 p + 8 (l / 16) + l % 8, words 8 ((l / 8) % 2) ..
+    // (8 words: 8 halves, or 4 floats)
     int abase[MT];
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
@@ -208,10 +252,13 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
             const int t2 = tap % k2, t1 = (tap / k2) % k1, t0 = tap / (k2 * k1);
             const int aoff = ((t0 * g.b1 + t1) * g.b2 + t2) * g.ckp;
             const sptr<unsigned short> ws = stages + (tap % TC_STAGES) * stage_len;
-            for (int kk = 0; kk < ck; kk += 16) {
+            for (int kk = 0; kk < TcElem<H>::W * ck; kk += 16) {  // 16 words: one mma's channels
                 unsigned a[MT][4];
 #pragma unroll
-                for (int i = 0; i < MT; ++i) ldmatrix_x4(a[i], brick + abase[i] + aoff + kk);
+                for (int i = 0; i < MT; ++i) {
+                    ldmatrix_x4(a[i], brick + abase[i] + aoff + kk);
+                    tc_round_a(a[i], H{});
+                }
 #pragma unroll
                 for (int p = 0; p < 4; ++p) {
                     if (p >= pairs) continue;
@@ -234,7 +281,7 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
 #define TC_BODY(H, MT) \
     conv3d_tc<H, MT>(yf, yh, x, wt, bias, rf, rh, n, d0, d1, d2, cin, o0, o1, o2, cout, k0, k1, k2, s0, s1, s2, p0, p1, p2, ck, cout_pad, out_half, has_res, relu)
 #else
-#define TC_BODY(H, MT) __trap()  // mma.sync m16n8k16 and cp.async need sm_80; the launch code never gets here
+#define TC_BODY(H, MT) __trap()  // mma.sync m16n8k16 / m16n8k8 .tf32 and cp.async need sm_80; the launch code never gets here
 #endif
 #define TC_PARAMS(H)                                                                                                    \
     gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<const H> wt, gptr<const float> bias, gptr<const float> rf,       \
@@ -245,3 +292,5 @@ extern "C" __global__ void __launch_bounds__(256) conv3d_tc_f16(TC_PARAMS(f16)) 
 extern "C" __global__ void __launch_bounds__(256) conv3d_tc_bf16(TC_PARAMS(bf16)) { TC_BODY(bf16, 2); }
 extern "C" __global__ void __launch_bounds__(128) conv3d_tc_wide_f16(TC_PARAMS(f16)) { TC_BODY(f16, 4); }
 extern "C" __global__ void __launch_bounds__(128) conv3d_tc_wide_bf16(TC_PARAMS(bf16)) { TC_BODY(bf16, 4); }
+extern "C" __global__ void __launch_bounds__(256) conv3d_tc_tf32(TC_PARAMS(float)) { TC_BODY(float, 2); }
+extern "C" __global__ void __launch_bounds__(128) conv3d_tc_wide_tf32(TC_PARAMS(float)) { TC_BODY(float, 4); }

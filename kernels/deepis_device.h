@@ -16,6 +16,10 @@
 //    `ldmatrix_x1/x2/x4_trans(r, p)` (r: unsigned[num], p: sptr to this lane's 16-byte row),
 //    `mma_16816_f16(d, a, b, c)` / `mma_16816_bf16(d, a, b, c)` (m16n8k16 row.col, f32 accumulate;
 //    d, c: float[4], a: unsigned[4], b: unsigned[2]; PTX ISA fragment layouts);
+//    `mma_1688_tf32(d, a, b, c)` (m16n8k8 row.col .tf32, f32 accumulate; a: 4 registers, one tf32
+//    each, b: 2; every operand must already be a tf32 value: the emulator fails the launch on one
+//    with any of its low 13 bits set), `tf32_from_f32(x)` (cvt.rna.tf32.f32: the bits of x rounded
+//    to 10 mantissa bits, to nearest, ties away from zero; infinities kept, a NaN stays a NaN);
 //  - async copies: `cp_async4/8/16(dst sptr, src gptr, src_bytes)` (src_bytes 0 zero-fills),
 //    `cp_async_commit_group()`, `cp_async_wait_group(N)` (N a constant);
 //  - barriers `__syncthreads()`, warp shuffles `__shfl_xor_sync / __shfl_down_sync / __shfl_sync`,
@@ -112,6 +116,16 @@ DEEPIS_DEVICE void mma_16816_bf16(float* d, const unsigned* a, const unsigned* b
                  : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
+DEEPIS_DEVICE void mma_1688_tf32(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+DEEPIS_DEVICE unsigned tf32_from_f32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
 template <int N, class T, class S> DEEPIS_DEVICE void deepis_cp_async(T* dst, const S* src, int src_bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(deepis_smem_addr(dst)), "l"(src), "n"(N), "r"(src_bytes) : "memory");
 }
@@ -137,6 +151,8 @@ DEEPIS_DEVICE float bf16_to_f32(bf16 h) { return ::emu::bf16_bits_to_f32(h.bits)
 #define ldmatrix_x4_trans(r, p) ::emu::ldmatrix_at(__LINE__, 4, true, (r), (p))
 #define mma_16816_f16(d, a, b, c) ::emu::mma_at(__LINE__, ::emu::MMA_F16, (d), (a), (b), (c))
 #define mma_16816_bf16(d, a, b, c) ::emu::mma_at(__LINE__, ::emu::MMA_BF16, (d), (a), (b), (c))
+#define mma_1688_tf32(d, a, b, c) ::emu::mma_at(__LINE__, ::emu::MMA_TF32, (d), (a), (b), (c))
+DEEPIS_DEVICE unsigned tf32_from_f32(float x) { return ::emu::f32_to_tf32_bits(x); }
 #define cp_async4(dst, src, n) ::emu::cp_async_at(__LINE__, 4, (dst), (src), (n))
 #define cp_async8(dst, src, n) ::emu::cp_async_at(__LINE__, 8, (dst), (src), (n))
 #define cp_async16(dst, src, n) ::emu::cp_async_at(__LINE__, 16, (dst), (src), (n))

@@ -335,7 +335,7 @@ fn predict(a: &PredictArgs) -> Result<()> {
 fn check_precision(chosen: Chosen, precision: Precision) -> Result<Chosen> {
     match chosen {
         Chosen::Plan | Chosen::CpuRef if precision != Precision::Fp32 => Err(Error::Input(format!(
-            "--precision {}: the CPU backends compute in fp32; fp16 / bf16 run in the GPU plan (--backend emu or cuda)",
+            "--precision {}: the CPU backends compute in fp32; tf32 / fp16 / bf16 run in the GPU plan (--backend emu or cuda)",
             precision.name()
         ))),
         chosen => Ok(chosen),

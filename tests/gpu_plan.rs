@@ -18,6 +18,11 @@
 //! (e = max|a - oracle| / max(1, max|oracle|); measured e_gpu / e_sim 0.9-1.3). A layout or
 //! epilogue bug is O(1): the planted fault below (one residual add skipped) is far above it.
 //!
+//! tf32: the same claim and bound, with the tf32 plan's rounding points (gpu/plan.rs): the input
+//! and the weights of every conv rounded to tf32 (10 mantissa bits, to nearest, ties away);
+//! activations, residuals, outputs and up-sample + adds stay f32. `rounded_run` rounds its f64
+//! values there to tf32 directly (`tf32`), the GPU its f32 values (cvt.rna).
+//!
 //! Emulator time: tiny, small (batch 2) and readme (max-pool, sigmoid head, input scaling); mid
 //! (64x64x32, widths 16..256) is left to the GPU (minutes on the emulator).
 mod common;
@@ -70,7 +75,7 @@ fn fp32_plan_matches_the_oracle_and_the_cpu_plan() {
 }
 
 #[test]
-fn half_plans_are_within_the_bound_of_the_same_rounding_on_the_cpu() {
+fn reduced_precision_plans_are_within_the_bound_of_the_same_rounding_on_the_cpu() {
     println!("{:<8} {:>6} {:>11} {:>11} {:>11} {:>11} {:>8}", "case", "prec", "e_gpu", "e_sim", "|gpu-sim|", "bound", "emu s");
     for name in CASES {
         let (w, x, want) = case(name);
@@ -79,7 +84,7 @@ fn half_plans_are_within_the_bound_of_the_same_rounding_on_the_cpu() {
         let e0 = rel_err(&exact.data, &want.data, 1.0);
         println!("{name:<8} {:>6} {:>11} {e0:>11.3e}   (the interpreter unrounded, a check of it)", "f64", "");
         assert!(e0 <= 1e-5, "{name}: the f64 interpreter is {e0:.3e} from the oracle");
-        for p in [Precision::Fp16, Precision::Bf16] {
+        for p in [Precision::Tf32, Precision::Fp16, Precision::Bf16] {
             let t0 = Instant::now();
             let got = run(&wg, &x, p, Schedule::Forward);
             let secs = t0.elapsed().as_secs_f64();
@@ -107,19 +112,19 @@ fn a_skipped_residual_add_fails_every_precision() {
     let (w, x, want) = case("tiny");
     let mut wg = passed(&w, x.shape.d);
     let sim = |p| rel_err(&rounded_run(&wg, &x, Some(p)).data, &want.data, 1.0);
-    let bounds: Vec<f32> = [Precision::Fp16, Precision::Bf16].into_iter().map(|p| 2.0 * sim(p) + ORACLE_TOL).collect();
+    let bounds: Vec<f32> = [Precision::Tf32, Precision::Fp16, Precision::Bf16].into_iter().map(|p| 2.0 * sim(p) + ORACLE_TOL).collect();
     // the first conv that adds a residual in its epilogue (a bottleneck's increase conv) loses it
     let i = wg.order().into_iter().find(|&i| matches!(wg.nodes[i].op, WOp::Conv { .. }) && wg.nodes[i].inputs.len() == 2).expect("a fused residual");
     println!("planted: {} without its residual add", wg.nodes[i].name);
     wg.nodes[i].inputs.truncate(1);
-    for (p, bound) in [(Precision::Fp32, ORACLE_TOL), (Precision::Fp16, bounds[0]), (Precision::Bf16, bounds[1])] {
+    for (p, bound) in [(Precision::Fp32, ORACLE_TOL), (Precision::Tf32, bounds[0]), (Precision::Fp16, bounds[1]), (Precision::Bf16, bounds[2])] {
         let e = rel_err(&run(&wg, &x, p, Schedule::Forward).data, &want.data, 1.0);
         println!("{}: rel err {e:.3e}, bound {bound:.3e}, {:.0}x", p.name(), e / bound);
         assert!(e > bound, "{}: the planted fault went unnoticed ({e:.3e} <= {bound:.3e})", p.name());
     }
 }
 
-/// The same checks on a real GPU, when there is one: fp32 against the oracle, fp16 / bf16 within
+/// The same checks on a real GPU, when there is one: fp32 against the oracle, tf32 / fp16 / bf16 within
 /// the bound above (every golden case, mid included).
 #[test]
 fn cuda_plans_are_within_the_bounds() {
@@ -225,7 +230,7 @@ fn bad_inputs_are_errors() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The f64 interpreter of a passed graph, rounding to `p`'s half type at the plan's rounding points.
+// The f64 interpreter of a passed graph, rounding as precision `p` does at the plan's rounding points.
 
 /// One volume's values are channels-last [d0][d1][d2][c].
 struct Vol {
@@ -234,15 +239,34 @@ struct Vol {
     v: Vec<f64>,
 }
 
+/// `x` rounded once to tf32 (10 mantissa bits; tf32 has f32's exponent range): to nearest, ties
+/// away from zero (`f64::round`), as cvt.rna.tf32.f32.
+fn tf32(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let e = (((x.to_bits() >> 52) & 0x7ff) as i32 - 1023).max(-126);
+    let ulp = 2f64.powi(e - 10);
+    (x / ulp).round() * ulp
+}
+
+/// How precision `p` rounds a conv's input and weights.
 fn round(p: Option<Precision>) -> impl Fn(f64) -> f64 {
     move |x| match p {
         Some(Precision::Fp16) => half::f16::from_f64(x).to_f64(),
         Some(Precision::Bf16) => half::bf16::from_f64(x).to_f64(),
+        Some(Precision::Tf32) => tf32(x),
         _ => x,
     }
 }
 
-fn conv(x: &Vol, l: &Lin, res: Option<&Vol>, act: Act, r: &dyn Fn(f64) -> f64, round_out: bool) -> Vol {
+/// How precision `p` rounds a stored activation (a conv output, its residual, an up-sample + add).
+fn store(p: Option<Precision>) -> impl Fn(f64) -> f64 {
+    round(p.filter(|&p| p != Precision::Tf32))
+}
+
+/// The conv with its input and weights rounded by `r`, its residual and output by `rout`.
+fn conv(x: &Vol, l: &Lin, res: Option<&Vol>, act: Act, r: &dyn Fn(f64) -> f64, rout: &dyn Fn(f64) -> f64) -> Vol {
     let ConvSpec { cin, cout, k, stride, pad } = l.spec;
     let d = l.spec.out_dims(x.d);
     let xin: Vec<f64> = x.v.iter().map(|&v| r(v)).collect();
@@ -273,13 +297,13 @@ fn conv(x: &Vol, l: &Lin, res: Option<&Vol>, act: Act, r: &dyn Fn(f64) -> f64, r
         }
     }
     for (j, y) in y.iter_mut().enumerate() {
-        let mut v = *y + l.b.as_ref().map_or(0.0, |b| b[j % cout] as f64) + res.map_or(0.0, |r0| if round_out { r(r0.v[j]) } else { r0.v[j] });
+        let mut v = *y + l.b.as_ref().map_or(0.0, |b| b[j % cout] as f64) + res.map_or(0.0, |r0| rout(r0.v[j]));
         v = match act {
             Act::None => v,
             Act::Relu => v.max(0.0),
             Act::Sigmoid => 1.0 / (1.0 + (-v).exp()),
         };
-        *y = if round_out { r(v) } else { v };
+        *y = rout(v);
     }
     Vol { d, c: cout, v: y }
 }
@@ -328,7 +352,8 @@ fn maxpool(x: &Vol) -> Vol {
 /// The graph's output for every volume of `x`, in f64, rounding as the GPU plan in precision `p`
 /// does (None or Fp32: no rounding at all, an f64 run of the passed graph).
 fn rounded_run(g: &Weighted, x: &Tensor, p: Option<Precision>) -> Tensor {
-    let r = round(p.filter(|&p| p != Precision::Fp32));
+    let (r, s) = (round(p), store(p));
+    let keep = |v: f64| v;
     let per = x.shape.voxels();
     let mut out = Vec::new();
     let mut oshape = x.shape;
@@ -341,17 +366,17 @@ fn rounded_run(g: &Weighted, x: &Tensor, p: Option<Precision>) -> Tensor {
                 let x = a(k);
                 Vol { d: x.d, c: x.c, v: x.v.iter().enumerate().map(|(j, &v)| f(j, v)).collect() }
             };
-            // the plan's rule: the head and a sigmoid's conv stay f32, every other conv output is rounded
-            let round_out = |act: Act| i != g.output && act != Act::Sigmoid;
+            // the plan's rule: the head and a sigmoid's conv stay f32, every other conv output is stored
+            let rout = |act: Act| -> &dyn Fn(f64) -> f64 { if i != g.output && act != Act::Sigmoid { &s } else { &keep } };
             let y = match &node.op {
                 WOp::Input => Vol { d: x.shape.d, c: 1, v: x.data[n * per..(n + 1) * per].iter().map(|&v| v as f64).collect() },
                 WOp::Conv { lin, act } => {
                     let res = if node.inputs.len() > 1 { Some(a(1)) } else { None };
-                    conv(a(0), lin, res, *act, &r, round_out(*act))
+                    conv(a(0), lin, res, *act, &r, rout(*act))
                 }
                 WOp::Pair { a: la, b: lb } => {
-                    let mid = conv(a(0), la, None, Act::None, &r, true);
-                    conv(&mid, lb, None, Act::None, &r, round_out(Act::None))
+                    let mid = conv(a(0), la, None, Act::None, &r, &s);
+                    conv(&mid, lb, None, Act::None, &r, rout(Act::None))
                 }
                 WOp::Affine { scale, shift } | WOp::Bn { scale, shift } => {
                     let c = a(0).c;
@@ -363,7 +388,7 @@ fn rounded_run(g: &Weighted, x: &Tensor, p: Option<Precision>) -> Tensor {
                     // an up-sample + add is one kernel that rounds its result once
                     let up = node.inputs.iter().any(|&j| matches!(g.nodes[j].op, WOp::Upsample));
                     let b = a(1);
-                    elementwise(0, &|j, v| if up { r(v + b.v[j]) } else { v + b.v[j] })
+                    elementwise(0, &|j, v| if up { s(v + b.v[j]) } else { v + b.v[j] })
                 }
                 WOp::MaxPool => maxpool(a(0)),
                 WOp::Upsample => upsample(a(0), node.shape.d),
@@ -378,7 +403,7 @@ fn rounded_run(g: &Weighted, x: &Tensor, p: Option<Precision>) -> Tensor {
 }
 
 /// `deepis predict --backend emu --precision P` is the GPU plan in P (bit for bit the library's
-/// output), and the CPU backends refuse a half precision with a clear message.
+/// output), and the CPU backends refuse a reduced precision with a clear message.
 #[test]
 fn predict_takes_the_precision() {
     let dir = tempfile::tempdir().unwrap();
@@ -393,7 +418,7 @@ fn predict_takes_the_precision() {
             .output()
             .unwrap()
     };
-    for p in [Precision::Fp16, Precision::Bf16] {
+    for p in [Precision::Tf32, Precision::Fp16, Precision::Bf16] {
         let out = dir.path().join(format!("{}.npy", p.name()));
         let o = predict("emu", p.name(), &out);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -484,4 +509,17 @@ fn arena_regions_are_bounded() {
     let k = deepis::gpu::kernels::RELU;
     let r = dev.launch(k, deepis::gpu::LaunchCfg::linear(32, 256), &[deepis::gpu::KArg::Buf(&a), deepis::gpu::KArg::Buf(&a), deepis::gpu::KArg::I32(32)]);
     assert!(r.is_err(), "relu over 32 elements of a 16-element region ran");
+}
+
+/// The interpreter's f64 tf32 rounding is the host's (and the kernels') on f32 values: ties away
+/// (a subnormal tie too: tf32 subnormals are 2^-136 apart).
+#[test]
+fn the_interpreters_tf32_rounding_is_cvt_rna() {
+    let ties = [1.0 + 2f64.powi(-11), -(1.0 + 2f64.powi(-11)), 2.0 - 2f64.powi(-11), 3.0 * 2f64.powi(-137)];
+    for (x, want) in ties.into_iter().zip([1.0 + 2f64.powi(-10), -(1.0 + 2f64.powi(-10)), 2.0, 2f64.powi(-135)]) {
+        assert_eq!(tf32(x), want, "tf32({x:e})");
+    }
+    for v in values(4096, 17).iter().map(|v| v * 1e3) {
+        assert_eq!(tf32(v as f64), deepis::gpu::round_tf32(v) as f64, "{v:e}");
+    }
 }

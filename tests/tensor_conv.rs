@@ -1,9 +1,14 @@
 //! The tensor-core convolution (kernels/conv3d_tc.cu, src/gpu/tensor_conv.rs) on the emulator,
 //! under both thread schedules (which must agree bit for bit), on odd shapes, against a float64
-//! reference computed on the SAME rounded (f16 / bf16) inputs and weights.
+//! reference computed on the SAME rounded inputs and weights: f16 / bf16 (rounded to nearest even),
+//! or tf32 (`DType::F32` convs: rounded to nearest, ties away, `round_tf32`). The device always gets
+//! the unrounded f32 values: the half types are rounded by the upload, tf32 weights by `TcConv`
+//! and tf32 inputs by the kernel itself (cvt.rna after each ldmatrix), so the reference checks
+//! that rounding too (and `tf32_inputs_are_rounded_in_the_kernel` checks it bit for bit).
 //!
 //! The bound, per output element. The kernel adds n = taps x Cin products (exact in f32: a product
-//! of two halves has at most 22 significant bits), the bias and the residual, in some order, in
+//! of two halves, or of two tf32 values, has at most 22 significant bits), the bias and the
+//! residual, in some order, in
 //! f32; every addition is exact up to a relative error u, so (Higham, Accuracy and Stability of
 //! Numerical Algorithms, 4.2) the sum is within
 //!     E = gamma_{n+2} * (|bias| + sum |x||w| + |res|),   gamma_m = m u / (1 - m u),
@@ -11,6 +16,7 @@
 //! f32 sums (Fasi et al. 2021, "Numerical behavior of NVIDIA tensor cores"). ReLU does not grow an
 //! error. A half output is rounded once more: |error| <= E (1 + u_h) + u_h |y| + eta_h, with u_h =
 //! 2^-11 (f16) or 2^-8 (bf16) and eta_h half the spacing of the type's subnormals (2^-25 for f16).
+//! (tf32 convs have f32 outputs only: E is the whole bound.)
 //! A layout fault (a wrong fragment, tap or channel) is off by O(|x||w|), far above E; the planted
 //! faults below show that the check catches one swapped tap and one weight moved by 1/64.
 mod common;
@@ -18,7 +24,7 @@ mod common;
 use deepis::backend::{ConvSpec, DevTensor};
 use deepis::gpu::emu::{EmuDevice, Schedule};
 use deepis::gpu::tensor_conv::{choose_chunk, conv3d_tc, conv3d_tc_into, tc_weight_layout, Epilogue, TcConv, WarpTile};
-use deepis::gpu::{from_half_bits, to_half_bits, DType, Device};
+use deepis::gpu::{from_half_bits, round_tf32, to_half_bits, DType, Device};
 use deepis::tensor::Shape;
 
 const SCHEDULES: [Schedule; 2] = [Schedule::Forward, Schedule::Reverse];
@@ -63,9 +69,11 @@ impl Case {
 /// The shape table: Cin 1 / 3 / 17 (element-wise brick loads), 8 / 16 / 24 / 32 / 64 / 80
 /// (cp.async; 24 and 80 in two chunks), Cout 1, 5, 8, 17, 24, 64, 70 (two channel blocks); 3x3x3,
 /// 1x1x1, 7x1x1, 1x3x1, 3x1x3; stride 1 and 2, one per axis; zero and asymmetric padding; odd
-/// volumes, one smaller than the kernel along two axes; batch 2.
+/// volumes, one smaller than the kernel along two axes; batch 2. tf32 (f32 convs): Cin 3 / 6 / 17
+/// (element-wise loads, chunks of 8 / 8 / 24), 24 / 64 (cp.async; 64 in two chunks of 32), 80 at
+/// stride 2 (ten chunks of 8: the brick fits only so), Cout 5 ... 70, both epilogues.
 fn cases() -> Vec<Case> {
-    let (f16, bf16) = (DType::F16, DType::BF16);
+    let (f16, bf16, tf32) = (DType::F16, DType::BF16, DType::F32);
     let d = [5, 7, 9];
     vec![
         case(3, 5, [3, 3, 3], 1, d, f16),
@@ -80,16 +88,28 @@ fn cases() -> Vec<Case> {
         Case { half_out: true, ..case(1, 8, [3, 3, 3], 1, [5, 6, 7], bf16) },
         case(16, 16, [3, 3, 3], 1, [1, 2, 3], f16),
         Case { spec: ConvSpec { cin: 32, cout: 24, k: [3, 1, 3], stride: [2, 1, 1], pad: [0, 0, 1] }, ..case(32, 24, [1; 3], 1, [7, 3, 6], f16) },
+        case(3, 5, [3, 3, 3], 1, d, tf32),
+        Case { residual: true, relu: true, ..case(64, 64, [3, 3, 3], 1, d, tf32) },
+        Case { n: 2, ..case(24, 70, [1, 1, 1], 2, d, tf32) },
+        Case { residual: true, ..case(17, 17, [7, 1, 1], 1, [9, 5, 6], tf32) },
+        Case { bias: false, ..case(6, 16, [1, 3, 1], 1, d, tf32) },
+        Case { relu: true, ..case(80, 8, [3, 3, 3], 2, [6, 5, 7], tf32) },
     ]
 }
 
-/// `v` rounded to `dtype` (as the device stores it), as f32.
-fn rounded(v: Vec<f32>, dtype: DType) -> Vec<f32> {
-    from_half_bits(&to_half_bits(&v, dtype), dtype)
+/// `v` rounded to `dtype` as the kernel computes with it (F32: tf32), as f32.
+fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => v.iter().map(|&x| round_tf32(x)).collect(),
+        t => from_half_bits(&to_half_bits(v, t), t),
+    }
 }
 
-/// The case's data, already rounded to the types the kernel reads.
+/// The case's data: what the device gets (`x_in`, `w_in`: unrounded f32) and what the kernel
+/// computes with (`x`, `w`: rounded to the conv's type); bias and residual as stored.
 struct Data {
+    x_in: Vec<f32>,
+    w_in: Vec<f32>,
     x: Vec<f32>,
     w: Vec<f32>,
     bias: Option<Vec<f32>>,
@@ -101,11 +121,14 @@ impl Data {
         let xs = Shape::new(c.n, c.d, c.spec.cin);
         let res = c.residual.then(|| {
             let r = common::values(c.out_shape().len(), seed + 3);
-            if c.half_out { rounded(r, c.dtype) } else { r }
+            if c.half_out { rounded(&r, c.dtype) } else { r }
         });
+        let (x_in, w_in) = (common::values(xs.len(), seed), common::values(c.spec.weight_len(), seed + 1));
         Data {
-            x: rounded(common::values(xs.len(), seed), c.dtype),
-            w: rounded(common::values(c.spec.weight_len(), seed + 1), c.dtype),
+            x: rounded(&x_in, c.dtype),
+            w: rounded(&w_in, c.dtype),
+            x_in,
+            w_in,
             bias: c.bias.then(|| common::values(c.spec.cout, seed + 2)),
             res,
         }
@@ -171,7 +194,7 @@ fn reference(c: &Case, data: &Data) -> (Vec<f64>, Vec<f64>) {
 /// Runs the case on `dev` with the given conv (weights already on the device).
 fn run<D: Device>(dev: &D, c: &Case, conv: &TcConv<D::Buf>, data: &Data) -> deepis::Result<Vec<f32>> {
     let xs = Shape::new(c.n, c.d, c.spec.cin);
-    let x = DevTensor { shape: xs, data: dev.htod_as(&data.x, c.dtype)? };
+    let x = DevTensor { shape: xs, data: dev.htod_as(&data.x_in, c.dtype)? };
     let res = match &data.res {
         Some(r) => Some(DevTensor { shape: c.out_shape(), data: dev.htod_as(r, c.out_dtype())? }),
         None => None,
@@ -193,7 +216,7 @@ fn run_on_both_schedules(c: &Case, data: &Data) -> Vec<f32> {
     for s in SCHEDULES {
         let dev = EmuDevice::with_schedule(s);
         for tile in WarpTile::ALL {
-            let mut conv = tc_conv(&dev, c, &data.w, data);
+            let mut conv = tc_conv(&dev, c, &data.w_in, data);
             conv.tile = tile;
             let y = run(&dev, c, &conv, data).unwrap_or_else(|e| panic!("{} {s:?} {tile:?} {c:?}: {e}", c.name()));
             outs.push((s, tile, y));
@@ -231,7 +254,7 @@ fn tensor_core_conv_is_within_the_derived_bound_on_both_schedules() {
         assert!(want.iter().any(|&v| v != 0.0), "{}: an all-zero reference checks nothing", c.name());
         let (max_err, ratio, first) = check(&run_on_both_schedules(c, &data), &want, &bound);
         let bmax = bound.iter().cloned().fold(0.0, f64::max);
-        let chunk = choose_chunk(&c.spec).unwrap();
+        let chunk = choose_chunk(&c.spec, c.dtype).unwrap();
         println!("{:<44} {:<24} {chunk:>5} {max_err:>10.3e} {bmax:>10.3e} {ratio:>9.2e}", c.name(), format!("{}", Shape::new(c.n, c.d, c.spec.cin)));
         if let Some(f) = first {
             failures.push(format!("{}: {f}", c.name()));
@@ -263,10 +286,15 @@ fn random_cases() -> Vec<Case> {
         .collect()
 }
 
+/// The same 24 shapes again as tf32 convs (f32 in and out).
+fn random_tf32_cases() -> Vec<Case> {
+    random_cases().into_iter().map(|c| Case { dtype: DType::F32, half_out: false, ..c }).collect()
+}
+
 #[test]
 fn random_shapes_are_within_the_bound_on_both_schedules() {
     let mut worst = (0.0f64, String::new());
-    for (idx, c) in random_cases().iter().enumerate() {
+    for (idx, c) in random_cases().iter().chain(&random_tf32_cases()).enumerate() {
         assert!((0..3).all(|a| c.d[a] + 2 * c.spec.pad[a] >= c.spec.k[a]), "{c:?}: the generator made an invalid shape");
         let data = Data::new(c, 5000 + idx as u64);
         let (want, bound) = reference(c, &data);
@@ -277,7 +305,7 @@ fn random_shapes_are_within_the_bound_on_both_schedules() {
             worst = (ratio, c.name());
         }
     }
-    println!("24 random shapes within the bound, both schedules and warp tiles identical; worst err/bound {:.2e} ({})", worst.0, worst.1);
+    println!("24 random shapes, in f16 / bf16 and in tf32, within the bound, both schedules and warp tiles identical; worst err/bound {:.2e} ({})", worst.0, worst.1);
 }
 
 /// The engine-layout weights with taps `a` and `b` exchanged (what a kernel reading the wrong tap does).
@@ -290,25 +318,40 @@ fn swap_taps(spec: &ConvSpec, w: &[f32], a: usize, b: usize) -> Vec<f32> {
     v
 }
 
+/// A swapped tap in a tf32 conv is caught far above the bound, as in f16 below.
+#[test]
+fn planted_tf32_fault_exceeds_the_bound() {
+    let dev = EmuDevice::new();
+    let c = Case { residual: true, ..case(20, 5, [3, 3, 3], 1, [5, 6, 7], DType::F32) };
+    let data = Data::new(&c, 78);
+    let (want, bound) = reference(&c, &data);
+    let good = run(&dev, &c, &tc_conv(&dev, &c, &data.w_in, &data), &data).unwrap();
+    assert!(check(&good, &want, &bound).2.is_none(), "{}: the unplanted run fails", c.name());
+    let swapped = run(&dev, &c, &tc_conv(&dev, &c, &swap_taps(&c.spec, &data.w_in, 0, 1), &data), &data).unwrap();
+    let (err, ratio, first) = check(&swapped, &want, &bound);
+    println!("tf32, taps 0 and 1 swapped: max |err| {err:.3e}, max err/bound {ratio:.2e}: {first:?}");
+    assert!(first.is_some() && ratio > 100.0, "a swapped tap must be caught far above the bound (ratio {ratio})");
+}
+
 #[test]
 fn planted_faults_exceed_the_bound() {
     let dev = EmuDevice::new();
     let c = Case { residual: true, ..case(17, 5, [3, 3, 3], 1, [5, 6, 7], DType::F16) };
     let data = Data::new(&c, 77);
     let (want, bound) = reference(&c, &data);
-    let good = run(&dev, &c, &tc_conv(&dev, &c, &data.w, &data), &data).unwrap();
+    let good = run(&dev, &c, &tc_conv(&dev, &c, &data.w_in, &data), &data).unwrap();
     let (_, ratio, first) = check(&good, &want, &bound);
     assert!(first.is_none(), "{}: the unplanted run fails: {first:?}", c.name());
     println!("{}: unplanted, max err/bound {ratio:.2e}", c.name());
 
     // A swapped tap (the kernel's view of a wrong tap offset).
-    let swapped = run(&dev, &c, &tc_conv(&dev, &c, &swap_taps(&c.spec, &data.w, 0, 1), &data), &data).unwrap();
+    let swapped = run(&dev, &c, &tc_conv(&dev, &c, &swap_taps(&c.spec, &data.w_in, 0, 1), &data), &data).unwrap();
     let (err, ratio, first) = check(&swapped, &want, &bound);
     println!("taps 0 and 1 swapped: max |err| {err:.3e}, max err/bound {ratio:.2e}: {first:?}");
     assert!(first.is_some() && ratio > 100.0, "a swapped tap must be caught far above the bound (ratio {ratio})");
 
     // One laid-out weight (tap 13 = the centre, channel 0, output channel 0) moved by 1/64.
-    let conv = tc_conv(&dev, &c, &data.w, &data);
+    let conv = tc_conv(&dev, &c, &data.w_in, &data);
     let ck = conv.chunk;
     let mut bits = dev.dtoh_bits(conv.weights()).unwrap();
     let i = (13 * deepis::gpu::tensor_conv::cout_pad(c.spec.cout)) * ck;
@@ -336,12 +379,31 @@ fn the_weight_layout_is_the_documented_one() {
     assert_eq!(wt.iter().filter(|&&v| v != 0.0).count(), w.len(), "every weight once");
 }
 
+/// The tf32 kernel rounds its inputs itself, exactly as the host does: the raw f32 input and the
+/// input rounded by `round_tf32` beforehand give the same output bit for bit, under both warp
+/// tiles. (Weights the host failed to round would fail the launch: the emulator's mma refuses an
+/// operand that is not a tf32 value.)
+#[test]
+fn tf32_inputs_are_rounded_in_the_kernel() {
+    let dev = EmuDevice::new();
+    let c = Case { residual: true, ..case(12, 9, [3, 3, 3], 1, [5, 4, 6], DType::F32) };
+    let data = Data::new(&c, 41);
+    assert!(data.x_in.iter().zip(&data.x).filter(|(a, b)| a != b).count() > data.x.len() / 2, "most inputs are not tf32 values");
+    let pre = Data { x_in: data.x.clone(), w_in: data.w.clone(), x: data.x.clone(), w: data.w.clone(), bias: data.bias.clone(), res: data.res.clone() };
+    for tile in WarpTile::ALL {
+        let mut conv = tc_conv(&dev, &c, &data.w_in, &data);
+        conv.tile = tile;
+        let (raw, rounded) = (run(&dev, &c, &conv, &data).unwrap(), run(&dev, &c, &conv, &pre).unwrap());
+        assert!(common::same_bits(&raw, &rounded), "{tile:?}: raw and host-rounded inputs differ");
+    }
+}
+
 #[test]
 fn bad_inputs_are_shape_errors() {
     let dev = EmuDevice::new();
     let c = case(8, 4, [3, 3, 3], 1, [4, 4, 4], DType::F16);
     let data = Data::new(&c, 5);
-    let conv = tc_conv(&dev, &c, &data.w, &data);
+    let conv = tc_conv(&dev, &c, &data.w_in, &data);
     let xs = Shape::new(1, c.d, 8);
     let shape_err = |r: deepis::Result<DevTensor<_>>, what: &str| match r {
         Err(deepis::Error::Shape(m)) => println!("{what}: {m}"),
@@ -362,10 +424,10 @@ fn bad_inputs_are_shape_errors() {
     let y = DevTensor { shape: Shape::new(1, [4, 4, 4], 4), data: dev.alloc_zeros_as(256, DType::F16).unwrap() };
     let into = conv3d_tc_into(&dev, &conv, &x, &Epilogue::plain(DType::F32), &y).map(|_| y);
     shape_err(into, "an f16 output buffer for an f32 output");
-    match TcConv::new(&dev, &c.spec, &data.w, None, DType::F32) {
-        Err(deepis::Error::Shape(m)) => println!("f32 TcConv: {m}"),
-        _ => panic!("an f32 TcConv must be a shape error"),
-    }
+    // an f32 TcConv is the tf32 conv: f32 in, f32 out only
+    let tf = TcConv::new(&dev, &c.spec, &data.w_in, None, DType::F32).unwrap();
+    shape_err(conv3d_tc(&dev, &tf, &x, &Epilogue::plain(DType::F32)), "f16 input to a tf32 conv");
+    shape_err(conv3d_tc(&dev, &tf, &f32x, &Epilogue::plain(DType::F16)), "f16 output of a tf32 conv");
 }
 
 // ---- the same on a real GPU -------------------------------------------------------------------------
@@ -390,7 +452,7 @@ fn cuda_tensor_core_conv_is_within_the_derived_bound() {
         let data = Data::new(c, 100 * idx as u64 + 1);
         let (want, bound) = reference(c, &data);
         for tile in WarpTile::ALL {
-            let mut conv = tc_conv(&dev, c, &data.w, &data);
+            let mut conv = tc_conv(&dev, c, &data.w_in, &data);
             conv.tile = tile;
             let got = run(&dev, c, &conv, &data).unwrap_or_else(|e| panic!("{} {tile:?}: {e}", c.name()));
             let (max_err, ratio, first) = check(&got, &want, &bound);
@@ -414,11 +476,11 @@ fn cuda_tensor_conv_throughput() {
     let shapes = [(64, 64, [3; 3]), (64, 64, [1; 3]), (64, 1, [1; 3]), (32, 64, [3; 3])];
     println!("{:<32} {:>8} {:>5} {:>9} {:>9}", "conv", "out", "tile", "ms", "TFLOP/s");
     for (cin, cout, k) in shapes {
-        for (dtype, half_out) in [(DType::F16, true), (DType::BF16, true), (DType::F16, false)] {
+        for (dtype, half_out) in [(DType::F16, true), (DType::BF16, true), (DType::F16, false), (DType::F32, false)] {
             let c = Case { half_out, residual: cout == cin, relu: true, ..case(cin, cout, k, 1, d, dtype) };
             let data = Data::new(&c, 9);
-            let mut conv = tc_conv(&dev, &c, &data.w, &data);
-            let x = DevTensor { shape: Shape::new(1, d, cin), data: dev.htod_as(&data.x, dtype).unwrap() };
+            let mut conv = tc_conv(&dev, &c, &data.w_in, &data);
+            let x = DevTensor { shape: Shape::new(1, d, cin), data: dev.htod_as(&data.x_in, dtype).unwrap() };
             let res = data.res.as_ref().map(|r| DevTensor { shape: c.out_shape(), data: dev.htod_as(r, c.out_dtype()).unwrap() });
             let ep = Epilogue { residual: res.as_ref(), relu: true, out: c.out_dtype() };
             for tile in WarpTile::ALL {

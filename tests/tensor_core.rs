@@ -2,7 +2,8 @@
 //! fp16/bf16 conversions against the `half` crate; the ldmatrix / mma.sync truth table against the
 //! PTX ISA fragment formulas (written here, independently of the emulator); mma and a cp.async tile
 //! loop against float64 matrix products; every planted bug fails with a message naming the kernel
-//! and the fault. On a machine with a GPU the same kernels run on CUDA and must give the
+//! and the fault; the tf32 rounding (cvt.rna) against bit patterns written by hand, the m16n8k8
+//! .tf32 mma against float64 products. On a machine with a GPU the same kernels run on CUDA and must give the
 //! emulator's table bit for bit (`cuda_truth_table_matches_the_emulator`).
 mod common;
 
@@ -351,7 +352,7 @@ fn typed_buffers_are_uploaded_once_and_checked_against_kernel_signatures() {
 #[test]
 fn cuda_truth_table_matches_the_emulator() {
     let Some(mut cuda) = common::cuda_device_or_skip() else { return };
-    let kernels = ["tt_fragments", "half_convert", "half_widen", "mma_frag_f16", "mma_frag_bf16", "tc_tile_gemm", "cp_async_sizes"];
+    let kernels = ["tt_fragments", "half_convert", "half_widen", "mma_frag_f16", "mma_frag_bf16", "tc_tile_gemm", "cp_async_sizes", "tf32_round_bits", "mma_frag_tf32"];
     cuda.load_source(SRC_FILE, SRC, &kernels).unwrap_or_else(|e| panic!("{e}"));
     let emu = EmuDevice::new();
     let (gpu_t, emu_t) = (table_on(&cuda), table_on(&emu));
@@ -371,5 +372,143 @@ fn cuda_truth_table_matches_the_emulator() {
         check_mma(&cuda, kernel, dtype, &MmaCase::new(1, false, dtype), false).unwrap_or_else(|e| panic!("cuda: {e}"));
     }
     assert_eq!(run_tile(&cuda, "tc_tile_gemm").unwrap(), tile_case().2);
+    // tf32: the GPU's cvt.rna.tf32.f32 gives the emulator's bits (a NaN: any NaN; sm_80's SASS
+    // turns a signalling NaN with only low payload bits into an infinity), and its m16n8k8 mma
+    // the float64 product
+    let x = tf32_inputs();
+    let (g, e) = (tf32_on(&cuda, &x), tf32_on(&emu, &x));
+    for i in 0..x.len() {
+        let nan = |b: u32| f32::from_bits(b).is_nan();
+        assert!(g[i] == e[i] || (nan(e[i]) && nan(x[i].to_bits())), "tf32 of {:#010x}: cuda {:#010x}, emu {:#010x}", x[i].to_bits(), g[i], e[i]);
+    }
+    for exact in [true, false] {
+        check_mma_tf32(&cuda, "mma_frag_tf32", 1, exact).unwrap_or_else(|e| panic!("cuda: {e}"));
+    }
     println!("{}: conversions, mma (f16, bf16) and the cp.async tile loop agree with the emulator", cuda.name());
+}
+
+// ---- tf32: cvt.rna.tf32.f32 and mma.sync m16n8k8 .tf32 --------------------------------------------
+
+/// (f32 bits in, tf32 bits out), written by hand: round to nearest on the 13 dropped bits, ties
+/// (dropped bits exactly 0x1000) away from zero; infinities kept, NaN stays NaN.
+const TF32_TABLE: [(u32, u32); 23] = [
+    (0x3f80_0000, 0x3f80_0000), // 1: exact
+    (0x3f80_0fff, 0x3f80_0000), // 1 + 2^-11 - 2^-23: below the half-way point, down
+    (0x3f80_1000, 0x3f80_2000), // 1 + 2^-11: a tie with an even lower neighbour, away (ties-to-even gives 1)
+    (0xbf80_1000, 0xbf80_2000), // -(1 + 2^-11): away from zero
+    (0x3f80_1001, 0x3f80_2000), // just above the tie
+    (0x3f80_3000, 0x3f80_4000), // a tie with an odd lower neighbour: away (here also even)
+    (0x3fff_f000, 0x4000_0000), // 2 - 2^-11: a tie that carries into the exponent: 2
+    (0x3fff_efff, 0x3fff_e000), // just below that tie: the largest tf32 below 2
+    (0x7f7f_efff, 0x7f7f_e000), // the largest finite tf32 stays
+    (0x7f7f_f000, 0x7f80_0000), // the tie above it: infinity
+    (0x7f7f_ffff, 0x7f80_0000), // f32::MAX: infinity
+    (0xff7f_ffff, 0xff80_0000), // -f32::MAX: -infinity
+    (0x7f80_0000, 0x7f80_0000), // infinity kept
+    (0xff80_0000, 0xff80_0000), // -infinity kept
+    (0x0000_0000, 0x0000_0000), // +0
+    (0x8000_0000, 0x8000_0000), // -0
+    (0x0000_0001, 0x0000_0000), // the smallest subnormal: zero
+    (0x0000_1000, 0x0000_2000), // a subnormal tie: away
+    (0x8000_1000, 0x8000_2000), // its negative
+    (0x007f_f000, 0x0080_0000), // the largest subnormal tie carries into the smallest normal
+    (0x7fc0_0000, 0x7fc0_0000), // the quiet NaN kept
+    (0xffc1_2345, 0xffc1_2000), // a NaN: low 13 bits dropped, sign and high payload kept
+    (0x7f80_0001, 0x7fc0_0000), // a signalling NaN whose payload is all in the low bits: a (quiet) NaN
+];
+
+fn tf32_on<D: Device>(dev: &D, x: &[f32]) -> Vec<u32> {
+    let (xb, y) = (dev.htod(x).unwrap(), dev.alloc_zeros(x.len()).unwrap());
+    dev.launch("tf32_round_bits", LaunchCfg::linear(x.len(), 256), &[KArg::Buf(&xb), KArg::Buf(&y), KArg::I32(x.len() as i32)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    dev.dtoh(&y).unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+/// The table's inputs, the half-conversion inputs and 4096 random bit patterns.
+fn tf32_inputs() -> Vec<f32> {
+    let mut x: Vec<f32> = TF32_TABLE.iter().map(|&(b, _)| f32::from_bits(b)).collect();
+    x.extend(common::conversion_inputs());
+    let mut s = 0x9e3779b97f4a7c15u64;
+    x.extend((0..4096).map(|_| {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        f32::from_bits((s >> 32) as u32)
+    }));
+    x
+}
+
+/// The emulator's cvt.rna.tf32.f32 and the host's `round_tf32` give the hand-written bits of the
+/// table, and agree with each other bit for bit on every input (NaN payloads included).
+#[test]
+fn tf32_rounding_matches_the_hand_written_bits() {
+    let x = tf32_inputs();
+    let emu = tf32_on(&EmuDevice::new(), &x);
+    for (i, &(bits, want)) in TF32_TABLE.iter().enumerate() {
+        let host = deepis::gpu::round_tf32(f32::from_bits(bits)).to_bits();
+        assert_eq!(host, want, "round_tf32({bits:#010x}) = {host:#010x}, want {want:#010x}");
+        assert_eq!(emu[i], want, "emulator tf32_from_f32({bits:#010x}) = {:#010x}, want {want:#010x}", emu[i]);
+    }
+    for (i, &v) in x.iter().enumerate() {
+        let host = deepis::gpu::round_tf32(v).to_bits();
+        assert_eq!(emu[i], host, "{:#010x}: emulator {:#010x}, host {host:#010x}", v.to_bits(), emu[i]);
+        assert_eq!(host & 0x1fff, 0, "{:#010x}: {host:#010x} is not a tf32 value", v.to_bits());
+    }
+    println!("{} hand-written tf32 roundings hold; emulator and host agree on {} inputs", TF32_TABLE.len(), x.len());
+}
+
+/// A 16x8 (raw f32: the kernel rounds it), Bn 8x8 (n-major, tf32 values) and C 16x8.
+fn tf32_mma_case(seed: u64, exact: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    if exact {
+        (ints(128, 8, seed), ints(64, 8, seed + 1), ints(128, 100, seed + 2))
+    } else {
+        let bn = common::values(64, seed + 1).into_iter().map(deepis::gpu::round_tf32).collect();
+        (common::values(128, seed), bn, common::values(128, seed + 2))
+    }
+}
+
+/// Runs an m16n8k8 .tf32 kernel against the float64 product of the tf32-rounded A and B: exact
+/// inputs give exact outputs, others are within 2^-22 of sum |a||b| + |c| (tf32 products are exact;
+/// the sum is rounded to f32 a few times, each within 2^-24 of the magnitude).
+fn check_mma_tf32<D: Device>(dev: &D, kernel: &str, seed: u64, exact: bool) -> Result<(), String> {
+    let (a, bn, c) = tf32_mma_case(seed, exact);
+    let (ab, bb, cb, d) = (dev.htod(&a).unwrap(), dev.htod(&bn).unwrap(), dev.htod(&c).unwrap(), dev.alloc_zeros(128).unwrap());
+    dev.launch(kernel, cfg(1, 32), &[KArg::Buf(&ab), KArg::Buf(&bb), KArg::Buf(&cb), KArg::Buf(&d)]).map_err(|e| e.to_string())?;
+    let got = dev.dtoh(&d).unwrap();
+    for m in 0..16 {
+        for n in 0..8 {
+            let (mut acc, mut mag) = (c[m * 8 + n] as f64, (c[m * 8 + n] as f64).abs());
+            for k in 0..8 {
+                let p = deepis::gpu::round_tf32(a[m * 8 + k]) as f64 * bn[n * 8 + k] as f64;
+                acc += p;
+                mag += p.abs();
+            }
+            let err = (got[m * 8 + n] as f64 - acc).abs();
+            if (exact && err != 0.0) || err > mag * 2f64.powi(-22) {
+                return Err(format!("{kernel}: D[{m}][{n}] = {}, expected {acc} (a fragment layout fault)", got[m * 8 + n]));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn tf32_mma_matches_float64_products() {
+    for s in SCHEDULES {
+        let dev = EmuDevice::with_schedule(s);
+        for seed in [1, 2, 3] {
+            for exact in [true, false] {
+                check_mma_tf32(&dev, "mma_frag_tf32", seed, exact).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+            }
+        }
+    }
+}
+
+/// An mma given an f32 that is not a tf32 value (the kernel skipped cvt.rna) fails the launch.
+#[test]
+fn an_unrounded_tf32_operand_is_caught() {
+    let kernel = "bug_mma_tf32_unrounded";
+    expect_fault(kernel, 32, 1, &["mma.sync m16n8k8 .tf32", "is not a tf32 value (low 13 bits set)"], &|dev| {
+        let (a, bn, c) = tf32_mma_case(4, false);
+        let (ab, bb, cb, d) = (dev.htod(&a)?, dev.htod(&bn)?, dev.htod(&c)?, dev.alloc_zeros(128)?);
+        dev.launch(kernel, cfg(1, 32), &[KArg::Buf(&ab), KArg::Buf(&bb), KArg::Buf(&cb), KArg::Buf(&d)])
+    });
 }

@@ -542,20 +542,51 @@ static bool run_ldmatrix(Worker& w, Fiber* F, unsigned base) {
     return true;
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.f32 of the 32 lanes F[0..32): the fragments are
-// gathered by the PTX ISA layouts (groupID g = lane / 4, threadID_in_group t = lane % 4):
-//  A (16x16): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
-//  B (16x8):  b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]
-//  C, D (16x8): c[0..1] = C[g][2t..2t+1], c[2..3] = C[g+8][2t..2t+1]
-// (the lower half of a register holds the lower column / row). Products are exact in double and
-// summed there, then rounded once to f32.
-static void run_mma(Fiber* F) {
-    const bool bf = F[0].arg == MMA_BF16;
+// mma.sync of the 32 lanes F[0..32), m16n8k16 in f16 / bf16 or m16n8k8 in tf32: the fragments
+// are gathered by the PTX ISA layouts (groupID g = lane / 4, threadID_in_group t = lane % 4):
+//  m16n8k16.row.col.f32.{f16,bf16}.f32 (the lower half of a register holds the lower column / row):
+//   A (16x16): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
+//   B (16x8):  b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]
+//  m16n8k8.row.col.f32.tf32.tf32.f32 (one tf32 per register):
+//   A (16x8):  a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4]
+//   B (8x8):   b[0] = B[t][g], b[1] = B[t+4][g]
+//  C, D (16x8), both shapes: c[0..1] = C[g][2t..2t+1], c[2..3] = C[g+8][2t..2t+1].
+// Products are exact in double and summed there, then rounded once to f32. A tf32 operand with
+// any of its low 13 bits set fails the launch (the PTX ISA leaves such operands undefined; a
+// kernel rounds them with cvt.rna.tf32.f32 first). False after recording an error.
+static bool gather_tf32(Job* J, Fiber* F, double (&A)[16][16], double (&B)[16][8]) {
+    for (unsigned l = 0; l < 32; ++l) {
+        const MmaLane* L = reinterpret_cast<const MmaLane*>(F[l].val);
+        const unsigned g = l >> 2, t = l & 3;
+        const unsigned regs[6] = {L->a[0], L->a[1], L->a[2], L->a[3], L->b[0], L->b[1]};
+        for (int r = 0; r < 6; ++r)
+            if (regs[r] & 0x1fffu) {
+                tl.thread_idx = F[l].tid;
+                record(J, fmt("mma.sync m16n8k8 .tf32 at line %d: lane %u's %s[%d] = %#010x is not a tf32 value (low 13 bits set): "
+                              "round it with tf32_from_f32 (cvt.rna.tf32.f32) first, at %s",
+                              F[l].line, l, r < 4 ? "a" : "b", r < 4 ? r : r - 4, regs[r], where().c_str()));
+                return false;
+            }
+        auto f = [](unsigned v) {
+            float x;
+            std::memcpy(&x, &v, 4);
+            return double(x);
+        };
+        A[g][t] = f(L->a[0]);
+        A[g + 8][t] = f(L->a[1]);
+        A[g][t + 4] = f(L->a[2]);
+        A[g + 8][t + 4] = f(L->a[3]);
+        B[t][g] = f(L->b[0]);
+        B[t + 4][g] = f(L->b[1]);
+    }
+    return true;
+}
+
+static void gather_half(Fiber* F, bool bf, double (&A)[16][16], double (&B)[16][8]) {
     auto h = [bf](unsigned reg, int hi) {
         uint16_t v = uint16_t(hi ? reg >> 16 : reg & 0xffffu);
         return double(bf ? bf16_bits_to_f32(v) : f16_bits_to_f32(v));
     };
-    double A[16][16], B[16][8], C[16][8];
     for (unsigned l = 0; l < 32; ++l) {
         const MmaLane* L = reinterpret_cast<const MmaLane*>(F[l].val);
         const unsigned g = l >> 2, t = l & 3;
@@ -566,6 +597,23 @@ static void run_mma(Fiber* F) {
             A[g + 8][2 * t + 8 + j] = h(L->a[3], j);
             B[2 * t + j][g] = h(L->b[0], j);
             B[2 * t + 8 + j][g] = h(L->b[1], j);
+        }
+    }
+}
+
+static bool run_mma(Job* J, Fiber* F) {
+    const int type = F[0].arg;
+    const int K = type == MMA_TF32 ? 8 : 16;
+    double A[16][16], B[16][8], C[16][8];
+    if (type == MMA_TF32) {
+        if (!gather_tf32(J, F, A, B)) return false;
+    } else {
+        gather_half(F, type == MMA_BF16, A, B);
+    }
+    for (unsigned l = 0; l < 32; ++l) {
+        const MmaLane* L = reinterpret_cast<const MmaLane*>(F[l].val);
+        const unsigned g = l >> 2, t = l & 3;
+        for (int j = 0; j < 2; ++j) {
             C[g][2 * t + j] = L->c[j];
             C[g + 8][2 * t + j] = L->c[2 + j];
         }
@@ -574,7 +622,7 @@ static void run_mma(Fiber* F) {
     for (int m = 0; m < 16; ++m)
         for (int n = 0; n < 8; ++n) {
             double acc = C[m][n];
-            for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][n];
+            for (int k = 0; k < K; ++k) acc += A[m][k] * B[k][n];
             D[m][n] = float(acc);
         }
     for (unsigned l = 0; l < 32; ++l) {
@@ -585,6 +633,7 @@ static void run_mma(Fiber* F) {
         d[2] = D[g + 8][2 * t];
         d[3] = D[g + 8][2 * t + 1];
     }
+    return true;
 }
 
 // A `.sync.aligned` operation waited on by lane l of the warp at F: runs it once all 32 lanes wait
@@ -611,8 +660,8 @@ static int resolve_aligned(Job* J, Worker& w, Fiber* F, unsigned base, unsigned 
     }
     if (F[l].kind == W_LDMATRIX) {
         if (!run_ldmatrix(w, F, base)) return -1;
-    } else {
-        run_mma(F);
+    } else if (!run_mma(J, F)) {
+        return -1;
     }
     for (unsigned j = 0; j < 32; ++j) F[j].st = RUN;
     return 1;

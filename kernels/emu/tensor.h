@@ -1,5 +1,6 @@
 // tensor.h — the emulator's half of the tensor-core intrinsics of deepis_device.h (included by
-// emu.h): exact software fp16/bf16 conversions (round to nearest even), and `ldmatrix`, `mma.sync`
+// emu.h): exact software fp16/bf16 conversions (round to nearest even) and the tf32 rounding
+// (cvt.rna: ties away), and `ldmatrix`, `mma.sync` (m16n8k16 f16/bf16, m16n8k8 tf32)
 // and `cp.async` as warp / thread operations of the runtime (emu.cpp):
 //  - ldmatrix and mma are warp collectives of all 32 lanes at one source line (a lane that exited,
 //    waits elsewhere, or a block whose last warp is partial, fails the launch); the runtime gathers
@@ -61,6 +62,21 @@ inline float bf16_bits_to_f32(uint16_t b) {
     return f;
 }
 
+// cvt.rna.tf32.f32: the bits of f rounded to a 10-bit mantissa (the low 13 bits zero), to nearest
+// with ties away from zero: adding half an ulp to the magnitude's bit pattern and truncating (a
+// carry into the exponent is the correct next binade; past the largest tf32 it gives infinity);
+// subnormals round the same way. Infinities are kept; a NaN stays a NaN (quieted, its low 13 bits
+// dropped: what sm_80's SASS gives for every quiet NaN, where it would turn a signalling NaN
+// whose payload lies only in the low 13 bits into an infinity).
+inline uint32_t f32_to_tf32_bits(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (x | 0x00400000u) & 0xffffe000u;
+    if (ax == 0x7f800000u) return x;
+    return (x + 0x1000u) & 0xffffe000u;
+}
+
 // ---- warp operations (runtime in emu.cpp) ------------------------------------------------------
 struct LdmLane {
     const unsigned char* addr;  // this lane's row address (lanes 0..8*num-1 supply rows)
@@ -68,12 +84,12 @@ struct LdmLane {
     unsigned* out;              // num registers
 };
 struct MmaLane {
-    const unsigned* a;  // 4 registers of f16x2 / bf16x2
+    const unsigned* a;  // 4 registers of f16x2 / bf16x2 (m16n8k16), or of one tf32 each (m16n8k8)
     const unsigned* b;  // 2 registers
     const float* c;     // 4 accumulators
     float* d;           // 4 results (may be c)
 };
-enum MmaType : int { MMA_F16 = 0, MMA_BF16 = 1 };
+enum MmaType : int { MMA_F16 = 0, MMA_BF16 = 1, MMA_TF32 = 2 };
 
 void ldmatrix(int line, int num, bool trans, LdmLane* lane);
 void mma(int line, int type, MmaLane* lane);

@@ -12,6 +12,10 @@
 //                     Bn[n*K+k]), K a multiple of 16: per 16-wide step, cp.async of both tiles to
 //                     shared memory, wait, barrier, ldmatrix, mma, barrier
 //  cp_async_sizes     one warp: 4/8/16-byte copies, a 16-byte copy with src-size 8 and one with 0
+//  tf32_round_bits    y[i] = the bits of tf32_from_f32(x[i]) (cvt.rna.tf32.f32)
+//  mma_frag_tf32      one warp: D = A B + C in m16n8k8 .tf32, A 16x8 row-major (rounded to tf32 in
+//                     the kernel), B 8x8 given n-major (Bn[n*8+k], tf32 values), C, D 16x8
+//                     row-major; fragments loaded from global memory by the ISA formulas
 //
 // Planted bugs (each must fail on the emulator with a message naming the fault):
 //  bug_mma_swapped_a_rows   A fragment registers 0/1 swapped (rows g and g+8)
@@ -26,6 +30,7 @@
 //  bug_shfl_exited          a shuffle reads lanes that returned
 //  bug_mma_exited_lane      half the warp returns before mma.sync
 //  bug_cp_async_exit        a thread exits with a cp.async pending
+//  bug_mma_tf32_unrounded   mma_frag_tf32 with A not rounded to tf32 (an undefined operand)
 #include "deepis_device.h"
 
 extern "C" __global__ void half_convert(gptr<const float> x, gptr<f16> y16, gptr<bf16> yb, int n) {
@@ -159,6 +164,35 @@ extern "C" __global__ void bug_mma_swapped_a_rows(gptr<const f16> A, gptr<const 
 }
 extern "C" __global__ void bug_mma_b_row_major(gptr<const f16> A, gptr<const f16> Bn, gptr<const float> C, gptr<float> D) {
     mma_frag<f16>(A, Bn, C, D, false, true);
+}
+
+extern "C" __global__ void tf32_round_bits(gptr<const float> x, gptr<unsigned> y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    y[i] = tf32_from_f32(x[i]);
+}
+
+// m16n8k8 .tf32 fragments by the PTX ISA formulas (g = lane / 4, t = lane % 4): a0 = A[g][t],
+// a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]; b0 = B[t][g], b1 = B[t+4][g].
+DEEPIS_DEVICE void mma_frag_tf32_impl(gptr<const float> A, gptr<const float> Bn, gptr<const float> C, gptr<float> D, bool round) {
+    const int l = (int)threadIdx.x, g = l / 4, t = l % 4;
+    const float av[4] = {A[g * 8 + t], A[(g + 8) * 8 + t], A[g * 8 + t + 4], A[(g + 8) * 8 + t + 4]};
+    unsigned a[4], b[2];
+    for (int r = 0; r < 4; ++r) a[r] = round ? tf32_from_f32(av[r]) : __float_as_uint(av[r]);  // BUG when !round
+    b[0] = __float_as_uint(Bn[g * 8 + t]);
+    b[1] = __float_as_uint(Bn[g * 8 + t + 4]);
+    float c[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]}, d[4];
+    mma_1688_tf32(d, a, b, c);
+    D[g * 8 + 2 * t] = d[0];
+    D[g * 8 + 2 * t + 1] = d[1];
+    D[(g + 8) * 8 + 2 * t] = d[2];
+    D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+extern "C" __global__ void mma_frag_tf32(gptr<const float> A, gptr<const float> Bn, gptr<const float> C, gptr<float> D) {
+    mma_frag_tf32_impl(A, Bn, C, D, true);
+}
+extern "C" __global__ void bug_mma_tf32_unrounded(gptr<const float> A, gptr<const float> Bn, gptr<const float> C, gptr<float> D) {
+    mma_frag_tf32_impl(A, Bn, C, D, false);
 }
 
 // The tile loop of tc_tile_gemm; the flags plant the pipeline bugs.

@@ -47,7 +47,9 @@ kernels! {
         CONV3D_TC_F16 = "conv3d_tc_f16",
         CONV3D_TC_BF16 = "conv3d_tc_bf16",
         CONV3D_TC_WIDE_F16 = "conv3d_tc_wide_f16",
-        CONV3D_TC_WIDE_BF16 = "conv3d_tc_wide_bf16";
+        CONV3D_TC_WIDE_BF16 = "conv3d_tc_wide_bf16",
+        CONV3D_TC_TF32 = "conv3d_tc_tf32",
+        CONV3D_TC_WIDE_TF32 = "conv3d_tc_wide_tf32";
     "half.cu":
         TO_HALF_F16 = "to_half_f16",
         TO_HALF_BF16 = "to_half_bf16",
@@ -94,15 +96,16 @@ kernels! {
         BN_BACKWARD_DX = "bn_backward_dx_f32";
 }
 
-/// The tensor-core convolution for inputs and weights of `dtype` (f16 or bf16), with warps of 32
-/// voxels (`wide` false) or 64 voxels (`wide` true) by 64 channels.
-pub fn conv3d_tc(dtype: DType, wide: bool) -> Option<&'static str> {
+/// The tensor-core convolution for inputs and weights of `dtype` (f16, bf16, or f32 computed in
+/// tf32), with warps of 32 voxels (`wide` false) or 64 voxels (`wide` true) by 64 channels.
+pub fn conv3d_tc(dtype: DType, wide: bool) -> &'static str {
     match (dtype, wide) {
-        (DType::F16, false) => Some(CONV3D_TC_F16),
-        (DType::BF16, false) => Some(CONV3D_TC_BF16),
-        (DType::F16, true) => Some(CONV3D_TC_WIDE_F16),
-        (DType::BF16, true) => Some(CONV3D_TC_WIDE_BF16),
-        (DType::F32, _) => None,
+        (DType::F16, false) => CONV3D_TC_F16,
+        (DType::BF16, false) => CONV3D_TC_BF16,
+        (DType::F32, false) => CONV3D_TC_TF32,
+        (DType::F16, true) => CONV3D_TC_WIDE_F16,
+        (DType::BF16, true) => CONV3D_TC_WIDE_BF16,
+        (DType::F32, true) => CONV3D_TC_WIDE_TF32,
     }
 }
 

@@ -70,6 +70,23 @@ pub fn from_half_bits(bits: &[u16], dtype: DType) -> Vec<f32> {
     }
 }
 
+/// `v` rounded to tf32 (10 mantissa bits, the low 13 bits of the f32 zero) as `cvt.rna.tf32.f32`
+/// rounds: to nearest, ties away from zero (half an ulp added to the magnitude's bit pattern, then
+/// truncated; a carry into the exponent is the next binade, past the largest tf32 it is infinity).
+/// Infinities are kept; a NaN stays a NaN (quieted). The same rule as the emulator's
+/// `f32_to_tf32_bits` (kernels/emu/tensor.h), used for the tensor-core weights and the tests.
+pub fn round_tf32(v: f32) -> f32 {
+    let x = v.to_bits();
+    let r = if v.is_nan() {
+        (x | 0x0040_0000) & 0xffff_e000
+    } else if v.is_infinite() {
+        x
+    } else {
+        x.wrapping_add(0x1000) & 0xffff_e000
+    };
+    f32::from_bits(r)
+}
+
 /// Offsets of arena regions are multiples of this many bytes (cp.async and vector loads need 16).
 pub const REGION_ALIGN: usize = 64;
 
@@ -127,7 +144,7 @@ pub trait Device {
     /// Copies `data` into the f32 buffer `dst` of the same length (no allocation).
     fn htod_into(&self, data: &[f32], dst: &Self::Buf) -> Result<()>;
     /// Whether the device has what kernels/conv3d_tc.cu uses: mma.sync m16n8k16 in f16 / bf16,
-    /// ldmatrix and cp.async (sm_80 and up; the emulator has them).
+    /// m16n8k8 in tf32, ldmatrix and cp.async (sm_80 and up; the emulator has them).
     fn has_tensor_cores(&self) -> bool {
         true
     }

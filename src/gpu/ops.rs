@@ -60,8 +60,9 @@ impl ConvVariant {
 pub fn launch_block(kernel: &str) -> Option<(u32, u32)> {
     match kernel {
         k::CONV3D_TILED => Some((TILED_THREADS, 0)),
-        k::CONV3D_TC_F16 | k::CONV3D_TC_BF16 => Some(crate::gpu::tensor_conv::reference_launch_block(crate::gpu::tensor_conv::WarpTile::M32)),
-        k::CONV3D_TC_WIDE_F16 | k::CONV3D_TC_WIDE_BF16 => Some(crate::gpu::tensor_conv::reference_launch_block(crate::gpu::tensor_conv::WarpTile::M64)),
+        k::CONV3D_TC_F16 | k::CONV3D_TC_BF16 | k::CONV3D_TC_TF32 | k::CONV3D_TC_WIDE_F16 | k::CONV3D_TC_WIDE_BF16 | k::CONV3D_TC_WIDE_TF32 => {
+            crate::gpu::tensor_conv::reference_launch_block(kernel)
+        }
         k::CONV3D_DIRECT | k::CHANNEL_AFFINE | k::RELU | k::ADD | k::SIGMOID | k::MAXPOOL2 | k::MAXPOOL2_F16 | k::MAXPOOL2_BF16
         | k::UPSAMPLE_TRILINEAR | k::UPSAMPLE_ADD | k::UPSAMPLE_ADD_F16 | k::UPSAMPLE_ADD_BF16
         | k::SOFTMAX_CHANNELS | k::TO_HALF_F16 | k::TO_HALF_BF16 | k::TO_F32_F16 | k::TO_F32_BF16 => Some((BLOCK, 0)),

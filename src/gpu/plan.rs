@@ -15,6 +15,12 @@
 //! therefore: the input of every conv and its residual, every conv weight, every conv output but
 //! the head's and a sigmoid's, and every up-sample + add.
 //!
+//! `Tf32` is `Fp32` (f32 activations, every other op in f32, the same steps) with every
+//! convolution on the tensor cores in tf32 (`tensor_conv` with f32 data: weights rounded to tf32
+//! once, here, the conv's input rounded to tf32 inside the kernel, cvt.rna, ties away; f32
+//! accumulation; bias, residual and ReLU in the f32 epilogue). Its only rounding points are the
+//! input and the weights of every conv: outputs, residuals and up-sample + adds stay f32.
+//!
 //! The graph's `Pair` (two in-plane GCN convs, which the CPU runs plane by plane for its caches)
 //! is two convs here. Values whose lifetimes do not overlap share memory (`plan::memory`).
 use std::cell::OnceCell;
@@ -31,14 +37,17 @@ use crate::plan::memory;
 use crate::tensor::{Shape, Tensor};
 use crate::weights::Weights;
 
-/// The arithmetic of the GPU plan. The default is `Fp32`: until fp16 / bf16 are measured on a
-/// GPU (speed) and on real tomograms (accuracy; the golden cases are small random networks),
+/// The arithmetic of the GPU plan. The default is `Fp32`: until tf32 / fp16 / bf16 are measured
+/// on a GPU (speed) and on real tomograms (accuracy; the golden cases are small random networks),
 /// the precision that matches the float64 oracle to 1e-4 stays the default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Precision {
     /// float32 everywhere (CUDA cores)
     #[default]
     Fp32,
+    /// float32 activations, convolutions in tf32 (inputs and weights rounded to 10 mantissa bits),
+    /// f32 accumulation (tensor cores, sm_80+)
+    Tf32,
     /// float16 activations and weights, f32 accumulation (tensor cores, sm_80+)
     Fp16,
     /// bfloat16 activations and weights, f32 accumulation (tensor cores, sm_80+)
@@ -46,12 +55,12 @@ pub enum Precision {
 }
 
 impl Precision {
-    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Fp16, Precision::Bf16];
+    pub const ALL: [Precision; 4] = [Precision::Fp32, Precision::Tf32, Precision::Fp16, Precision::Bf16];
 
     /// The type activations are stored in between convolutions.
     pub fn storage(self) -> DType {
         match self {
-            Precision::Fp32 => DType::F32,
+            Precision::Fp32 | Precision::Tf32 => DType::F32,
             Precision::Fp16 => DType::F16,
             Precision::Bf16 => DType::BF16,
         }
@@ -60,6 +69,7 @@ impl Precision {
     pub fn name(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
+            Precision::Tf32 => "tf32",
             Precision::Fp16 => "fp16",
             Precision::Bf16 => "bf16",
         }
@@ -69,8 +79,9 @@ impl Precision {
 /// How the GPU plan computes (`--backend emu` or `cuda` of predict, segment and bench).
 #[derive(clap::Args, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GpuOptions {
-    /// Arithmetic of the GPU plan (--backend emu or cuda): fp32, or fp16 / bf16 activations and
-    /// weights with f32 accumulation on tensor cores (sm_80 and newer). Default fp32: fp16 / bf16 are
+    /// Arithmetic of the GPU plan (--backend emu or cuda): fp32; tf32 (f32 activations, convs on
+    /// tensor cores with inputs and weights rounded to tf32); or fp16 / bf16 activations and weights;
+    /// all with f32 accumulation, tensor cores on sm_80 and newer. Default fp32: the others are
     /// checked against the float64 oracle on the emulator but not yet measured on a GPU or on real
     /// tomograms; the CPU backends compute in fp32 only
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
@@ -86,7 +97,9 @@ type V = usize;
 
 /// A convolution's weights on the device, in the form its kernel reads.
 enum Conv<B> {
+    /// fp32: the CUDA-core conv.
     F32 { spec: ConvSpec, w: B, b: Option<B> },
+    /// On the tensor cores: fp16 / bf16, or tf32 (a `TcConv` of f32 data).
     Half(TcConv<B>),
 }
 

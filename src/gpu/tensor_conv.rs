@@ -1,11 +1,14 @@
-//! The tensor-core convolution (kernels/conv3d_tc.cu): fp16 / bf16 channels-last implicit GEMM with
-//! f32 accumulation and a fused epilogue (bias, residual add, ReLU; output in f32 or the input's
-//! half type), on any `Device`. A [`TcConv`] holds a convolution's weights once, rounded to the half
-//! type and laid out as the kernel reads them ([`tc_weight_layout`]); [`conv3d_tc`] checks the
-//! shapes and types, computes the grid, block and shared memory here, in one place, and launches.
+//! The tensor-core convolution (kernels/conv3d_tc.cu): channels-last implicit GEMM with f32
+//! accumulation and a fused epilogue (bias, residual add, ReLU), on any `Device`, in one of three
+//! types: f16 or bf16 inputs and weights (output in f32 or the input's half type), or f32 inputs
+//! and weights computed in tf32 (`DType::F32`: the kernel rounds the inputs, cvt.rna.tf32.f32,
+//! the weights are rounded here, [`round_tf32`]; output in f32). A [`TcConv`] holds a
+//! convolution's weights once, rounded to its type and laid out as the kernel reads them
+//! ([`tc_weight_layout`]); [`conv3d_tc`] checks the shapes and types, computes the grid, block and
+//! shared memory here, in one place, and launches.
 use crate::backend::{ConvSpec, DevTensor};
 use crate::error::{Error, Result};
-use crate::gpu::{kernels, DType, Device, KArg, LaunchCfg};
+use crate::gpu::{kernels, round_tf32, DType, Device, KArg, LaunchCfg};
 use crate::tensor::Shape;
 
 /// Output voxels of one block (`TC_T0 x TC_T1 x TC_T2` of conv3d_tc.cu), its output channels and
@@ -13,7 +16,7 @@ use crate::tensor::Shape;
 pub const TILE: [usize; 3] = [4, 8, 8];
 pub const BLOCK_COUT: usize = 64;
 pub const STAGES: usize = 3;
-/// Input channels of one brick chunk: a multiple of 16, at most this.
+/// Input channels of one brick chunk: a multiple of [`mma_channels`], at most this.
 const MAX_CHUNK: usize = 64;
 /// Shared memory of one block: at most this (sm_80's opt-in limit is 163 KB), and preferably at
 /// most this, so that two blocks fit on an sm_90 SM (228 KB, 1 KB reserved per block).
@@ -45,13 +48,25 @@ pub fn cout_pad(cout: usize) -> usize {
     cout.div_ceil(16) * 16
 }
 
-/// Input channels of the brick chunks: the fewest chunks of at most 64 channels (multiples of 16)
-/// whose shared memory fits [`PREFERRED_SMEM`], else [`MAX_SMEM`]; an error when even 16 does not.
-pub fn choose_chunk(spec: &ConvSpec) -> Result<usize> {
+/// 16-bit words of one element of `dtype` in shared memory (f32: two).
+fn words(dtype: DType) -> usize {
+    dtype.bytes() / 2
+}
+
+/// Input channels of one mma: 16 halves (m16n8k16) or 8 tf32 values (m16n8k8), 32 bytes either way.
+pub fn mma_channels(dtype: DType) -> usize {
+    16 / words(dtype)
+}
+
+/// Input channels of the brick chunks: the fewest chunks of at most 64 channels (multiples of
+/// [`mma_channels`]) whose shared memory fits [`PREFERRED_SMEM`], else [`MAX_SMEM`]; an error when
+/// even one mma's channels do not.
+pub fn choose_chunk(spec: &ConvSpec, dtype: DType) -> Result<usize> {
+    let q = mma_channels(dtype);
     let mut best = None;
-    for chunks in spec.cin.div_ceil(MAX_CHUNK)..=spec.cin.div_ceil(16).max(1) {
-        let ck = spec.cin.div_ceil(chunks).div_ceil(16) * 16;
-        let bytes = smem_bytes(spec, ck);
+    for chunks in spec.cin.div_ceil(MAX_CHUNK)..=spec.cin.div_ceil(q).max(1) {
+        let ck = spec.cin.div_ceil(chunks).div_ceil(q) * q;
+        let bytes = smem_bytes(spec, ck, dtype);
         if bytes <= PREFERRED_SMEM {
             return Ok(ck);
         }
@@ -61,8 +76,8 @@ pub fn choose_chunk(spec: &ConvSpec) -> Result<usize> {
     }
     best.ok_or_else(|| {
         Error::Shape(format!(
-            "conv3d_tc: kernel {:?} stride {:?}: the input brick of a {TILE:?} tile needs {} bytes of shared memory with 16 channels (at most {MAX_SMEM})",
-            spec.k, spec.stride, smem_bytes(spec, 16)
+            "conv3d_tc: kernel {:?} stride {:?}: the input brick of a {TILE:?} tile needs {} bytes of shared memory with {q} {} channels (at most {MAX_SMEM})",
+            spec.k, spec.stride, smem_bytes(spec, q, dtype), dtype.name()
         ))
     })
 }
@@ -72,16 +87,21 @@ fn brick_voxels(spec: &ConvSpec) -> usize {
     (0..3).map(|a| (TILE[a] - 1) * spec.stride[a] + spec.k[a]).product()
 }
 
-/// Dynamic shared memory of one block: the brick and the weight stages, rows of `ck + 8` halves.
-pub fn smem_bytes(spec: &ConvSpec, ck: usize) -> usize {
-    (brick_voxels(spec) + STAGES * BLOCK_COUT) * (ck + 8) * 2
+/// Dynamic shared memory of one block: the brick and the weight stages, rows of `ck` elements
+/// plus a 16-byte pad, in 16-bit words.
+pub fn smem_bytes(spec: &ConvSpec, ck: usize, dtype: DType) -> usize {
+    (brick_voxels(spec) + STAGES * BLOCK_COUT) * (ck * words(dtype) + 8) * 2
 }
 
-/// The threads and dynamic shared memory `deepis kernels` shows for the tensor-core conv: the
-/// published model's widest layer (3x3x3, stride 1, 64 -> 64 channels).
-pub fn reference_launch_block(tile: WarpTile) -> (u32, u32) {
+/// The threads and dynamic shared memory `deepis kernels` shows for a tensor-core conv kernel (by
+/// name): the published model's widest layer (3x3x3, stride 1, 64 -> 64 channels); None for a
+/// name that is not one.
+pub fn reference_launch_block(kernel: &str) -> Option<(u32, u32)> {
     let spec = ConvSpec { cin: 64, cout: 64, k: [3; 3], stride: [1; 3], pad: [1; 3] };
-    (tile.threads(), smem_bytes(&spec, MAX_CHUNK) as u32)
+    let types = [DType::F16, DType::BF16, DType::F32];
+    let (dtype, tile) = types.iter().flat_map(|&t| WarpTile::ALL.map(|w| (t, w))).find(|&(t, w)| kernel_for(t, w) == kernel)?;
+    let ck = choose_chunk(&spec, dtype).ok()?;
+    Some((tile.threads(), smem_bytes(&spec, ck, dtype) as u32))
 }
 
 /// The weights `w` ([k0][k1][k2][cin][cout], the engine's layout) as conv3d_tc.cu reads them:
@@ -102,10 +122,12 @@ pub fn tc_weight_layout(spec: &ConvSpec, w: &[f32], ck: usize) -> Vec<f32> {
     out
 }
 
-/// A convolution ready for the tensor cores: its weights rounded once to `dtype` in the kernel's
-/// layout, and its bias (zeros when it has none) in f32.
+/// A convolution ready for the tensor cores: its weights rounded once to `dtype` (f16, bf16, or
+/// for F32 to tf32 values stored as f32) in the kernel's layout, and its bias (zeros when it has
+/// none) in f32.
 pub struct TcConv<B> {
     pub spec: ConvSpec,
+    /// The type of its inputs and weights (F32: computed in tf32).
     pub dtype: DType,
     /// Input channels per brick chunk ([`choose_chunk`]).
     pub chunk: usize,
@@ -118,7 +140,6 @@ pub struct TcConv<B> {
 impl<B> TcConv<B> {
     /// `w` in the engine's layout [k0][k1][k2][cin][cout], `bias` of Cout values.
     pub fn new<D: Device<Buf = B>>(dev: &D, spec: &ConvSpec, w: &[f32], bias: Option<&[f32]>, dtype: DType) -> Result<Self> {
-        kernel_for(dtype, WarpTile::default())?;
         if spec.cin == 0 || spec.cout == 0 || (0..3).any(|a| spec.k[a] == 0 || spec.stride[a] == 0) {
             return Err(Error::Shape(format!("conv3d_tc: degenerate {spec:?}")));
         }
@@ -130,13 +151,16 @@ impl<B> TcConv<B> {
         if bias.len() != spec.cout {
             return Err(Error::Shape(format!("conv3d_tc: {} bias values for {} output channels", bias.len(), spec.cout)));
         }
-        let chunk = choose_chunk(spec)?;
-        let laid = tc_weight_layout(spec, w, chunk);
+        let chunk = choose_chunk(spec, dtype)?;
+        let mut laid = tc_weight_layout(spec, w, chunk);
+        if dtype == DType::F32 {
+            laid.iter_mut().for_each(|v| *v = round_tf32(*v));
+        }
         fits_i32("conv3d_tc weights", laid.len())?;
         Ok(TcConv { spec: *spec, dtype, chunk, tile: WarpTile::default(), weights: dev.htod_as(&laid, dtype)?, bias: dev.htod(bias)? })
     }
 
-    /// The laid-out half weights (tests plant faults in a copy of them).
+    /// The laid-out weights (tests plant faults in a copy of them).
     pub fn weights(&self) -> &B {
         &self.weights
     }
@@ -150,8 +174,8 @@ impl<B> TcConv<B> {
     }
 }
 
-fn kernel_for(dtype: DType, tile: WarpTile) -> Result<&'static str> {
-    kernels::conv3d_tc(dtype, tile == WarpTile::M64).ok_or_else(|| Error::Shape(format!("conv3d_tc: {} is not a half type (f16, bf16)", dtype.name())))
+fn kernel_for(dtype: DType, tile: WarpTile) -> &'static str {
+    kernels::conv3d_tc(dtype, tile == WarpTile::M64)
 }
 
 fn fits_i32(what: &str, n: usize) -> Result<i32> {
@@ -173,12 +197,12 @@ impl<B> Epilogue<'_, B> {
 }
 
 /// The grid of a launch: one block per output tile and 64 output channels.
-pub fn launch_cfg(spec: &ConvSpec, out: Shape, chunk: usize, tile: WarpTile) -> LaunchCfg {
+pub fn launch_cfg(spec: &ConvSpec, out: Shape, chunk: usize, dtype: DType, tile: WarpTile) -> LaunchCfg {
     let tiles: usize = out.n * (0..3).map(|a| out.d[a].div_ceil(TILE[a])).product::<usize>();
     LaunchCfg {
         grid: [tiles as u32, spec.cout.div_ceil(BLOCK_COUT) as u32, 1],
         block: [tile.threads(), 1, 1],
-        shmem: smem_bytes(spec, chunk) as u32,
+        shmem: smem_bytes(spec, chunk, dtype) as u32,
     }
 }
 
@@ -198,7 +222,7 @@ pub fn out_shape(spec: &ConvSpec, x: Shape) -> Shape {
     Shape::new(x.n, spec.out_dims(x.d), spec.cout)
 }
 
-/// y = epilogue(conv(x)) on the tensor cores, in a new buffer; `x` holds `conv.dtype` halves,
+/// y = epilogue(conv(x)) on the tensor cores, in a new buffer; `x` holds `conv.dtype` values,
 /// channels-last.
 pub fn conv3d_tc<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf>, ep: &Epilogue<'_, D::Buf>) -> Result<DevTensor<D::Buf>> {
     let out = out_shape(&conv.spec, x.shape);
@@ -211,9 +235,9 @@ pub fn conv3d_tc<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf
 /// As [`conv3d_tc`], into `y` (of the output's shape and `ep.out`'s type; every element is written).
 pub fn conv3d_tc_into<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf>, ep: &Epilogue<'_, D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
     let spec = &conv.spec;
-    let kernel = kernel_for(conv.dtype, conv.tile)?;
+    let kernel = kernel_for(conv.dtype, conv.tile);
     if !dev.has_tensor_cores() {
-        return Err(Error::kernel(kernel, format!("{}: needs sm_80 or newer (mma.sync m16n8k16, cp.async)", dev.name())));
+        return Err(Error::kernel(kernel, format!("{}: needs sm_80 or newer (mma.sync, cp.async)", dev.name())));
     }
     check_tensor(dev, "input", x, conv.dtype)?;
     if x.shape.c != spec.cin {
@@ -258,5 +282,5 @@ pub fn conv3d_tc_into<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D
         conv.chunk, cout_pad(spec.cout), half_out as usize, res.is_some() as usize, ep.relu as usize,
     ];
     a.extend(scalars.into_iter().map(|v| KArg::I32(v as i32)));
-    dev.launch(kernel, launch_cfg(spec, out, conv.chunk, conv.tile), &a)
+    dev.launch(kernel, launch_cfg(spec, out, conv.chunk, conv.dtype, conv.tile), &a)
 }
