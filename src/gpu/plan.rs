@@ -100,7 +100,7 @@ enum Conv<B> {
     /// fp32: the CUDA-core conv.
     F32 { spec: ConvSpec, w: B, b: Option<B> },
     /// On the tensor cores: fp16 / bf16, or tf32 (a `TcConv` of f32 data).
-    Half(TcConv<B>),
+    Tc(TcConv<B>),
 }
 
 /// One step. Outputs are values of their own, except the fp32 conv's epilogue, which runs in place
@@ -208,7 +208,7 @@ impl<D: Device> Lower<'_, D> {
                 w: self.dev.htod(w)?,
                 b: b.as_ref().map(|b| self.dev.htod(b)).transpose()?,
             },
-            p => Conv::Half(TcConv::new(self.dev, &l.spec, w, b.map(|b| b.as_slice()), p.storage())?),
+            p => Conv::Tc(TcConv::new(self.dev, &l.spec, w, b.map(|b| b.as_slice()), p.storage())?),
         };
         self.convs.push(conv);
         Ok(self.convs.len() - 1)
@@ -453,7 +453,7 @@ impl<D: Device> GpuPlan<D> {
             .map(|s| match *s {
                 Step::Conv { conv, res, act, .. } => match self.convs[conv] {
                     Conv::F32 { .. } => 1 + (res.is_some() || act == Act::Relu) as usize + (act == Act::Sigmoid) as usize,
-                    Conv::Half(_) => 1 + (act == Act::Sigmoid) as usize,
+                    Conv::Tc(_) => 1 + (act == Act::Sigmoid) as usize,
                 },
                 _ => 1,
             })
@@ -537,7 +537,7 @@ impl<D: Device> GpuPlan<D> {
                             g.sigmoid_into(v(out), v(out))?;
                         }
                     }
-                    Conv::Half(tc) => {
+                    Conv::Tc(tc) => {
                         let ep = Epilogue { residual: res.map(v), relu: act == Act::Relu, out: dev.buf_dtype(&v(out).data) };
                         conv3d_tc_into(dev, tc, v(x), &ep, v(out))?;
                         if act == Act::Sigmoid {
@@ -584,6 +584,6 @@ fn conv_bytes<D: Device>(dev: &D, c: &Conv<D::Buf>) -> usize {
     let b = |buf: &D::Buf| dev.buf_len(buf) * dev.buf_dtype(buf).bytes();
     match c {
         Conv::F32 { w, b: bias, .. } => b(w) + bias.as_ref().map_or(0, b),
-        Conv::Half(tc) => b(tc.weights()) + 4 * tc.spec.cout,
+        Conv::Tc(tc) => b(tc.weights()) + 4 * tc.spec.cout,
     }
 }
