@@ -22,7 +22,8 @@
 #   4. napkin conv throughput of the CUDA variants (gpu_ops cuda_conv_throughput) and of the
 #      tensor-core conv in fp16 / bf16 / tf32 (tensor_conv cuda_tensor_conv_throughput); the GPU plan's
 #      ms per volume of the published model at 128x128x64 in each precision, batch 1 and 8
-#      (deepis bench --backend cuda --precision P --batch B);
+#      (deepis bench --backend cuda --precision P --batch B), batch 1 also without the CUDA graph
+#      (--no-graph); the end-to-end folder rate of `deepis segment --backend cuda` (files/s);
 #   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8 (needs python3 with
 #      torch, numpy, safetensors; RUNS=N changes the 10 timed runs, SKIP_COMPARE=1 leaves it out).
 # It exits non-zero when any step fails, or when a test skipped (no GPU or NVRTC found; REQUIRE_GPU=0
@@ -147,6 +148,17 @@ run() {
             excerpt "plan-$p-b$b" '^gpu plan|^median|^backend'
         done
     done
+    # the CUDA graph's gain: batch 1 with the launches queued one by one
+    for p in fp32 bf16; do
+        step "plan-$p-b1-no-graph" 120 "$gpu/deepis" bench --backend cuda --precision "$p" --batch 1 --runs 5 --warmup 2 --no-graph
+        excerpt "plan-$p-b1-no-graph" '^gpu plan|^median'
+    done
+    # the end-to-end folder rate: segment over 16 synthetic 128x128x64 volumes (read, predict,
+    # label, write, pipelined), the shipped weights, bf16, batch 1
+    step synth 60 "$gpu/deepis" synth -o "$out/folder" --frames 16 --size 128,128,64
+    step segment-folder 180 "$gpu/deepis" segment --weights weights/deepis-synth-w16.safetensors "$out/folder/input" -o "$out/folder/labels" --backend cuda --precision bf16
+    excerpt segment-folder 'written|^gpu plan|^backend'
+    rm -rf "$out/folder"
 
     if [ "${SKIP_COMPARE:-0}" = 1 ]; then
         echo "## compare: skipped (SKIP_COMPARE=1)" >>"$results"
