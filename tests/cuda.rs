@@ -13,11 +13,12 @@ use deepis::tensor::rel_err;
 const BIN: &str = env!("CARGO_BIN_EXE_deepis");
 const TOL: f32 = 1e-4;
 
-fn gpu_or_skip(test: &str) -> bool {
+/// Whether a GPU is here; if not, the skip is reported (stdout, stderr and .ci/run's count).
+fn gpu_or_skip() -> bool {
     if deepis::gpu::cuda::cuda_available() {
         return true;
     }
-    eprintln!("SKIPPED {test}: no CUDA GPU on this machine");
+    common::skip("no CUDA GPU on this machine");
     false
 }
 
@@ -40,7 +41,7 @@ fn predict_cuda(case: &str, out: &Path, cache_root: &Path) -> String {
 
 #[test]
 fn golden_cases_on_cuda() {
-    if !gpu_or_skip("golden_cases_on_cuda") {
+    if !gpu_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -59,7 +60,7 @@ fn golden_cases_on_cuda() {
 
 #[test]
 fn second_start_compiles_nothing() {
-    if !gpu_or_skip("second_start_compiles_nothing") {
+    if !gpu_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -80,7 +81,7 @@ fn second_start_compiles_nothing() {
 /// A batch far past the GPU's memory is refused before allocating, with the batch that fits.
 #[test]
 fn a_batch_past_the_gpu_memory_is_refused() {
-    if !gpu_or_skip("a_batch_past_the_gpu_memory_is_refused") {
+    if !gpu_or_skip() {
         return;
     }
     let o = Command::new(BIN).args(["bench", "--backend", "cuda", "--batch", "1000", "--runs", "1", "--warmup", "0"]).output().unwrap();
