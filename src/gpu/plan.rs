@@ -375,21 +375,9 @@ impl<B> Built<B> {
             return Err(Error::Other("gpu plan: the graph's input or output has no value".into()));
         };
         let Lower { shapes, steps, convs, affines, .. } = l;
-        // lifetimes in 4-byte units: from the first step touching a value to the last; the input
-        // is live from the start, the output to the end
-        let mut lives: Vec<memory::Life> =
-            shapes.iter().map(|(s, t)| memory::Life { len: (s.len() * t.bytes()).div_ceil(4), first: usize::MAX, last: 0 }).collect();
-        for (i, st) in steps.iter().enumerate() {
-            for v in st.values() {
-                lives[v].first = lives[v].first.min(i);
-                lives[v].last = lives[v].last.max(i);
-            }
-        }
-        lives[input].first = 0;
-        lives[output].last = steps.len();
-        for l in lives.iter_mut().filter(|l| l.first == usize::MAX) {
-            *l = memory::Life { len: 0, first: 0, last: 0 };
-        }
+        // in 4-byte units
+        let lens = shapes.iter().map(|(s, t)| (s.len() * t.bytes()).div_ceil(4));
+        let lives = memory::lifetimes(lens, steps.iter().map(Step::values), input, output);
         let (off, arena_len) = memory::place(&lives, true);
         debug_assert!(memory::disjoint(&lives, &off));
         let arena_bytes = 4 * arena_len;

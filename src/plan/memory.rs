@@ -14,6 +14,27 @@ pub struct Life {
     pub last: usize,
 }
 
+/// The lifetime of every value of a plan: `lens[v]` units long, from the first of `uses` (the
+/// values each step touches, in order) that touches it to the last; the input is live from the
+/// start, the output to the end; a value no step touches is empty.
+pub fn lifetimes(lens: impl Iterator<Item = usize>, uses: impl Iterator<Item = Vec<usize>>, input: usize, output: usize) -> Vec<Life> {
+    let mut lives: Vec<Life> = lens.map(|len| Life { len, first: usize::MAX, last: 0 }).collect();
+    let mut steps = 0;
+    for (i, vals) in uses.enumerate() {
+        for v in vals {
+            lives[v].first = lives[v].first.min(i);
+            lives[v].last = lives[v].last.max(i);
+        }
+        steps = i + 1;
+    }
+    lives[input].first = 0;
+    lives[output].last = steps;
+    for l in lives.iter_mut().filter(|l| l.first == usize::MAX) {
+        *l = Life { len: 0, first: 0, last: 0 };
+    }
+    lives
+}
+
 /// Offsets (floats) per value and the arena size (floats). With `reuse` off, values never share.
 pub fn place(lives: &[Life], reuse: bool) -> (Vec<usize>, usize) {
     let size = |l: &Life| l.len.div_ceil(ALIGN) * ALIGN;

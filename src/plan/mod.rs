@@ -120,22 +120,7 @@ impl Plan {
         let mut wg = Weighted::new(g, &|name| weights.get(name))?;
         wg.optimise(opt.passes);
         let graph::Lowered { shapes, steps, convs, input, output } = graph::lower(&wg, isa, opt.passes.fuse_epilogue)?;
-        // lifetimes: from the first step touching a value to the last; the input is live from the
-        // start, the output to the end
-        let mut lives: Vec<memory::Life> =
-            shapes.iter().map(|s| memory::Life { len: s.len(), first: usize::MAX, last: 0 }).collect();
-        for (i, st) in steps.iter().enumerate() {
-            for v in st.values() {
-                lives[v].first = lives[v].first.min(i);
-                lives[v].last = lives[v].last.max(i);
-            }
-        }
-        lives[input].first = 0;
-        lives[output].last = steps.len();
-        for l in lives.iter_mut().filter(|l| l.first == usize::MAX) {
-            l.first = 0;
-            l.len = 0;
-        }
+        let lives = memory::lifetimes(shapes.iter().map(|s| s.len()), steps.iter().map(Step::values), input, output);
         let (off, arena_len) = memory::place(&lives, opt.reuse_buffers);
         debug_assert!(memory::disjoint(&lives, &off));
         let threads = rayon::current_num_threads();
