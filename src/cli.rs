@@ -345,8 +345,7 @@ fn check_precision(chosen: Chosen, precision: Precision) -> Result<Chosen> {
 /// The GPU plan for `batch` (at most N) volumes of x's size on `dev`, and its output for `x`.
 fn predict_gpu<D: Device>(dev: D, weights: &Weights, x: &Tensor, batch: usize, o: GpuOptions) -> Result<Tensor> {
     let t0 = Instant::now();
-    let mut plan = GpuPlan::new(dev, weights, x.shape.d, batch.min(x.shape.n).max(1), o.precision)?;
-    plan.set_graph(!o.no_graph);
+    let plan = GpuPlan::with_options(dev, weights, x.shape.d, batch.min(x.shape.n).max(1), o)?;
     eprintln!("backend: {}; {}", plan.device().name(), plan.summary());
     let setup = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
@@ -567,8 +566,7 @@ pub fn new_plan(weights: &Weights, d: [usize; 3]) -> Result<crate::plan::Plan> {
 
 /// `bench` on the GPU plan: one batch of x's N volumes per forward pass.
 fn bench_gpu<D: Device>(dev: D, weights: &Weights, x: &Tensor, a: &BenchArgs) -> Result<()> {
-    let mut plan = GpuPlan::new(dev, weights, x.shape.d, x.shape.n, a.gpu.precision)?;
-    plan.set_graph(!a.gpu.no_graph);
+    let plan = GpuPlan::with_options(dev, weights, x.shape.d, x.shape.n, a.gpu)?;
     println!("backend: {}", plan.device().name());
     println!("{}", plan.summary());
     time_runs(weights, x, a.runs, a.warmup, &|x| plan.run(x))

@@ -401,7 +401,7 @@ pub struct SegmentArgs {
     #[arg(long, value_enum, default_value_t = crate::engine::BackendKind::Auto)]
     pub backend: crate::engine::BackendKind,
     /// Tiles per forward pass: the same tile of up to N frames of a time-lapse at once (a GPU
-    /// computes a batch faster per volume; more uses more memory)
+    /// computes a batch faster per volume; more uses more memory; --tta runs one frame at a time)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
     #[command(flatten)]
@@ -816,8 +816,7 @@ pub fn gpu_predictor<'a, D: crate::gpu::Device + 'a>(dev: D, weights: &'a Weight
         if let Some(p) = plans.iter().find(|p| p.size() == d && p.batch() == b) {
             return p.run(x);
         }
-        let mut p = GpuPlan::new(std::rc::Rc::clone(&dev), weights, d, b, o.precision)?;
-        p.set_graph(!o.no_graph);
+        let p = GpuPlan::with_options(std::rc::Rc::clone(&dev), weights, d, b, o)?;
         if plans.is_empty() {
             eprintln!("{} for {}x{}x{} tiles", p.summary(), d[0], d[1], d[2]);
         }

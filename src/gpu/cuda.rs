@@ -4,9 +4,7 @@
 //! kernel's function looked up once by name. Work is queued on a stream of its own rather than
 //! the legacy default stream, which synchronises with every other stream of the context.
 use std::collections::HashMap;
-use std::sync::Arc;
-
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUfunction_attribute_enum, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};

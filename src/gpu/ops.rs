@@ -120,10 +120,6 @@ impl<D: Device> GpuBackend<D> {
         &self.dev
     }
 
-    pub fn into_device(self) -> D {
-        self.dev
-    }
-
     pub(crate) fn check_buf(&self, what: &str, buf: &D::Buf, len: usize) -> Result<()> {
         let have = self.dev.buf_len(buf);
         if have != len {

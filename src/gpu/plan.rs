@@ -299,34 +299,22 @@ impl<D: Device> Lower<'_, D> {
 impl<D: Device> GpuPlan<D> {
     /// Compiles `weights` for `batch` volumes of size `d` with every pass of the CPU plan.
     pub fn new(dev: D, weights: &Weights, d: [usize; 3], batch: usize, precision: Precision) -> Result<Self> {
-        GpuPlan::try_new(dev, weights, d, batch, precision).map_err(|(e, _)| e)
+        weights.config.check_input_size(d)?;
+        let mut wg = Weighted::new(&Graph::new(&weights.config, Mode::Eval, d), &|name| weights.get(name))?;
+        wg.optimise(Passes::default());
+        GpuPlan::from_weighted(dev, &wg, batch, precision)
     }
 
-    /// As [`GpuPlan::new`], but a failure hands the device back with the error (so that a caller
-    /// can go on with it: another size, another batch).
-    pub fn try_new(dev: D, weights: &Weights, d: [usize; 3], batch: usize, precision: Precision) -> std::result::Result<Self, (Error, D)> {
-        let passed = weights.config.check_input_size(d).and_then(|()| {
-            let mut wg = Weighted::new(&Graph::new(&weights.config, Mode::Eval, d), &|name| weights.get(name))?;
-            wg.optimise(Passes::default());
-            Ok(wg)
-        });
-        match passed {
-            Ok(wg) => GpuPlan::try_from_weighted(dev, &wg, batch, precision),
-            Err(e) => Err((e, dev)),
-        }
+    /// [`GpuPlan::new`] in the user's options (`--precision`, `--no-graph`).
+    pub fn with_options(dev: D, weights: &Weights, d: [usize; 3], batch: usize, o: GpuOptions) -> Result<Self> {
+        let mut plan = GpuPlan::new(dev, weights, d, batch, o.precision)?;
+        plan.set_graph(!o.no_graph);
+        Ok(plan)
     }
 
     /// Compiles a passed inference graph (any passes, any `Arch`).
     pub fn from_weighted(dev: D, g: &Weighted, batch: usize, precision: Precision) -> Result<Self> {
-        GpuPlan::try_from_weighted(dev, g, batch, precision).map_err(|(e, _)| e)
-    }
-
-    fn try_from_weighted(dev: D, g: &Weighted, batch: usize, precision: Precision) -> std::result::Result<Self, (Error, D)> {
-        let b = match Built::lower(&dev, g, batch, precision) {
-            Ok(b) => b,
-            Err(e) => return Err((e, dev)),
-        };
-        let Built { steps, convs, affines, vals, arena_bytes, weight_bytes, input, output, arena } = b;
+        let Built { steps, convs, affines, vals, arena_bytes, weight_bytes, input, output, arena } = Built::lower(&dev, g, batch, precision)?;
         let gpu = GpuBackend::new(dev);
         Ok(GpuPlan { graph: OnceCell::new(), use_graph: true, gpu, precision, batch, steps, convs, affines, vals, arena_bytes, weight_bytes, input, output, _arena: arena })
     }
@@ -413,13 +401,6 @@ impl<D: Device> GpuPlan<D> {
     /// The volume size this plan runs.
     pub fn size(&self) -> [usize; 3] {
         self.vals[self.input].shape.d
-    }
-
-    /// The device, back from the plan (to build a plan for another size on it).
-    pub fn into_device(self) -> D {
-        let GpuPlan { graph, gpu, vals, .. } = self;
-        drop((graph, vals));
-        gpu.into_device()
     }
 
     pub fn device(&self) -> &D {
