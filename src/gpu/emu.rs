@@ -127,7 +127,7 @@ enum RecArg {
 
 /// A launch recorded by [`Device::capture`]: checked when recorded, run when replayed.
 struct Recorded {
-    kernel: String,
+    kernel: &'static EmuKernel,
     cfg: LaunchCfg,
     args: Vec<RecArg>,
 }
@@ -396,7 +396,7 @@ impl Device for EmuDevice {
                     KArg::F32(v) => RecArg::F32(*v),
                 })
                 .collect();
-            rec.push(Recorded { kernel: kernel.to_string(), cfg, args });
+            rec.push(Recorded { kernel: k, cfg, args });
             return Ok(());
         }
         self.run_launch(k, cfg, args)
@@ -431,7 +431,7 @@ impl Device for EmuDevice {
                     RecArg::F32(v) => KArg::F32(*v),
                 })
                 .collect();
-            self.launch(&r.kernel, r.cfg, &args)?;
+            self.run_launch(r.kernel, r.cfg, &args)?;
         }
         Ok(())
     }
