@@ -53,6 +53,7 @@
 //          cp.async pipeline TC_STAGES - 1 taps ahead of the mma.
 // Accumulation order: per chunk, per tap, per 16 (tf32: 8) channels, each mma summing 16 (8) products.
 // CPU reference: tests/tensor_conv.rs (float64 on the same rounded inputs and weights).
+// deepis-nvrtc: sm_90a on sm_90 (the wgmma kernels need it; the others compile the same)
 #include "deepis_device.h"
 
 #define TC_T0 4
@@ -110,9 +111,26 @@ struct TcGeom {
     int n0, rows;           // first output channel of the block, weight rows it loads (multiple of 16)
 };
 
+// Where element j (a multiple of 8 / W when it starts a 16-byte piece) of brick voxel v, and of
+// weight row `row`, lie in shared memory, in 16-bit words:
+//  TcRows (the mma.sync kernels): rows of ckp words, [v * ckp + W j] and [row * ckp + W j];
+//  WgCore (the wgmma kernels): 16-byte pieces in the canonical K-major core-matrix layout,
+//   brick piece (voxel (b0, b1, b2), channel group kg = W j / 8) at (((b0 B1 + b1) KG + kg) B2 + b2) * 8,
+//   weight piece (row, kg) at (kg * 64 + row) * 8 (KG = W ck / 8 groups per chunk).
+struct TcRows {
+    int ckp;
+    DEEPIS_DEVICE int brick(int v, int j, int w) const { return v * ckp + w * j; }
+    DEEPIS_DEVICE int weight(int row, int j, int w) const { return row * ckp + w * j; }
+};
+struct WgCore {
+    int kg, b2;
+    DEEPIS_DEVICE int brick(int v, int j, int w) const { return (((v / b2) * kg + (w * j) / 8) * b2 + v % b2) * 8 + (w * j) % 8; }
+    DEEPIS_DEVICE int weight(int row, int j, int w) const { return (((w * j) / 8) * TC_BN + row) * 8 + (w * j) % 8; }
+};
+
 // Loads channel chunk `c` of the input brick into `brick` (zero outside the input and past Cin).
-template <class H>
-DEEPIS_DEVICE void tc_load_brick(sptr<unsigned short> brick, gptr<const H> x, const TcGeom& g, int c) {
+template <class H, class L>
+DEEPIS_DEVICE void tc_load_brick(sptr<unsigned short> brick, gptr<const H> x, const TcGeom& g, int c, L lay) {
     const int tid = (int)threadIdx.x;
     const int c0 = c * g.ck;
     const int per = 8 / TcElem<H>::W;  // elements in 16 bytes
@@ -124,7 +142,7 @@ DEEPIS_DEVICE void tc_load_brick(sptr<unsigned short> brick, gptr<const H> x, co
             const int i0 = g.i0 + b0, i1 = g.i1 + b1, i2 = g.i2 + b2, ci = c0 + per * part;
             const bool in = i0 >= 0 && i0 < g.d0 && i1 >= 0 && i1 < g.d1 && i2 >= 0 && i2 < g.d2 && ci < g.cin;
             const int src = in ? (((g.batch * g.d0 + i0) * g.d1 + i1) * g.d2 + i2) * g.cin + ci : 0;
-            cp_async16(brick + v * g.ckp + 8 * part, x + src, in ? 16 : 0);
+            cp_async16(brick + lay.brick(v, per * part, TcElem<H>::W), x + src, in ? 16 : 0);
         }
     } else {
         for (int q = tid; q < g.brick_vox * g.ck; q += (int)blockDim.x) {
@@ -132,33 +150,35 @@ DEEPIS_DEVICE void tc_load_brick(sptr<unsigned short> brick, gptr<const H> x, co
             const int b2 = v % g.b2, b1 = (v / g.b2) % g.b1, b0 = v / (g.b2 * g.b1);
             const int i0 = g.i0 + b0, i1 = g.i1 + b1, i2 = g.i2 + b2, ci = c0 + j;
             const bool in = i0 >= 0 && i0 < g.d0 && i1 >= 0 && i1 < g.d1 && i2 >= 0 && i2 < g.d2 && ci < g.cin;
-            tc_put(brick + v * g.ckp + TcElem<H>::W * j, in ? x[(((g.batch * g.d0 + i0) * g.d1 + i1) * g.d2 + i2) * g.cin + ci] : H{});
+            tc_put(brick + lay.brick(v, j, TcElem<H>::W), in ? x[(((g.batch * g.d0 + i0) * g.d1 + i1) * g.d2 + i2) * g.cin + ci] : H{});
         }
     }
 }
 
 // Issues the cp.async copies of the weights of (chunk c, tap) for this block's channels into `stage`.
-template <class H>
-DEEPIS_DEVICE void tc_load_weights(sptr<unsigned short> stage, gptr<const H> wt, const TcGeom& g, int c, int tap) {
+template <class H, class L>
+DEEPIS_DEVICE void tc_load_weights(sptr<unsigned short> stage, gptr<const H> wt, const TcGeom& g, int c, int tap, L lay) {
     const int per = 8 / TcElem<H>::W;  // elements in 16 bytes
     const int parts = g.ck / per;
     const int base = ((c * g.taps + tap) * g.cout_pad + g.n0) * g.ck;
     for (int q = (int)threadIdx.x; q < g.rows * parts; q += (int)blockDim.x) {
         const int row = q / parts, part = q - row * parts;
-        cp_async16(stage + row * g.ckp + 8 * part, wt + base + row * g.ck + per * part, 16);
+        cp_async16(stage + lay.weight(row, per * part, TcElem<H>::W), wt + base + row * g.ck + per * part, 16);
     }
 }
 
-// acc[i][j][e] (m16 tile i, n8 tile j, register e) plus bias and residual, ReLU, stored.
+// acc[i][j][e] (m16 tile i, n8 tile j, register e: the mma.sync C layout, which each 16-row
+// slice of a wgmma accumulator also has) plus bias and residual, ReLU, stored; mrow[i]: the first
+// voxel row of this warp's tile i.
 template <class H, int MT>
-DEEPIS_DEVICE void tc_epilogue(float (*acc)[8][4], const TcGeom& g, gptr<const float> bias, gptr<float> yf, gptr<H> yh,
+DEEPIS_DEVICE void tc_epilogue(float (*acc)[8][4], const int* mrow, const TcGeom& g, gptr<const float> bias, gptr<float> yf, gptr<H> yh,
                                gptr<const float> rf, gptr<const H> rh, int out_half, int has_res, int relu) {
-    const int l = (int)threadIdx.x % 32, w = (int)threadIdx.x / 32;
+    const int l = (int)threadIdx.x % 32;
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
         for (int e2 = 0; e2 < 2; ++e2) {
-            const int m = 16 * MT * w + 16 * i + l / 4 + 8 * e2;
+            const int m = mrow[i] + l / 4 + 8 * e2;
             const int j0 = g.j0 + m / (TC_T1 * TC_T2), j1 = g.j1 + (m / TC_T2) % TC_T1, j2 = g.j2 + m % TC_T2;
             if (j0 >= g.o0 || j1 >= g.o1 || j2 >= g.o2) continue;
             const int row = (((g.batch * g.o0 + j0) * g.o1 + j1) * g.o2 + j2) * g.cout;
@@ -177,18 +197,14 @@ DEEPIS_DEVICE void tc_epilogue(float (*acc)[8][4], const TcGeom& g, gptr<const f
         }
 }
 
-// MT: m16 tiles per warp (2: 8 warps of 32 voxels x 64 channels; 4: 4 warps of 64 x 64).
-template <class H, int MT>
-DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<const H> wt, gptr<const float> bias,
-                             gptr<const float> rf, gptr<const H> rh, int n, int d0, int d1, int d2, int cin, int o0, int o1,
-                             int o2, int cout, int k0, int k1, int k2, int s0, int s1, int s2, int p0, int p1, int p2, int ck,
-                             int cout_pad, int out_half, int has_res, int relu) {
-    DEEPIS_DYN_SMEM(unsigned short, smem);
+// The geometry of this block's tile (blockIdx.x: batch and output tile, blockIdx.y: 64 channels).
+DEEPIS_DEVICE TcGeom tc_geom(int d0, int d1, int d2, int cin, int o0, int o1, int o2, int cout, int k0, int k1, int k2, int s0,
+                             int s1, int s2, int p0, int p1, int p2, int ck, int cout_pad, int ckp) {
     TcGeom g;
     g.d0 = d0; g.d1 = d1; g.d2 = d2; g.cin = cin; g.o0 = o0; g.o1 = o1; g.o2 = o2; g.cout = cout;
     g.taps = k0 * k1 * k2;
     g.ck = ck;
-    g.ckp = TcElem<H>::W * ck + 8;
+    g.ckp = ckp;
     g.cout_pad = cout_pad;
     const int b0 = (TC_T0 - 1) * s0 + k0;
     g.b1 = (TC_T1 - 1) * s1 + k1;
@@ -205,9 +221,21 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
     g.i2 = g.j2 * s2 - p2;
     g.n0 = (int)blockIdx.y * TC_BN;
     g.rows = min(TC_BN, cout_pad - g.n0);
+    return g;
+}
+
+// MT: m16 tiles per warp (2: 8 warps of 32 voxels x 64 channels; 4: 4 warps of 64 x 64).
+template <class H, int MT>
+DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<const H> wt, gptr<const float> bias,
+                             gptr<const float> rf, gptr<const H> rh, int n, int d0, int d1, int d2, int cin, int o0, int o1,
+                             int o2, int cout, int k0, int k1, int k2, int s0, int s1, int s2, int p0, int p1, int p2, int ck,
+                             int cout_pad, int out_half, int has_res, int relu) {
+    DEEPIS_DYN_SMEM(unsigned short, smem);
+    const TcGeom g = tc_geom(d0, d1, d2, cin, o0, o1, o2, cout, k0, k1, k2, s0, s1, s2, p0, p1, p2, ck, cout_pad, TcElem<H>::W * ck + 8);
     const sptr<unsigned short> brick = smem;
     const sptr<unsigned short> stages = smem + g.brick_vox * g.ckp;
     const int stage_len = TC_BN * g.ckp;
+    const TcRows lay{g.ckp};
 
     const int l = (int)threadIdx.x % 32, w = (int)threadIdx.x / 32;
     // ldmatrix.x4 row of this lane for A (m16 tile i): voxel row l % 16, words 8 (l / 16) ..;
@@ -234,19 +262,19 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
     const int chunks = (cin + ck - 1) / ck;
     for (int c = 0; c < chunks; ++c) {
         __syncthreads();  // every warp is done with the previous chunk's brick and stages
-        tc_load_brick<H>(brick, x, g, c);
+        tc_load_brick<H>(brick, x, g, c, lay);
         // Group s holds the weights of tap s (the first one also the brick); one group per tap
         // is committed, empty past the last tap, so that wait_group(TC_STAGES - 2) always means
         // "tap `tap` has landed".
         for (int s = 0; s < TC_STAGES - 1; ++s) {
-            if (s < g.taps) tc_load_weights<H>(stages + s * stage_len, wt, g, c, s);
+            if (s < g.taps) tc_load_weights<H>(stages + s * stage_len, wt, g, c, s, lay);
             cp_async_commit_group();
         }
         for (int tap = 0; tap < g.taps; ++tap) {
             cp_async_wait_group(TC_STAGES - 2);
             __syncthreads();  // tap's copies of every thread have landed; stage (tap - 1) % S is free
             const int next = tap + TC_STAGES - 1;
-            if (next < g.taps) tc_load_weights<H>(stages + (next % TC_STAGES) * stage_len, wt, g, c, next);
+            if (next < g.taps) tc_load_weights<H>(stages + (next % TC_STAGES) * stage_len, wt, g, c, next, lay);
             cp_async_commit_group();
 
             const int t2 = tap % k2, t1 = (tap / k2) % k1, t0 = tap / (k2 * k1);
@@ -274,8 +302,97 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
         }
     }
     cp_async_wait_group(0);  // only empty groups are left; a thread must not exit with any
-    tc_epilogue<H, MT>(acc, g, bias, yf, yh, rf, rh, out_half, has_res, relu);
+    int mrow[MT];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) mrow[i] = 16 * MT * w + 16 * i;
+    tc_epilogue<H, MT>(acc, mrow, g, bias, yf, yh, rf, rh, out_half, has_res, relu);
 }
+
+// The wgmma kernels (sm_90a): stride 1, Cout a multiple of 64, f16 / bf16. 256 threads = two
+// warpgroups; warpgroup q computes output slices 2 q and 2 q + 1 of the 4 x 8 x 8 tile (two m64
+// tiles of 8 x 8 voxels) by the block's 64 channels with wgmma.m64n64k16: per tap and 16 channels,
+// one wgmma per m64 tile, A and B read from shared memory through descriptors (WgCore layout: a
+// core matrix is 8 voxels along axis 2 by 8 channels, 16 bytes a row; no swizzle). The brick and
+// stages are filled by cp.async as in conv3d_tc; per tap: wait for its copies, fence.proxy.async
+// (the copies are generic-proxy writes, wgmma reads through the async proxy), barrier, issue the
+// copies of tap + STAGES - 1, the tap's wgmmas, commit, wait for them (the next tap's copies
+// overwrite the stage this tap reads two taps later, and the brick only at the next chunk).
+// A descriptor of m64 tile i (output slice m0 = 2 q + i), tap (t0, t1, t2), channel step kk:
+//   A: start = brick piece (m0 + t0, t1, t2, 2 kk), LBO = 16 B2 (next 8 channels), SBO = 16 KG B2
+//      (next output row m1: 8 voxels further along axis 1);
+//   B: start = stage piece (row 0, 2 kk), LBO = 16 * 64 (next 8 channels), SBO = 128 (next 8 rows).
+// Accumulation order: per chunk, per tap, per 16 channels (one wgmma summing 16 products).
+#if DEEPIS_HAS_WGMMA
+DEEPIS_DEVICE void wg_mma(float* d, unsigned long long da, unsigned long long db, f16) { wgmma_m64n64k16_f16(d, da, db, 1); }
+DEEPIS_DEVICE void wg_mma(float* d, unsigned long long da, unsigned long long db, bf16) { wgmma_m64n64k16_bf16(d, da, db, 1); }
+
+template <class H>
+DEEPIS_DEVICE void conv3d_wg(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<const H> wt, gptr<const float> bias,
+                             gptr<const float> rf, gptr<const H> rh, int n, int d0, int d1, int d2, int cin, int o0, int o1,
+                             int o2, int cout, int k0, int k1, int k2, int s0, int s1, int s2, int p0, int p1, int p2, int ck,
+                             int cout_pad, int out_half, int has_res, int relu) {
+    DEEPIS_DYN_SMEM(unsigned short, smem);
+    const TcGeom g = tc_geom(d0, d1, d2, cin, o0, o1, o2, cout, k0, k1, k2, s0, s1, s2, p0, p1, p2, ck, cout_pad, ck);
+    const int kg = ck / 8;
+    const WgCore lay{kg, g.b2};
+    const sptr<unsigned short> brick = smem;
+    const sptr<unsigned short> stages = smem + g.brick_vox * ck;
+    const int stage_len = TC_BN * ck;
+    const int q = (int)threadIdx.x / 128;
+    const int a_lbo = 16 * g.b2, a_sbo = 16 * kg * g.b2;
+
+    float acc[2][32];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int e = 0; e < 32; ++e) acc[i][e] = 0.0f;
+
+    const int chunks = (cin + ck - 1) / ck;
+    for (int c = 0; c < chunks; ++c) {
+        __syncthreads();  // every warpgroup is done with the previous chunk's brick and stages
+        tc_load_brick<H>(brick, x, g, c, lay);
+        for (int s = 0; s < TC_STAGES - 1; ++s) {
+            if (s < g.taps) tc_load_weights<H>(stages + s * stage_len, wt, g, c, s, lay);
+            cp_async_commit_group();
+        }
+        for (int tap = 0; tap < g.taps; ++tap) {
+            cp_async_wait_group(TC_STAGES - 2);
+            fence_proxy_async();
+            __syncthreads();  // tap's copies of every thread have landed and are visible to wgmma
+            const int next = tap + TC_STAGES - 1;
+            if (next < g.taps) tc_load_weights<H>(stages + (next % TC_STAGES) * stage_len, wt, g, c, next, lay);
+            cp_async_commit_group();
+
+            const int t2 = tap % k2, t1 = (tap / k2) % k1, t0 = tap / (k2 * k1);
+            const sptr<unsigned short> ws = stages + (tap % TC_STAGES) * stage_len;
+            wgmma_fence();
+            for (int kk = 0; kk < ck / 16; ++kk) {
+                const unsigned long long db = wgmma_desc(ws + 2 * kk * TC_BN * 8, 16 * TC_BN, 128);
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const int m0 = 2 * q + i;
+                    const unsigned long long da = wgmma_desc(brick + ((((m0 + t0) * g.b1 + t1) * kg + 2 * kk) * g.b2 + t2) * 8, a_lbo, a_sbo);
+                    wg_mma(acc[i], da, db, H{});
+                }
+            }
+            wgmma_commit_group();
+            wgmma_wait_group(0);
+            wgmma_fence_acc(acc[0], 32);
+            wgmma_fence_acc(acc[1], 32);
+        }
+    }
+    cp_async_wait_group(0);  // only empty groups are left; a thread must not exit with any
+    // Warp w of warpgroup q holds rows 16 w .. 16 w + 15 of each m64 tile, in the mma.sync C layout
+    // per 16 x 8 piece: acc[i] is the [8][4] of tc_epilogue.
+    const int w = ((int)threadIdx.x / 32) % 4;
+    const int mrow[2] = {64 * (2 * q) + 16 * w, 64 * (2 * q + 1) + 16 * w};
+    tc_epilogue<H, 2>(reinterpret_cast<float(*)[8][4]>(acc), mrow, g, bias, yf, yh, rf, rh, out_half, has_res, relu);
+}
+#define WG_BODY(H) \
+    conv3d_wg<H>(yf, yh, x, wt, bias, rf, rh, n, d0, d1, d2, cin, o0, o1, o2, cout, k0, k1, k2, s0, s1, s2, p0, p1, p2, ck, cout_pad, out_half, has_res, relu)
+#else
+#define WG_BODY(H) __trap()  // wgmma needs sm_90a; the launch code never gets here
+#endif
 
 #if TC_SUPPORTED
 #define TC_BODY(H, MT) \
@@ -294,3 +411,5 @@ extern "C" __global__ void __launch_bounds__(128) conv3d_tc_wide_f16(TC_PARAMS(f
 extern "C" __global__ void __launch_bounds__(128) conv3d_tc_wide_bf16(TC_PARAMS(bf16)) { TC_BODY(bf16, 4); }
 extern "C" __global__ void __launch_bounds__(256) conv3d_tc_tf32(TC_PARAMS(float)) { TC_BODY(float, 2); }
 extern "C" __global__ void __launch_bounds__(128) conv3d_tc_wide_tf32(TC_PARAMS(float)) { TC_BODY(float, 4); }
+extern "C" __global__ void __launch_bounds__(256) conv3d_wgmma_f16(TC_PARAMS(f16)) { WG_BODY(f16); }
+extern "C" __global__ void __launch_bounds__(256) conv3d_wgmma_bf16(TC_PARAMS(bf16)) { WG_BODY(bf16); }

@@ -22,6 +22,15 @@
 //    to 10 mantissa bits, to nearest, ties away from zero; infinities kept, a NaN stays a NaN);
 //  - async copies: `cp_async4/8/16(dst sptr, src gptr, src_bytes)` (src_bytes 0 zero-fills),
 //    `cp_async_commit_group()`, `cp_async_wait_group(N)` (N a constant);
+//  - warpgroup MMA (sm_90a; `DEEPIS_HAS_WGMMA` is 1 where it exists: under NVRTC for sm_90a, and on
+//    the emulator): `wgmma_desc(p, lbo, sbo)` (the 64-bit descriptor of a K-major, no-swizzle
+//    operand at sptr p, LBO / SBO in bytes, multiples of 16), `wgmma_m64n64k16_f16(d, da, db,
+//    scale_d)` / `wgmma_m64n64k16_bf16` (all 128 threads of the warpgroup; d: float[32], the
+//    CLayout_64x64 fragment; D = A B^T + (scale_d ? D : 0)), `wgmma_fence()` before the wgmmas of a
+//    batch, `wgmma_commit_group()`, `wgmma_wait_group(N)` (N a constant), then
+//    `wgmma_fence_acc(d, n)` before reading the n accumulators (it keeps the compiler from moving
+//    their reads above the wait), and `fence_proxy_async()` between a thread's shared-memory writes
+//    (plain or cp.async, after its wait) and the barrier before a wgmma reads them;
 //  - barriers `__syncthreads()`, warp shuffles `__shfl_xor_sync / __shfl_down_sync / __shfl_sync`,
 //    `atomicAdd`, `atomicMax` on int, math `expf fmaxf fminf floorf sqrtf rsqrtf fmaf`.
 // Also available on both sides (the emulator, emu/emu.h, implements exactly these):
@@ -134,6 +143,27 @@ template <int N, class T, class S> DEEPIS_DEVICE void deepis_cp_async(T* dst, co
 #define cp_async16(dst, src, n) deepis_cp_async<16>((dst), (src), (n))
 #define cp_async_commit_group() asm volatile("cp.async.commit_group;" ::: "memory")
 #define cp_async_wait_group(n) asm volatile("cp.async.wait_group %0;" ::"n"(n) : "memory")
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DEEPIS_HAS_WGMMA 1
+DEEPIS_DEVICE unsigned deepis_smem_offset(const void* p) { return deepis_smem_addr(p); }
+#define wgmma_fence() asm volatile("wgmma.fence.sync.aligned;" ::: "memory")
+#define wgmma_commit_group() asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory")
+#define wgmma_wait_group(n) asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(n) : "memory")
+#define fence_proxy_async() asm volatile("fence.proxy.async.shared::cta;" ::: "memory")
+DEEPIS_DEVICE void wgmma_fence_acc(float* d, int n) {
+#pragma unroll
+    for (int i = 0; i < n; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+#define DEEPIS_WGMMA_64(TYPE)                                                                                        \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                     \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                                                              \
+                 : "l"(da), "l"(db), "r"(scale_d))
+DEEPIS_DEVICE void wgmma_m64n64k16_f16(float* d, unsigned long long da, unsigned long long db, int scale_d) { DEEPIS_WGMMA_64("f16"); }
+DEEPIS_DEVICE void wgmma_m64n64k16_bf16(float* d, unsigned long long da, unsigned long long db, int scale_d) { DEEPIS_WGMMA_64("bf16"); }
+#else
+#define DEEPIS_HAS_WGMMA 0
+#endif
 #else
 // ---- host emulator ----------------------------------------------------------------------------
 #include "emu/emu.h"
@@ -158,6 +188,29 @@ DEEPIS_DEVICE unsigned tf32_from_f32(float x) { return ::emu::f32_to_tf32_bits(x
 #define cp_async16(dst, src, n) ::emu::cp_async_at(__LINE__, 16, (dst), (src), (n))
 #define cp_async_commit_group() ::emu::cp_async_commit(__LINE__)
 #define cp_async_wait_group(n) ::emu::cp_async_wait(__LINE__, (n))
+#define DEEPIS_HAS_WGMMA 1
+DEEPIS_DEVICE unsigned deepis_smem_offset(const void* p) { return ::emu::smem_offset(p); }
+#define wgmma_fence() ::emu::wgmma_fence(__LINE__)
+#define wgmma_commit_group() ::emu::wgmma_commit(__LINE__)
+#define wgmma_wait_group(n) ::emu::wgmma_wait(__LINE__, (n))
+#define fence_proxy_async() ::emu::fence_proxy_async(__LINE__)
+DEEPIS_DEVICE void wgmma_fence_acc(float*, int) {}
+#define wgmma_m64n64k16_f16(d, da, db, s) ::emu::wgmma_at(__LINE__, ::emu::WG_F16, 64, (d), (da), (db), (s))
+#define wgmma_m64n64k16_bf16(d, da, db, s) ::emu::wgmma_at(__LINE__, ::emu::WG_BF16, 64, (d), (da), (db), (s))
+#endif
+
+#if DEEPIS_HAS_WGMMA
+// The descriptor of a K-major, no-swizzle wgmma operand at p (PTX ISA "Matrix Descriptor"): start
+// address >> 4 in bits 0-13, LBO >> 4 in 16-29, SBO >> 4 in 32-45; base offset and swizzle 0.
+template <class P> DEEPIS_DEVICE unsigned long long wgmma_desc(P p, int lbo, int sbo) {
+#if defined(DEEPIS_EMU)
+    const unsigned a = deepis_smem_offset(p.addr());
+#else
+    const unsigned a = deepis_smem_offset(p);
+#endif
+    return (unsigned long long)((a >> 4) & 0x3fffu) | ((unsigned long long)((lbo >> 4) & 0x3fff) << 16) |
+           ((unsigned long long)((sbo >> 4) & 0x3fff) << 32);
+}
 #endif
 
 // One element in the type of the second argument (a value of that type picks the overload):

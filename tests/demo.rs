@@ -75,7 +75,7 @@ fn demo_labels_in_tf32_fp16_and_bf16_agree_with_fp32() {
     let wrong32 = frames.iter().zip(&fp32).map(|(f, l)| l.iter().zip(&f.labels).filter(|(a, b)| a != b).count()).sum::<usize>() as f64 / voxels;
     println!("fp32 (cpu plan) labels differ from the truth at {:.3}% of voxels", 100.0 * wrong32);
     for p in [Precision::Tf32, Precision::Fp16, Precision::Bf16] {
-        let mut gpu = deepis::segment::gpu_predictor(EmuDevice::new(), &w, GpuOptions { precision: p, no_graph: false }, 1);
+        let mut gpu = deepis::segment::gpu_predictor(EmuDevice::new(), &w, GpuOptions { precision: p, ..GpuOptions::default() }, 1);
         let half: Vec<Vec<u8>> = frames.iter().map(|f| segment(&mut gpu, &f.ri)).collect();
         let differ = half.iter().zip(&fp32).map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count()).sum::<usize>() as f64 / voxels;
         let d = |c: u8| frames.iter().zip(&half).map(|(f, l)| dice(l, &f.labels, c)).fold(1.0, f64::min);

@@ -157,6 +157,15 @@ struct Copy {
     alignas(16) unsigned char data[16];
 };
 
+// One thread's part of a wgmma in flight: its registers, the result they get when it retires,
+// and the op (Worker::wgops) whose operands it read.
+struct WgPending {
+    float* d;
+    int line;
+    size_t op;
+    std::vector<float> res;
+};
+
 struct Fiber {
     Ctx ctx;
     uint3 tid;
@@ -168,11 +177,15 @@ struct Fiber {
     uint64_t val, res;  // for W_LDMATRIX / W_MMA, val points to the lane's LdmLane / MmaLane
     std::vector<Copy> copies;         // issued, not yet completed, oldest first
     std::vector<size_t> group_ends;   // committed groups: end index in `copies`
+    std::vector<WgPending> wg;        // wgmma issued, not yet retired, oldest first
+    std::vector<size_t> wg_group_ends;  // committed wgmma groups: end index in `wg`
+    bool wg_fenced;    // a wgmma_fence since the last wgmma_wait_group
+    bool proxy_dirty;  // wrote shared memory since its last fence.proxy.async
 };
 
 static const char* warp_name(int k) {
     static const char* n[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
-                              "__ballot_sync", "__any_sync", "__all_sync", "__syncwarp", "ldmatrix", "mma.sync"};
+                              "__ballot_sync", "__any_sync", "__all_sync", "__syncwarp", "ldmatrix", "mma.sync", "wgmma.mma_async"};
     return n[k];
 }
 
@@ -185,6 +198,15 @@ struct Sh {
 };
 static const uint16_t kManyReaders = 0xffff;
 enum : uint8_t { kUnwritten = 0, kWritten = 1, kPending = 2 };
+
+// A wgmma of one warpgroup: its descriptors and the operand bits it read, for the check at retirement.
+struct WgOp {
+    int line, type, n;
+    uint64_t da, db;
+    unsigned first;  // linear index of the warpgroup's first thread
+    int pending;     // threads that have not retired it
+    std::vector<uint16_t> a, b;
+};
 
 // A static shared array of the running block.
 struct StaticArr {
@@ -202,6 +224,7 @@ struct Worker {
     Sh* shadow = nullptr;           // one entry per 2 bytes of the arena
     size_t dyn_bytes = 0, static_top = 0;
     std::vector<StaticArr> statics;
+    std::vector<WgOp> wgops;        // the block's wgmma ops (operands kept until the last thread retires)
     uint32_t bsync = 1;             // __syncthreads resolved so far
     uint32_t wsync[kMaxThreads / 32];  // full-warp __syncwarp (and __syncthreads) per warp
 
@@ -244,6 +267,9 @@ static void fiber_main(void* p) {
         record(tl.job, fmt("thread exits with %zu cp.async copies pending (%zu committed groups; the first issued at line %d): "
                            "no cp_async_wait_group for them, at %s",
                            f->copies.size(), f->group_ends.size(), f->copies[0].line, where().c_str()));
+    if (!f->wg.empty())
+        record(tl.job, fmt("thread exits with %zu wgmma pending (the first issued at line %d): no wgmma_wait_group for them, at %s",
+                           f->wg.size(), f->wg[0].line, where().c_str()));
     f->st = DONE;
     ctx_switch(&f->ctx, &t_worker->sched);
     __builtin_trap();
@@ -379,6 +405,7 @@ void sh_write(const void* p, int bytes) {
     Worker& w = *t_worker;
     size_t o;
     if (!arena_off(w, p, &o)) return;
+    tl.fiber->proxy_dirty = true;
     for (size_t g = o >> 1, e = (o + size_t(bytes) + 1) >> 1; g < e; ++g) {
         if (!check_write(w, g, tl.lin)) return;
         mark_written(w, g, tl.lin);
@@ -468,6 +495,7 @@ void cp_async_wait(int, int n) {
     if (n < 0) n = 0;
     while (f->group_ends.size() > size_t(n)) {
         size_t k = f->group_ends.front();
+        if (k) f->proxy_dirty = true;
         for (size_t i = 0; i < k; ++i) {
             const Copy& c = f->copies[i];
             std::memcpy(c.dst, c.data, size_t(c.bytes));
@@ -667,6 +695,206 @@ static int resolve_aligned(Job* J, Worker& w, Fiber* F, unsigned base, unsigned 
     return 1;
 }
 
+// ---- wgmma (emu/tensor.h) ----------------------------------------------------------------------
+static const uint32_t kWgPoison = 0x7fbadbadu;  // a NaN: what an accumulator in flight reads as
+
+void wgmma(int line, int type, int n, WgLane* lane) { warp_op(line, W_WGMMA, 0xffffffffu, reinterpret_cast<uint64_t>(lane), type, n); }
+
+void wgmma_fence(int) { tl.fiber->wg_fenced = true; }
+
+void fence_proxy_async(int) { tl.fiber->proxy_dirty = false; }
+
+void wgmma_commit(int) { tl.fiber->wg_group_ends.push_back(tl.fiber->wg.size()); }
+
+unsigned smem_offset(const void* p) {
+    size_t o;
+    if (!arena_off(*t_worker, p, &o)) return 0xffffffffu;  // a descriptor of it fails the wgmma
+    return unsigned(o);
+}
+
+// A decoded matrix descriptor, in bytes.
+struct Desc {
+    size_t start, lbo, sbo;
+};
+
+// Decodes descriptor `d` of operand `which` ("A" / "B"); false after recording an error.
+static bool decode_desc(Job* J, uint64_t d, const char* which, int line, Desc* out) {
+    const uint64_t reserved = (3ull << 14) | (3ull << 30) | (7ull << 46) | (0x3ffull << 52);
+    const char* why = nullptr;
+    if (d >> 62) why = "a swizzled layout (bits 62-63; only no-swizzle is emulated)";
+    else if ((d >> 49) & 7) why = "a base offset (bits 49-51; only no-swizzle layouts, which have none, are emulated)";
+    else if (d & reserved) why = "a reserved bit set (14-15, 30-31, 46-48 or 52-61)";
+    if (why) {
+        record(J, fmt("wgmma at line %d: descriptor %s = %#018llx has %s, at %s", line, which, (unsigned long long)d, why, where().c_str()));
+        return false;
+    }
+    out->start = size_t(d & 0x3fff) << 4;
+    out->lbo = size_t((d >> 16) & 0x3fff) << 4;
+    out->sbo = size_t((d >> 32) & 0x3fff) << 4;
+    return true;
+}
+
+// Byte offset of element (r, k) of a K-major, no-swizzle operand (PTX ISA canonical layout).
+static inline size_t canon_at(const Desc& d, unsigned r, unsigned k) {
+    return d.start + 16 * (r % 8) + d.sbo * (r / 8) + 2 * (k % 8) + d.lbo * (k / 8);
+}
+
+// Gathers `rows` x 16 elements through `d` into `out` (raw bits), checking each one as a read of
+// thread `me`; `fresh`: also the fence.proxy.async rule (at issue). False after recording an error.
+static bool gather_operand(Job* J, Worker& w, const Desc& d, unsigned rows, const char* which, int line, unsigned me, bool fresh,
+                           std::vector<uint16_t>* out) {
+    out->resize(size_t(rows) * 16);
+    for (unsigned r = 0; r < rows; ++r)
+        for (unsigned k = 0; k < 16; ++k) {
+            const size_t o = canon_at(d, r, k);
+            if (o + 2 > w.dyn_bytes) {
+                record(J, fmt("out-of-bounds access: wgmma at line %d: %s element (%u, %u) at dynamic shared memory byte %zu, past its %zu bytes "
+                              "(descriptor start %zu, LBO %zu, SBO %zu), at %s",
+                              line, which, r, k, o, w.dyn_bytes, d.start, d.lbo, d.sbo, where().c_str()));
+                return false;
+            }
+            if (fresh) {
+                if (!check_read(w, o / 2, me)) return false;
+                const Sh& e = w.shadow[o / 2];
+                if (e.w_t && w.fibers[e.w_t - 1].proxy_dirty) {
+                    record(J, fmt("wgmma at line %d reads %s element (%u, %u), %s, written by %s, which has made no fence.proxy.async "
+                                  "(fence_proxy_async) since it wrote shared memory: the async proxy may not see the write, at %s",
+                                  line, which, r, k, describe(w, o).c_str(), thread_name(e.w_t - 1).c_str(), where().c_str()));
+                    return false;
+                }
+            }
+            (*out)[size_t(r) * 16 + k] = u16_at(w.smem + o);
+        }
+    return true;
+}
+
+static inline double wg_elem(uint16_t v, int type) { return double(type == WG_BF16 ? bf16_bits_to_f32(v) : f16_bits_to_f32(v)); }
+
+// The pending result of the newest wgmma of `f` on registers `d`, or null.
+static const WgPending* pending_on(const Fiber& f, const float* d) {
+    for (size_t i = f.wg.size(); i-- > 0;)
+        if (f.wg[i].d == d) return &f.wg[i];
+    return nullptr;
+}
+
+// Runs the wgmma of the warpgroup of thread `lin` once all 128 threads wait at it. Returns 1 when
+// it ran, 0 when some thread waits at another collective, -1 after recording an error.
+static int resolve_wgmma(Job* J, Worker& w, unsigned n, unsigned lin) {
+    Fiber& f0 = w.fibers[lin];
+    const int line = f0.line;
+    if (n % 128) {
+        record(J, fmt("wgmma at line %d: a block of %u threads is not whole warpgroups of 128, at %s", line, n, where().c_str()));
+        return -1;
+    }
+    const unsigned first = lin & ~127u;
+    Fiber* G = w.fibers + first;
+    const WgLane* L0 = reinterpret_cast<const WgLane*>(f0.val);
+    for (unsigned j = 0; j < 128; ++j) {
+        const Fiber& f = G[j];
+        const char* why = f.st == DONE ? "has exited" : f.st == BAR ? "waits at __syncthreads" : nullptr;
+        if (why) {
+            record(J, fmt("wgmma at line %d: thread %u of the warpgroup %s: all 128 threads must execute it, at %s", line, j, why,
+                          where().c_str()));
+            return -1;
+        }
+        if (f.kind != W_WGMMA || f.line != line) return 0;
+        const WgLane* L = reinterpret_cast<const WgLane*>(f.val);
+        if (f.arg != f0.arg || f.width != f0.width || L->da != L0->da || L->db != L0->db || (L->scale_d != 0) != (L0->scale_d != 0)) {
+            record(J, fmt("wgmma at line %d: thread %u of the warpgroup has other descriptors, shape, type or scale-d than thread 0 "
+                          "(A %#llx / %#llx, B %#llx / %#llx), at %s",
+                          line, j, (unsigned long long)L->da, (unsigned long long)L0->da, (unsigned long long)L->db,
+                          (unsigned long long)L0->db, where().c_str()));
+            return -1;
+        }
+        if (!f.wg_fenced) {
+            tl.thread_idx = f.tid;
+            record(J, fmt("wgmma at line %d: thread %u of the warpgroup made no wgmma_fence since its last wgmma_wait_group "
+                          "(wgmma.fence orders its register accesses before the async op), at %s",
+                          line, j, where().c_str()));
+            return -1;
+        }
+    }
+    const int type = f0.arg, N = f0.width;
+    if (N < 8 || N > 256 || N % 8) {
+        record(J, fmt("wgmma at line %d: N = %d (8..256, a multiple of 8), at %s", line, N, where().c_str()));
+        return -1;
+    }
+    Desc da, db;
+    if (!decode_desc(J, L0->da, "A", line, &da) || !decode_desc(J, L0->db, "B", line, &db)) return -1;
+    WgOp op{line, type, N, L0->da, L0->db, first, 128, {}, {}};
+    if (!gather_operand(J, w, da, 64, "A", line, first, true, &op.a) || !gather_operand(J, w, db, unsigned(N), "B", line, first, true, &op.b))
+        return -1;
+    const size_t id = w.wgops.size();
+    for (unsigned j = 0; j < 128; ++j) {
+        Fiber& f = G[j];
+        const WgLane* L = reinterpret_cast<const WgLane*>(f.val);
+        const unsigned wq = j / 32, l = j % 32;
+        const WgPending* prev = L->scale_d ? pending_on(f, L->d) : nullptr;
+        WgPending p{L->d, line, id, std::vector<float>(size_t(N / 2))};
+        for (int i = 0; i < N / 2; ++i) {
+            const unsigned row = 16 * wq + l / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
+            double acc = !L->scale_d ? 0.0 : prev ? double(prev->res[size_t(i)]) : double(L->d[i]);
+            for (int k = 0; k < 16; ++k) acc += wg_elem(op.a[row * 16 + k], type) * wg_elem(op.b[col * 16 + k], type);
+            p.res[size_t(i)] = float(acc);
+            std::memcpy(&L->d[i], &kWgPoison, 4);
+        }
+        f.wg.push_back(std::move(p));
+        f.st = RUN;
+    }
+    w.wgops.push_back(std::move(op));
+    return 1;
+}
+
+// Retires the oldest pending wgmma of the running thread; false after recording an error.
+static bool wg_retire(Worker& w, Fiber* f) {
+    WgPending p = std::move(f->wg.front());
+    f->wg.erase(f->wg.begin());
+    for (size_t i = 0; i < p.res.size(); ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, &p.d[i], 4);
+        if (bits != kWgPoison) {
+            record(tl.job, fmt("wgmma issued at line %d: accumulator register %zu was written while the wgmma was in flight "
+                               "(before its wgmma_wait_group), at %s",
+                               p.line, i, where().c_str()));
+            return false;
+        }
+    }
+    if (!pending_on(*f, p.d)) std::memcpy(p.d, p.res.data(), p.res.size() * 4);  // a later op on them writes them instead
+    WgOp& op = w.wgops[p.op];
+    if (--op.pending == 0) {
+        Desc da, db;
+        std::vector<uint16_t> a, b;
+        decode_desc(tl.job, op.da, "A", op.line, &da);
+        decode_desc(tl.job, op.db, "B", op.line, &db);
+        if (!gather_operand(tl.job, w, da, 64, "A", op.line, op.first, false, &a) ||
+            !gather_operand(tl.job, w, db, unsigned(op.n), "B", op.line, op.first, false, &b))
+            return false;
+        if (a != op.a || b != op.b) {
+            record(tl.job, fmt("wgmma issued at line %d: shared memory of its %s operand was modified while it was in flight "
+                               "(before the last thread's wgmma_wait_group), at %s",
+                               op.line, a != op.a ? "A" : "B", where().c_str()));
+            return false;
+        }
+        std::vector<uint16_t>().swap(op.a);
+        std::vector<uint16_t>().swap(op.b);
+    }
+    return true;
+}
+
+void wgmma_wait(int, int n) {
+    Fiber* f = tl.fiber;
+    Worker& w = *t_worker;
+    if (n < 0) n = 0;
+    while (f->wg_group_ends.size() > size_t(n)) {
+        const size_t k = f->wg_group_ends.front();
+        for (size_t i = 0; i < k; ++i)
+            if (!wg_retire(w, f)) return;
+        f->wg_group_ends.erase(f->wg_group_ends.begin());
+        for (size_t& e : f->wg_group_ends) e -= k;
+    }
+    f->wg_fenced = false;
+}
+
 // Resolves the warp collectives whose lanes have all arrived. Returns how many groups ran, or -1
 // after recording an error.
 static int resolve_warps(Job* J, Worker& w, unsigned n) {
@@ -679,6 +907,15 @@ static int resolve_warps(Job* J, Worker& w, unsigned n) {
             if (F[l].st != WARP || (handled >> l & 1)) continue;
             unsigned m = F[l].mask;
             tl.thread_idx = F[l].tid;
+            if (F[l].kind == W_WGMMA) {
+                int r = resolve_wgmma(J, w, n, base + l);
+                if (r < 0) return -1;
+                if (r > 0) {
+                    handled = 0xffffffffu;
+                    ++done;
+                }
+                continue;
+            }
             if (F[l].kind >= W_LDMATRIX) {
                 int r = resolve_aligned(J, w, F, base, cnt, l);
                 if (r < 0) return -1;
@@ -764,6 +1001,16 @@ static void report_stuck_warp(Job* J, Worker& w, unsigned n) {
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = w.fibers[i];
         if (f.st != WARP) continue;
+        if (f.kind == W_WGMMA) {
+            for (unsigned j = i & ~127u; j < (i & ~127u) + 128; ++j) {
+                const Fiber& g = w.fibers[j];
+                if (g.kind == W_WGMMA && g.line == f.line) continue;
+                tl.thread_idx = f.tid;
+                record(J, fmt("deadlock: wgmma at line %d waits for thread %u of its warpgroup, which waits at %s (line %d), at %s", f.line,
+                              j % 128, warp_name(g.kind), g.line, where().c_str()));
+                return;
+            }
+        }
         unsigned base = i & ~31u, cnt = std::min(32u, n - base);
         for (unsigned j = 0; j < cnt; ++j) {
             Fiber& g = w.fibers[base + j];
@@ -791,6 +1038,7 @@ static bool run_block(Job* J, Worker& w, uint3 bid) {
     w.dyn_bytes = J->L->shmem;
     w.static_top = w.dyn_bytes + 16;  // a gap: no static array starts where dynamic memory does
     w.statics.clear();
+    w.wgops.clear();
     poison(w, 0, w.dyn_bytes);
     ++w.bsync;
     for (unsigned i = 0; i < n; ++i) {
@@ -799,6 +1047,10 @@ static bool run_block(Job* J, Worker& w, uint3 bid) {
         f.st = RUN;
         f.copies.clear();
         f.group_ends.clear();
+        f.wg.clear();
+        f.wg_group_ends.clear();
+        f.wg_fenced = false;
+        f.proxy_dirty = false;
         ctx_make(&f.ctx, w.stacks + kSlot * i + kGuard, DEEPIS_EMU_STACK_BYTES, &fiber_main, &f);
     }
     for (;;) {

@@ -67,8 +67,9 @@ struct Tls {
 };
 extern __thread Tls tl;  // __thread: no TLS wrapper call on each threadIdx read
 
-// W_LDMATRIX and later: `.sync.aligned` operations of the whole warp (all 32 lanes, one line).
-enum WarpKind : int { W_SHFL, W_SHFL_UP, W_SHFL_DOWN, W_SHFL_XOR, W_BALLOT, W_ANY, W_ALL, W_SYNCWARP, W_LDMATRIX, W_MMA };
+// W_LDMATRIX and later: `.sync.aligned` operations of the whole warp (all 32 lanes, one line);
+// W_WGMMA: of the whole warpgroup (128 threads).
+enum WarpKind : int { W_SHFL, W_SHFL_UP, W_SHFL_DOWN, W_SHFL_XOR, W_BALLOT, W_ANY, W_ALL, W_SYNCWARP, W_LDMATRIX, W_MMA, W_WGMMA };
 enum BarKind : int { B_SYNC, B_COUNT, B_AND, B_OR };
 
 int syncthreads(int line, int kind, int pred);

@@ -8,7 +8,9 @@
 //  - ldmatrix row addresses must be 16-byte aligned and their 16 bytes inside the shared array;
 //  - cp.async checks the size (4, 8, 16), the alignment of both addresses to it and the bounds of
 //    both; its destination reads as poison (and fails the read) until the thread's matching
-//    cp_async_wait_group; a thread that exits with copies pending fails the launch.
+//    cp_async_wait_group; a thread that exits with copies pending fails the launch;
+//  - wgmma (sm_90a, m64nNk16 f16 / bf16, f32 accumulate, both operands K-major in shared memory
+//    through 64-bit matrix descriptors, no swizzle): see "wgmma" below.
 #pragma once
 
 namespace emu {
@@ -123,6 +125,49 @@ inline void cp_async_at(int line, int bytes, sptr<D> dst, gptr<S> src, int src_b
         std::memcpy(buf, reinterpret_cast<const unsigned char*>(src.base) + off, (size_t)src_bytes);
     }
     cp_async_issue(line, dst.addr(), dst.off < 0 ? -1 : (dst.len - dst.off) * (long long)sizeof(D), buf, bytes);
+}
+
+// ---- wgmma (runtime in emu.cpp) ----------------------------------------------------------------
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: a collective of the 128 threads of a
+// warpgroup (threads 128 q .. 128 q + 127 of the block; the block must be whole warpgroups), all at
+// one source line with the same descriptors, N and scale-d. The runtime
+//  - decodes both descriptors (PTX ISA "Matrix Descriptor": bits 0-13 start address >> 4, 16-29
+//    leading byte offset >> 4, 32-45 stride byte offset >> 4, 49-51 base offset, 62-63 swizzle)
+//    and fails the launch on a swizzle or base offset other than 0 (not emulated) or a reserved
+//    bit set; the start address is the byte offset in the block's dynamic shared memory;
+//  - gathers A (64 x 16) and B (N x 16) by the canonical K-major no-swizzle layout
+//    ((8,m),(8,2)):((8,SBO),(1,LBO)) in 16-bit elements: element (row r, k) at byte
+//    start + 16 (r % 8) + SBO (r / 8) + 2 (k % 8) + LBO (k / 8); every byte must lie in dynamic
+//    shared memory, be written, be ordered before the read (barriers), and its writer must have
+//    made a fence.proxy.async since writing it (conservative: any shared write of the writer after
+//    its last fence counts);
+//  - computes D = A B^T (+ the accumulator when scale-d: its registers, or the pending result of
+//    an earlier wgmma of this thread on the same registers) exactly in double, rounded once to f32;
+//    D's fragment (PTX ISA / CUTLASS CLayout_64xN): thread 32 w + l of the warpgroup, register i
+//    in 0..N/2: row 16 w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (l % 4) + i % 2;
+//  - fills the accumulator registers with a NaN poison until the thread's wgmma_wait_group
+//    retires the op; then the registers must still hold the poison exactly ("written while in
+//    flight"), and, when the last thread retires it, the operands re-gathered from shared memory
+//    must equal what the op read ("modified while in flight").
+// Every wgmma must follow a wgmma_fence of its thread made since that thread's last wait_group;
+// commit_group / wait_group are per thread like cp.async's. A thread that exits with a wgmma
+// pending fails the launch.
+struct WgLane {
+    uint64_t da, db;  // the descriptors of A and B
+    float* d;         // N / 2 accumulator registers
+    int scale_d;      // 0: D = A B, else D = A B + D
+};
+enum WgType : int { WG_F16 = 0, WG_BF16 = 1 };
+void wgmma(int line, int type, int n, WgLane* lane);
+void wgmma_fence(int line);
+void wgmma_commit(int line);
+void wgmma_wait(int line, int n);
+void fence_proxy_async(int line);
+// The byte offset of `p` in the block's shared memory (what a descriptor's start address encodes).
+unsigned smem_offset(const void* p);
+inline void wgmma_at(int line, int type, int n, float* d, uint64_t da, uint64_t db, int scale_d) {
+    WgLane l{da, db, d, scale_d};
+    wgmma(line, type, n, &l);
 }
 
 }  // namespace emu

@@ -153,6 +153,10 @@ impl Device for CudaDevice {
         self.arch.trim_start_matches("sm_").trim_end_matches('a').parse::<u32>().is_ok_and(|cc| cc >= 80)
     }
 
+    fn has_wgmma(&self) -> bool {
+        self.arch == "sm_90"
+    }
+
     fn htod(&self, data: &[f32]) -> Result<Self::Buf> {
         if data.is_empty() {
             return self.alloc_zeros(0);

@@ -27,6 +27,7 @@ pub const SOURCES: &[(&str, &str)] = &[
 pub const TESTING_SOURCES: &[(&str, &str)] = &[
     ("testing/emu_checks.cu", include_str!("../../kernels/testing/emu_checks.cu")),
     ("testing/tensor_checks.cu", include_str!("../../kernels/testing/tensor_checks.cu")),
+    ("testing/wgmma_checks.cu", include_str!("../../kernels/testing/wgmma_checks.cu")),
 ];
 
 /// Declares every kernel's name constant and `KERNELS`, the (file, kernel) list, from one
@@ -49,7 +50,9 @@ kernels! {
         CONV3D_TC_WIDE_F16 = "conv3d_tc_wide_f16",
         CONV3D_TC_WIDE_BF16 = "conv3d_tc_wide_bf16",
         CONV3D_TC_TF32 = "conv3d_tc_tf32",
-        CONV3D_TC_WIDE_TF32 = "conv3d_tc_wide_tf32";
+        CONV3D_TC_WIDE_TF32 = "conv3d_tc_wide_tf32",
+        CONV3D_WGMMA_F16 = "conv3d_wgmma_f16",
+        CONV3D_WGMMA_BF16 = "conv3d_wgmma_bf16";
     "half.cu":
         TO_HALF_F16 = "to_half_f16",
         TO_HALF_BF16 = "to_half_bf16",
@@ -106,6 +109,15 @@ pub fn conv3d_tc(dtype: DType, wide: bool) -> &'static str {
         (DType::F16, true) => CONV3D_TC_WIDE_F16,
         (DType::BF16, true) => CONV3D_TC_WIDE_BF16,
         (DType::F32, true) => CONV3D_TC_WIDE_TF32,
+    }
+}
+
+/// The wgmma convolution (sm_90a) for f16 / bf16 inputs and weights; None for f32 (it has no tf32 form).
+pub fn conv3d_wgmma(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::F16 => Some(CONV3D_WGMMA_F16),
+        DType::BF16 => Some(CONV3D_WGMMA_BF16),
+        DType::F32 => None,
     }
 }
 

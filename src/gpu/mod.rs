@@ -148,6 +148,11 @@ pub trait Device {
     fn has_tensor_cores(&self) -> bool {
         true
     }
+    /// Whether the device runs the wgmma kernels of kernels/conv3d_tc.cu (sm_90, whose cubins of
+    /// that file are built for sm_90a; the emulator has them).
+    fn has_wgmma(&self) -> bool {
+        true
+    }
     /// Launches `kernel` (its `extern "C"` name) with `args` in the kernel's parameter order.
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
@@ -210,6 +215,9 @@ impl<T: Device> Device for std::rc::Rc<T> {
     }
     fn has_tensor_cores(&self) -> bool {
         (**self).has_tensor_cores()
+    }
+    fn has_wgmma(&self) -> bool {
+        (**self).has_wgmma()
     }
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()> {
         (**self).launch(kernel, cfg, args)

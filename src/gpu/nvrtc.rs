@@ -155,6 +155,20 @@ pub fn headers() -> [(&'static str, &'static str); 1] {
     [(kernels::HEADER_NAME, kernels::HEADER)]
 }
 
+/// The line a kernel source carries when it is to be compiled for sm_90a (wgmma) where the device
+/// is sm_90: arch-specific features, whose cubin runs on compute capability 9.0 only.
+pub const SM90A_MARK: &str = "// deepis-nvrtc: sm_90a on sm_90";
+
+/// The architecture `src` is compiled for on an `arch` device: sm_90a for a source with
+/// [`SM90A_MARK`] on sm_90, else `arch`.
+pub fn arch_for<'a>(src: &str, arch: &'a str) -> &'a str {
+    if arch == "sm_90" && src.contains(SM90A_MARK) {
+        "sm_90a"
+    } else {
+        arch
+    }
+}
+
 /// The options every kernel is compiled with for `arch`.
 pub fn options(arch: &str) -> Vec<String> {
     vec![
@@ -349,6 +363,7 @@ pub fn build_all(arch: &str, cache: &CubinCache) -> Result<(Vec<Compiled>, Build
     let mut out = Vec::new();
     let mut stats = BuildStats::default();
     for &(file, src) in kernels::SOURCES {
+        let arch = arch_for(src, arch);
         let (c, s) = compile_cached(cache, file, src, arch, &options(arch))?;
         out.push(c);
         stats.add(s);
@@ -368,7 +383,7 @@ fn report_of(c: &Compiled) -> Result<Vec<KernelReport>> {
 pub fn compile_source_report(file: &str, src: &str, archs: &[String]) -> Result<Vec<KernelReport>> {
     let mut out = Vec::new();
     for arch in archs {
-        out.extend(report_of(&compile_cubin(file, src, arch)?)?);
+        out.extend(report_of(&compile_cubin(file, src, arch_for(src, arch))?)?);
     }
     Ok(out)
 }
@@ -386,6 +401,7 @@ pub fn compile_report_cached(archs: &[String], cache: &CubinCache) -> Result<(Ve
     let mut stats = BuildStats::default();
     for &(file, src) in kernels::SOURCES.iter().chain(kernels::TESTING_SOURCES) {
         for arch in archs {
+            let arch = arch_for(src, arch);
             let (c, s) = compile_cached(cache, file, src, arch, &options(arch))?;
             stats.add(s);
             out.extend(report_of(&c)?);

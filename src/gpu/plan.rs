@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use crate::backend::{ConvSpec, DevTensor};
 use crate::error::{Error, Result};
 use crate::gpu::ops::GpuBackend;
-use crate::gpu::tensor_conv::{conv3d_tc_into, Epilogue, TcConv};
+use crate::gpu::tensor_conv::{self, conv3d_tc_into, Epilogue, TcConv, WarpTile};
 use crate::gpu::{convert, DType, Device};
 use crate::graph::passes::{Act, Lin, Passes, WOp, Weighted};
 use crate::graph::{Graph, Mode};
@@ -90,6 +90,11 @@ pub struct GpuOptions {
     /// recorded at the first run (a CUDA graph): to compare the two, or for a profiler
     #[arg(long)]
     pub no_graph: bool,
+    /// Run the stride-1 convolutions of 64, 128, ... output channels on wgmma (sm_90a warpgroup
+    /// MMA, --precision fp16 / bf16, sm_90 GPUs) instead of mma.sync. Off by default: checked on
+    /// the emulator against float64, not yet measured on a GPU
+    #[arg(long)]
+    pub wgmma: bool,
 }
 
 /// A value of the plan (an index into its shapes and types).
@@ -305,10 +310,13 @@ impl<D: Device> GpuPlan<D> {
         GpuPlan::from_weighted(dev, &wg, batch, precision)
     }
 
-    /// [`GpuPlan::new`] in the user's options (`--precision`, `--no-graph`).
+    /// [`GpuPlan::new`] in the user's options (`--precision`, `--no-graph`, `--wgmma`).
     pub fn with_options(dev: D, weights: &Weights, d: [usize; 3], batch: usize, o: GpuOptions) -> Result<Self> {
         let mut plan = GpuPlan::new(dev, weights, d, batch, o.precision)?;
         plan.set_graph(!o.no_graph);
+        if o.wgmma {
+            plan.set_wgmma(true)?;
+        }
         Ok(plan)
     }
 
@@ -398,6 +406,34 @@ impl<D: Device> GpuPlan<D> {
         self.use_graph
     }
 
+    /// Runs every convolution the wgmma kernel takes ([`tensor_conv::wgmma_supports`]: stride 1,
+    /// Cout a multiple of 64, fp16 / bf16) on it (`true`), or all on mma.sync (`false`, the
+    /// default). Returns how many convolutions use wgmma; an error on a device without it, or in
+    /// a precision it has not (fp32, tf32). The same weights serve both kernels.
+    pub fn set_wgmma(&mut self, on: bool) -> Result<usize> {
+        if on && !self.device().has_wgmma() {
+            return Err(Error::backend(&self.device().name(), "--wgmma: needs an sm_90 GPU (H100 / H200)"));
+        }
+        if on && !matches!(self.precision, Precision::Fp16 | Precision::Bf16) {
+            return Err(Error::Input(format!("--wgmma: fp16 or bf16 only, not --precision {}", self.precision.name())));
+        }
+        self.graph.take();
+        let mut n = 0;
+        for c in &mut self.convs {
+            if let Conv::Tc(tc) = c {
+                let wg = on && tensor_conv::wgmma_supports(&tc.spec, tc.dtype).is_none();
+                tc.tile = if wg { WarpTile::Wgmma } else { WarpTile::M32 };
+                n += wg as usize;
+            }
+        }
+        Ok(n)
+    }
+
+    /// How many convolutions run on wgmma ([`GpuPlan::set_wgmma`]).
+    pub fn wgmma_convs(&self) -> usize {
+        self.convs.iter().filter(|c| matches!(c, Conv::Tc(tc) if tc.tile == WarpTile::Wgmma)).count()
+    }
+
     /// The volume size this plan runs.
     pub fn size(&self) -> [usize; 3] {
         self.vals[self.input].shape.d
@@ -436,11 +472,15 @@ impl<D: Device> GpuPlan<D> {
     /// One line: precision, batch, steps, launches and memory.
     pub fn summary(&self) -> String {
         format!(
-            "gpu plan: {}, batch {}, {} steps ({} convs, {} launches per batch, {}), arena {:.1} MiB + weights {:.1} MiB",
+            "gpu plan: {}, batch {}, {} steps ({} convs{}, {} launches per batch, {}), arena {:.1} MiB + weights {:.1} MiB",
             self.precision.name(),
             self.batch,
             self.steps.len(),
             self.convs.len(),
+            match self.wgmma_convs() {
+                0 => String::new(),
+                n => format!(", {n} on wgmma"),
+            },
             self.launches(),
             if self.uses_graph() { "replayed as one graph" } else { "queued one by one" },
             self.arena_bytes as f64 / 1048576.0,

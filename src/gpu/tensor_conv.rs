@@ -23,23 +23,41 @@ const MAX_CHUNK: usize = 64;
 pub const MAX_SMEM: usize = 160 * 1024;
 pub const PREFERRED_SMEM: usize = 113 * 1024;
 
-/// The warp tile: each warp computes 32 (M32: 8 warps per block) or 64 (M64: 4 warps, the `wide`
-/// kernels) output voxels by 64 channels. Same result, bit for bit; which is faster is for a GPU to say.
+/// The warp tile: with mma.sync, each warp computes 32 (M32: 8 warps per block) or 64 (M64: 4
+/// warps, the `wide` kernels) output voxels by 64 channels, any shape, f16 / bf16 / tf32. Same
+/// result, bit for bit; which is faster is for a GPU to say. Wgmma: two warpgroups, each 128 voxels
+/// by 64 channels with wgmma.m64n64k16 (sm_90a; stride 1, Cout a multiple of 64, f16 / bf16 only,
+/// [`wgmma_supports`]); the same sums in another order of rounding.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WarpTile {
     #[default]
     M32,
     M64,
+    Wgmma,
 }
 
 impl WarpTile {
+    /// The mma.sync tiles (every shape and type).
     pub const ALL: [WarpTile; 2] = [WarpTile::M32, WarpTile::M64];
 
     pub fn threads(self) -> u32 {
         match self {
-            WarpTile::M32 => 256,
+            WarpTile::M32 | WarpTile::Wgmma => 256,
             WarpTile::M64 => 128,
         }
+    }
+}
+
+/// Why the wgmma kernel cannot compute `spec` in `dtype`, or None when it can.
+pub fn wgmma_supports(spec: &ConvSpec, dtype: DType) -> Option<String> {
+    if dtype == DType::F32 {
+        Some("wgmma has no tf32 form here (f16 / bf16 only)".into())
+    } else if spec.stride != [1; 3] {
+        Some(format!("stride {:?} (the wgmma kernel takes stride 1)", spec.stride))
+    } else if spec.cout % BLOCK_COUT != 0 {
+        Some(format!("{} output channels (the wgmma kernel takes a multiple of {BLOCK_COUT})", spec.cout))
+    } else {
+        None
     }
 }
 
@@ -87,10 +105,19 @@ fn brick_voxels(spec: &ConvSpec) -> usize {
     (0..3).map(|a| (TILE[a] - 1) * spec.stride[a] + spec.k[a]).product()
 }
 
-/// Dynamic shared memory of one block: the brick and the weight stages, rows of `ck` elements
-/// plus a 16-byte pad, in 16-bit words.
+/// Dynamic shared memory of one block of the mma.sync kernels: the brick and the weight stages,
+/// rows of `ck` elements plus a 16-byte pad, in 16-bit words.
 pub fn smem_bytes(spec: &ConvSpec, ck: usize, dtype: DType) -> usize {
     (brick_voxels(spec) + STAGES * BLOCK_COUT) * (ck * words(dtype) + 8) * 2
+}
+
+/// Dynamic shared memory of one block of `tile`'s kernel: [`smem_bytes`], or for wgmma the same
+/// rows without the pad (core matrices are 16-byte rows, read by descriptor, not by ldmatrix).
+pub fn tile_smem_bytes(spec: &ConvSpec, ck: usize, dtype: DType, tile: WarpTile) -> usize {
+    match tile {
+        WarpTile::Wgmma => (brick_voxels(spec) + STAGES * BLOCK_COUT) * ck * words(dtype) * 2,
+        _ => smem_bytes(spec, ck, dtype),
+    }
 }
 
 /// The threads and dynamic shared memory `deepis kernels` shows for a tensor-core conv kernel (by
@@ -99,9 +126,10 @@ pub fn smem_bytes(spec: &ConvSpec, ck: usize, dtype: DType) -> usize {
 pub fn reference_launch_block(kernel: &str) -> Option<(u32, u32)> {
     let spec = ConvSpec { cin: 64, cout: 64, k: [3; 3], stride: [1; 3], pad: [1; 3] };
     let types = [DType::F16, DType::BF16, DType::F32];
-    let (dtype, tile) = types.iter().flat_map(|&t| WarpTile::ALL.map(|w| (t, w))).find(|&(t, w)| kernel_for(t, w) == kernel)?;
+    let tiles = [WarpTile::M32, WarpTile::M64, WarpTile::Wgmma];
+    let (dtype, tile) = types.iter().flat_map(|&t| tiles.map(|w| (t, w))).find(|&(t, w)| kernel_for(t, w) == Some(kernel))?;
     let ck = choose_chunk(&spec, dtype).ok()?;
-    Some((tile.threads(), smem_bytes(&spec, ck, dtype) as u32))
+    Some((tile.threads(), tile_smem_bytes(&spec, ck, dtype, tile) as u32))
 }
 
 /// The weights `w` ([k0][k1][k2][cin][cout], the engine's layout) as conv3d_tc.cu reads them:
@@ -174,8 +202,12 @@ impl<B> TcConv<B> {
     }
 }
 
-fn kernel_for(dtype: DType, tile: WarpTile) -> &'static str {
-    kernels::conv3d_tc(dtype, tile == WarpTile::M64)
+/// The kernel of `tile` in `dtype`; None for wgmma in f32.
+fn kernel_for(dtype: DType, tile: WarpTile) -> Option<&'static str> {
+    match tile {
+        WarpTile::Wgmma => kernels::conv3d_wgmma(dtype),
+        _ => Some(kernels::conv3d_tc(dtype, tile == WarpTile::M64)),
+    }
 }
 
 fn fits_i32(what: &str, n: usize) -> Result<i32> {
@@ -202,7 +234,7 @@ pub fn launch_cfg(spec: &ConvSpec, out: Shape, chunk: usize, dtype: DType, tile:
     LaunchCfg {
         grid: [tiles as u32, spec.cout.div_ceil(BLOCK_COUT) as u32, 1],
         block: [tile.threads(), 1, 1],
-        shmem: smem_bytes(spec, chunk, dtype) as u32,
+        shmem: tile_smem_bytes(spec, chunk, dtype, tile) as u32,
     }
 }
 
@@ -235,9 +267,17 @@ pub fn conv3d_tc<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf
 /// As [`conv3d_tc`], into `y` (of the output's shape and `ep.out`'s type; every element is written).
 pub fn conv3d_tc_into<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf>, ep: &Epilogue<'_, D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
     let spec = &conv.spec;
-    let kernel = kernel_for(conv.dtype, conv.tile);
+    if conv.tile == WarpTile::Wgmma {
+        if let Some(why) = wgmma_supports(spec, conv.dtype) {
+            return Err(Error::Shape(format!("conv3d_wgmma: {why}")));
+        }
+    }
+    let kernel = kernel_for(conv.dtype, conv.tile).ok_or_else(|| Error::Shape("conv3d_wgmma: f16 / bf16 only".into()))?;
     if !dev.has_tensor_cores() {
         return Err(Error::kernel(kernel, format!("{}: needs sm_80 or newer (mma.sync, cp.async)", dev.name())));
+    }
+    if conv.tile == WarpTile::Wgmma && !dev.has_wgmma() {
+        return Err(Error::kernel(kernel, format!("{}: needs sm_90 (wgmma, built for sm_90a)", dev.name())));
     }
     check_tensor(dev, "input", x, conv.dtype)?;
     if x.shape.c != spec.cin {
