@@ -121,7 +121,7 @@ impl CudaDevice {
 
     /// Compiles and loads one more source (a test kernel of kernels/testing/) with its `kernels`.
     pub fn load_source(&mut self, file: &str, src: &str, kernels: &[&str]) -> Result<()> {
-        let compiled = nvrtc::compile_cubin(file, src, &self.arch)?;
+        let compiled = nvrtc::compile_cubin(file, src, nvrtc::arch_for(src, &self.arch))?;
         self.load(file, compiled.cubin, kernels)
     }
 }
