@@ -23,7 +23,7 @@ mod common;
 
 use deepis::backend::{ConvSpec, DevTensor};
 use deepis::gpu::emu::{EmuDevice, Schedule};
-use deepis::gpu::tensor_conv::{choose_chunk, conv3d_tc, conv3d_tc_into, tc_weight_layout, Epilogue, TcConv, WarpTile};
+use deepis::gpu::tensor_conv::{choose_chunk, conv3d_tc, conv3d_tc_into, tc_weight_layout, wgmma_supports, Epilogue, TcConv, WarpTile};
 use deepis::gpu::{from_half_bits, round_tf32, to_half_bits, DType, Device};
 use deepis::tensor::Shape;
 
@@ -209,13 +209,24 @@ fn tc_conv<D: Device>(dev: &D, c: &Case, w: &[f32], data: &Data) -> TcConv<D::Bu
     TcConv::new(dev, &c.spec, w, data.bias.as_deref(), c.dtype).unwrap_or_else(|e| panic!("{}: {e}", c.name()))
 }
 
+/// The kernels that compute case `c`: both mma.sync warp tiles, and wgmma where it takes the shape.
+fn tiles_for(c: &Case) -> Vec<WarpTile> {
+    let mut t = WarpTile::ALL.to_vec();
+    if wgmma_supports(&c.spec, c.dtype).is_none() {
+        t.push(WarpTile::Wgmma);
+    }
+    t
+}
+
 /// The case on the emulator under both schedules (which must agree bit for bit, else a race) with
-/// both warp tiles (which add the same products in the same order, so must agree bit for bit too).
+/// every kernel that takes it ([`tiles_for`]): both warp tiles add the same products in the same
+/// order, and so does wgmma (per chunk, tap and 16 channels, each step rounded once to f32 on the
+/// emulator), so all must agree bit for bit too.
 fn run_on_both_schedules(c: &Case, data: &Data) -> Vec<f32> {
     let mut outs: Vec<(Schedule, WarpTile, Vec<f32>)> = Vec::new();
     for s in SCHEDULES {
         let dev = EmuDevice::with_schedule(s);
-        for tile in WarpTile::ALL {
+        for tile in tiles_for(c) {
             let mut conv = tc_conv(&dev, c, &data.w_in, data);
             conv.tile = tile;
             let y = run(&dev, c, &conv, data).unwrap_or_else(|e| panic!("{} {s:?} {tile:?} {c:?}: {e}", c.name()));
@@ -261,7 +272,59 @@ fn tensor_core_conv_is_within_the_derived_bound_on_both_schedules() {
         }
     }
     assert!(failures.is_empty(), "above the derived bound:\n{}", failures.join("\n"));
-    println!("{} cases within the bound; both schedules and both warp tiles agree bit for bit", cases().len());
+    println!("{} cases within the bound; both schedules and every kernel (mma.sync warp tiles, wgmma where it applies) agree bit for bit", cases().len());
+}
+
+/// The wgmma kernel's shapes (stride 1, Cout a multiple of 64, f16 / bf16): Cin 16 / 32 / 64 (one
+/// chunk), 80 and 128 (two chunks), 24 (cp.async, zero-filled past Cin in a chunk of 32) and 17
+/// (element-wise brick loads); Cout 64 and 128 (two channel blocks); 3x3x3, 1x1x1, 7x1x1, 3x1x3
+/// with asymmetric padding; odd volumes, one smaller than the tile on every axis; batch 2; every
+/// epilogue. Each within the bound, and bit for bit the mma.sync kernels' result.
+fn wgmma_cases() -> Vec<Case> {
+    let (f16, bf16) = (DType::F16, DType::BF16);
+    let d = [5, 7, 9];
+    let asym = ConvSpec { cin: 32, cout: 64, k: [3, 1, 3], stride: [1; 3], pad: [0, 0, 2] };
+    vec![
+        Case { half_out: true, residual: true, relu: true, ..case(64, 64, [3, 3, 3], 1, d, f16) },
+        Case { residual: true, ..case(64, 64, [3, 3, 3], 1, [9, 10, 11], bf16) },
+        case(16, 64, [3, 3, 3], 1, d, bf16),
+        Case { n: 2, relu: true, ..case(32, 128, [3, 3, 3], 1, [6, 5, 7], f16) },
+        Case { half_out: true, ..case(80, 64, [1, 1, 1], 1, d, bf16) },
+        Case { bias: false, ..case(128, 64, [3, 3, 3], 1, [3, 4, 5], f16) },
+        Case { residual: true, ..case(24, 64, [7, 1, 1], 1, [9, 5, 6], f16) },
+        Case { half_out: true, relu: true, ..case(17, 64, [3, 3, 3], 1, d, bf16) },
+        case(64, 64, [3, 3, 3], 1, [1, 2, 3], f16),
+        Case { spec: asym, ..case(32, 64, [1; 3], 1, [7, 3, 6], bf16) },
+    ]
+}
+
+#[test]
+fn wgmma_conv_is_within_the_bound_and_equals_mma_sync_on_both_schedules() {
+    for (idx, c) in wgmma_cases().iter().enumerate() {
+        assert!(tiles_for(c).contains(&WarpTile::Wgmma), "{}: not a wgmma shape", c.name());
+        let data = Data::new(c, 900 + idx as u64);
+        let (want, bound) = reference(c, &data);
+        let (max_err, ratio, first) = check(&run_on_both_schedules(c, &data), &want, &bound);
+        println!("{:<44} {:<24} max|err| {max_err:.3e} err/bound {ratio:.2e}", c.name(), format!("{}", Shape::new(c.n, c.d, c.spec.cin)));
+        assert!(first.is_none(), "{}: {}", c.name(), first.unwrap());
+    }
+    println!("{} wgmma shapes within the bound, bit for bit the mma.sync kernels' result, both schedules", wgmma_cases().len());
+}
+
+#[test]
+fn wgmma_refuses_what_it_does_not_compute() {
+    let dev = EmuDevice::new();
+    for (c, why) in [
+        (case(64, 64, [3, 3, 3], 2, [6, 6, 6], DType::F16), "stride"),
+        (case(64, 32, [3, 3, 3], 1, [6, 6, 6], DType::BF16), "output channels"),
+        (case(64, 64, [3, 3, 3], 1, [6, 6, 6], DType::F32), "tf32"),
+    ] {
+        let data = Data::new(&c, 3);
+        let mut conv = tc_conv(&dev, &c, &data.w_in, &data);
+        conv.tile = WarpTile::Wgmma;
+        let err = run(&dev, &c, &conv, &data).expect_err("wgmma must refuse this shape").to_string();
+        assert!(err.contains("conv3d_wgmma") && err.contains(why), "{}: {err}", c.name());
+    }
 }
 
 /// 24 shapes drawn at random (fixed seed): Cin 1..48, Cout 1..80, kernel 1..3 and stride 1..2 per
@@ -335,8 +398,17 @@ fn planted_tf32_fault_exceeds_the_bound() {
 
 #[test]
 fn planted_faults_exceed_the_bound() {
+    planted_faults_exceed_the_bound_with(Case { residual: true, ..case(17, 5, [3, 3, 3], 1, [5, 6, 7], DType::F16) }, WarpTile::M32);
+    planted_faults_exceed_the_bound_with(Case { residual: true, ..case(32, 64, [3, 3, 3], 1, [5, 6, 7], DType::F16) }, WarpTile::Wgmma);
+}
+
+fn planted_faults_exceed_the_bound_with(c: Case, tile: WarpTile) {
     let dev = EmuDevice::new();
-    let c = Case { residual: true, ..case(17, 5, [3, 3, 3], 1, [5, 6, 7], DType::F16) };
+    let tc_conv = |dev: &EmuDevice, c: &Case, w: &[f32], data: &Data| {
+        let mut conv = tc_conv(dev, c, w, data);
+        conv.tile = tile;
+        conv
+    };
     let data = Data::new(&c, 77);
     let (want, bound) = reference(&c, &data);
     let good = run(&dev, &c, &tc_conv(&dev, &c, &data.w_in, &data), &data).unwrap();
@@ -448,10 +520,12 @@ fn tensor_core_gpu_or_skip() -> Option<deepis::gpu::cuda::CudaDevice> {
 fn cuda_tensor_core_conv_is_within_the_derived_bound() {
     let Some(dev) = tensor_core_gpu_or_skip() else { return };
     let mut failures = Vec::new();
-    for (idx, c) in cases().iter().enumerate() {
-        let data = Data::new(c, 100 * idx as u64 + 1);
+    let seeded = cases().into_iter().enumerate().map(|(i, c)| (100 * i as u64 + 1, c));
+    let wg = wgmma_cases().into_iter().enumerate().map(|(i, c)| (900 + i as u64, c));
+    for (seed, c) in &seeded.chain(wg).collect::<Vec<_>>() {
+        let data = Data::new(c, *seed);
         let (want, bound) = reference(c, &data);
-        for tile in WarpTile::ALL {
+        for tile in tiles_for(c).into_iter().filter(|&t| t != WarpTile::Wgmma || dev.has_wgmma()) {
             let mut conv = tc_conv(&dev, c, &data.w_in, &data);
             conv.tile = tile;
             let got = run(&dev, c, &conv, &data).unwrap_or_else(|e| panic!("{} {tile:?}: {e}", c.name()));
@@ -483,7 +557,7 @@ fn cuda_tensor_conv_throughput() {
             let x = DevTensor { shape: Shape::new(1, d, cin), data: dev.htod_as(&data.x_in, dtype).unwrap() };
             let res = data.res.as_ref().map(|r| DevTensor { shape: c.out_shape(), data: dev.htod_as(r, c.out_dtype()).unwrap() });
             let ep = Epilogue { residual: res.as_ref(), relu: true, out: c.out_dtype() };
-            for tile in WarpTile::ALL {
+            for tile in tiles_for(&c).into_iter().filter(|&t| t != WarpTile::Wgmma || dev.has_wgmma()) {
                 conv.tile = tile;
                 let y = conv3d_tc(&dev, &conv, &x, &ep).unwrap();
                 dev.synchronize().unwrap();
