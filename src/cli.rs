@@ -303,7 +303,7 @@ fn predict(a: &PredictArgs) -> Result<()> {
         vol.tensor.shape.d[2],
         a.input.display()
     );
-    let chosen = check_precision(choose(a.backend)?, a.gpu.precision)?;
+    let chosen = check_gpu_options(choose(a.backend)?, a.gpu)?;
     let (x, batch) = (&vol.tensor, a.batch as usize);
     let y = match chosen {
         Chosen::Plan => predict_plan(&weights, x)?,
@@ -331,13 +331,17 @@ fn predict(a: &PredictArgs) -> Result<()> {
     Ok(())
 }
 
-/// `chosen`, unless `precision` is one it does not compute in (the CPU backends are fp32 only).
-fn check_precision(chosen: Chosen, precision: Precision) -> Result<Chosen> {
+/// `chosen`, unless the GPU options ask what it does not do (the CPU backends compute in fp32, on
+/// no tensor cores).
+fn check_gpu_options(chosen: Chosen, o: GpuOptions) -> Result<Chosen> {
     match chosen {
-        Chosen::Plan | Chosen::CpuRef if precision != Precision::Fp32 => Err(Error::Input(format!(
+        Chosen::Plan | Chosen::CpuRef if o.precision != Precision::Fp32 => Err(Error::Input(format!(
             "--precision {}: the CPU backends compute in fp32; tf32 / fp16 / bf16 run in the GPU plan (--backend emu or cuda)",
-            precision.name()
+            o.precision.name()
         ))),
+        Chosen::Plan | Chosen::CpuRef if o.wgmma => {
+            Err(Error::Input("--wgmma: a GPU plan option (--backend emu or cuda, --precision fp16 or bf16)".into()))
+        }
         chosen => Ok(chosen),
     }
 }
@@ -521,7 +525,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
     let shape = Shape::new(a.batch as usize, a.size, 1);
     let mut rng = Rng::new(7);
     let x = Tensor::new(shape, (0..shape.len()).map(|_| rng.normal() as f32).collect())?;
-    match check_precision(choose(a.backend)?, a.gpu.precision)? {
+    match check_gpu_options(choose(a.backend)?, a.gpu)? {
         Chosen::Plan => bench_plan(&weights, &x, a.runs, a.warmup),
         Chosen::Emu => bench_gpu(EmuDevice::new(), &weights, &x, a),
         Chosen::Cuda(dev) => bench_gpu(dev, &weights, &x, a),
@@ -604,7 +608,7 @@ impl Job for Segment<'_> {
 
 fn segment(a: &crate::segment::SegmentArgs) -> Result<()> {
     let weights = Weights::load(&a.weights)?;
-    let report = match check_precision(choose(a.backend)?, a.gpu.precision)? {
+    let report = match check_gpu_options(choose(a.backend)?, a.gpu)? {
         Chosen::Plan => {
             eprintln!("backend: cpu (fused plan), {} threads", rayon::current_num_threads());
             crate::segment::run(a, &weights, &mut crate::segment::plan_predictor(&weights))?

@@ -462,6 +462,10 @@ fn options_json(a: &SegmentArgs) -> serde_json::Value {
     if a.gpu.precision != crate::gpu::plan::Precision::Fp32 {
         o["precision"] = a.gpu.precision.name().into();
     }
+    // wgmma sums in another order than mma.sync on a GPU: another result again
+    if a.gpu.wgmma {
+        o["wgmma"] = true.into();
+    }
     o
 }
 

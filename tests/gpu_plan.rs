@@ -471,6 +471,42 @@ fn predict_takes_the_precision() {
     assert!(!err.contains("panicked") && !out.exists(), "{err}");
 }
 
+/// `deepis predict --wgmma` runs the wgmma plan (its summary says how many convs; on the emulator
+/// bit for bit the mma.sync plan's output), and is refused, before any work, where it cannot run:
+/// on a CPU backend and in fp32.
+#[test]
+fn predict_takes_wgmma() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, x, _) = case("small");
+    let predict = |args: &[&str], out: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_deepis"))
+            .arg("predict")
+            .args(args)
+            .arg("--weights")
+            .arg(data("small", "weights.safetensors"))
+            .arg(data("small", "input.npy"))
+            .arg("-o")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = dir.path().join("wgmma.npy");
+    let o = predict(&["--backend", "emu", "--precision", "bf16", "--wgmma"], &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("4 on wgmma"), "{err}");
+    let lib = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, x.shape.n, Precision::Bf16).unwrap().run(&x).unwrap();
+    assert!(same_bits(&read_npy(&out).1, &lib.to_ncdhw()), "the CLI's wgmma output is not the mma.sync plan's");
+    for (args, want) in [
+        (&["--backend", "cpu", "--wgmma"][..], "--wgmma: a GPU plan option"),
+        (&["--backend", "emu", "--wgmma"][..], "--wgmma: fp16 or bf16 only, not --precision fp32"),
+    ] {
+        let out = dir.path().join("refused.npy");
+        let o = predict(args, &out);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want) && !err.contains("panicked") && !out.exists(), "{args:?}: {err}");
+    }
+}
+
 /// The plan's own kernels (upsample_add_{f32,f16,bf16}, maxpool2_{f16,bf16}) on odd shapes, under
 /// both schedules, against the CPU on the same stored (rounded) inputs. Max-pool is exact in every
 /// type. Up-sample + add: the CPU sums in f32 too, in another order (a few f32 ulps, 1e-5 of
