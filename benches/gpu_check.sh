@@ -16,14 +16,15 @@
 #      launch layer's shape errors (gpu_ops), the golden
 #      cases through `deepis predict --backend cuda` and the second start compiling nothing (cuda),
 #      the tensor-core truth table and products on CUDA equal to the emulator's bit for bit
-#      (tensor_core), the tensor-core conv within its derived error bound (tensor_conv), the GPU
+#      (tensor_core), wgmma against float64 and the emulator (wgmma; sm_90), the tensor-core conv,
+#      mma.sync and wgmma, within its derived error bound (tensor_conv), the GPU
 #      plan on every golden case in fp32 / tf32 / fp16 / bf16 within its bounds (gpu_plan), NVRTC's
 #      compile of every kernel (nvrtc) and the cubin cache (kernel_cache);
 #   4. napkin conv throughput of the CUDA variants (gpu_ops cuda_conv_throughput) and of the
 #      tensor-core conv in fp16 / bf16 / tf32 (tensor_conv cuda_tensor_conv_throughput); the GPU plan's
 #      ms per volume of the published model at 128x128x64 in each precision, batch 1 and 8
-#      (deepis bench --backend cuda --precision P --batch B), batch 1 also without the CUDA graph
-#      (--no-graph); the end-to-end folder rate of `deepis segment --backend cuda` (files/s);
+#      (deepis bench --backend cuda --precision P --batch B), fp16 / bf16 also with --wgmma, batch 1
+#      also without the CUDA graph (--no-graph); the end-to-end folder rate of `deepis segment --backend cuda` (files/s);
 #   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8 (needs python3 with
 #      torch, numpy, safetensors; RUNS=N changes the 10 timed runs, SKIP_COMPARE=1 leaves it out).
 # It exits non-zero when any step fails, or when a test skipped (no GPU or NVRTC found; REQUIRE_GPU=0
@@ -33,7 +34,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 gpu=$root/.gpu
 # The test binaries each run as its own process; these are their cargo target names.
-TESTS=(cuda ops_table gpu_ops tensor_core tensor_conv gpu_plan nvrtc kernel_cache)
+TESTS=(cuda ops_table gpu_ops tensor_core wgmma tensor_conv gpu_plan nvrtc kernel_cache)
 
 build() {
     set -e
@@ -146,6 +147,13 @@ run() {
         for b in 1 8; do
             step "plan-$p-b$b" 120 "$gpu/deepis" bench --backend cuda --precision "$p" --batch "$b" --runs 5 --warmup 2
             excerpt "plan-$p-b$b" '^gpu plan|^median|^backend'
+        done
+    done
+    # wgmma (sm_90a) for the stride-1 64k-channel convs, against the mma.sync rows above
+    for p in fp16 bf16; do
+        for b in 1 8; do
+            step "plan-$p-b$b-wgmma" 120 "$gpu/deepis" bench --backend cuda --precision "$p" --batch "$b" --runs 5 --warmup 2 --wgmma
+            excerpt "plan-$p-b$b-wgmma" '^gpu plan|^median|^backend|error'
         done
     done
     # the CUDA graph's gain: batch 1 with the launches queued one by one
