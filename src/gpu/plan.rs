@@ -412,7 +412,7 @@ impl<D: Device> GpuPlan<D> {
     /// a precision it has not (fp32, tf32). The same weights serve both kernels.
     pub fn set_wgmma(&mut self, on: bool) -> Result<usize> {
         if on && !self.device().has_wgmma() {
-            return Err(Error::backend(&self.device().name(), "--wgmma: needs an sm_90 GPU (H100 / H200)"));
+            return Err(Error::backend(self.device().name(), "--wgmma: needs an sm_90 GPU (H100 / H200)"));
         }
         if on && !matches!(self.precision, Precision::Fp16 | Precision::Bf16) {
             return Err(Error::Input(format!("--wgmma: fp16 or bf16 only, not --precision {}", self.precision.name())));

@@ -54,7 +54,7 @@ pub fn wgmma_supports(spec: &ConvSpec, dtype: DType) -> Option<String> {
         Some("wgmma has no tf32 form here (f16 / bf16 only)".into())
     } else if spec.stride != [1; 3] {
         Some(format!("stride {:?} (the wgmma kernel takes stride 1)", spec.stride))
-    } else if spec.cout % BLOCK_COUT != 0 {
+    } else if !spec.cout.is_multiple_of(BLOCK_COUT) {
         Some(format!("{} output channels (the wgmma kernel takes a multiple of {BLOCK_COUT})", spec.cout))
     } else {
         None
