@@ -61,6 +61,7 @@
 #define TC_T2 8
 #define TC_BN 64
 #define TC_STAGES 3
+#define WG_STAGES 4  // the wgmma kernels: one more stage, so that one tap's wgmmas stay in flight
 
 #if defined(DEEPIS_EMU) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define TC_SUPPORTED 1
@@ -313,10 +314,13 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
 // tiles of 8 x 8 voxels) by the block's 64 channels with wgmma.m64n64k16: per tap and 16 channels,
 // one wgmma per m64 tile, A and B read from shared memory through descriptors (WgCore layout: a
 // core matrix is 8 voxels along axis 2 by 8 channels, 16 bytes a row; no swizzle). The brick and
-// stages are filled by cp.async as in conv3d_tc; per tap: wait for its copies, fence.proxy.async
-// (the copies are generic-proxy writes, wgmma reads through the async proxy), barrier, issue the
-// copies of tap + STAGES - 1, the tap's wgmmas, commit, wait for them (the next tap's copies
-// overwrite the stage this tap reads two taps later, and the brick only at the next chunk).
+// WG_STAGES = 4 weight stages are filled by cp.async, two taps ahead. Per tap t: wait for its
+// copies, fence.proxy.async (the copies are generic-proxy writes, wgmma reads through the async
+// proxy), barrier, issue the copies of tap t + 2 into the stage tap t - 2 read (its wgmmas retired
+// at tap t - 1, before this barrier), issue tap t's wgmmas, commit, and wait until only they are
+// in flight (tap t - 1's retired): the tensor cores always have the next tap queued while the
+// threads wait for copies and barriers. Before the next chunk's brick, and before the epilogue,
+// every wgmma retires.
 // A descriptor of m64 tile i (output slice m0 = 2 q + i), tap (t0, t1, t2), channel step kk:
 //   A: start = brick piece (m0 + t0, t1, t2, 2 kk), LBO = 16 B2 (next 8 channels), SBO = 16 KG B2
 //      (next output row m1: 8 voxels further along axis 1);
@@ -340,6 +344,7 @@ DEEPIS_DEVICE void conv3d_wg(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
     const int stage_len = TC_BN * ck;
     const int q = (int)threadIdx.x / 128;
     const int a_lbo = 16 * g.b2, a_sbo = 16 * kg * g.b2;
+    const int ahead = WG_STAGES - 2;  // taps of weights in flight ahead of the one computed
 
     float acc[2][32];
 #pragma unroll
@@ -351,20 +356,24 @@ DEEPIS_DEVICE void conv3d_wg(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
     for (int c = 0; c < chunks; ++c) {
         __syncthreads();  // every warpgroup is done with the previous chunk's brick and stages
         tc_load_brick<H>(brick, x, g, c, lay);
-        for (int s = 0; s < TC_STAGES - 1; ++s) {
+        // Group s holds the weights of tap s (the first one also the brick); one group per tap
+        // is committed, empty past the last tap, so that wait_group(ahead - 1) always means "tap
+        // `tap` has landed".
+        for (int s = 0; s < ahead; ++s) {
             if (s < g.taps) tc_load_weights<H>(stages + s * stage_len, wt, g, c, s, lay);
             cp_async_commit_group();
         }
         for (int tap = 0; tap < g.taps; ++tap) {
-            cp_async_wait_group(TC_STAGES - 2);
+            cp_async_wait_group(WG_STAGES - 3);
             fence_proxy_async();
-            __syncthreads();  // tap's copies of every thread have landed and are visible to wgmma
-            const int next = tap + TC_STAGES - 1;
-            if (next < g.taps) tc_load_weights<H>(stages + (next % TC_STAGES) * stage_len, wt, g, c, next, lay);
+            __syncthreads();  // tap's copies of every thread have landed and are visible to wgmma;
+                              // every thread has retired tap - 2's wgmmas
+            const int next = tap + ahead;
+            if (next < g.taps) tc_load_weights<H>(stages + (next % WG_STAGES) * stage_len, wt, g, c, next, lay);
             cp_async_commit_group();
 
             const int t2 = tap % k2, t1 = (tap / k2) % k1, t0 = tap / (k2 * k1);
-            const sptr<unsigned short> ws = stages + (tap % TC_STAGES) * stage_len;
+            const sptr<unsigned short> ws = stages + (tap % WG_STAGES) * stage_len;
             wgmma_fence();
             for (int kk = 0; kk < ck / 16; ++kk) {
                 const unsigned long long db = wgmma_desc(ws + 2 * kk * TC_BN * 8, 16 * TC_BN, 128);
@@ -376,10 +385,11 @@ DEEPIS_DEVICE void conv3d_wg(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
                 }
             }
             wgmma_commit_group();
-            wgmma_wait_group(0);
-            wgmma_fence_acc(acc[0], 32);
-            wgmma_fence_acc(acc[1], 32);
+            wgmma_wait_group(1);  // tap - 1's wgmmas have retired; tap's run on
         }
+        wgmma_wait_group(0);  // the brick and stages are free for the next chunk
+        wgmma_fence_acc(acc[0], 32);
+        wgmma_fence_acc(acc[1], 32);
     }
     cp_async_wait_group(0);  // only empty groups are left; a thread must not exit with any
     // Warp w of warpgroup q holds rows 16 w .. 16 w + 15 of each m64 tile, in the mma.sync C layout

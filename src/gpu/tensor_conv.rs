@@ -16,6 +16,8 @@ use crate::tensor::Shape;
 pub const TILE: [usize; 3] = [4, 8, 8];
 pub const BLOCK_COUT: usize = 64;
 pub const STAGES: usize = 3;
+/// Weight stages of the wgmma kernel (`WG_STAGES`): one more, so one tap's wgmmas stay in flight.
+pub const WG_STAGES: usize = 4;
 /// Input channels of one brick chunk: a multiple of [`mma_channels`], at most this.
 const MAX_CHUNK: usize = 64;
 /// Shared memory of one block: at most this (sm_80's opt-in limit is 163 KB), and preferably at
@@ -112,10 +114,11 @@ pub fn smem_bytes(spec: &ConvSpec, ck: usize, dtype: DType) -> usize {
 }
 
 /// Dynamic shared memory of one block of `tile`'s kernel: [`smem_bytes`], or for wgmma the same
-/// rows without the pad (core matrices are 16-byte rows, read by descriptor, not by ldmatrix).
+/// rows without the pad (core matrices are 16-byte rows, read by descriptor, not by ldmatrix) and
+/// [`WG_STAGES`] weight stages.
 pub fn tile_smem_bytes(spec: &ConvSpec, ck: usize, dtype: DType, tile: WarpTile) -> usize {
     match tile {
-        WarpTile::Wgmma => (brick_voxels(spec) + STAGES * BLOCK_COUT) * ck * words(dtype) * 2,
+        WarpTile::Wgmma => (brick_voxels(spec) + WG_STAGES * BLOCK_COUT) * ck * words(dtype) * 2,
         _ => smem_bytes(spec, ck, dtype),
     }
 }
