@@ -21,12 +21,14 @@
 #      plan on every golden case in fp32 / tf32 / fp16 / bf16 within its bounds (gpu_plan), NVRTC's
 #      compile of every kernel (nvrtc) and the cubin cache (kernel_cache);
 #   4. napkin conv throughput of the CUDA variants (gpu_ops cuda_conv_throughput) and of the
-#      tensor-core conv in fp16 / bf16 / tf32 (tensor_conv cuda_tensor_conv_throughput); the GPU plan's
-#      ms per volume of the published model at 128x128x64 in each precision, batch 1 and 8
-#      (deepis bench --backend cuda --precision P --batch B), fp16 / bf16 also with --wgmma, batch 1
-#      also without the CUDA graph (--no-graph); the end-to-end folder rate of `deepis segment --backend cuda` (files/s);
-#   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8 (needs python3 with
-#      torch, numpy, safetensors; RUNS=N changes the 10 timed runs, SKIP_COMPARE=1 leaves it out).
+#      tensor-core conv in fp16 / bf16 / tf32 (tensor_conv cuda_tensor_conv_throughput); the GPU
+#      plan at batch 1 without the CUDA graph (--no-graph: the graph's gain); the end-to-end folder
+#      rate of `deepis segment --backend cuda` (files/s);
+#   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8: deepis bench in
+#      fp32 / tf32 / fp16 / bf16 and fp16 / bf16 with --wgmma, batch 1 and 8, against PyTorch in
+#      the same precisions, on the same weights (needs python3 with torch, numpy, safetensors;
+#      RUNS=N changes the 10 timed runs; SKIP_COMPARE=1 leaves it out and benches deepis alone
+#      in step 4 instead).
 # It exits non-zero when any step fails, or when a test skipped (no GPU or NVRTC found; REQUIRE_GPU=0
 # accepts that, to try the script on a machine without a GPU); results.md says which.
 set -uo pipefail
@@ -143,19 +145,18 @@ run() {
     excerpt conv-throughput 'TFLOP/s|Direct|Tiled|SKIPPED'
     step tc-conv-throughput 120 "$gpu/tests/tensor_conv" --ignored cuda_tensor_conv_throughput --nocapture
     excerpt tc-conv-throughput 'TFLOP/s|f16|bf16|f32|SKIPPED'
-    for p in fp32 tf32 fp16 bf16; do
-        for b in 1 8; do
-            step "plan-$p-b$b" 120 "$gpu/deepis" bench --backend cuda --precision "$p" --batch "$b" --runs 5 --warmup 2
-            excerpt "plan-$p-b$b" '^gpu plan|^median|^backend'
+    # ms per volume of every precision (fp16 / bf16 also on wgmma) at batch 1 and 8: in the
+    # comparison below, on the same weights as PyTorch; here only when it is skipped
+    if [ "${SKIP_COMPARE:-0}" = 1 ]; then
+        for p in fp32 tf32 fp16 bf16 fp16+wgmma bf16+wgmma; do
+            flags=(--precision "${p%+wgmma}")
+            [ "$p" = "${p%+wgmma}" ] || flags+=(--wgmma)
+            for b in 1 8; do
+                step "plan-$p-b$b" 120 "$gpu/deepis" bench --backend cuda "${flags[@]}" --batch "$b" --runs 5 --warmup 2
+                excerpt "plan-$p-b$b" '^gpu plan|^median|^backend|error'
+            done
         done
-    done
-    # wgmma (sm_90a) for the stride-1 64k-channel convs, against the mma.sync rows above
-    for p in fp16 bf16; do
-        for b in 1 8; do
-            step "plan-$p-b$b-wgmma" 120 "$gpu/deepis" bench --backend cuda --precision "$p" --batch "$b" --runs 5 --warmup 2 --wgmma
-            excerpt "plan-$p-b$b-wgmma" '^gpu plan|^median|^backend|error'
-        done
-    done
+    fi
     # the CUDA graph's gain: batch 1 with the launches queued one by one
     for p in fp32 bf16; do
         step "plan-$p-b1-no-graph" 120 "$gpu/deepis" bench --backend cuda --precision "$p" --batch 1 --runs 5 --warmup 2 --no-graph
@@ -174,8 +175,8 @@ run() {
         echo "## compare: FAIL (python3 lacks torch, numpy or safetensors)" >>"$results"
         failed=1
     else
-        step compare 330 env DEEPIS="$gpu/deepis" bash benches/gpu_compare.sh published "${RUNS:-10}" 1,8
-        excerpt compare '^deepis batch|^\||^fastest|FAILED|^pytorch |error'
+        step compare 420 env DEEPIS="$gpu/deepis" bash benches/gpu_compare.sh published "${RUNS:-10}" 1,8
+        excerpt compare '^deepis |^gpu plan|^\||^batch |FAILED|^pytorch |error'
     fi
     rm -rf "$DEEPIS_CACHE_DIR"
     echo "results: $results"

@@ -5,12 +5,14 @@ volume as `deepis bench` / `deepis predict`.
   make the shared inputs:  pytorch_bench.py --make-weights W.safetensors --make-input X.npy --config published
   time PyTorch:            pytorch_bench.py --weights W.safetensors --input X.npy --threads 2 --runs 3 [--output Y.npy]
   GPU sweep, one process:  pytorch_bench.py --weights W --input X --device cuda --sweep fp32,tf32,fp16,bf16 \
-                               --batches 1,8 --graph --runs 10 [--deepis 1:0.055,8:0.052]
+                               --batches 1,8 --graph --runs 10 [--deepis fp32:1:0.055,bf16+wgmma:8:0.0019]
 
 The sweep runs every (precision, batch, eager / CUDA graph) configuration on one loaded model and
 prints one line per configuration (ms per volume and volumes/s, timed on the device and host to
-host, and the output's difference from strict float32), then a table with ratios against the
-`--deepis` times (seconds per volume at each batch, host to host as `deepis bench` times them).
+host, and the output's difference from strict float32), then a table with the `--deepis` times
+(seconds per volume by precision and batch, host to host as `deepis bench` times them), each with
+its ratio to PyTorch in the same precision (its faster mode) and to the fastest PyTorch
+configuration at that batch.
 Precisions: fp32 (strict float32, TF32 off), tf32 (TF32 tensor cores allowed), fp16 / bf16 (the
 model and input converted, as an inference server would). Every configuration uses
 channels_last_3d and cudnn.benchmark. `--device cpu` runs the same code without CUDA graphs, for
@@ -157,14 +159,6 @@ def rel_err(y, ref):
     return ((y - ref).abs().max() / max(1.0, ref.abs().max().item())).item()
 
 
-def parse_peer(s):
-    out = {}
-    for part in filter(None, (s or "").split(",")):
-        b, t = part.split(":")
-        out[int(b)] = float(t)
-    return out
-
-
 def sweep(a, model32, vol, cfg):
     cuda = a.device == "cuda"
     if cuda:
@@ -215,20 +209,47 @@ def sweep(a, model32, vol, cfg):
         raise SystemExit(f"{len(failed)} configuration(s) failed: {', '.join(failed)}")
 
 
+def parse_peer(s):
+    """`P:B:T,...` (precision label, batch, seconds per volume), or the older `B:T,...` (fp32)."""
+    out = {}
+    for item in (s or "").split(","):
+        if not item:
+            continue
+        parts = item.split(":")
+        prec, b, t = ("fp32", *parts) if len(parts) == 2 else parts
+        out[(prec, int(b))] = float(t)
+    return out
+
+
 def print_table(rows, deepis, label):
+    """One table: deepis rows first (ratios: < 1 means deepis is faster), then every PyTorch row;
+    then per batch the fastest of each engine and their ratio."""
+    def fastest(b, prec=None):
+        cand = [r for r in rows if r[1] == b and (prec is None or r[0] == prec)]
+        return min(cand, key=lambda r: r[4]) if cand else None
+
     print()
-    print("| engine | precision | batch | mode | ms/volume (device) | ms/volume (host to host) | volumes/s (host to host) | deepis time / this (host to host; < 1: deepis faster) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for b in sorted(deepis):
-        t = deepis[b]
-        print(f"| deepis | fp32 | {b} | {label} | - | {t * 1e3:.3f} | {1 / t:.1f} | 1 |")
+    print("| engine | precision | batch | mode | ms/volume (device) | ms/volume (host to host) | volumes/s (host to host) "
+          "| deepis / PyTorch same precision | deepis / fastest PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (prec, b), t in sorted(deepis.items(), key=lambda kv: (kv[0][1], kv[1])):
+        same, best = fastest(b, prec.split("+")[0]), fastest(b)
+        r_same = f"{t / same[4]:.3g} ({same[2]})" if same else "-"
+        r_best = f"{t / best[4]:.3g} ({best[0]} {best[2]})" if best else "-"
+        print(f"| deepis | {prec} | {b} | {label} | - | {t * 1e3:.3f} | {1 / t:.1f} | {r_same} | {r_best} |")
     for prec, b, mode, dev, host, _ in rows:
-        ratio = f"{deepis[b] / host:.3g}" if b in deepis else "-"
-        print(f"| pytorch | {prec} | {b} | {mode} | {dev * 1e3:.3f} | {host * 1e3:.3f} | {1 / host:.1f} | {ratio} |")
-    for b in sorted({r[1] for r in rows}):
-        best = min((r for r in rows if r[1] == b), key=lambda r: r[4])
-        print(f"fastest PyTorch at batch {b}: {best[0]} {best[2]}, {best[4] * 1e3:.3f} ms/volume host to host"
-              + (f"; deepis time / its time = {deepis[b] / best[4]:.3g}" if b in deepis else ""))
+        print(f"| pytorch | {prec} | {b} | {mode} | {dev * 1e3:.3f} | {host * 1e3:.3f} | {1 / host:.1f} | | |")
+    for b in sorted({r[1] for r in rows} | {k[1] for k in deepis}):
+        best = fastest(b)
+        mine = min(((p, t) for (p, bb), t in deepis.items() if bb == b), key=lambda pt: pt[1], default=None)
+        line = f"batch {b}:"
+        if mine:
+            line += f" fastest deepis {mine[0]}, {mine[1] * 1e3:.3f} ms/volume;"
+        if best:
+            line += f" fastest PyTorch {best[0]} {best[2]}, {best[4] * 1e3:.3f} ms/volume host to host;"
+        if mine and best:
+            line += f" PyTorch time / deepis time = {best[4] / mine[1]:.3g}x"
+        print(line)
 
 
 def main():
