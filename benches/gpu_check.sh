@@ -25,7 +25,7 @@
 #      plan at batch 1 without the CUDA graph (--no-graph: the graph's gain); the end-to-end folder
 #      rate of `deepis segment --backend cuda` (files/s);
 #   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8: deepis bench in
-#      fp32 / tf32 / fp16 / bf16 and fp16 / bf16 with --wgmma, batch 1 and 8, against PyTorch in
+#      fp32 / tf32 / fp16 / bf16 and tf32 / fp16 / bf16 with --wgmma, batch 1 and 8, against PyTorch in
 #      the same precisions, on the same weights (needs python3 with torch, numpy, safetensors;
 #      RUNS=N changes the 10 timed runs; SKIP_COMPARE=1 leaves it out and benches deepis alone
 #      in step 4 instead).
@@ -145,10 +145,10 @@ run() {
     excerpt conv-throughput 'TFLOP/s|Direct|Tiled|SKIPPED'
     step tc-conv-throughput 120 "$gpu/tests/tensor_conv" --ignored cuda_tensor_conv_throughput --nocapture
     excerpt tc-conv-throughput 'TFLOP/s|f16|bf16|f32|SKIPPED'
-    # ms per volume of every precision (fp16 / bf16 also on wgmma) at batch 1 and 8: in the
+    # ms per volume of every precision (tf32 / fp16 / bf16 also on wgmma) at batch 1 and 8: in the
     # comparison below, on the same weights as PyTorch; here only when it is skipped
     if [ "${SKIP_COMPARE:-0}" = 1 ]; then
-        for p in fp32 tf32 fp16 bf16 fp16+wgmma bf16+wgmma; do
+        for p in fp32 tf32 fp16 bf16 tf32+wgmma fp16+wgmma bf16+wgmma; do
             flags=(--precision "${p%+wgmma}")
             [ "$p" = "${p%+wgmma}" ] || flags+=(--wgmma)
             for b in 1 8; do

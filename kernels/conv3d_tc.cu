@@ -309,7 +309,11 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
     tc_epilogue<H, MT>(acc, mrow, g, bias, yf, yh, rf, rh, out_half, has_res, relu);
 }
 
-// The wgmma kernels (sm_90a): stride 1, Cout a multiple of 64, f16 / bf16. 256 threads = two
+// The wgmma kernels (sm_90a): stride 1, Cout a multiple of 64, f16 / bf16 (wgmma m64n64k16), or
+// f32 computed in tf32 (m64n64k8 .tf32: a k8 step of floats is the same 32 bytes as a k16 step of
+// halves, so everything below is in 16-bit words as in conv3d_tc). wgmma reads A from shared
+// memory, so the tf32 kernel rounds its brick there, once per chunk (each thread its own copies,
+// after their wait); the weights are rounded on the host. 256 threads = two
 // warpgroups; warpgroup q computes output slices 2 q and 2 q + 1 of the 4 x 8 x 8 tile (two m64
 // tiles of 8 x 8 voxels) by the block's 64 channels with wgmma.m64n64k16: per tap and 16 channels,
 // one wgmma per m64 tile, A and B read from shared memory through descriptors (WgCore layout: a
@@ -329,6 +333,28 @@ DEEPIS_DEVICE void conv3d_tc(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
 #if DEEPIS_HAS_WGMMA
 DEEPIS_DEVICE void wg_mma(float* d, unsigned long long da, unsigned long long db, f16) { wgmma_m64n64k16_f16(d, da, db, 1); }
 DEEPIS_DEVICE void wg_mma(float* d, unsigned long long da, unsigned long long db, bf16) { wgmma_m64n64k16_bf16(d, da, db, 1); }
+DEEPIS_DEVICE void wg_mma(float* d, unsigned long long da, unsigned long long db, float) { wgmma_m64n64k8_tf32(d, da, db, 1); }
+
+// Rounds to tf32, in place, the brick elements this thread loaded (the pieces or elements
+// tc_load_brick gave it); halves are used as loaded.
+template <class H, class L> DEEPIS_DEVICE void wg_round_brick(sptr<unsigned short>, const TcGeom&, L) {}
+template <class L> DEEPIS_DEVICE void wg_round_brick_f32(sptr<unsigned short> brick, const TcGeom& g, L lay) {
+    const bool pieces = g.cin % 4 == 0;  // tc_load_brick's cp.async path: 4 floats a piece
+    const int per = pieces ? 4 : 1, n = g.brick_vox * (g.ck / per);
+    for (int q = (int)threadIdx.x; q < n; q += (int)blockDim.x) {
+        const int v = q / (g.ck / per), j0 = per * (q - v * (g.ck / per));
+        for (int j = j0; j < j0 + per; ++j) {
+            const sptr<unsigned short> p = brick + lay.brick(v, j, 2);
+            const unsigned u = (unsigned)(unsigned short)p[0] | ((unsigned)(unsigned short)p[1] << 16);
+            const unsigned r = tf32_from_f32(__uint_as_float(u));
+            p[0] = (unsigned short)(r & 0xffffu);
+            p[1] = (unsigned short)(r >> 16);
+        }
+    }
+}
+template <> DEEPIS_DEVICE void wg_round_brick<float, WgCore>(sptr<unsigned short> brick, const TcGeom& g, WgCore lay) {
+    wg_round_brick_f32(brick, g, lay);
+}
 
 template <class H>
 DEEPIS_DEVICE void conv3d_wg(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<const H> wt, gptr<const float> bias,
@@ -336,12 +362,13 @@ DEEPIS_DEVICE void conv3d_wg(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
                              int o2, int cout, int k0, int k1, int k2, int s0, int s1, int s2, int p0, int p1, int p2, int ck,
                              int cout_pad, int out_half, int has_res, int relu) {
     DEEPIS_DYN_SMEM(unsigned short, smem);
-    const TcGeom g = tc_geom(d0, d1, d2, cin, o0, o1, o2, cout, k0, k1, k2, s0, s1, s2, p0, p1, p2, ck, cout_pad, ck);
-    const int kg = ck / 8;
+    const int cw = TcElem<H>::W * ck;  // 16-bit words of a chunk's channels
+    const TcGeom g = tc_geom(d0, d1, d2, cin, o0, o1, o2, cout, k0, k1, k2, s0, s1, s2, p0, p1, p2, ck, cout_pad, cw);
+    const int kg = cw / 8;
     const WgCore lay{kg, g.b2};
     const sptr<unsigned short> brick = smem;
-    const sptr<unsigned short> stages = smem + g.brick_vox * ck;
-    const int stage_len = TC_BN * ck;
+    const sptr<unsigned short> stages = smem + g.brick_vox * cw;
+    const int stage_len = TC_BN * cw;
     const int q = (int)threadIdx.x / 128;
     const int a_lbo = 16 * g.b2, a_sbo = 16 * kg * g.b2;
     const int ahead = WG_STAGES - 2;  // taps of weights in flight ahead of the one computed
@@ -365,6 +392,7 @@ DEEPIS_DEVICE void conv3d_wg(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
         }
         for (int tap = 0; tap < g.taps; ++tap) {
             cp_async_wait_group(WG_STAGES - 3);
+            if (tap == 0) wg_round_brick<H>(brick, g, lay);  // the brick landed with tap 0's group
             fence_proxy_async();
             __syncthreads();  // tap's copies of every thread have landed and are visible to wgmma;
                               // every thread has retired tap - 2's wgmmas
@@ -375,7 +403,7 @@ DEEPIS_DEVICE void conv3d_wg(gptr<float> yf, gptr<H> yh, gptr<const H> x, gptr<c
             const int t2 = tap % k2, t1 = (tap / k2) % k1, t0 = tap / (k2 * k1);
             const sptr<unsigned short> ws = stages + (tap % WG_STAGES) * stage_len;
             wgmma_fence();
-            for (int kk = 0; kk < ck / 16; ++kk) {
+            for (int kk = 0; kk < cw / 16; ++kk) {  // 16 words: one wgmma's channels
                 const unsigned long long db = wgmma_desc(ws + 2 * kk * TC_BN * 8, 16 * TC_BN, 128);
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
@@ -423,3 +451,4 @@ extern "C" __global__ void __launch_bounds__(256) conv3d_tc_tf32(TC_PARAMS(float
 extern "C" __global__ void __launch_bounds__(128) conv3d_tc_wide_tf32(TC_PARAMS(float)) { TC_BODY(float, 4); }
 extern "C" __global__ void __launch_bounds__(256) conv3d_wgmma_f16(TC_PARAMS(f16)) { WG_BODY(f16); }
 extern "C" __global__ void __launch_bounds__(256) conv3d_wgmma_bf16(TC_PARAMS(bf16)) { WG_BODY(bf16); }
+extern "C" __global__ void __launch_bounds__(256) conv3d_wgmma_tf32(TC_PARAMS(float)) { WG_BODY(float); }

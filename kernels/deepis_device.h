@@ -25,8 +25,9 @@
 //  - warpgroup MMA (sm_90a; `DEEPIS_HAS_WGMMA` is 1 where it exists: under NVRTC for sm_90a, and on
 //    the emulator): `wgmma_desc(p, lbo, sbo)` (the 64-bit descriptor of a K-major, no-swizzle
 //    operand at sptr p, LBO / SBO in bytes, multiples of 16), `wgmma_m64n64k16_f16(d, da, db,
-//    scale_d)` / `wgmma_m64n64k16_bf16` (all 128 threads of the warpgroup; d: float[32], the
-//    CLayout_64x64 fragment; D = A B^T + (scale_d ? D : 0)), `wgmma_fence()` before the wgmmas of a
+//    scale_d)` / `wgmma_m64n64k16_bf16` / `wgmma_m64n64k8_tf32` (all 128 threads of the
+//    warpgroup; d: float[32], the CLayout_64x64 fragment; D = A B^T + (scale_d ? D : 0); tf32
+//    operands must be tf32 values in shared memory: the emulator fails the launch on any other), `wgmma_fence()` before the wgmmas of a
 //    batch, `wgmma_commit_group()`, `wgmma_wait_group(N)` (N a constant), then
 //    `wgmma_fence_acc(d, n)` before reading the n accumulators (it keeps the compiler from moving
 //    their reads above the wait), and `fence_proxy_async()` between a thread's shared-memory writes
@@ -161,6 +162,13 @@ DEEPIS_DEVICE void wgmma_fence_acc(float* d, int n) {
                  : "l"(da), "l"(db), "r"(scale_d))
 DEEPIS_DEVICE void wgmma_m64n64k16_f16(float* d, unsigned long long da, unsigned long long db, int scale_d) { DEEPIS_WGMMA_64("f16"); }
 DEEPIS_DEVICE void wgmma_m64n64k16_bf16(float* d, unsigned long long da, unsigned long long db, int scale_d) { DEEPIS_WGMMA_64("bf16"); }
+// tf32: K = 8, no transpose immediates (tf32 operands are K-major only)
+DEEPIS_DEVICE void wgmma_m64n64k8_tf32(float* d, unsigned long long da, unsigned long long db, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(da), "l"(db), "r"(scale_d));
+}
 #else
 #define DEEPIS_HAS_WGMMA 0
 #endif
@@ -197,6 +205,7 @@ DEEPIS_DEVICE unsigned deepis_smem_offset(const void* p) { return ::emu::smem_of
 DEEPIS_DEVICE void wgmma_fence_acc(float*, int) {}
 #define wgmma_m64n64k16_f16(d, da, db, s) ::emu::wgmma_at(__LINE__, ::emu::WG_F16, 64, (d), (da), (db), (s))
 #define wgmma_m64n64k16_bf16(d, da, db, s) ::emu::wgmma_at(__LINE__, ::emu::WG_BF16, 64, (d), (da), (db), (s))
+#define wgmma_m64n64k8_tf32(d, da, db, s) ::emu::wgmma_at(__LINE__, ::emu::WG_TF32, 64, (d), (da), (db), (s))
 #endif
 
 #if DEEPIS_HAS_WGMMA

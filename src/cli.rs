@@ -340,7 +340,7 @@ fn check_gpu_options(chosen: Chosen, o: GpuOptions) -> Result<Chosen> {
             o.precision.name()
         ))),
         Chosen::Plan | Chosen::CpuRef if o.wgmma => {
-            Err(Error::Input("--wgmma: a GPU plan option (--backend emu or cuda, --precision fp16 or bf16)".into()))
+            Err(Error::Input("--wgmma: a GPU plan option (--backend emu or cuda, --precision tf32, fp16 or bf16)".into()))
         }
         chosen => Ok(chosen),
     }

@@ -212,7 +212,7 @@ fn tc_conv<D: Device>(dev: &D, c: &Case, w: &[f32], data: &Data) -> TcConv<D::Bu
 /// The kernels that compute case `c`: both mma.sync warp tiles, and wgmma where it takes the shape.
 fn tiles_for(c: &Case) -> Vec<WarpTile> {
     let mut t = WarpTile::ALL.to_vec();
-    if wgmma_supports(&c.spec, c.dtype).is_none() {
+    if wgmma_supports(&c.spec).is_none() {
         t.push(WarpTile::Wgmma);
     }
     t
@@ -275,13 +275,15 @@ fn tensor_core_conv_is_within_the_derived_bound_on_both_schedules() {
     println!("{} cases within the bound; both schedules and every kernel (mma.sync warp tiles, wgmma where it applies) agree bit for bit", cases().len());
 }
 
-/// The wgmma kernel's shapes (stride 1, Cout a multiple of 64, f16 / bf16): Cin 16 / 32 / 64 (one
+/// The wgmma kernel's shapes (stride 1, Cout a multiple of 64; f16 / bf16, and tf32): Cin 16 / 32 / 64 (one
 /// chunk), 80 and 128 (two chunks), 24 (cp.async, zero-filled past Cin in a chunk of 32) and 17
 /// (element-wise brick loads); Cout 64 and 128 (two channel blocks); 3x3x3, 1x1x1, 7x1x1, 3x1x3
 /// with asymmetric padding; odd volumes, one smaller than the tile on every axis; batch 2; every
-/// epilogue. Each within the bound, and bit for bit the mma.sync kernels' result.
+/// epilogue; tf32 on four of them. Each within the bound, and bit for bit the mma.sync kernels'
+/// result (tf32: their rounding of the brick in shared memory is the mma.sync kernels' rounding
+/// after ldmatrix, cvt.rna both).
 fn wgmma_cases() -> Vec<Case> {
-    let (f16, bf16) = (DType::F16, DType::BF16);
+    let (f16, bf16, tf32) = (DType::F16, DType::BF16, DType::F32);
     let d = [5, 7, 9];
     let asym = ConvSpec { cin: 32, cout: 64, k: [3, 1, 3], stride: [1; 3], pad: [0, 0, 2] };
     vec![
@@ -295,6 +297,11 @@ fn wgmma_cases() -> Vec<Case> {
         Case { half_out: true, relu: true, ..case(17, 64, [3, 3, 3], 1, d, bf16) },
         case(64, 64, [3, 3, 3], 1, [1, 2, 3], f16),
         Case { spec: asym, ..case(32, 64, [1; 3], 1, [7, 3, 6], bf16) },
+        // tf32: cp.async bricks (Cin 64 in chunks of 32, 24), element-wise (17), two channel blocks
+        Case { residual: true, relu: true, ..case(64, 64, [3, 3, 3], 1, d, tf32) },
+        Case { n: 2, ..case(24, 128, [1, 1, 1], 1, d, tf32) },
+        Case { residual: true, ..case(17, 64, [7, 1, 1], 1, [9, 5, 6], tf32) },
+        Case { spec: asym, ..case(32, 64, [1; 3], 1, [7, 3, 6], tf32) },
     ]
 }
 
@@ -317,7 +324,6 @@ fn wgmma_refuses_what_it_does_not_compute() {
     for (c, why) in [
         (case(64, 64, [3, 3, 3], 2, [6, 6, 6], DType::F16), "stride"),
         (case(64, 32, [3, 3, 3], 1, [6, 6, 6], DType::BF16), "output channels"),
-        (case(64, 64, [3, 3, 3], 1, [6, 6, 6], DType::F32), "tf32"),
     ] {
         let data = Data::new(&c, 3);
         let mut conv = tc_conv(&dev, &c, &data.w_in, &data);

@@ -1,4 +1,4 @@
-//! The warpgroup MMA (wgmma.mma_async m64n64k16, sm_90a) on the emulator
+//! The warpgroup MMA (wgmma.mma_async m64n64k16 f16 / bf16, m64n64k8 tf32; sm_90a) on the emulator
 //! (kernels/testing/wgmma_checks.cu): operands laid out in shared memory by the host with the PTX
 //! ISA's canonical K-major no-swizzle layout, the accumulator read back through CUTLASS's
 //! CLayout_64xN, both written here independently of the emulator, against float64 products; every
@@ -8,7 +8,7 @@ mod common;
 
 use deepis::error::Error;
 use deepis::gpu::emu::{EmuDevice, Schedule};
-use deepis::gpu::{from_half_bits, to_half_bits, DType, Device, KArg, LaunchCfg};
+use deepis::gpu::{from_half_bits, round_tf32, to_half_bits, DType, Device, KArg, LaunchCfg};
 
 const SCHEDULES: [Schedule; 2] = [Schedule::Forward, Schedule::Reverse];
 const KERNEL: &str = "wgmma_gemm";
@@ -22,14 +22,16 @@ fn clayout(t: usize, i: usize) -> (usize, usize) {
     (idx % 64, idx / 64)
 }
 
-/// The 16-bit element index of (row r, k) in a K-major, no-swizzle operand (PTX ISA "Canonical
-/// Layouts": ((8, m), (T, 2k)) : ((1T, SBO), (1, LBO)) with T = 8 elements of 16 bits; LBO and
-/// SBO in bytes here).
-fn canonical(r: usize, k: usize, lbo: usize, sbo: usize) -> usize {
-    (r % 8) * 8 + (r / 8) * (sbo / 2) + k % 8 + (k / 8) * (lbo / 2)
+/// The element index of (row r, k) in a K-major, no-swizzle operand of `es`-byte elements (PTX
+/// ISA "Canonical Layouts": ((8, m), (T, 2k)) : ((1T, SBO), (1, LBO)) with T = 16 / es elements,
+/// the 128 bits of a core-matrix row; LBO and SBO in bytes here).
+fn canonical(r: usize, k: usize, lbo: usize, sbo: usize, es: usize) -> usize {
+    let t = 16 / es;
+    (r % 8) * t + (r / 8) * (sbo / es) + k % t + (k / t) * (lbo / es)
 }
 
-/// One wgmma_gemm launch: A and B (64 x K each, row-major f32 values exact in `dtype`), C (64 x 64).
+/// One wgmma_gemm launch: A and B (64 x K each, row-major f32 values exact in `dtype`; F32: tf32
+/// values), C (64 x 64).
 struct Case {
     dtype: DType,
     ksteps: usize,
@@ -54,30 +56,50 @@ impl Case {
     fn new(dtype: DType, ksteps: usize, a: (usize, usize), b: (usize, usize), scale_d: bool, exact: bool, seed: u64) -> Case {
         let k = 16 * ksteps;
         let vals = |len, s| if exact { ints(len, 3, s) } else { common::values(len, s) };
-        let round = |v: Vec<f32>| from_half_bits(&to_half_bits(&v, dtype), dtype);
+        let round = |v: Vec<f32>| match dtype {
+            DType::F32 => v.into_iter().map(round_tf32).collect(),
+            _ => from_half_bits(&to_half_bits(&v, dtype), dtype),
+        };
         let mut av = round(vals(64 * k, seed));
         av[3] = 2.0; // A[0][3]: fault 4 writes 1.0 there, which must change it
         Case { dtype, ksteps, a, b, scale_d, av, bv: round(vals(64 * k, seed + 1)), cv: ints(64 * 64, 50, seed + 2) }
     }
 
-    fn k(&self) -> usize {
-        16 * self.ksteps
+    /// Bytes of one element: 2 (f16, bf16) or 4 (tf32).
+    fn es(&self) -> usize {
+        if self.dtype == DType::F32 { 4 } else { 2 }
     }
 
-    /// Words of one operand's placement (its last element + 1, rounded up to 16 bytes).
+    /// K of the whole product: 32 bytes of each row per wgmma.
+    fn k(&self) -> usize {
+        32 / self.es() * self.ksteps
+    }
+
+    /// 16-bit words of one operand's placement (its last element + 1, rounded up to 16 bytes).
     fn extent(&self, (lbo, sbo): (usize, usize)) -> usize {
-        (canonical(63, self.k() - 1, lbo, sbo) + 1).div_ceil(8) * 8
+        ((canonical(63, self.k() - 1, lbo, sbo, self.es()) + 1) * self.es() / 2).div_ceil(8) * 8
+    }
+
+    /// The 16-bit words of `v` (tf32: two per value, the low one first).
+    fn words(&self, v: &[f32]) -> Vec<u16> {
+        match self.dtype {
+            DType::F32 => v.iter().flat_map(|x| [x.to_bits() as u16, (x.to_bits() >> 16) as u16]).collect(),
+            d => to_half_bits(v, d),
+        }
     }
 
     /// The shared-memory image: A at word 0, B after it; the word offset of B.
     fn image(&self) -> (Vec<u16>, usize) {
         let b_off = self.extent(self.a);
         let mut img = vec![0u16; b_off + self.extent(self.b)];
-        let (ab, bb) = (to_half_bits(&self.av, self.dtype), to_half_bits(&self.bv, self.dtype));
+        let (ab, bb) = (self.words(&self.av), self.words(&self.bv));
+        let w = self.es() / 2;
         for r in 0..64 {
             for k in 0..self.k() {
-                img[canonical(r, k, self.a.0, self.a.1)] = ab[r * self.k() + k];
-                img[b_off + canonical(r, k, self.b.0, self.b.1)] = bb[r * self.k() + k];
+                for h in 0..w {
+                    img[canonical(r, k, self.a.0, self.a.1, self.es()) * w + h] = ab[(r * self.k() + k) * w + h];
+                    img[b_off + canonical(r, k, self.b.0, self.b.1, self.es()) * w + h] = bb[(r * self.k() + k) * w + h];
+                }
             }
         }
         (img, b_off)
@@ -121,7 +143,7 @@ impl Case {
         let words = img.len() - cut;
         let args = [
             KArg::Buf(&img_buf), i(words), i(b_off), i(self.a.0), i(self.a.1), i(self.b.0), i(self.b.1), i(self.ksteps),
-            i((self.dtype == DType::BF16) as usize), KArg::Buf(&c), i(self.scale_d as usize), KArg::Buf(&out), KArg::I32(fault),
+            i(match self.dtype { DType::F16 => 0, DType::BF16 => 1, DType::F32 => 2 }), KArg::Buf(&c), i(self.scale_d as usize), KArg::Buf(&out), KArg::I32(fault),
         ];
         let cfg = LaunchCfg { grid: [1, 1, 1], block: [threads, 1, 1], shmem: 2 * words as u32 };
         dev.launch(KERNEL, cfg, &args)?;
@@ -179,7 +201,7 @@ fn clayout_covers_the_64x64_tile_once() {
 #[test]
 fn wgmma_matches_float64_through_the_ptx_layouts() {
     let mut n = 0;
-    for dtype in [DType::F16, DType::BF16] {
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
         for (li, &la) in LAYOUTS.iter().enumerate() {
             let lb = LAYOUTS[(li + 1) % LAYOUTS.len()];
             for ksteps in [1, 2] {
@@ -197,7 +219,7 @@ fn wgmma_matches_float64_through_the_ptx_layouts() {
             }
         }
     }
-    println!("{n} wgmma cases (f16, bf16; 3 operand placements; K = 16 and a chain of two for K = 32; with and without C; both schedules): exact inputs exact, others within (K + 2) 2^-24 sum |a b|");
+    println!("{n} wgmma cases (f16, bf16 with K = 16, tf32 with K = 8, and chains of two; 3 operand placements; with and without C; both schedules): exact inputs exact, others within (K + 2) 2^-24 sum |a b|");
 }
 
 /// The kernel told another placement than the image has gives wrong products, not an error:
@@ -256,6 +278,10 @@ fn planted_wgmma_bugs_are_caught() {
     // A block that is not whole warpgroups.
     let msg = kernel_err(case.run_with(&EmuDevice::new(), 0, 96));
     assert!(msg.contains("not whole warpgroups"), "{msg}");
+    // tf32: an operand in shared memory that is not a tf32 value.
+    let tf = Case::new(DType::F32, 1, LAYOUTS[0], LAYOUTS[1], false, true, 12);
+    let msg = kernel_err(tf.run_with(&EmuDevice::new(), 11, 128));
+    assert!(msg.contains("wgmma .tf32") && msg.contains("A element (0, 0)") && msg.contains("not a tf32 value"), "{msg}");
     println!("every planted wgmma bug failed its launch with its message");
 }
 
@@ -271,7 +297,7 @@ fn cuda_wgmma_matches_float64() {
     let src = include_str!("../kernels/testing/wgmma_checks.cu");
     cuda.load_source("testing/wgmma_checks.cu", src, &[KERNEL]).unwrap_or_else(|e| panic!("{e}"));
     let emu = EmuDevice::new();
-    for dtype in [DType::F16, DType::BF16] {
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
         for (li, &la) in LAYOUTS.iter().enumerate() {
             for ksteps in [1, 2] {
                 for exact in [true, false] {
@@ -285,5 +311,5 @@ fn cuda_wgmma_matches_float64() {
             }
         }
     }
-    println!("{}: wgmma m64n64k16 (f16, bf16, 3 placements, K = 16 / 32) matches float64 and the emulator", cuda.name());
+    println!("{}: wgmma m64n64k16 (f16, bf16) and m64n64k8 (tf32), 3 placements, one and two steps, match float64 and the emulator", cuda.name());
 }

@@ -205,7 +205,7 @@ struct WgOp {
     uint64_t da, db;
     unsigned first;  // linear index of the warpgroup's first thread
     int pending;     // threads that have not retired it
-    std::vector<uint16_t> a, b;
+    std::vector<uint32_t> a, b;  // raw element bits (16 or 32 of them)
 };
 
 // A static shared array of the running block.
@@ -734,41 +734,66 @@ static bool decode_desc(Job* J, uint64_t d, const char* which, int line, Desc* o
     return true;
 }
 
-// Byte offset of element (r, k) of a K-major, no-swizzle operand (PTX ISA canonical layout).
-static inline size_t canon_at(const Desc& d, unsigned r, unsigned k) {
-    return d.start + 16 * (r % 8) + d.sbo * (r / 8) + 2 * (k % 8) + d.lbo * (k / 8);
+// Bytes of one element of a wgmma type, and the K of one wgmma (32 bytes of each row).
+static inline unsigned wg_bytes(int type) { return type == WG_TF32 ? 4 : 2; }
+static inline unsigned wg_k(int type) { return 32 / wg_bytes(type); }
+
+// Byte offset of element (r, k) of a K-major, no-swizzle operand of `es`-byte elements (PTX ISA
+// canonical layout: T = 16 / es elements per 16-byte core-matrix row).
+static inline size_t canon_at(const Desc& d, unsigned r, unsigned k, unsigned es) {
+    const unsigned t = 16 / es;
+    return d.start + 16 * (r % 8) + d.sbo * (r / 8) + es * (k % t) + d.lbo * (k / t);
 }
 
-// Gathers `rows` x 16 elements through `d` into `out` (raw bits), checking each one as a read of
-// thread `me`; `fresh`: also the fence.proxy.async rule (at issue). False after recording an error.
-static bool gather_operand(Job* J, Worker& w, const Desc& d, unsigned rows, const char* which, int line, unsigned me, bool fresh,
-                           std::vector<uint16_t>* out) {
-    out->resize(size_t(rows) * 16);
+// Gathers `rows` x K elements of `type` through `d` into `out` (raw bits), checking each one as a
+// read of thread `me`; `fresh`: also the fence.proxy.async rule and, for tf32, that each is a
+// tf32 value (at issue). False after recording an error.
+static bool gather_operand(Job* J, Worker& w, const Desc& d, unsigned rows, int type, const char* which, int line, unsigned me,
+                           bool fresh, std::vector<uint32_t>* out) {
+    const unsigned es = wg_bytes(type), K = wg_k(type);
+    out->resize(size_t(rows) * K);
     for (unsigned r = 0; r < rows; ++r)
-        for (unsigned k = 0; k < 16; ++k) {
-            const size_t o = canon_at(d, r, k);
-            if (o + 2 > w.dyn_bytes) {
+        for (unsigned k = 0; k < K; ++k) {
+            const size_t o = canon_at(d, r, k, es);
+            if (o + es > w.dyn_bytes) {
                 record(J, fmt("out-of-bounds access: wgmma at line %d: %s element (%u, %u) at dynamic shared memory byte %zu, past its %zu bytes "
                               "(descriptor start %zu, LBO %zu, SBO %zu), at %s",
                               line, which, r, k, o, w.dyn_bytes, d.start, d.lbo, d.sbo, where().c_str()));
                 return false;
             }
+            uint32_t v = 0;
+            std::memcpy(&v, w.smem + o, es);
             if (fresh) {
-                if (!check_read(w, o / 2, me)) return false;
-                const Sh& e = w.shadow[o / 2];
-                if (e.w_t && w.fibers[e.w_t - 1].proxy_dirty) {
-                    record(J, fmt("wgmma at line %d reads %s element (%u, %u), %s, written by %s, which has made no fence.proxy.async "
-                                  "(fence_proxy_async) since it wrote shared memory: the async proxy may not see the write, at %s",
-                                  line, which, r, k, describe(w, o).c_str(), thread_name(e.w_t - 1).c_str(), where().c_str()));
+                for (size_t g = o / 2; g < (o + es) / 2; ++g) {
+                    if (!check_read(w, g, me)) return false;
+                    const Sh& e = w.shadow[g];
+                    if (e.w_t && w.fibers[e.w_t - 1].proxy_dirty) {
+                        record(J, fmt("wgmma at line %d reads %s element (%u, %u), %s, written by %s, which has made no fence.proxy.async "
+                                      "(fence_proxy_async) since it wrote shared memory: the async proxy may not see the write, at %s",
+                                      line, which, r, k, describe(w, o).c_str(), thread_name(e.w_t - 1).c_str(), where().c_str()));
+                        return false;
+                    }
+                }
+                if (type == WG_TF32 && (v & 0x1fffu)) {
+                    record(J, fmt("wgmma .tf32 at line %d: %s element (%u, %u), %s, = %#010x is not a tf32 value (low 13 bits set): "
+                                  "round it with tf32_from_f32 (cvt.rna.tf32.f32) before the wgmma reads it, at %s",
+                                  line, which, r, k, describe(w, o).c_str(), v, where().c_str()));
                     return false;
                 }
             }
-            (*out)[size_t(r) * 16 + k] = u16_at(w.smem + o);
+            (*out)[size_t(r) * K + k] = v;
         }
     return true;
 }
 
-static inline double wg_elem(uint16_t v, int type) { return double(type == WG_BF16 ? bf16_bits_to_f32(v) : f16_bits_to_f32(v)); }
+static inline double wg_elem(uint32_t v, int type) {
+    if (type == WG_TF32) {
+        float f;
+        std::memcpy(&f, &v, 4);
+        return double(f);
+    }
+    return double(type == WG_BF16 ? bf16_bits_to_f32(uint16_t(v)) : f16_bits_to_f32(uint16_t(v)));
+}
 
 // The pending result of the newest wgmma of `f` on registers `d`, or null.
 static const WgPending* pending_on(const Fiber& f, const float* d) {
@@ -822,9 +847,11 @@ static int resolve_wgmma(Job* J, Worker& w, unsigned n, unsigned lin) {
     Desc da, db;
     if (!decode_desc(J, L0->da, "A", line, &da) || !decode_desc(J, L0->db, "B", line, &db)) return -1;
     WgOp op{line, type, N, L0->da, L0->db, first, 128, {}, {}};
-    if (!gather_operand(J, w, da, 64, "A", line, first, true, &op.a) || !gather_operand(J, w, db, unsigned(N), "B", line, first, true, &op.b))
+    if (!gather_operand(J, w, da, 64, type, "A", line, first, true, &op.a) ||
+        !gather_operand(J, w, db, unsigned(N), type, "B", line, first, true, &op.b))
         return -1;
     const size_t id = w.wgops.size();
+    const unsigned K = wg_k(type);
     for (unsigned j = 0; j < 128; ++j) {
         Fiber& f = G[j];
         const WgLane* L = reinterpret_cast<const WgLane*>(f.val);
@@ -834,7 +861,7 @@ static int resolve_wgmma(Job* J, Worker& w, unsigned n, unsigned lin) {
         for (int i = 0; i < N / 2; ++i) {
             const unsigned row = 16 * wq + l / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
             double acc = !L->scale_d ? 0.0 : prev ? double(prev->res[size_t(i)]) : double(L->d[i]);
-            for (int k = 0; k < 16; ++k) acc += wg_elem(op.a[row * 16 + k], type) * wg_elem(op.b[col * 16 + k], type);
+            for (unsigned k = 0; k < K; ++k) acc += wg_elem(op.a[row * K + k], type) * wg_elem(op.b[col * K + k], type);
             p.res[size_t(i)] = float(acc);
             std::memcpy(&L->d[i], &kWgPoison, 4);
         }
@@ -863,11 +890,11 @@ static bool wg_retire(Worker& w, Fiber* f) {
     WgOp& op = w.wgops[p.op];
     if (--op.pending == 0) {
         Desc da, db;
-        std::vector<uint16_t> a, b;
+        std::vector<uint32_t> a, b;
         decode_desc(tl.job, op.da, "A", op.line, &da);
         decode_desc(tl.job, op.db, "B", op.line, &db);
-        if (!gather_operand(tl.job, w, da, 64, "A", op.line, op.first, false, &a) ||
-            !gather_operand(tl.job, w, db, unsigned(op.n), "B", op.line, op.first, false, &b))
+        if (!gather_operand(tl.job, w, da, 64, op.type, "A", op.line, op.first, false, &a) ||
+            !gather_operand(tl.job, w, db, unsigned(op.n), op.type, "B", op.line, op.first, false, &b))
             return false;
         if (a != op.a || b != op.b) {
             record(tl.job, fmt("wgmma issued at line %d: shared memory of its %s operand was modified while it was in flight "
@@ -875,8 +902,8 @@ static bool wg_retire(Worker& w, Fiber* f) {
                                op.line, a != op.a ? "A" : "B", where().c_str()));
             return false;
         }
-        std::vector<uint16_t>().swap(op.a);
-        std::vector<uint16_t>().swap(op.b);
+        std::vector<uint32_t>().swap(op.a);
+        std::vector<uint32_t>().swap(op.b);
     }
     return true;
 }

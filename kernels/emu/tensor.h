@@ -128,16 +128,18 @@ inline void cp_async_at(int line, int bytes, sptr<D> dst, gptr<S> src, int src_b
 }
 
 // ---- wgmma (runtime in emu.cpp) ----------------------------------------------------------------
-// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: a collective of the 128 threads of a
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16} and m64nNk8.f32.tf32.tf32: a collective of the 128 threads of a
 // warpgroup (threads 128 q .. 128 q + 127 of the block; the block must be whole warpgroups), all at
 // one source line with the same descriptors, N and scale-d. The runtime
 //  - decodes both descriptors (PTX ISA "Matrix Descriptor": bits 0-13 start address >> 4, 16-29
 //    leading byte offset >> 4, 32-45 stride byte offset >> 4, 49-51 base offset, 62-63 swizzle)
 //    and fails the launch on a swizzle or base offset other than 0 (not emulated) or a reserved
 //    bit set; the start address is the byte offset in the block's dynamic shared memory;
-//  - gathers A (64 x 16) and B (N x 16) by the canonical K-major no-swizzle layout
-//    ((8,m),(8,2)):((8,SBO),(1,LBO)) in 16-bit elements: element (row r, k) at byte
-//    start + 16 (r % 8) + SBO (r / 8) + 2 (k % 8) + LBO (k / 8); every byte must lie in dynamic
+//  - gathers A (64 x K) and B (N x K; K = 16 halves or 8 tf32) by the canonical K-major
+//    no-swizzle layout ((8,m),(T,2)):((1T,SBO),(1,LBO)), T = 16 bytes of elements: element
+//    (row r, k) at byte start + 16 (r % 8) + SBO (r / 8) + e (k % T) + LBO (k / T) for e-byte
+//    elements; a tf32 element with any of its low 13 bits set fails the launch (a kernel rounds
+//    it with tf32_from_f32 first, as for mma.sync); every byte must lie in dynamic
 //    shared memory, be written, be ordered before the read (barriers), and its writer must have
 //    made a fence.proxy.async since writing it (conservative: any shared write of the writer after
 //    its last fence counts);
@@ -157,7 +159,7 @@ struct WgLane {
     float* d;         // N / 2 accumulator registers
     int scale_d;      // 0: D = A B, else D = A B + D
 };
-enum WgType : int { WG_F16 = 0, WG_BF16 = 1 };
+enum WgType : int { WG_F16 = 0, WG_BF16 = 1, WG_TF32 = 2 };
 void wgmma(int line, int type, int n, WgLane* lane);
 void wgmma_fence(int line);
 void wgmma_commit(int line);

@@ -52,7 +52,8 @@ kernels! {
         CONV3D_TC_TF32 = "conv3d_tc_tf32",
         CONV3D_TC_WIDE_TF32 = "conv3d_tc_wide_tf32",
         CONV3D_WGMMA_F16 = "conv3d_wgmma_f16",
-        CONV3D_WGMMA_BF16 = "conv3d_wgmma_bf16";
+        CONV3D_WGMMA_BF16 = "conv3d_wgmma_bf16",
+        CONV3D_WGMMA_TF32 = "conv3d_wgmma_tf32";
     "half.cu":
         TO_HALF_F16 = "to_half_f16",
         TO_HALF_BF16 = "to_half_bf16",
@@ -112,12 +113,12 @@ pub fn conv3d_tc(dtype: DType, wide: bool) -> &'static str {
     }
 }
 
-/// The wgmma convolution (sm_90a) for f16 / bf16 inputs and weights; None for f32 (it has no tf32 form).
-pub fn conv3d_wgmma(dtype: DType) -> Option<&'static str> {
+/// The wgmma convolution (sm_90a) for f16 / bf16 inputs and weights, or f32 computed in tf32.
+pub fn conv3d_wgmma(dtype: DType) -> &'static str {
     match dtype {
-        DType::F16 => Some(CONV3D_WGMMA_F16),
-        DType::BF16 => Some(CONV3D_WGMMA_BF16),
-        DType::F32 => None,
+        DType::F16 => CONV3D_WGMMA_F16,
+        DType::BF16 => CONV3D_WGMMA_BF16,
+        DType::F32 => CONV3D_WGMMA_TF32,
     }
 }
 

@@ -61,7 +61,7 @@ pub fn launch_block(kernel: &str) -> Option<(u32, u32)> {
     match kernel {
         k::CONV3D_TILED => Some((TILED_THREADS, 0)),
         k::CONV3D_TC_F16 | k::CONV3D_TC_BF16 | k::CONV3D_TC_TF32 | k::CONV3D_TC_WIDE_F16 | k::CONV3D_TC_WIDE_BF16 | k::CONV3D_TC_WIDE_TF32
-        | k::CONV3D_WGMMA_F16 | k::CONV3D_WGMMA_BF16 => {
+        | k::CONV3D_WGMMA_F16 | k::CONV3D_WGMMA_BF16 | k::CONV3D_WGMMA_TF32 => {
             crate::gpu::tensor_conv::reference_launch_block(kernel)
         }
         k::CONV3D_DIRECT | k::CHANNEL_AFFINE | k::RELU | k::ADD | k::SIGMOID | k::MAXPOOL2 | k::MAXPOOL2_F16 | k::MAXPOOL2_BF16

@@ -91,8 +91,8 @@ pub struct GpuOptions {
     #[arg(long)]
     pub no_graph: bool,
     /// Run the stride-1 convolutions of 64, 128, ... output channels on wgmma (sm_90a warpgroup
-    /// MMA, --precision fp16 / bf16, sm_90 GPUs) instead of mma.sync. Off by default: checked on
-    /// the emulator against float64, not yet measured on a GPU
+    /// MMA, --precision tf32 / fp16 / bf16, sm_90 GPUs) instead of mma.sync. Off by default:
+    /// checked on the emulator against float64, not yet measured on a GPU
     #[arg(long)]
     pub wgmma: bool,
 }
@@ -407,21 +407,21 @@ impl<D: Device> GpuPlan<D> {
     }
 
     /// Runs every convolution the wgmma kernel takes ([`tensor_conv::wgmma_supports`]: stride 1,
-    /// Cout a multiple of 64, fp16 / bf16) on it (`true`), or all on mma.sync (`false`, the
-    /// default). Returns how many convolutions use wgmma; an error on a device without it, or in
-    /// a precision it has not (fp32, tf32). The same weights serve both kernels.
+    /// Cout a multiple of 64) on it (`true`), or all on mma.sync (`false`, the default), in tf32,
+    /// fp16 or bf16. Returns how many convolutions use wgmma; an error on a device without it, or
+    /// in fp32 (CUDA cores, no tensor cores). The same weights serve both kernels.
     pub fn set_wgmma(&mut self, on: bool) -> Result<usize> {
         if on && !self.device().has_wgmma() {
             return Err(Error::backend(self.device().name(), "--wgmma: needs an sm_90 GPU (H100 / H200)"));
         }
-        if on && !matches!(self.precision, Precision::Fp16 | Precision::Bf16) {
-            return Err(Error::Input(format!("--wgmma: fp16 or bf16 only, not --precision {}", self.precision.name())));
+        if on && self.precision == Precision::Fp32 {
+            return Err(Error::Input("--wgmma: a tensor-core option (--precision tf32, fp16 or bf16), not fp32".into()));
         }
         self.graph.take();
         let mut n = 0;
         for c in &mut self.convs {
             if let Conv::Tc(tc) = c {
-                let wg = on && tensor_conv::wgmma_supports(&tc.spec, tc.dtype).is_none();
+                let wg = on && tensor_conv::wgmma_supports(&tc.spec).is_none();
                 tc.tile = if wg { WarpTile::Wgmma } else { WarpTile::M32 };
                 n += wg as usize;
             }

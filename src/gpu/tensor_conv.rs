@@ -28,8 +28,8 @@ pub const PREFERRED_SMEM: usize = 113 * 1024;
 /// The warp tile: with mma.sync, each warp computes 32 (M32: 8 warps per block) or 64 (M64: 4
 /// warps, the `wide` kernels) output voxels by 64 channels, any shape, f16 / bf16 / tf32. Same
 /// result, bit for bit; which is faster is for a GPU to say. Wgmma: two warpgroups, each 128 voxels
-/// by 64 channels with wgmma.m64n64k16 (sm_90a; stride 1, Cout a multiple of 64, f16 / bf16 only,
-/// [`wgmma_supports`]); the same sums in another order of rounding.
+/// by 64 channels with wgmma.m64n64k16 (f16 / bf16) or m64n64k8 (tf32) (sm_90a; stride 1, Cout a
+/// multiple of 64, [`wgmma_supports`]); the same sums, rounded at the same points on the emulator.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WarpTile {
     #[default]
@@ -50,11 +50,9 @@ impl WarpTile {
     }
 }
 
-/// Why the wgmma kernel cannot compute `spec` in `dtype`, or None when it can.
-pub fn wgmma_supports(spec: &ConvSpec, dtype: DType) -> Option<String> {
-    if dtype == DType::F32 {
-        Some("wgmma has no tf32 form here (f16 / bf16 only)".into())
-    } else if spec.stride != [1; 3] {
+/// Why the wgmma kernel cannot compute `spec` (in any of its types), or None when it can.
+pub fn wgmma_supports(spec: &ConvSpec) -> Option<String> {
+    if spec.stride != [1; 3] {
         Some(format!("stride {:?} (the wgmma kernel takes stride 1)", spec.stride))
     } else if !spec.cout.is_multiple_of(BLOCK_COUT) {
         Some(format!("{} output channels (the wgmma kernel takes a multiple of {BLOCK_COUT})", spec.cout))
@@ -130,7 +128,7 @@ pub fn reference_launch_block(kernel: &str) -> Option<(u32, u32)> {
     let spec = ConvSpec { cin: 64, cout: 64, k: [3; 3], stride: [1; 3], pad: [1; 3] };
     let types = [DType::F16, DType::BF16, DType::F32];
     let tiles = [WarpTile::M32, WarpTile::M64, WarpTile::Wgmma];
-    let (dtype, tile) = types.iter().flat_map(|&t| tiles.map(|w| (t, w))).find(|&(t, w)| kernel_for(t, w) == Some(kernel))?;
+    let (dtype, tile) = types.iter().flat_map(|&t| tiles.map(|w| (t, w))).find(|&(t, w)| kernel_for(t, w) == kernel)?;
     let ck = choose_chunk(&spec, dtype).ok()?;
     Some((tile.threads(), tile_smem_bytes(&spec, ck, dtype, tile) as u32))
 }
@@ -205,11 +203,11 @@ impl<B> TcConv<B> {
     }
 }
 
-/// The kernel of `tile` in `dtype`; None for wgmma in f32.
-fn kernel_for(dtype: DType, tile: WarpTile) -> Option<&'static str> {
+/// The kernel of `tile` in `dtype`.
+fn kernel_for(dtype: DType, tile: WarpTile) -> &'static str {
     match tile {
         WarpTile::Wgmma => kernels::conv3d_wgmma(dtype),
-        _ => Some(kernels::conv3d_tc(dtype, tile == WarpTile::M64)),
+        _ => kernels::conv3d_tc(dtype, tile == WarpTile::M64),
     }
 }
 
@@ -271,11 +269,11 @@ pub fn conv3d_tc<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf
 pub fn conv3d_tc_into<D: Device>(dev: &D, conv: &TcConv<D::Buf>, x: &DevTensor<D::Buf>, ep: &Epilogue<'_, D::Buf>, y: &DevTensor<D::Buf>) -> Result<()> {
     let spec = &conv.spec;
     if conv.tile == WarpTile::Wgmma {
-        if let Some(why) = wgmma_supports(spec, conv.dtype) {
+        if let Some(why) = wgmma_supports(spec) {
             return Err(Error::Shape(format!("conv3d_wgmma: {why}")));
         }
     }
-    let kernel = kernel_for(conv.dtype, conv.tile).ok_or_else(|| Error::Shape("conv3d_wgmma: f16 / bf16 only".into()))?;
+    let kernel = kernel_for(conv.dtype, conv.tile);
     if !dev.has_tensor_cores() {
         return Err(Error::kernel(kernel, format!("{}: needs sm_80 or newer (mma.sync, cp.async)", dev.name())));
     }
