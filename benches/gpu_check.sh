@@ -22,7 +22,8 @@
 #      compile of every kernel (nvrtc) and the cubin cache (kernel_cache);
 #   4. napkin conv throughput of the CUDA variants (gpu_ops cuda_conv_throughput) and of the
 #      tensor-core conv in fp16 / bf16 / tf32 (tensor_conv cuda_tensor_conv_throughput); the GPU
-#      plan at batch 1 without the CUDA graph (--no-graph: the graph's gain); the end-to-end folder
+#      plan at batch 1 without the CUDA graph (--no-graph: the graph's gain); bf16 at batch 8 with
+#      8 batches streamed in one run (--stream: the copies overlapped); the end-to-end folder
 #      rate of `deepis segment --backend cuda` (files/s);
 #   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8: deepis bench in
 #      fp32 / tf32 / fp16 / bf16 and tf32 / fp16 / bf16 with --wgmma, batch 1 and 8, against PyTorch in
@@ -36,7 +37,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 gpu=$root/.gpu
 # The test binaries each run as its own process; these are their cargo target names.
-TESTS=(cuda ops_table gpu_ops tensor_core wgmma tensor_conv gpu_plan nvrtc kernel_cache)
+TESTS=(cuda ops_table gpu_ops tensor_core wgmma tensor_conv gpu_plan queues nvrtc kernel_cache)
 
 build() {
     set -e
@@ -162,6 +163,10 @@ run() {
         step "plan-$p-b1-no-graph" 120 "$gpu/deepis" bench --backend cuda --precision "$p" --batch 1 --runs 5 --warmup 2 --no-graph
         excerpt "plan-$p-b1-no-graph" '^gpu plan|^median'
     done
+    # copies overlapped: 8 batches of 8 in one run, two in flight (uploads, downloads and the
+    # forward passes on their own streams), against one batch per run
+    step plan-bf16-b8-stream 120 "$gpu/deepis" bench --backend cuda --precision bf16 --batch 8 --runs 3 --warmup 1 --stream 8
+    excerpt plan-bf16-b8-stream '^gpu plan|^median|^streamed'
     # the end-to-end folder rate: segment over 16 synthetic 128x128x64 volumes (read, predict,
     # label, write, pipelined), the shipped weights, bf16, batch 1
     step synth 60 "$gpu/deepis" synth -o "$out/folder" --frames 16 --size 128,128,64

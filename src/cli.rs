@@ -174,6 +174,11 @@ pub struct BenchArgs {
     /// Untimed runs first
     #[arg(long, default_value_t = 1)]
     pub warmup: u32,
+    /// Also time N batches in one run of the GPU plan (--backend emu or cuda), two in flight, so
+    /// that each batch's upload and download overlap the forward passes: the rate of a server
+    /// fed without pause (0: not)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub stream: u32,
     #[command(flatten)]
     pub gpu: GpuOptions,
 }
@@ -480,12 +485,13 @@ impl Job for Bench<'_> {
     fn run<B: TrainBackend>(self, backend: B) -> Result<()> {
         println!("backend: {}", backend.name());
         let net = Network::new(backend, self.weights)?;
-        time_runs(self.weights, self.x, self.runs, self.warmup, &|x| net.forward(x))
+        time_runs(self.weights, self.x, self.runs, self.warmup, &|x| net.forward(x)).map(drop)
     }
 }
 
-/// `warmup` untimed then `runs` timed forward passes of `x`; prints the work and the median.
-fn time_runs(weights: &Weights, x: &Tensor, runs: u32, warmup: u32, forward: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+/// `warmup` untimed then `runs` timed forward passes of `x`; prints the work and the median, and
+/// returns it (seconds).
+fn time_runs(weights: &Weights, x: &Tensor, runs: u32, warmup: u32, forward: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<f64> {
     let n = x.shape.n;
     let gflop = flops(&weights.config, x.shape.d) * n as f64 / 1e9;
     println!("work: {n} volume(s) of {:?}, {gflop:.1} GFLOP per forward", x.shape.d);
@@ -505,7 +511,7 @@ fn time_runs(weights: &Weights, x: &Tensor, runs: u32, warmup: u32, forward: &dy
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
     println!("median of {} run(s): {:.5} s per volume, {:.1} GFLOP/s, {:.2} volumes/s", times.len(), med / n as f64, gflop / med.max(1e-9), n as f64 / med.max(1e-9));
-    Ok(())
+    Ok(med)
 }
 
 fn bench(a: &BenchArgs) -> Result<()> {
@@ -525,7 +531,11 @@ fn bench(a: &BenchArgs) -> Result<()> {
     let shape = Shape::new(a.batch as usize, a.size, 1);
     let mut rng = Rng::new(7);
     let x = Tensor::new(shape, (0..shape.len()).map(|_| rng.normal() as f32).collect())?;
-    match check_gpu_options(choose(a.backend)?, a.gpu)? {
+    let chosen = check_gpu_options(choose(a.backend)?, a.gpu)?;
+    if a.stream > 0 && !matches!(chosen, Chosen::Emu | Chosen::Cuda(_)) {
+        return Err(Error::Input("--stream: times the GPU plan (--backend emu or cuda); the CPU runs volume by volume".into()));
+    }
+    match chosen {
         Chosen::Plan => bench_plan(&weights, &x, a.runs, a.warmup),
         Chosen::Emu => bench_gpu(EmuDevice::new(), &weights, &x, a),
         Chosen::Cuda(dev) => bench_gpu(dev, &weights, &x, a),
@@ -573,7 +583,16 @@ fn bench_gpu<D: Device>(dev: D, weights: &Weights, x: &Tensor, a: &BenchArgs) ->
     let plan = GpuPlan::with_options(dev, weights, x.shape.d, x.shape.n, a.gpu)?;
     println!("backend: {}", plan.device().name());
     println!("{}", plan.summary());
-    time_runs(weights, x, a.runs, a.warmup, &|x| plan.run(x))
+    let one = time_runs(weights, x, a.runs, a.warmup, &|x| plan.run(x))?;
+    if a.stream == 0 {
+        return Ok(());
+    }
+    let k = a.stream as usize;
+    let many = Tensor::new(Shape::new(k * x.shape.n, x.shape.d, 1), x.data.repeat(k))?;
+    println!("streamed: {k} batches of {} in one run, two in flight (uploads and downloads overlap the forward passes)", x.shape.n);
+    let med = time_runs(weights, &many, a.runs, 0, &|x| plan.run(x))?;
+    println!("streamed: {:.2}x the volumes/s of one batch per run", one * k as f64 / med.max(1e-12));
+    Ok(())
 }
 
 fn bench_plan(weights: &Weights, x: &Tensor, runs: u32, warmup: u32) -> Result<()> {

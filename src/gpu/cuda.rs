@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUfunction_attribute_enum, CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 use crate::gpu::nvrtc::cache::CubinCache;
-use crate::gpu::{from_half_bits, kernels, nvrtc, DType, Device, KArg, LaunchCfg};
+use crate::gpu::{from_half_bits, kernels, nvrtc, DType, Device, KArg, LaunchCfg, Queue};
 
 /// Dynamic shared memory a kernel may use without opting in.
 const DEFAULT_DYN_SMEM: u32 = 48 * 1024;
@@ -34,9 +34,41 @@ pub enum CudaBuf {
     Region { arena: Arc<CudaSlice<u8>>, ptr: u64, len: usize, dtype: DType },
 }
 
+/// Page-locked host memory, and an event after the last copy that read or wrote it.
+pub struct CudaPinned {
+    host: PinnedHostSlice<f32>,
+    last: Option<CudaEvent>,
+}
+
+impl CudaPinned {
+    /// Waits for the last copy of this memory (so that the host may touch it).
+    fn settle(&self) -> Result<()> {
+        match &self.last {
+            Some(e) => e.synchronize().map_err(|e| drv("waiting for a copy of pinned memory", e)),
+            None => Ok(()),
+        }
+    }
+    /// The host's view, once no copy is in flight.
+    fn slice(&self) -> Result<&[f32]> {
+        self.settle()?;
+        self.host.as_slice().map_err(|e| drv("pinned memory", e))
+    }
+}
+
+impl Drop for CudaPinned {
+    /// The memory is freed only after the copy that uses it (an error run may leave one in flight).
+    fn drop(&mut self) {
+        let _ = self.settle();
+    }
+}
+
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
+    /// Kernels, graphs and the synchronous copies.
     stream: Arc<CudaStream>,
+    /// The asynchronous copies to and from pinned memory, one stream per direction.
+    upload: Arc<CudaStream>,
+    download: Arc<CudaStream>,
     _modules: Vec<Arc<CudaModule>>,
     funcs: HashMap<String, CudaFunction>,
     /// The dynamic shared memory each kernel has been allowed (set once, not at every launch).
@@ -70,6 +102,8 @@ impl CudaDevice {
         // SAFETY: no buffer of this context exists yet, and all later ones live on `stream` only.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| drv("stream", e))?;
+        let upload = ctx.new_stream().map_err(|e| drv("stream", e))?;
+        let download = ctx.new_stream().map_err(|e| drv("stream", e))?;
         let cache = CubinCache::from_env();
         let (built, stats) = nvrtc::build_all(&arch, &cache)?;
         for w in &stats.warnings {
@@ -77,7 +111,7 @@ impl CudaDevice {
         }
         eprintln!("{}", stats.summary(&cache, &arch));
         let name = format!("cuda:{ordinal} {dev_name} ({arch})");
-        let mut dev = CudaDevice { ctx, stream, _modules: Vec::new(), funcs: HashMap::new(), smem_set: Mutex::default(), name, arch };
+        let mut dev = CudaDevice { ctx, stream, upload, download, _modules: Vec::new(), funcs: HashMap::new(), smem_set: Mutex::default(), name, arch };
         for nvrtc::Compiled { file, cubin, .. } in built {
             dev.load(&file, cubin, &kernels::kernels_of(&file).collect::<Vec<_>>())?;
         }
@@ -90,6 +124,27 @@ impl CudaDevice {
         // `region`); the copy is complete when `synchronize` returns, while `dst` is borrowed.
         unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, self.stream.cu_stream()) }.map_err(|e| drv("copy to host", e))?;
         self.synchronize()
+    }
+
+    /// The stream of `q`.
+    fn queue(&self, q: Queue) -> &Arc<CudaStream> {
+        match q {
+            Queue::Compute => &self.stream,
+            Queue::Upload => &self.upload,
+            Queue::Download => &self.download,
+        }
+    }
+
+    /// The device address of an f32 buffer of `len` values, for a copy `what`.
+    fn f32_ptr(&self, b: &CudaBuf, len: usize, what: &str) -> Result<u64> {
+        if self.buf_dtype(b) != DType::F32 || self.buf_len(b) != len {
+            return Err(Error::backend("cuda", format!("{what}: {len} f32 values against a buffer of {} {} values", self.buf_len(b), self.buf_dtype(b).name())));
+        }
+        match b {
+            CudaBuf::F32(s) => Ok(s.device_ptr(&self.stream).0),
+            CudaBuf::Region { ptr, .. } => Ok(*ptr),
+            CudaBuf::Half(..) => Err(Error::backend("cuda", format!("{what}: not an f32 buffer"))),
+        }
     }
 
     /// Loads a cubin and looks up its `kernels`.
@@ -292,7 +347,10 @@ impl Device for CudaDevice {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| drv("synchronize", e))
+        for s in [&self.stream, &self.upload, &self.download] {
+            s.synchronize().map_err(|e| drv("synchronize", e))?;
+        }
+        Ok(())
     }
 
     fn capture(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraph> {
@@ -316,5 +374,58 @@ impl Device for CudaDevice {
 
     fn memory_info(&self) -> Option<(usize, usize)> {
         self.ctx.mem_get_info().ok()
+    }
+
+    type Pinned = CudaPinned;
+    type Event = CudaEvent;
+
+    fn alloc_pinned(&self, len: usize) -> Result<CudaPinned> {
+        if len == 0 {
+            return Err(Error::backend("cuda", "pinned host memory of 0 values"));
+        }
+        // Cached (not write-combined): the host reads what a download brings.
+        // SAFETY: the memory is zeroed below before anything reads it.
+        let mut host = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.map_err(|e| drv("pinned host memory", e))?;
+        host.as_mut_slice().map_err(|e| drv("pinned host memory", e))?.fill(0.0);
+        Ok(CudaPinned { host, last: None })
+    }
+    fn pinned_len(&self, p: &CudaPinned) -> usize {
+        p.host.len()
+    }
+    fn pinned_mut<'a>(&self, p: &'a mut CudaPinned) -> Result<&'a mut [f32]> {
+        p.settle()?;
+        p.host.as_mut_slice().map_err(|e| drv("pinned memory", e))
+    }
+    fn pinned_ref<'a>(&self, p: &'a CudaPinned) -> Result<&'a [f32]> {
+        p.slice()
+    }
+    fn upload(&self, src: &mut CudaPinned, dst: &CudaBuf) -> Result<()> {
+        let ptr = self.f32_ptr(dst, src.host.len(), "upload")?;
+        let host = src.slice()?;
+        // SAFETY: `ptr` addresses `host.len()` f32 values of a live buffer (f32_ptr); `host` is
+        // page-locked memory that stays allocated and unwritten until the event recorded below
+        // has passed (pinned_mut and the drop of PinnedHostSlice wait for it).
+        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, host, self.upload.cu_stream()) }.map_err(|e| drv("upload", e))?;
+        src.last = Some(self.upload.record_event(None).map_err(|e| drv("event", e))?);
+        Ok(())
+    }
+    fn download(&self, src: &CudaBuf, dst: &mut CudaPinned) -> Result<()> {
+        let ptr = self.f32_ptr(src, dst.host.len(), "download")?;
+        dst.settle()?;
+        let host = dst.host.as_mut_slice().map_err(|e| drv("pinned memory", e))?;
+        // SAFETY: as for upload: the pinned memory is not touched by the host until the event
+        // recorded below has passed, and `ptr` holds `host.len()` f32 values.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(host, ptr, self.download.cu_stream()) }.map_err(|e| drv("download", e))?;
+        dst.last = Some(self.download.record_event(None).map_err(|e| drv("event", e))?);
+        Ok(())
+    }
+    fn record(&self, q: Queue) -> Result<CudaEvent> {
+        self.queue(q).record_event(None).map_err(|e| drv("event record", e))
+    }
+    fn wait(&self, q: Queue, e: &CudaEvent) -> Result<()> {
+        self.queue(q).wait(e).map_err(|e| drv("event wait", e))
+    }
+    fn host_wait(&self, e: &CudaEvent) -> Result<()> {
+        e.synchronize().map_err(|e| drv("event synchronize", e))
     }
 }

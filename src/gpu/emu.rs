@@ -7,8 +7,11 @@ use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ffi::{c_char, c_void, CStr};
 use std::rc::Rc;
 
-use super::{from_half_bits, DType, Device, KArg, LaunchCfg};
+use super::{from_half_bits, DType, Device, KArg, LaunchCfg, Queue};
 use crate::error::{Error, Result};
+
+mod order;
+use order::{Order, Span};
 
 /// The order in which the threads of a block run between barriers, and the order of the blocks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -112,6 +115,10 @@ impl EmuBuf {
         // storage holds at least `bytes()` bytes.
         unsafe { std::slice::from_raw_parts(self.ptr(), self.bytes()) }.to_vec()
     }
+    /// Its bytes for the order check: `write` or read.
+    fn span(&self, write: bool) -> Span {
+        Span { key: Rc::as_ptr(&self.data) as *const u8 as usize, lo: self.offset, hi: self.offset + self.bytes(), write }
+    }
     /// Another handle to the same memory (as a device pointer is copied into a recorded launch).
     fn share(&self) -> EmuBuf {
         EmuBuf { data: Rc::clone(&self.data), offset: self.offset, len: self.len, dtype: self.dtype }
@@ -131,6 +138,22 @@ struct Recorded {
     cfg: LaunchCfg,
     args: Vec<RecArg>,
 }
+
+/// The emulator's pinned host memory: host memory whose accesses are checked against the queues'.
+pub struct EmuPinned {
+    data: Vec<f32>,
+    /// Its identity for the order check, alive as long as it.
+    alive: Rc<()>,
+}
+
+impl EmuPinned {
+    fn span(&self, write: bool) -> Span {
+        Span { key: Rc::as_ptr(&self.alive) as usize, lo: 0, hi: 4 * self.data.len(), write }
+    }
+}
+
+/// The emulator's event: the clock of its queue when it was recorded.
+pub struct EmuEvent(order::Clock);
 
 /// The emulator's graph: the recorded launches, replayed in order with the same buffers and scalars.
 pub struct EmuGraph {
@@ -160,6 +183,8 @@ pub struct EmuDevice {
     /// The device memory it reports ([`EmuDevice::with_memory`]), and the bytes allocated so far.
     memory: Option<usize>,
     allocated: Cell<usize>,
+    /// What the queues and the host did, and in which order ([`order`]).
+    order: RefCell<Order>,
 }
 
 /// The environment variable that picks the schedule of [`EmuDevice::new`] (`forward`, `reverse`),
@@ -192,9 +217,38 @@ impl EmuDevice {
     }
 
     /// A new buffer of `bytes` (its length and type given), counted against the reported memory.
-    fn new_buf(&self, bytes: &[u8], len: usize, dtype: DType) -> EmuBuf {
+    /// A new buffer of `bytes` (its length and type given), counted against the reported memory,
+    /// written by the compute queue (as a GPU's allocation is set there).
+    fn new_buf(&self, bytes: &[u8], len: usize, dtype: DType) -> Result<EmuBuf> {
         self.allocated.set(self.allocated.get() + bytes.len());
-        EmuBuf::from_bytes(bytes, len, dtype)
+        let b = EmuBuf::from_bytes(bytes, len, dtype);
+        let alive: std::rc::Weak<dyn std::any::Any> = Rc::downgrade(&b.data) as _;
+        let whole = Span { key: Rc::as_ptr(&b.data) as *const u8 as usize, lo: 0, hi: b.storage_bytes(), write: true };
+        self.order.borrow_mut().fresh(whole.key, alive);
+        self.ordered(Some(Queue::Compute), "an allocation", &[whole])?;
+        Ok(b)
+    }
+
+    /// Records an operation of `q` (the host for `None`) on `spans`; an error if it conflicts with
+    /// an access of another queue or the host that no event orders before it.
+    fn ordered(&self, q: Option<Queue>, what: &'static str, spans: &[Span]) -> Result<()> {
+        self.order.borrow_mut().access(q, what, spans).map_err(|e| Error::backend("emu", e))
+    }
+
+    /// The order check of a launch of `k` on the compute queue: its `gptr<const T>` arguments are
+    /// read, the others written.
+    fn ordered_launch(&self, k: &EmuKernel, args: &[KArg<'_, EmuBuf>]) -> Result<()> {
+        // SAFETY: the generated signature function returns a static NUL-terminated string.
+        let sig = unsafe { CStr::from_ptr((k.sig)()) }.to_string_lossy();
+        let spans: Vec<Span> = sig
+            .chars()
+            .zip(args)
+            .filter_map(|(c, a)| match a {
+                KArg::Buf(b) if b.bytes() > 0 => Some(b.span(c.is_ascii_uppercase())),
+                _ => None,
+            })
+            .collect();
+        self.ordered(Some(Queue::Compute), k.name, &spans)
     }
 
     /// An error when a capture is in progress: `what` is not a launch, which a graph cannot hold.
@@ -326,14 +380,16 @@ impl Device for EmuDevice {
         // The emulated device's memory is this machine's: it answers to the memory budget.
         let what = format!("an emulated device buffer of {len} values");
         crate::limits::check(&what, crate::limits::bytes_of(Some(len as u64), 4)).map_err(Error::Input)?;
-        Ok(self.new_buf(&vec![0; len * 4], len, DType::F32))
+        self.new_buf(&vec![0; len * 4], len, DType::F32)
     }
     fn htod(&self, data: &[f32]) -> Result<EmuBuf> {
         self.not_capturing("a copy to the device")?;
-        Ok(self.new_buf(bytemuck::cast_slice(data), data.len(), DType::F32))
+        self.new_buf(bytemuck::cast_slice(data), data.len(), DType::F32)
     }
     fn dtoh(&self, buf: &EmuBuf) -> Result<Vec<f32>> {
         self.not_capturing("a copy to the host")?;
+        self.ordered(Some(Queue::Compute), "a copy to the host", &[buf.span(false)])?;
+        self.order.borrow_mut().synchronize();
         let bytes = buf.to_bytes();
         Ok(match buf.dtype {
             DType::F32 => bytemuck::pod_collect_to_vec(&bytes),
@@ -351,13 +407,15 @@ impl Device for EmuDevice {
             return Err(Error::backend("emu", "htod_bits: f32 is not a 16-bit type"));
         }
         self.not_capturing("a copy to the device")?;
-        Ok(self.new_buf(bytemuck::cast_slice(bits), bits.len(), dtype))
+        self.new_buf(bytemuck::cast_slice(bits), bits.len(), dtype)
     }
     fn dtoh_bits(&self, buf: &EmuBuf) -> Result<Vec<u16>> {
         if buf.dtype == DType::F32 {
             return Err(Error::backend("emu", "dtoh_bits: the buffer holds f32"));
         }
         self.not_capturing("a copy to the host")?;
+        self.ordered(Some(Queue::Compute), "a copy to the host", &[buf.span(false)])?;
+        self.order.borrow_mut().synchronize();
         Ok(bytemuck::pod_collect_to_vec(&buf.to_bytes()))
     }
     fn region(&self, arena: &EmuBuf, offset: usize, len: usize, dtype: DType) -> Result<EmuBuf> {
@@ -369,6 +427,8 @@ impl Device for EmuDevice {
             return Err(Error::backend("emu", format!("htod_into: {} f32 values into {} {} values", data.len(), dst.len, dst.dtype.name())));
         }
         self.not_capturing("a copy to the device")?;
+        self.ordered(Some(Queue::Compute), "a copy to the device", &[dst.span(true)])?;
+        self.order.borrow_mut().synchronize();
         // SAFETY: launches are synchronous, so no kernel touches the buffer now; it holds `bytes()` bytes.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().cast::<u8>(), dst.ptr(), dst.bytes()) };
         Ok(())
@@ -399,11 +459,14 @@ impl Device for EmuDevice {
             rec.push(Recorded { kernel: k, cfg, args });
             return Ok(());
         }
+        self.ordered_launch(k, args)?;
         self.run_launch(k, cfg, args)
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.not_capturing("a synchronisation")
+        self.not_capturing("a synchronisation")?;
+        self.order.borrow_mut().synchronize();
+        Ok(())
     }
 
     fn capture(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<EmuGraph> {
@@ -431,8 +494,66 @@ impl Device for EmuDevice {
                     RecArg::F32(v) => KArg::F32(*v),
                 })
                 .collect();
+            self.ordered_launch(r.kernel, &args)?;
             self.run_launch(r.kernel, r.cfg, &args)?;
         }
+        Ok(())
+    }
+
+    type Pinned = EmuPinned;
+    type Event = EmuEvent;
+
+    fn alloc_pinned(&self, len: usize) -> Result<EmuPinned> {
+        self.not_capturing("a pinned allocation")?;
+        let what = format!("pinned host memory of {len} values");
+        crate::limits::check(&what, crate::limits::bytes_of(Some(len as u64), 4)).map_err(Error::Input)?;
+        let p = EmuPinned { data: vec![0.0; len], alive: Rc::new(()) };
+        let alive: std::rc::Weak<dyn std::any::Any> = Rc::downgrade(&p.alive) as _;
+        self.order.borrow_mut().fresh(p.span(true).key, alive);
+        Ok(p)
+    }
+    fn pinned_len(&self, p: &EmuPinned) -> usize {
+        p.data.len()
+    }
+    fn pinned_mut<'a>(&self, p: &'a mut EmuPinned) -> Result<&'a mut [f32]> {
+        self.ordered(None, "a host write of pinned memory", &[p.span(true)])?;
+        Ok(&mut p.data)
+    }
+    fn pinned_ref<'a>(&self, p: &'a EmuPinned) -> Result<&'a [f32]> {
+        self.ordered(None, "a host read of pinned memory", &[p.span(false)])?;
+        Ok(&p.data)
+    }
+    fn upload(&self, src: &mut EmuPinned, dst: &EmuBuf) -> Result<()> {
+        if dst.dtype != DType::F32 || dst.len != src.data.len() {
+            return Err(Error::backend("emu", format!("upload: {} f32 values into {} {} values", src.data.len(), dst.len, dst.dtype.name())));
+        }
+        self.not_capturing("an upload")?;
+        self.ordered(Some(Queue::Upload), "an upload", &[src.span(false), dst.span(true)])?;
+        // SAFETY: copies run at once, so nothing else touches `dst` now; it holds `bytes()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src.data.as_ptr().cast::<u8>(), dst.ptr(), dst.bytes()) };
+        Ok(())
+    }
+    fn download(&self, src: &EmuBuf, dst: &mut EmuPinned) -> Result<()> {
+        if src.dtype != DType::F32 || src.len != dst.data.len() {
+            return Err(Error::backend("emu", format!("download: {} {} values into {} f32 values", src.len, src.dtype.name(), dst.data.len())));
+        }
+        self.not_capturing("a download")?;
+        self.ordered(Some(Queue::Download), "a download", &[src.span(false), dst.span(true)])?;
+        dst.data.copy_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(&src.to_bytes()));
+        Ok(())
+    }
+    fn record(&self, q: Queue) -> Result<EmuEvent> {
+        self.not_capturing("an event record")?;
+        Ok(EmuEvent(self.order.borrow_mut().record(q)))
+    }
+    fn wait(&self, q: Queue, e: &EmuEvent) -> Result<()> {
+        self.not_capturing("an event wait")?;
+        self.order.borrow_mut().wait(q, &e.0);
+        Ok(())
+    }
+    fn host_wait(&self, e: &EmuEvent) -> Result<()> {
+        self.not_capturing("a host wait")?;
+        self.order.borrow_mut().host_wait(&e.0);
         Ok(())
     }
 }

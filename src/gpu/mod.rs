@@ -101,6 +101,17 @@ fn check_region(dev: &str, offset: usize, bytes: usize, arena_bytes: usize) -> R
     Ok(())
 }
 
+/// A queue of a device. Kernels and graphs run on `Compute`, and so do the synchronous copies
+/// (`htod`, `dtoh`, ...). `Upload` and `Download` carry the asynchronous copies between pinned
+/// host memory and the device (a GPU's two copy engines), so that they overlap the kernels. Work
+/// on two queues is ordered only by an event recorded on one and waited for on the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queue {
+    Compute,
+    Upload,
+    Download,
+}
+
 /// A device that stores f32, f16 and bf16 buffers and launches the kernels of `kernels/` by name.
 /// The f32 calls (`alloc_zeros`, `htod`) make f32 buffers; `dtoh` reads any buffer as f32 (exact).
 pub trait Device {
@@ -155,6 +166,7 @@ pub trait Device {
     }
     /// Launches `kernel` (its `extern "C"` name) with `args` in the kernel's parameter order.
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KArg<'_, Self::Buf>]) -> Result<()>;
+    /// Blocks the host until the work of every queue is done.
     fn synchronize(&self) -> Result<()>;
     /// Records the launches `body` makes into a graph, to be replayed by [`Device::replay`] with the
     /// same buffers and scalars. Only launches may be recorded: an allocation, a copy or a
@@ -168,6 +180,30 @@ pub trait Device {
     fn memory_info(&self) -> Option<(usize, usize)> {
         None
     }
+
+    /// Page-locked host memory of f32 values, which `upload` and `download` copy asynchronously.
+    type Pinned;
+    /// A point in a queue's work ([`Device::record`]), that another queue or the host waits for.
+    type Event;
+    /// `len` zeros in pinned host memory.
+    fn alloc_pinned(&self, len: usize) -> Result<Self::Pinned>;
+    fn pinned_len(&self, p: &Self::Pinned) -> usize;
+    /// The host's view of `p`, to fill before an upload. No copy may still be reading or writing
+    /// it: the host must have waited ([`Device::host_wait`]) for an event recorded after the last
+    /// copy of `p` (the emulator fails otherwise; CUDA waits for that copy itself).
+    fn pinned_mut<'a>(&self, p: &'a mut Self::Pinned) -> Result<&'a mut [f32]>;
+    /// The host's view of `p`, to read after a download, on the same terms as `pinned_mut`.
+    fn pinned_ref<'a>(&self, p: &'a Self::Pinned) -> Result<&'a [f32]>;
+    /// Queues on [`Queue::Upload`] a copy of `src` into the f32 buffer `dst` of the same length.
+    fn upload(&self, src: &mut Self::Pinned, dst: &Self::Buf) -> Result<()>;
+    /// Queues on [`Queue::Download`] a copy of the f32 buffer `src` into `dst` of the same length.
+    fn download(&self, src: &Self::Buf, dst: &mut Self::Pinned) -> Result<()>;
+    /// An event after the work queued on `q` so far.
+    fn record(&self, q: Queue) -> Result<Self::Event>;
+    /// Work queued on `q` from now on starts after `e`.
+    fn wait(&self, q: Queue, e: &Self::Event) -> Result<()>;
+    /// Blocks the host until `e` is reached.
+    fn host_wait(&self, e: &Self::Event) -> Result<()>;
 }
 
 /// A device shared by several plans (one per volume size, say): each call goes to the one device.
@@ -233,6 +269,35 @@ impl<T: Device> Device for std::rc::Rc<T> {
     }
     fn memory_info(&self) -> Option<(usize, usize)> {
         (**self).memory_info()
+    }
+    type Pinned = T::Pinned;
+    type Event = T::Event;
+    fn alloc_pinned(&self, len: usize) -> Result<Self::Pinned> {
+        (**self).alloc_pinned(len)
+    }
+    fn pinned_len(&self, p: &Self::Pinned) -> usize {
+        (**self).pinned_len(p)
+    }
+    fn pinned_mut<'a>(&self, p: &'a mut Self::Pinned) -> Result<&'a mut [f32]> {
+        (**self).pinned_mut(p)
+    }
+    fn pinned_ref<'a>(&self, p: &'a Self::Pinned) -> Result<&'a [f32]> {
+        (**self).pinned_ref(p)
+    }
+    fn upload(&self, src: &mut Self::Pinned, dst: &Self::Buf) -> Result<()> {
+        (**self).upload(src, dst)
+    }
+    fn download(&self, src: &Self::Buf, dst: &mut Self::Pinned) -> Result<()> {
+        (**self).download(src, dst)
+    }
+    fn record(&self, q: Queue) -> Result<Self::Event> {
+        (**self).record(q)
+    }
+    fn wait(&self, q: Queue, e: &Self::Event) -> Result<()> {
+        (**self).wait(q, e)
+    }
+    fn host_wait(&self, e: &Self::Event) -> Result<()> {
+        (**self).host_wait(e)
     }
 }
 

@@ -23,14 +23,14 @@
 //!
 //! The graph's `Pair` (two in-plane GCN convs, which the CPU runs plane by plane for its caches)
 //! is two convs here. Values whose lifetimes do not overlap share memory (`plan::memory`).
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
 
 use crate::backend::{ConvSpec, DevTensor};
 use crate::error::{Error, Result};
 use crate::gpu::ops::GpuBackend;
 use crate::gpu::tensor_conv::{self, conv3d_tc_into, Epilogue, TcConv, WarpTile};
-use crate::gpu::{convert, DType, Device};
+use crate::gpu::{convert, DType, Device, Queue};
 use crate::graph::passes::{Act, Lin, Passes, WOp, Weighted};
 use crate::graph::{Graph, Mode};
 use crate::plan::memory;
@@ -138,23 +138,48 @@ impl Step {
 /// The network compiled for `batch` volumes of one size on one device. Its launches are recorded
 /// into a graph at the first run ([`Device::capture`]: a CUDA graph on a GPU) and replayed for
 /// every batch, unless [`GpuPlan::set_graph`] turns that off (then they are queued one by one).
+/// Two batches are in flight at a time ([`GpuPlan::run`]): each has its own input, output and
+/// pinned host buffers (a [`Slot`]) and its own graph.
 pub struct GpuPlan<D: Device> {
-    /// The recorded launches (declared first: dropped before the buffers they name).
-    graph: OnceCell<D::Graph>,
+    /// The recorded launches of each slot (declared first: dropped before the buffers they name).
+    graphs: [OnceCell<D::Graph>; 2],
     use_graph: bool,
+    /// Each slot's pinned host memory, made at the first run.
+    staging: RefCell<Option<[Staging<D>; 2]>>,
     gpu: GpuBackend<D>,
     precision: Precision,
     batch: usize,
     steps: Vec<Step>,
     convs: Vec<Conv<D::Buf>>,
     affines: Vec<(D::Buf, D::Buf)>,
-    /// Every value as a region of `arena` (declared first: dropped before it).
+    /// The two slots' input and output values.
+    slots: [Slot<D::Buf>; 2],
+    /// Every value as a region of `arena` (declared first: dropped before it); the input and the
+    /// output are the slots'.
     vals: Vec<DevTensor<D::Buf>>,
     arena_bytes: usize,
+    /// The two slots' bytes.
+    slot_bytes: usize,
     weight_bytes: usize,
     input: V,
     output: V,
     _arena: D::Buf,
+}
+
+/// The input and output values of one batch in flight, allocated apart from the arena: values
+/// there share memory with the input after its last reader and with the output before its
+/// writer, so the next batch could not be uploaded, nor this one downloaded, during a forward pass.
+struct Slot<B> {
+    input: DevTensor<B>,
+    output: DevTensor<B>,
+}
+
+/// The host side of a slot: its batch in and out in pinned memory, and the event after the
+/// download of the batch it holds.
+struct Staging<D: Device> {
+    input: D::Pinned,
+    output: D::Pinned,
+    downloaded: Option<D::Event>,
 }
 
 /// The lowering: values (shape with the batch, type) and steps, node by node in the graph's order.
@@ -322,9 +347,10 @@ impl<D: Device> GpuPlan<D> {
 
     /// Compiles a passed inference graph (any passes, any `Arch`).
     pub fn from_weighted(dev: D, g: &Weighted, batch: usize, precision: Precision) -> Result<Self> {
-        let Built { steps, convs, affines, vals, arena_bytes, weight_bytes, input, output, arena } = Built::lower(&dev, g, batch, precision)?;
+        let Built { steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, arena } = Built::lower(&dev, g, batch, precision)?;
         let gpu = GpuBackend::new(dev);
-        Ok(GpuPlan { graph: OnceCell::new(), use_graph: true, gpu, precision, batch, steps, convs, affines, vals, arena_bytes, weight_bytes, input, output, _arena: arena })
+        let (graphs, staging) = ([OnceCell::new(), OnceCell::new()], RefCell::new(None));
+        Ok(GpuPlan { graphs, use_graph: true, staging, gpu, precision, batch, steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, _arena: arena })
     }
 }
 
@@ -333,8 +359,10 @@ struct Built<B> {
     steps: Vec<Step>,
     convs: Vec<Conv<B>>,
     affines: Vec<(B, B)>,
+    slots: [Slot<B>; 2],
     vals: Vec<DevTensor<B>>,
     arena_bytes: usize,
+    slot_bytes: usize,
     weight_bytes: usize,
     input: V,
     output: V,
@@ -371,14 +399,26 @@ impl<B> Built<B> {
             return Err(Error::Other("gpu plan: the graph's input or output has no value".into()));
         };
         let Lower { shapes, steps, convs, affines, .. } = l;
-        // in 4-byte units
-        let lens = shapes.iter().map(|(s, t)| (s.len() * t.bytes()).div_ceil(4));
+        // in 4-byte units; the input and the output live in the slots, not in the arena
+        let lens = shapes.iter().enumerate().map(|(v, (s, t))| if v == input || v == output { 0 } else { (s.len() * t.bytes()).div_ceil(4) });
         let lives = memory::lifetimes(lens, steps.iter().map(Step::values), input, output);
         let (off, arena_len) = memory::place(&lives, true);
         debug_assert!(memory::disjoint(&lives, &off));
         let arena_bytes = 4 * arena_len;
-        check_device_memory(dev, arena_bytes, batch)?;
+        let (ins, outs) = (shapes[input], shapes[output]);
+        if ins.1 != DType::F32 || outs.1 != DType::F32 {
+            return Err(Error::Other("gpu plan: the network's input and output must be f32".into()));
+        }
+        let slot_bytes = 2 * 4 * (ins.0.len() + outs.0.len());
+        check_device_memory(dev, arena_bytes + slot_bytes, batch)?;
         let arena = dev.alloc_arena(arena_bytes)?;
+        let slot = || -> Result<Slot<B>> {
+            let input = DevTensor { shape: ins.0, data: dev.alloc_zeros(ins.0.len())? };
+            Ok(Slot { input, output: DevTensor { shape: outs.0, data: dev.alloc_zeros(outs.0.len())? } })
+        };
+        let slots = [slot()?, slot()?];
+        // The copies of a run go on other queues than the allocations' zeroing.
+        dev.synchronize()?;
         let vals = shapes
             .iter()
             .zip(&off)
@@ -389,7 +429,7 @@ impl<B> Built<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let weight_bytes = convs.iter().map(|c| conv_bytes(dev, c)).sum();
-        Ok(Built { steps, convs, affines, vals, arena_bytes, weight_bytes, input, output, arena })
+        Ok(Built { steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, arena })
     }
 }
 
@@ -398,7 +438,7 @@ impl<D: Device> GpuPlan<D> {
     /// queues its launches one by one (`false`: for comparing the two, and for profilers that
     /// follow single launches).
     pub fn set_graph(&mut self, on: bool) {
-        self.graph.take();
+        self.graphs.iter_mut().for_each(|g| drop(g.take()));
         self.use_graph = on;
     }
 
@@ -417,7 +457,7 @@ impl<D: Device> GpuPlan<D> {
         if on && self.precision == Precision::Fp32 {
             return Err(Error::Input("--wgmma: a tensor-core option (--precision tf32, fp16 or bf16), not fp32".into()));
         }
-        self.graph.take();
+        self.graphs.iter_mut().for_each(|g| drop(g.take()));
         let mut n = 0;
         for c in &mut self.convs {
             if let Conv::Tc(tc) = c {
@@ -469,10 +509,16 @@ impl<D: Device> GpuPlan<D> {
         self.arena_bytes
     }
 
+    /// The device memory of the values: the arena and the two slots' inputs and outputs (what
+    /// grows with the batch; the weights do not).
+    pub fn device_bytes(&self) -> usize {
+        self.arena_bytes + self.slot_bytes
+    }
+
     /// One line: precision, batch, steps, launches and memory.
     pub fn summary(&self) -> String {
         format!(
-            "gpu plan: {}, batch {}, {} steps ({} convs{}, {} launches per batch, {}), arena {:.1} MiB + weights {:.1} MiB",
+            "gpu plan: {}, batch {}, {} steps ({} convs{}, {} launches per batch, {}), arena {:.1} MiB + in/out slots {:.1} MiB + weights {:.1} MiB",
             self.precision.name(),
             self.batch,
             self.steps.len(),
@@ -484,12 +530,21 @@ impl<D: Device> GpuPlan<D> {
             self.launches(),
             if self.uses_graph() { "replayed as one graph" } else { "queued one by one" },
             self.arena_bytes as f64 / 1048576.0,
+            self.slot_bytes as f64 / 1048576.0,
             self.weight_bytes as f64 / 1048576.0
         )
     }
 
     /// N raw 1-channel volumes (channels-last) in, the head output out, `batch` volumes at a time
     /// (a last, partial batch is padded with zeros).
+    ///
+    /// Two batches are in flight: while the GPU computes batch k, the host fills pinned memory with
+    /// batch k+1 and uploads it (the upload queue), and batch k-1 is downloaded (the download queue)
+    /// and copied out. Each forward pass waits for its upload, each download for its forward pass,
+    /// and the host for the download before it reads. Slot k % 2 is reused by batch k+2 only after
+    /// the host has collected batch k, whose download waited for its forward pass, which waited for
+    /// its upload: so the next upload into it, the next forward pass and the next download are all
+    /// ordered after the last use (the emulator checks every one of these orders).
     pub fn run(&self, x: &Tensor) -> Result<Tensor> {
         let ins = self.vals[self.input].shape;
         if x.shape.c != 1 || x.shape.d != ins.d {
@@ -501,37 +556,78 @@ impl<D: Device> GpuPlan<D> {
         let os = self.vals[self.output].shape;
         let (per_in, per_out) = (ins.len() / self.batch, os.len() / self.batch);
         let mut out = Tensor::zeros(Shape::new(x.shape.n, os.d, os.c));
-        let mut host = vec![0.0f32; ins.len()];
-        for first in (0..x.shape.n).step_by(self.batch) {
+        let mut staging = self.staging.borrow_mut();
+        let staging = match &mut *staging {
+            Some(s) => s,
+            None => staging.insert([self.staging_slot()?, self.staging_slot()?]),
+        };
+        let mut pending: Option<(usize, usize, usize)> = None;
+        for (k, first) in (0..x.shape.n).step_by(self.batch).enumerate() {
             let m = self.batch.min(x.shape.n - first);
-            host.fill(0.0);
-            host[..m * per_in].copy_from_slice(&x.data[first * per_in..(first + m) * per_in]);
-            self.device().htod_into(&host, &self.vals[self.input].data)?;
-            self.exec()?;
-            let y = self.device().dtoh(&self.vals[self.output].data)?;
-            out.data[first * per_out..(first + m) * per_out].copy_from_slice(&y[..m * per_out]);
+            self.submit(k % 2, &mut staging[k % 2], &x.data[first * per_in..(first + m) * per_in])?;
+            if let Some((s, first, m)) = pending.take() {
+                self.collect(&staging[s], &mut out.data[first * per_out..(first + m) * per_out])?;
+            }
+            pending = Some((k % 2, first, m));
+        }
+        if let Some((s, first, m)) = pending {
+            self.collect(&staging[s], &mut out.data[first * per_out..(first + m) * per_out])?;
         }
         crate::finite::plain(out)
     }
 
-    /// One forward pass of the batch in the input value: the graph replayed, or the launches queued.
-    fn exec(&self) -> Result<()> {
+    fn staging_slot(&self) -> Result<Staging<D>> {
+        let dev = self.device();
+        let (i, o) = (self.slots[0].input.shape.len(), self.slots[0].output.shape.len());
+        Ok(Staging { input: dev.alloc_pinned(i)?, output: dev.alloc_pinned(o)?, downloaded: None })
+    }
+
+    /// Queues batch `x` (zero-padded to the batch) through slot `s`: upload, forward, download.
+    fn submit(&self, s: usize, st: &mut Staging<D>, x: &[f32]) -> Result<()> {
+        let (dev, slot) = (self.device(), &self.slots[s]);
+        let host = dev.pinned_mut(&mut st.input)?;
+        host[..x.len()].copy_from_slice(x);
+        host[x.len()..].fill(0.0);
+        dev.upload(&mut st.input, &slot.input.data)?;
+        dev.wait(Queue::Compute, &dev.record(Queue::Upload)?)?;
+        self.exec(s)?;
+        dev.wait(Queue::Download, &dev.record(Queue::Compute)?)?;
+        dev.download(&slot.output.data, &mut st.output)?;
+        st.downloaded = Some(dev.record(Queue::Download)?);
+        Ok(())
+    }
+
+    /// Waits for the download of the batch in `st` and copies its first `y.len()` values out.
+    fn collect(&self, st: &Staging<D>, y: &mut [f32]) -> Result<()> {
+        let dev = self.device();
+        let e = st.downloaded.as_ref().ok_or_else(|| Error::Other("gpu plan: a batch collected before its download".into()))?;
+        dev.host_wait(e)?;
+        y.copy_from_slice(&dev.pinned_ref(&st.output)?[..y.len()]);
+        Ok(())
+    }
+
+    /// Queues one forward pass of slot `s` on the compute queue: its graph replayed (recorded at
+    /// its first use), or the launches queued.
+    fn exec(&self, s: usize) -> Result<()> {
         if !self.use_graph {
-            self.launch_steps()?;
-        } else {
-            if self.graph.get().is_none() {
-                let graph = self.device().capture(&mut || self.launch_steps())?;
-                let _ = self.graph.set(graph);
-            }
-            let graph = self.graph.get().ok_or_else(|| Error::Other("gpu plan: no graph after its capture".into()))?;
-            self.device().replay(graph)?;
+            return self.launch_steps(s);
         }
-        self.device().synchronize()
+        if self.graphs[s].get().is_none() {
+            let graph = self.device().capture(&mut || self.launch_steps(s))?;
+            let _ = self.graphs[s].set(graph);
+        }
+        let graph = self.graphs[s].get().ok_or_else(|| Error::Other("gpu plan: no graph after its capture".into()))?;
+        self.device().replay(graph)
     }
 
     /// Queues every step's launches (no allocation, copy or synchronisation: a graph records this).
-    fn launch_steps(&self) -> Result<()> {
-        let (g, dev, v) = (&self.gpu, self.gpu.device(), |i: V| &self.vals[i]);
+    fn launch_steps(&self, s: usize) -> Result<()> {
+        let (g, dev, slot) = (&self.gpu, self.gpu.device(), &self.slots[s]);
+        let v = |i: V| match i {
+            _ if i == self.input => &slot.input,
+            _ if i == self.output => &slot.output,
+            _ => &self.vals[i],
+        };
         for st in &self.steps {
             match *st {
                 Step::Conv { x, conv, out, res, act } => match &self.convs[conv] {
