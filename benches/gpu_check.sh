@@ -18,13 +18,15 @@
 #      the tensor-core truth table and products on CUDA equal to the emulator's bit for bit
 #      (tensor_core), wgmma against float64 and the emulator (wgmma; sm_90), the tensor-core conv,
 #      mma.sync and wgmma, within its derived error bound (tensor_conv), the GPU
-#      plan on every golden case in fp32 / tf32 / fp16 / bf16 within its bounds (gpu_plan), NVRTC's
+#      plan on every golden case in fp32 / tf32 / fp16 / bf16 within its bounds (gpu_plan), the
+#      copies on their own streams carrying each round's values (queues), segment's batches across
+#      inputs bit for bit what each input gets alone (stream), NVRTC's
 #      compile of every kernel (nvrtc) and the cubin cache (kernel_cache);
 #   4. napkin conv throughput of the CUDA variants (gpu_ops cuda_conv_throughput) and of the
 #      tensor-core conv in fp16 / bf16 / tf32 (tensor_conv cuda_tensor_conv_throughput); the GPU
 #      plan at batch 1 without the CUDA graph (--no-graph: the graph's gain); bf16 at batch 8 with
 #      8 batches streamed in one run (--stream: the copies overlapped); the end-to-end folder
-#      rate of `deepis segment --backend cuda` (files/s);
+#      rate of `deepis segment --backend cuda` (files/s) at --batch 1 and 8;
 #   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8: deepis bench in
 #      fp32 / tf32 / fp16 / bf16 and tf32 / fp16 / bf16 with --wgmma, batch 1 and 8, against PyTorch in
 #      the same precisions, on the same weights (needs python3 with torch, numpy, safetensors;
@@ -37,7 +39,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 gpu=$root/.gpu
 # The test binaries each run as its own process; these are their cargo target names.
-TESTS=(cuda ops_table gpu_ops tensor_core wgmma tensor_conv gpu_plan queues nvrtc kernel_cache)
+TESTS=(cuda ops_table gpu_ops tensor_core wgmma tensor_conv gpu_plan queues stream nvrtc kernel_cache)
 
 build() {
     set -e
@@ -168,10 +170,13 @@ run() {
     step plan-bf16-b8-stream 120 "$gpu/deepis" bench --backend cuda --precision bf16 --batch 8 --runs 3 --warmup 1 --stream 8
     excerpt plan-bf16-b8-stream '^gpu plan|^median|^streamed'
     # the end-to-end folder rate: segment over 16 synthetic 128x128x64 volumes (read, predict,
-    # label, write, pipelined), the shipped weights, bf16, batch 1
+    # label, write, pipelined), the shipped weights, bf16, batch 1 and 8
     step synth 60 "$gpu/deepis" synth -o "$out/folder" --frames 16 --size 128,128,64
     step segment-folder 180 "$gpu/deepis" segment --weights weights/deepis-synth-w16.safetensors "$out/folder/input" -o "$out/folder/labels" --backend cuda --precision bf16
     excerpt segment-folder 'written|^gpu plan|^backend'
+    # the same at --batch 8: 8 files per forward pass, two batches in flight across files
+    step segment-folder-b8 180 "$gpu/deepis" segment --weights weights/deepis-synth-w16.safetensors "$out/folder/input" -o "$out/folder/labels-b8" --backend cuda --precision bf16 --batch 8
+    excerpt segment-folder-b8 'written|^gpu plan'
     rm -rf "$out/folder"
 
     if [ "${SKIP_COMPARE:-0}" = 1 ]; then

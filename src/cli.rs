@@ -641,7 +641,7 @@ fn segment(a: &crate::segment::SegmentArgs) -> Result<()> {
 
 fn segment_gpu<D: Device>(dev: D, a: &crate::segment::SegmentArgs, weights: &Weights) -> Result<crate::segment::Report> {
     eprintln!("backend: {}", dev.name());
-    crate::segment::run(a, weights, &mut crate::segment::gpu_predictor(dev, weights, a.gpu, a.batch as usize))
+    crate::segment::run_stream(a, weights, &mut crate::segment::GpuStream::new(dev, weights, a.gpu))
 }
 
 /// Exposed for `main`: parse the process arguments (clap prints help/usage and exits itself).

@@ -275,6 +275,31 @@ fn pipelined_batches_equal_each_batch_run_alone() {
     }
 }
 
+/// `submit` / `collect`: two batches in flight and no third, a batch given back only to the plan
+/// that queued it, a batch no larger than the plan's; each refusal says why and leaves the plan
+/// as it was.
+#[test]
+fn a_third_batch_in_flight_and_a_ticket_of_another_plan_are_refused() {
+    let (w, x, _) = case("tiny");
+    let five = five_of(&x);
+    let per = x.data.len();
+    let one = |i: usize| Tensor::new(Shape::new(1, x.shape.d, 1), five.data[i * per..(i + 1) * per].to_vec()).unwrap();
+    let plan = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, 1, Precision::Fp32).unwrap();
+    let other = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, 1, Precision::Fp32).unwrap();
+    let (a, b) = (plan.submit(&one(0)).unwrap(), plan.submit(&one(1)).unwrap());
+    let e = plan.submit(&one(2)).unwrap_err().to_string();
+    assert!(e.contains("two batches are in flight already"), "{e}");
+    let e = other.collect(a).unwrap_err().to_string();
+    assert!(e.contains("another plan"), "{e}");
+    let e = plan.submit(&five).unwrap_err().to_string();
+    assert!(e.contains("batches of 1 to 1 volumes, got 5"), "{e}");
+    // b came through the refusals with its own input's output
+    let yb = plan.collect(b).unwrap();
+    let alone = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, 1, Precision::Fp32).unwrap().run(&one(1)).unwrap();
+    assert!(same_bits(&yb.data, &alone.data), "the batch in flight through the refusals");
+    println!("a third batch, another plan's ticket and an oversized batch refused, each saying why");
+}
+
 /// The same on a real GPU, where the copies run concurrently with the forward passes.
 #[test]
 fn cuda_pipelined_batches_equal_each_batch_run_alone() {

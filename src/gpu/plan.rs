@@ -163,7 +163,31 @@ pub struct GpuPlan<D: Device> {
     weight_bytes: usize,
     input: V,
     output: V,
+    /// Which plan a [`Ticket`] came from (unique in the process).
+    id: usize,
     _arena: D::Buf,
+}
+
+/// A batch queued by [`GpuPlan::submit`], to give back to [`GpuPlan::collect`]: which plan and
+/// slot hold it, and how many volumes it has. A ticket dropped, or given to another plan (which
+/// refuses it), keeps its slot held for the plan's life.
+#[must_use = "a queued batch holds one of the plan's two slots until it is collected"]
+#[derive(Debug)]
+pub struct Ticket {
+    plan: usize,
+    slot: usize,
+    n: usize,
+}
+
+impl Ticket {
+    /// The volumes of the batch.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
 }
 
 /// The input and output values of one batch in flight, allocated apart from the arena: values
@@ -350,7 +374,7 @@ impl<D: Device> GpuPlan<D> {
         let Built { steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, arena } = Built::lower(&dev, g, batch, precision)?;
         let gpu = GpuBackend::new(dev);
         let (graphs, staging) = ([OnceCell::new(), OnceCell::new()], RefCell::new(None));
-        Ok(GpuPlan { graphs, use_graph: true, staging, gpu, precision, batch, steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, _arena: arena })
+        Ok(GpuPlan { graphs, use_graph: true, staging, gpu, precision, batch, steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, id: next_plan_id(), _arena: arena })
     }
 }
 
@@ -536,16 +560,69 @@ impl<D: Device> GpuPlan<D> {
     }
 
     /// N raw 1-channel volumes (channels-last) in, the head output out, `batch` volumes at a time
-    /// (a last, partial batch is padded with zeros).
-    ///
-    /// Two batches are in flight: while the GPU computes batch k, the host fills pinned memory with
-    /// batch k+1 and uploads it (the upload queue), and batch k-1 is downloaded (the download queue)
-    /// and copied out. Each forward pass waits for its upload, each download for its forward pass,
-    /// and the host for the download before it reads. Slot k % 2 is reused by batch k+2 only after
-    /// the host has collected batch k, whose download waited for its forward pass, which waited for
-    /// its upload: so the next upload into it, the next forward pass and the next download are all
-    /// ordered after the last use (the emulator checks every one of these orders).
+    /// (a last, partial batch is padded with zeros), two batches in flight ([`GpuPlan::submit`]):
+    /// batch k+1 is queued before batch k is collected.
     pub fn run(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        let os = self.vals[self.output].shape;
+        let (per_in, per_out) = (x.shape.voxels(), os.len() / self.batch);
+        let mut out = Tensor::zeros(Shape::new(x.shape.n, os.d, os.c));
+        let mut pending: Option<(Ticket, usize)> = None;
+        for first in (0..x.shape.n).step_by(self.batch) {
+            let m = self.batch.min(x.shape.n - first);
+            let queued = self.submit_values(&x.data[first * per_in..(first + m) * per_in], m);
+            if let Some((t, f)) = pending.take() {
+                // collected even when the queueing failed: the slot is free again for a later run
+                let y = &mut out.data[f * per_out..(f + t.n) * per_out];
+                self.collect_values(t, y)?;
+            }
+            pending = Some((queued?, first));
+        }
+        if let Some((t, f)) = pending {
+            let y = &mut out.data[f * per_out..(f + t.n) * per_out];
+            self.collect_values(t, y)?;
+        }
+        crate::finite::plain(out)
+    }
+
+    /// Queues up to `batch` volumes (zero-padded to the batch) and returns at once: the host fills
+    /// a slot's pinned memory and uploads it on the upload queue, the forward pass waits for the
+    /// upload on the compute queue, the download waits for the forward pass on the download
+    /// queue. Two batches may be in flight (two slots); a third is refused until one is
+    /// [collected](GpuPlan::collect).
+    ///
+    /// Why the two slots never race: a slot is refilled only after the host has collected the
+    /// batch it held, and that collection waited for its download, which waited for its forward
+    /// pass, which waited for its upload. So the next upload into the slot, the next forward pass
+    /// and the next download are all ordered after its last use (the emulator checks each order).
+    pub fn submit(&self, x: &Tensor) -> Result<Ticket> {
+        self.check_input(x)?;
+        if x.shape.n == 0 || x.shape.n > self.batch {
+            return Err(Error::Shape(format!("this GPU plan takes batches of 1 to {} volumes, got {}", self.batch, x.shape.n)));
+        }
+        self.submit_values(&x.data, x.shape.n)
+    }
+
+    /// Waits for a batch queued by [`GpuPlan::submit`] and returns its outputs (its `n` volumes).
+    pub fn collect(&self, t: Ticket) -> Result<Tensor> {
+        let mut y = Tensor::zeros(Shape::new(0, [0; 3], 1));
+        self.collect_into(t, &mut y)?;
+        Ok(y)
+    }
+
+    /// [`GpuPlan::collect`] into `y`, reusing its memory.
+    pub fn collect_into(&self, t: Ticket, y: &mut Tensor) -> Result<()> {
+        let os = self.vals[self.output].shape;
+        y.shape = Shape::new(t.n, os.d, os.c);
+        y.data.resize(y.shape.len(), 0.0);
+        self.collect_values(t, &mut y.data)?;
+        match crate::finite::first_non_finite(&y.data) {
+            None => Ok(()),
+            Some(_) => Err(crate::finite::non_finite(None, y, None)),
+        }
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
         let ins = self.vals[self.input].shape;
         if x.shape.c != 1 || x.shape.d != ins.d {
             return Err(Error::Shape(format!("this GPU plan runs 1-channel {:?} volumes, got {}", ins.d, x.shape)));
@@ -553,38 +630,20 @@ impl<D: Device> GpuPlan<D> {
         if x.data.len() != x.shape.len() {
             return Err(Error::Shape(format!("{} needs {} values, got {}", x.shape, x.shape.len(), x.data.len())));
         }
-        let os = self.vals[self.output].shape;
-        let (per_in, per_out) = (ins.len() / self.batch, os.len() / self.batch);
-        let mut out = Tensor::zeros(Shape::new(x.shape.n, os.d, os.c));
+        Ok(())
+    }
+
+    /// Queues the `n` volumes of `x` through a free slot: upload, forward, download.
+    fn submit_values(&self, x: &[f32], n: usize) -> Result<Ticket> {
         let mut staging = self.staging.borrow_mut();
         let staging = match &mut *staging {
             Some(s) => s,
             None => staging.insert([self.staging_slot()?, self.staging_slot()?]),
         };
-        let mut pending: Option<(usize, usize, usize)> = None;
-        for (k, first) in (0..x.shape.n).step_by(self.batch).enumerate() {
-            let m = self.batch.min(x.shape.n - first);
-            self.submit(k % 2, &mut staging[k % 2], &x.data[first * per_in..(first + m) * per_in])?;
-            if let Some((s, first, m)) = pending.take() {
-                self.collect(&staging[s], &mut out.data[first * per_out..(first + m) * per_out])?;
-            }
-            pending = Some((k % 2, first, m));
-        }
-        if let Some((s, first, m)) = pending {
-            self.collect(&staging[s], &mut out.data[first * per_out..(first + m) * per_out])?;
-        }
-        crate::finite::plain(out)
-    }
-
-    fn staging_slot(&self) -> Result<Staging<D>> {
-        let dev = self.device();
-        let (i, o) = (self.slots[0].input.shape.len(), self.slots[0].output.shape.len());
-        Ok(Staging { input: dev.alloc_pinned(i)?, output: dev.alloc_pinned(o)?, downloaded: None })
-    }
-
-    /// Queues batch `x` (zero-padded to the batch) through slot `s`: upload, forward, download.
-    fn submit(&self, s: usize, st: &mut Staging<D>, x: &[f32]) -> Result<()> {
-        let (dev, slot) = (self.device(), &self.slots[s]);
+        let Some(s) = (0..2).find(|&s| staging[s].downloaded.is_none()) else {
+            return Err(Error::Other("gpu plan: two batches are in flight already: collect one before queueing another".into()));
+        };
+        let (dev, slot, st) = (self.device(), &self.slots[s], &mut staging[s]);
         let host = dev.pinned_mut(&mut st.input)?;
         host[..x.len()].copy_from_slice(x);
         host[x.len()..].fill(0.0);
@@ -594,16 +653,30 @@ impl<D: Device> GpuPlan<D> {
         dev.wait(Queue::Download, &dev.record(Queue::Compute)?)?;
         dev.download(&slot.output.data, &mut st.output)?;
         st.downloaded = Some(dev.record(Queue::Download)?);
+        Ok(Ticket { plan: self.id, slot: s, n })
+    }
+
+    /// Waits for the download of ticket `t`'s slot, frees the slot and copies the batch's values
+    /// (its first `y.len()`) out.
+    fn collect_values(&self, t: Ticket, y: &mut [f32]) -> Result<()> {
+        if t.plan != self.id {
+            return Err(Error::Other("gpu plan: a batch collected from another plan than the one that queued it".into()));
+        }
+        let dev = self.device();
+        let mut staging = self.staging.borrow_mut();
+        let Some(st) = staging.as_mut().map(|s| &mut s[t.slot]) else {
+            return Err(Error::Other("gpu plan: a batch collected before any was queued".into()));
+        };
+        let e = st.downloaded.take().ok_or_else(|| Error::Other("gpu plan: a batch collected twice".into()))?;
+        dev.host_wait(&e)?;
+        y.copy_from_slice(&dev.pinned_ref(&st.output)?[..y.len()]);
         Ok(())
     }
 
-    /// Waits for the download of the batch in `st` and copies its first `y.len()` values out.
-    fn collect(&self, st: &Staging<D>, y: &mut [f32]) -> Result<()> {
+    fn staging_slot(&self) -> Result<Staging<D>> {
         let dev = self.device();
-        let e = st.downloaded.as_ref().ok_or_else(|| Error::Other("gpu plan: a batch collected before its download".into()))?;
-        dev.host_wait(e)?;
-        y.copy_from_slice(&dev.pinned_ref(&st.output)?[..y.len()]);
-        Ok(())
+        let (i, o) = (self.slots[0].input.shape.len(), self.slots[0].output.shape.len());
+        Ok(Staging { input: dev.alloc_pinned(i)?, output: dev.alloc_pinned(o)?, downloaded: None })
     }
 
     /// Queues one forward pass of slot `s` on the compute queue: its graph replayed (recorded at
@@ -662,6 +735,11 @@ impl<D: Device> GpuPlan<D> {
         }
         Ok(())
     }
+}
+
+fn next_plan_id() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// An error when the device reports less free memory than the arena needs (with room for the

@@ -6,8 +6,10 @@
 //! `overlap` voxels. Each tile's prediction is weighted by a window that is 0 on its outer
 //! `overlap/4` voxels (where the zero padding at the tile's edge changes the prediction), rises
 //! as sin^2 over the rest of the overlap and is 1 inside and at the volume's own borders; the
-//! weighted predictions are summed and divided by the summed weights. Only one tile's activations
-//! exist at a time; the output volume and one weight per voxel are the only full-size buffers.
+//! weighted predictions are summed and divided by the summed weights (`tiles`). Only one batch of
+//! tiles' activations exists at a time; the full-size buffers are the output volume, one weight
+//! per voxel, and the sum of each frame whose tiles are in flight. Tiles of consecutive inputs
+//! share batches, two of them in flight on a GPU (`stream`).
 use crate::analysis::components::remove_small_components;
 use crate::config::Head;
 use crate::error::{Error, Result};
@@ -15,212 +17,10 @@ use crate::tensor::{Shape, Tensor};
 use crate::weights::Weights;
 use std::path::{Path, PathBuf};
 
-/// Tile starts on the grid of the network's 4 down-samplings (16 voxels) when the step allows.
-const GRID: usize = 16;
-
-/// A prediction function: N x D0 x D1 x D2 x 1 in, N x D0 x D1 x D2 x C out.
-pub type Predictor<'a> = dyn FnMut(&Tensor) -> Result<Tensor> + 'a;
-
-/// Starts of the tiles along one axis of `n` voxels.
-pub fn tile_starts(n: usize, tile: usize, overlap: usize) -> Vec<usize> {
-    if n <= tile {
-        return vec![0];
-    }
-    let mut step = tile - overlap;
-    if step >= GRID {
-        step -= step % GRID;
-    }
-    let mut v = Vec::new();
-    let mut s = 0;
-    while s + tile < n {
-        v.push(s);
-        s += step;
-    }
-    v.push(n - tile);
-    v
-}
-
-/// The window along one axis for a tile [s, s + len) of an axis of `n` voxels.
-fn axis_window(s: usize, len: usize, n: usize, overlap: usize) -> Vec<f32> {
-    let dead = overlap / 4;
-    let ramp = overlap - dead;
-    let edge = |i: usize| -> f64 {
-        if i < dead {
-            0.0
-        } else if i >= dead + ramp {
-            1.0
-        } else {
-            let t = (i - dead) as f64 + 0.5;
-            (std::f64::consts::FRAC_PI_2 * t / ramp as f64).sin().powi(2)
-        }
-    };
-    (0..len)
-        .map(|i| {
-            let lo = if s == 0 { 1.0 } else { edge(i) };
-            let hi = if s + len == n { 1.0 } else { edge(len - 1 - i) };
-            (lo * hi) as f32
-        })
-        .collect()
-}
-
-/// How overlapping tiles are weighted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Blend {
-    /// 0 on the outer overlap/4 voxels of a tile, sin^2 over the rest of the overlap, 1 inside
-    /// and at the volume's borders (only the overlap is blended)
-    Window,
-    /// A Gaussian centred on the tile, sigma = 1/8 of the tile side (nnU-Net's), floored at
-    /// 1e-3 of its peak so every voxel keeps a weight
-    Gaussian,
-}
-
-/// nnU-Net's importance map along one axis: exp(-(i - c)^2 / (2 sigma^2)), sigma = len / 8.
-fn gaussian_window(len: usize) -> Vec<f32> {
-    let c = (len as f64 - 1.0) / 2.0;
-    let sigma = (len as f64 / 8.0).max(1e-6);
-    (0..len).map(|i| ((-((i as f64 - c).powi(2)) / (2.0 * sigma * sigma)).exp().max(1e-3)) as f32).collect()
-}
-
-/// Checks the tile geometry.
-pub fn check_tiling(tile: [usize; 3], overlap: usize) -> Result<()> {
-    if tile.contains(&0) {
-        return Err(Error::Input(format!("--tile {tile:?}: every side must be at least 1 voxel")));
-    }
-    if let Some(&t) = tile.iter().find(|&&t| overlap >= t) {
-        return Err(Error::Input(format!("--overlap {overlap} must be smaller than every tile side (got a side of {t})")));
-    }
-    Ok(())
-}
-
-/// Runs `predict` over overlapping tiles of every volume of `x` (N x D0 x D1 x D2 x 1) and blends
-/// them. A volume no larger than the tile is predicted whole.
-pub fn predict_tiled(x: &Tensor, tile: [usize; 3], overlap: usize, predict: &mut Predictor<'_>) -> Result<Tensor> {
-    predict_tiled_with(x, tile, overlap, Blend::Window, predict)
-}
-
-/// [`predict_tiled`] with the tile weighting chosen by the caller.
-pub fn predict_tiled_with(x: &Tensor, tile: [usize; 3], overlap: usize, blend: Blend, predict: &mut Predictor<'_>) -> Result<Tensor> {
-    predict_tiled_batched(x, tile, overlap, blend, 1, predict)
-}
-
-/// [`predict_tiled_with`], the same tile of up to `batch` volumes (frames of a time-lapse) given
-/// to `predict` at once: a GPU computes a batch faster per volume than one volume at a time.
-/// Each volume's output is what it would be alone, for a predictor that treats the volumes of a
-/// batch independently (every deepis engine does).
-pub fn predict_tiled_batched(x: &Tensor, tile: [usize; 3], overlap: usize, blend: Blend, batch: usize, predict: &mut Predictor<'_>) -> Result<Tensor> {
-    check_tiling(tile, overlap)?;
-    if x.shape.c != 1 {
-        return Err(Error::Shape(format!("the network takes 1-channel volumes, got {} channels", x.shape.c)));
-    }
-    if x.shape.n == 0 {
-        return Err(Error::Input("no volume to segment".into()));
-    }
-    let d = x.shape.d;
-    let len: [usize; 3] = std::array::from_fn(|k| tile[k].min(d[k]));
-    let starts: [Vec<usize>; 3] = std::array::from_fn(|k| tile_starts(d[k], len[k], overlap));
-    let mut tiles: Vec<[usize; 3]> = Vec::new();
-    for &s0 in &starts[0] {
-        for &s1 in &starts[1] {
-            tiles.extend(starts[2].iter().map(|&s2| [s0, s1, s2]));
-        }
-    }
-    let single = tiles.len() == 1;
-    // The weights depend on the geometry only: the same for every volume.
-    let mut wsum = vec![0f32; if single { 0 } else { x.shape.voxels() }];
-    if !single {
-        for &s in &tiles {
-            let w = tile_window(s, len, d, overlap, blend);
-            add_tile(&mut wsum, d, s, len, 1, |p, _| w[p]);
-        }
-    }
-    let mut out: Option<Tensor> = None;
-    for first in (0..x.shape.n).step_by(batch.max(1)) {
-        let group = first..(first + batch.max(1)).min(x.shape.n);
-        for &s in &tiles {
-            let xt: Vec<f32> = group.clone().flat_map(|n| crop(volume(x, n), d, s, len)).collect();
-            let y = predict(&Tensor::new(Shape::new(group.len(), len, 1), xt)?)?;
-            if y.shape.d != len || y.shape.n != group.len() {
-                return Err(Error::Shape(format!("the predictor gave {} for {} tile(s) of {:?}", y.shape, group.len(), len)));
-            }
-            let c = y.shape.c;
-            let o = out.get_or_insert_with(|| Tensor::zeros(Shape::new(x.shape.n, d, c)));
-            let w = if single { Vec::new() } else { tile_window(s, len, d, overlap, blend) };
-            for (j, n) in group.clone().enumerate() {
-                let (yt, dst) = (volume(&y, j), volume_mut(o, n));
-                if single {
-                    dst.copy_from_slice(yt);
-                } else {
-                    add_tile(dst, d, s, len, c, |p, ch| w[p] * yt[p * c + ch]);
-                }
-            }
-        }
-        if !single {
-            let o = out.as_mut().expect("at least one tile");
-            let c = o.shape.c;
-            for n in group {
-                let dst = volume_mut(o, n);
-                for (p, &ws) in wsum.iter().enumerate() {
-                    dst[p * c..(p + 1) * c].iter_mut().for_each(|v| *v /= ws);
-                }
-            }
-        }
-    }
-    out.ok_or_else(|| Error::Input("no volume to segment".into()))
-}
-
-/// Volume n of a batch (all its channels).
-fn volume(x: &Tensor, n: usize) -> &[f32] {
-    let per = x.shape.voxels() * x.shape.c;
-    &x.data[n * per..(n + 1) * per]
-}
-
-fn volume_mut(x: &mut Tensor, n: usize) -> &mut [f32] {
-    let per = x.shape.voxels() * x.shape.c;
-    &mut x.data[n * per..(n + 1) * per]
-}
-
-/// The separable window of one tile, as a flat D0 x D1 x D2 array of the tile's size.
-fn tile_window(s: [usize; 3], len: [usize; 3], d: [usize; 3], overlap: usize, blend: Blend) -> Vec<f32> {
-    let w: [Vec<f32>; 3] = std::array::from_fn(|k| match blend {
-        Blend::Window => axis_window(s[k], len[k], d[k], overlap),
-        Blend::Gaussian => gaussian_window(len[k]),
-    });
-    let mut out = Vec::with_capacity(len[0] * len[1] * len[2]);
-    for a in &w[0] {
-        for b in &w[1] {
-            for c in &w[2] {
-                out.push(a * b * c);
-            }
-        }
-    }
-    out
-}
-
-/// dst[voxel of the tile, ch] += value(tile voxel index, ch).
-fn add_tile(dst: &mut [f32], d: [usize; 3], s: [usize; 3], len: [usize; 3], c: usize, value: impl Fn(usize, usize) -> f32) {
-    for i in 0..len[0] {
-        for j in 0..len[1] {
-            for k in 0..len[2] {
-                let p = (i * len[1] + j) * len[2] + k;
-                let q = ((s[0] + i) * d[1] + s[1] + j) * d[2] + s[2] + k;
-                for ch in 0..c {
-                    dst[q * c + ch] += value(p, ch);
-                }
-            }
-        }
-    }
-}
-
-fn crop(x: &[f32], d: [usize; 3], s: [usize; 3], len: [usize; 3]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(len[0] * len[1] * len[2]);
-    for i in 0..len[0] {
-        for j in 0..len[1] {
-            let q = ((s[0] + i) * d[1] + s[1] + j) * d[2] + s[2];
-            out.extend_from_slice(&x[q..q + len[2]]);
-        }
-    }
-    out
-}
+mod stream;
+mod tiles;
+pub use stream::{gpu_predictor, Done, GpuStream, Immediate, Predictor, Stream, Streamer};
+pub use tiles::{check_tiling, predict_tiled, predict_tiled_batched, predict_tiled_with, predict_tta, tile_starts, tta_transforms, Blend, Work};
 
 /// Labels (0/1/2) of every voxel of a head output (N x D0 x D1 x D2 x C):
 /// distance head: effector where d > tau, target where d < -tau;
@@ -400,8 +200,8 @@ pub struct SegmentArgs {
     /// Where to run the network
     #[arg(long, value_enum, default_value_t = crate::engine::BackendKind::Auto)]
     pub backend: crate::engine::BackendKind,
-    /// Tiles per forward pass: the same tile of up to N frames of a time-lapse at once (a GPU
-    /// computes a batch faster per volume; more uses more memory; --tta runs one frame at a time)
+    /// Tiles per forward pass: up to N tiles of the same size at once, from any frames, test-time
+    /// transforms and inputs in a row (a GPU computes a batch faster per volume; more uses more memory)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
     #[command(flatten)]
@@ -481,6 +281,11 @@ pub fn all_inputs(a: &SegmentArgs) -> Result<Vec<PathBuf>> {
 /// Segments this shard's inputs with `predict` (the CLI builds it for the chosen backend),
 /// skipping those already done.
 pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> Result<Report> {
+    run_stream(a, weights, &mut Immediate::new(predict))
+}
+
+/// [`run`] on a [`Stream`] (the GPU plan's keeps two batches in flight).
+pub fn run_stream(a: &SegmentArgs, weights: &Weights, stream: &mut dyn Stream) -> Result<Report> {
     check_tiling(a.tile, a.overlap)?;
     if !(a.tau.is_finite() && a.tau >= 0.0) {
         return Err(Error::Input(format!("--tau must be a finite number >= 0, got {}", a.tau)));
@@ -507,7 +312,7 @@ pub fn run(a: &SegmentArgs, weights: &Weights, predict: &mut Predictor<'_>) -> R
     let jobs: Vec<(&Path, &str)> = mine.iter().map(|&i| (all[i].as_path(), stems[i].as_str())).collect();
     let trained = crate::voxel::trained_voxel_size(&a.weights)?;
     let ctx = Ctx { a, weights, trained, wsha: &wsha, options: &options, pb: &pb };
-    let mut report = std::thread::scope(|s| pipeline(s, &ctx, &jobs, predict))?;
+    let mut report = std::thread::scope(|s| pipeline(s, &ctx, &jobs, stream))?;
     pb.finish_and_clear();
     let list = crate::batch::failed_list_path(&a.out_dir, shard);
     if report.failed.is_empty() {
@@ -573,10 +378,12 @@ struct Predicted {
 
 /// The run in three stages, one input after another in each: a reader thread reads the next input
 /// while the network (this thread: a GPU plan stays on the thread that made it) predicts the
-/// current one, and a writer thread labels and writes the last one. At most one input waits
-/// between two stages, so memory stays at a few inputs and outputs. An input that fails stops the
-/// run, unless --keep-going.
-fn pipeline<'s, 'e>(s: &'s std::thread::Scope<'s, 'e>, c: &'s Ctx<'e>, jobs: &'s [(&'e Path, &'e str)], predict: &mut Predictor<'_>) -> Result<Report> {
+/// current ones, and a writer thread labels and writes the last one. The network's stage is a
+/// [`Streamer`]: tiles of consecutive inputs share batches, and on a GPU the next batch is
+/// queued while one computes. At most one input waits between two stages, and the network holds
+/// the inputs of about three batches, so memory stays at a few inputs and outputs. An input that
+/// fails stops the run, unless --keep-going.
+fn pipeline<'s, 'e>(s: &'s std::thread::Scope<'s, 'e>, c: &'s Ctx<'e>, jobs: &'s [(&'e Path, &'e str)], stream: &mut dyn Stream) -> Result<Report> {
     let (to_net, from_reader) = std::sync::mpsc::sync_channel::<Job>(1);
     let (to_writer, from_net) = std::sync::mpsc::sync_channel::<Predicted>(1);
     s.spawn(move || {
@@ -594,21 +401,97 @@ fn pipeline<'s, 'e>(s: &'s std::thread::Scope<'s, 'e>, c: &'s Ctx<'e>, jobs: &'s
         }
         Ok::<Report, Error>(report)
     });
-    for mut job in from_reader {
-        let t0 = std::time::Instant::now();
-        let y = job.load.take().map(|load| {
-            let l = load?;
-            c.pb.set_message(job.input.display().to_string());
-            predict_job(c, &job.input, &l, predict).map(|y| (l, y))
-        });
-        let stop = !c.a.keep_going && matches!(y, Some(Err(_)));
-        // a writer that stopped (an input failed) ends the run, as does a failure here
-        if to_writer.send(Predicted { job, y, t0 }).is_err() || stop {
+    let mut net = Streamer::new(stream, c.a.batch as usize);
+    // a writer that stopped (an input failed) ends the run, as does a failure here
+    let send = |done: Vec<Done<InNet>>| {
+        done.into_iter().all(|d| {
+            let p = predicted(d);
+            let stop = !c.a.keep_going && matches!(p.y, Some(Err(_)));
+            to_writer.send(p).is_ok() && !stop
+        })
+    };
+    let mut going = true;
+    for job in from_reader {
+        let (tag, work) = to_network(c, job);
+        net.push(tag, work);
+        going = send(net.advance());
+        if !going {
             break;
         }
     }
+    if going {
+        send(net.finish());
+    }
     drop(to_writer);
     writer.join().map_err(|_| Error::Other("segment: the writer thread panicked".into()))?
+}
+
+/// An input in the network's stage: its job and volume, the size it is predicted at when that
+/// differs (--resample), and when its prediction began.
+struct InNet {
+    job: Job,
+    loaded: Option<Loaded>,
+    resampled: bool,
+    t0: std::time::Instant,
+}
+
+/// An input as the network takes it: its tiled (and test-time augmented, and resampled)
+/// prediction, the error that stopped it before, or nothing (done before).
+fn to_network(c: &Ctx, mut job: Job) -> (InNet, Option<Result<Work>>) {
+    let t0 = std::time::Instant::now();
+    let mut tag = InNet { job: Job { load: None, ..job }, loaded: None, resampled: false, t0 };
+    let work = match job.load.take() {
+        None => None,
+        Some(Err(e)) => Some(Err(e)),
+        Some(Ok(mut l)) => {
+            c.pb.set_message(tag.job.input.display().to_string());
+            let x = network_input(c, &tag.job.input, &mut l);
+            tag.resampled = matches!(x, Ok(Some(_)));
+            let x = x.map(|x| x.unwrap_or_else(|| std::mem::replace(&mut l.vol.tensor, Tensor::zeros(Shape::new(0, [0; 3], 1)))));
+            tag.loaded = Some(l);
+            let a = c.a;
+            Some(x.and_then(|x| Work::new(x, a.tile, a.overlap, a.blend, a.tta)))
+        }
+    };
+    (tag, work)
+}
+
+/// The volume the network sees when it is not the input's own: resampled to the voxel size of
+/// the weights' training (--resample); warns when that size differs and it is not resampled.
+fn network_input(c: &Ctx, input: &Path, l: &mut Loaded) -> Result<Option<Tensor>> {
+    let d = l.vol.tensor.shape.d;
+    let (v, t) = match (&l.voxel, c.trained) {
+        (Some(v), Some(t)) if crate::voxel::differs(v.um, t, 0.10) => (v.um, t),
+        _ => return Ok(None),
+    };
+    if c.a.resample {
+        let to: [usize; 3] = std::array::from_fn(|k| ((d[k] as f64 * v[k] / t[k]).round() as usize).max(1));
+        c.say(format!("{}: resampled from {d:?} voxels of {v:?} um to {to:?} of {t:?} um (the weights' training voxel size) and back", input.display()));
+        return crate::voxel::resample(&l.vol.tensor, to).map(Some);
+    }
+    let worst = (0..3).map(|k| (v[k] / t[k] - 1.0).abs()).fold(0.0, f64::max);
+    c.say(format!(
+        "warning: {}: voxels of {v:?} um, but the weights were trained at {t:?} um ({:.1}% apart): the network sees cells at another scale; --resample predicts at the training voxel size",
+        input.display(),
+        100.0 * worst
+    ));
+    Ok(None)
+}
+
+/// An input out of the network, for the writer: its volume and output (at the input's size).
+fn predicted((tag, y): Done<InNet>) -> Predicted {
+    let InNet { job, loaded, resampled, t0 } = tag;
+    let y = y.map(|r| {
+        let (x, y) = r?;
+        let mut l = loaded.ok_or_else(|| Error::Other("segment: a prediction without its input".into()))?;
+        if resampled {
+            let y = crate::voxel::resample(&y, l.vol.tensor.shape.d)?;
+            return Ok((l, y));
+        }
+        l.vol.tensor = x;
+        Ok((l, y))
+    });
+    Predicted { job, y, t0 }
 }
 
 /// The reader's stage: outputs, provenance, and the volume unless the outputs are done.
@@ -633,36 +516,6 @@ fn load(c: &Ctx, input: &Path) -> Result<Loaded> {
     let len: [usize; 3] = std::array::from_fn(|k| c.a.tile[k].min(d[k]));
     c.weights.config.check_input_size(len).map_err(|e| Error::Input(format!("{}: tiles of {len:?}: {}", input.display(), e.message())))?;
     Ok(Loaded { vol, voxel, time_interval_s: crate::sidecar::time_interval_of(input)? })
-}
-
-/// The network's stage: tiled (and test-time augmented, and resampled) prediction of one volume.
-fn predict_job(c: &Ctx, input: &Path, l: &Loaded, predict: &mut Predictor<'_>) -> Result<Tensor> {
-    let a = c.a;
-    let d = l.vol.tensor.shape.d;
-    let tiled = |x: &Tensor, p: &mut Predictor<'_>| predict_tiled_batched(x, a.tile, a.overlap, a.blend, a.batch as usize, p);
-    let mut run = |x: &Tensor| if a.tta { predict_tta(x, &mut |x| tiled(x, predict)) } else { tiled(x, predict) };
-    let mismatch = match (&l.voxel, c.trained) {
-        (Some(v), Some(t)) if crate::voxel::differs(v.um, t, 0.10) => Some((v.um, t)),
-        _ => None,
-    };
-    match mismatch {
-        Some((v, t)) if a.resample => {
-            let to: [usize; 3] = std::array::from_fn(|k| ((d[k] as f64 * v[k] / t[k]).round() as usize).max(1));
-            c.say(format!("{}: resampled from {d:?} voxels of {v:?} um to {to:?} of {t:?} um (the weights' training voxel size) and back", input.display()));
-            let yr = run(&crate::voxel::resample(&l.vol.tensor, to)?)?;
-            crate::voxel::resample(&yr, d)
-        }
-        Some((v, t)) => {
-            let worst = (0..3).map(|k| (v[k] / t[k] - 1.0).abs()).fold(0.0, f64::max);
-            c.say(format!(
-                "warning: {}: voxels of {v:?} um, but the weights were trained at {t:?} um ({:.1}% apart): the network sees cells at another scale; --resample predicts at the training voxel size",
-                input.display(),
-                100.0 * worst
-            ));
-            run(&l.vol.tensor)
-        }
-        None => run(&l.vol.tensor),
-    }
 }
 
 /// The writer's stage: one input's line printed and its outcome recorded; an error when it failed
@@ -762,72 +615,6 @@ fn dims5(dims: &[usize], has_c: bool) -> [usize; 5] {
         _ => {}
     }
     v
-}
-
-/// The transforms test-time augmentation averages over: the group generated by the flips of each
-/// axis and the quarter turns in the D0-D1 plane (odd turns only when D0 == D1, as in training).
-/// Flipping D0 and D1 together is a half turn, so 16 transforms (8 when D0 != D1) cover them all.
-pub fn tta_transforms(d: [usize; 3]) -> Vec<crate::train::data::Augment> {
-    use crate::train::data::Augment;
-    let rots: &[u8] = if d[0] == d[1] { &[0, 1, 2, 3] } else { &[0, 2] };
-    let mut v = Vec::new();
-    for &rot in rots {
-        for f0 in [false, true] {
-            for f2 in [false, true] {
-                v.push(Augment { flip: [f0, false, f2], rot });
-            }
-        }
-    }
-    v
-}
-
-/// Averages `predict` over [`tta_transforms`]: each transformed volume is predicted and
-/// transformed back (undo the turn, then the flips) before averaging.
-pub fn predict_tta(x: &Tensor, predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    use crate::train::data::Augment;
-    let vox = x.shape.voxels();
-    let mut sum: Option<Tensor> = None;
-    let ts = tta_transforms(x.shape.d);
-    for n in 0..x.shape.n {
-        let xn = Tensor::new(Shape::new(1, x.shape.d, 1), x.data[n * vox..(n + 1) * vox].to_vec())?;
-        let mut acc: Option<Vec<f32>> = None;
-        for t in &ts {
-            let y = predict(&t.apply(&xn))?;
-            let back = Augment { flip: [false; 3], rot: (4 - t.rot) % 4 }.apply(&y);
-            let back = Augment { flip: t.flip, rot: 0 }.apply(&back);
-            match &mut acc {
-                None => acc = Some(back.data),
-                Some(a) => a.iter_mut().zip(&back.data).for_each(|(a, b)| *a += b),
-            }
-        }
-        let mut a = acc.unwrap_or_default();
-        a.iter_mut().for_each(|v| *v /= ts.len() as f32);
-        let c = a.len() / vox;
-        let out = sum.get_or_insert_with(|| Tensor::zeros(Shape::new(x.shape.n, x.shape.d, c)));
-        out.data[n * vox * c..(n + 1) * vox * c].copy_from_slice(&a);
-    }
-    sum.ok_or_else(|| Error::Input("no volume to segment".into()))
-}
-
-/// A predictor on the GPU plan of `dev`, one plan per tile size and number of tiles (at most
-/// `batch`) met, all on that device. The first plan's summary is printed.
-pub fn gpu_predictor<'a, D: crate::gpu::Device + 'a>(dev: D, weights: &'a Weights, o: crate::gpu::plan::GpuOptions, batch: usize) -> impl FnMut(&Tensor) -> Result<Tensor> + 'a {
-    use crate::gpu::plan::GpuPlan;
-    let dev = std::rc::Rc::new(dev);
-    let mut plans: Vec<GpuPlan<std::rc::Rc<D>>> = Vec::new();
-    move |x: &Tensor| {
-        let (d, b) = (x.shape.d, x.shape.n.clamp(1, batch.max(1)));
-        if let Some(p) = plans.iter().find(|p| p.size() == d && p.batch() == b) {
-            return p.run(x);
-        }
-        let p = GpuPlan::with_options(std::rc::Rc::clone(&dev), weights, d, b, o)?;
-        if plans.is_empty() {
-            eprintln!("{} for {}x{}x{} tiles", p.summary(), d[0], d[1], d[2]);
-        }
-        let y = p.run(x);
-        plans.push(p);
-        y
-    }
 }
 
 /// A predictor on the fused CPU plan, one plan per tile size met.
