@@ -188,6 +188,7 @@ impl<'s, T> Streamer<'s, T> {
         let mut done = self.pop_done();
         // none should be left: if one is, it is handed back failed rather than lost
         while let Some((tag, _)) = self.inputs.pop_front() {
+            self.base += 1;
             done.push((tag, Some(Err(Error::Other("segment: an input's tiles did not all come back from the network".into())))));
         }
         done
