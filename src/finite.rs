@@ -12,9 +12,14 @@ pub fn first_non_finite(v: &[f32]) -> Option<(usize, f32)> {
 /// A finished output as it is, or an error that says where it is not finite (for the fused
 /// plan, whose steps have no names: `model::run_plan` names the layer).
 pub fn plain(y: Tensor) -> Result<Tensor> {
+    check(&y).map(|()| y)
+}
+
+/// [`plain`] on a borrowed output.
+pub fn check(y: &Tensor) -> Result<()> {
     match first_non_finite(&y.data) {
-        None => Ok(y),
-        Some(_) => Err(non_finite(None, &y, None)),
+        None => Ok(()),
+        Some(_) => Err(non_finite(None, y, None)),
     }
 }
 

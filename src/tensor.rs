@@ -2,8 +2,9 @@
 //! Files (npy, safetensors of the oracle) are NCDHW; `from_ncdhw` / `to_ncdhw` convert.
 use crate::error::{Error, Result};
 
-/// Shape of a channels-last 5D activation: n volumes of d0 x d1 x d2 voxels with c channels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Shape of a channels-last 5D activation: n volumes of d0 x d1 x d2 voxels with c channels
+/// (the default: empty).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Shape {
     pub n: usize,
     pub d: [usize; 3],
@@ -51,8 +52,8 @@ impl std::fmt::Display for Shape {
     }
 }
 
-/// A float32 channels-last tensor on the host.
-#[derive(Clone, Debug, PartialEq)]
+/// A float32 channels-last tensor on the host (the default: empty, no memory).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Tensor {
     pub shape: Shape,
     pub data: Vec<f32>,

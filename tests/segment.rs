@@ -1,5 +1,6 @@
 //! `segment`: tiled prediction equals untiled prediction, masks and component filtering, the file
 //! front end and its errors.
+mod common;
 use deepis::config::{Config, Head};
 use deepis::cpu::CpuBackend;
 use deepis::model::Network;
@@ -190,29 +191,7 @@ fn small_components_are_removed_but_the_largest_is_kept() {
 }
 
 fn args(inputs: Vec<String>, out: &std::path::Path, w: &std::path::Path) -> SegmentArgs {
-    SegmentArgs {
-        weights: w.to_path_buf(),
-        inputs,
-        out_dir: out.to_path_buf(),
-        tau: 0.5,
-        no_regrow: false,
-        tile: [32, 32, 24],
-        overlap: 8,
-        min_size: 10,
-        format: segment::LabelFormat::Npy,
-        blend: segment::Blend::Window,
-        tta: false,
-        save_probabilities: false,
-        voxel_size: None,
-        shard: None,
-        shards: None,
-        manifest: None,
-        keep_going: false,
-        resample: false,
-        backend: deepis::cli::BackendKind::CpuRef,
-        batch: 1,
-        gpu: Default::default(),
-    }
+    common::segment_args(inputs, out, w)
 }
 
 #[test]

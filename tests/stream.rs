@@ -59,30 +59,10 @@ impl Stream for Logged {
     }
 }
 
+/// segment over dir/in into dir/out, tiles of 32^3, probabilities saved.
 fn args(dir: &Path, batch: u32) -> SegmentArgs {
-    SegmentArgs {
-        weights: dir.join("w.safetensors"),
-        inputs: vec![dir.join("in").display().to_string()],
-        out_dir: dir.join("out"),
-        tau: 0.5,
-        no_regrow: false,
-        tile: [32, 32, 32],
-        overlap: 8,
-        min_size: 10,
-        format: segment::LabelFormat::Npy,
-        blend: segment::Blend::Window,
-        tta: false,
-        save_probabilities: true,
-        voxel_size: None,
-        shard: None,
-        shards: None,
-        manifest: None,
-        keep_going: false,
-        resample: false,
-        backend: deepis::cli::BackendKind::CpuRef,
-        batch,
-        gpu: Default::default(),
-    }
+    let inputs = vec![dir.join("in").display().to_string()];
+    SegmentArgs { tile: [32, 32, 32], save_probabilities: true, batch, ..segment_args(inputs, &dir.join("out"), &dir.join("w.safetensors")) }
 }
 
 /// Volumes of the given sizes written as dir/in/v<k>.npy (in that order); returns them.

@@ -179,17 +179,6 @@ pub struct Ticket {
     n: usize,
 }
 
-impl Ticket {
-    /// The volumes of the batch.
-    pub fn len(&self) -> usize {
-        self.n
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.n == 0
-    }
-}
-
 /// The input and output values of one batch in flight, allocated apart from the arena: values
 /// there share memory with the input after its last reader and with the output before its
 /// writer, so the next batch could not be uploaded, nor this one downloaded, during a forward pass.
@@ -605,7 +594,7 @@ impl<D: Device> GpuPlan<D> {
 
     /// Waits for a batch queued by [`GpuPlan::submit`] and returns its outputs (its `n` volumes).
     pub fn collect(&self, t: Ticket) -> Result<Tensor> {
-        let mut y = Tensor::zeros(Shape::new(0, [0; 3], 1));
+        let mut y = Tensor::default();
         self.collect_into(t, &mut y)?;
         Ok(y)
     }
@@ -616,10 +605,7 @@ impl<D: Device> GpuPlan<D> {
         y.shape = Shape::new(t.n, os.d, os.c);
         y.data.resize(y.shape.len(), 0.0);
         self.collect_values(t, &mut y.data)?;
-        match crate::finite::first_non_finite(&y.data) {
-            None => Ok(()),
-            Some(_) => Err(crate::finite::non_finite(None, y, None)),
-        }
+        crate::finite::check(y)
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {

@@ -13,7 +13,7 @@
 use crate::analysis::components::remove_small_components;
 use crate::config::Head;
 use crate::error::{Error, Result};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::Tensor;
 use crate::weights::Weights;
 use std::path::{Path, PathBuf};
 
@@ -447,7 +447,7 @@ fn to_network(c: &Ctx, mut job: Job) -> (InNet, Option<Result<Work>>) {
             c.pb.set_message(tag.job.input.display().to_string());
             let x = network_input(c, &tag.job.input, &mut l);
             tag.resampled = matches!(x, Ok(Some(_)));
-            let x = x.map(|x| x.unwrap_or_else(|| std::mem::replace(&mut l.vol.tensor, Tensor::zeros(Shape::new(0, [0; 3], 1)))));
+            let x = x.map(|x| x.unwrap_or_else(|| std::mem::take(&mut l.vol.tensor)));
             tag.loaded = Some(l);
             let a = c.a;
             Some(x.and_then(|x| Work::new(x, a.tile, a.overlap, a.blend, a.tta)))

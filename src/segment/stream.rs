@@ -152,8 +152,7 @@ pub type Done<T> = (T, Option<Result<(Tensor, Tensor)>>);
 
 impl<'s, T> Streamer<'s, T> {
     pub fn new(stream: &'s mut dyn Stream, batch: usize) -> Self {
-        let empty = || Tensor { shape: Shape::new(0, [0; 3], 1), data: Vec::new() };
-        Streamer { stream, batch: batch.max(1), inputs: VecDeque::new(), base: 0, queued: VecDeque::new(), tiles_in: empty(), tiles_out: empty() }
+        Streamer { stream, batch: batch.max(1), inputs: VecDeque::new(), base: 0, queued: VecDeque::new(), tiles_in: Tensor::default(), tiles_out: Tensor::default() }
     }
 
     /// Adds an input: its work, the error that stopped it before the network, or None when there
@@ -250,7 +249,7 @@ impl<'s, T> Streamer<'s, T> {
     /// Collects the oldest batch and gives each tile's output to its input.
     fn collect_one(&mut self) {
         let Some(owners) = self.queued.pop_front() else { return };
-        let mut y = std::mem::replace(&mut self.tiles_out, Tensor { shape: Shape::new(0, [0; 3], 1), data: Vec::new() });
+        let mut y = std::mem::take(&mut self.tiles_out);
         match self.stream.collect(&mut y) {
             Ok(()) if y.shape.n == owners.len() && y.data.len() == y.shape.len() => {}
             Ok(()) => return self.fail(&owners, Error::Shape(format!("the network gave {} for a batch of {} tiles", y.shape, owners.len()))),

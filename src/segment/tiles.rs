@@ -265,7 +265,6 @@ pub struct Work {
     open: VecDeque<(usize, Vec<f32>, usize)>,
     /// Under TTA, the current frame's sum of transformed-back outputs.
     sum: Option<Vec<f32>>,
-    channels: Option<usize>,
     out: Option<Tensor>,
 }
 
@@ -282,7 +281,7 @@ impl Work {
         }
         let passes = if tta { tta_transforms(x.shape.d) } else { vec![Augment::NONE] };
         let tiling = Tiling::new(x.shape.d, tile, overlap, blend);
-        Ok(Work { x, tiling, passes, next: 0, back: 0, cut: None, open: VecDeque::new(), sum: None, channels: None, out: None })
+        Ok(Work { x, tiling, passes, next: 0, back: 0, cut: None, open: VecDeque::new(), sum: None, out: None })
     }
 
     /// The size of every item (a tile, 1 channel).
@@ -333,10 +332,10 @@ impl Work {
     pub fn give(&mut self, y: &[f32]) -> Result<()> {
         let per = self.tiling.len.iter().product::<usize>();
         let c = y.len() / per;
-        if self.back >= self.next || c == 0 || y.len() != c * per || self.channels.is_some_and(|k| k != c) {
+        // every tile of the input has the channels of the first (which made `out`)
+        if self.back >= self.next || c == 0 || y.len() != c * per || self.out.as_ref().is_some_and(|o| o.shape.c != c) {
             return Err(Error::Shape(format!("tiles: an output of {} values for a tile of {:?} (item {} of {})", y.len(), self.tiling.len, self.back, self.next)));
         }
-        self.channels = Some(c);
         let t = self.tiling.starts.len();
         let (unit, tile) = (self.back / t, self.back % t);
         self.back += 1;

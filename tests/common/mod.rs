@@ -4,6 +4,7 @@ pub mod corpus;
 use deepis::backend::ConvSpec;
 use deepis::gpu::cuda::{cuda_available, CudaDevice};
 use deepis::gpu::Device;
+use deepis::segment::SegmentArgs;
 use deepis::tensor::Tensor;
 use std::path::{Path, PathBuf};
 
@@ -139,4 +140,32 @@ pub fn conversion_inputs() -> Vec<f32> {
 pub fn same_half(a: u16, b: u16, dtype: deepis::gpu::DType) -> bool {
     let nan = |x: u16| deepis::gpu::from_half_bits(&[x], dtype)[0].is_nan();
     a == b || (nan(a) && nan(b))
+}
+
+/// `deepis segment`'s options for a test: the CLI's defaults but small tiles (32 x 32 x 24,
+/// overlap 8), `min_size` 10 and the CPU reference backend.
+pub fn segment_args(inputs: Vec<String>, out: &Path, w: &Path) -> SegmentArgs {
+    SegmentArgs {
+        weights: w.to_path_buf(),
+        inputs,
+        out_dir: out.to_path_buf(),
+        tau: 0.5,
+        no_regrow: false,
+        tile: [32, 32, 24],
+        overlap: 8,
+        min_size: 10,
+        format: deepis::segment::LabelFormat::Npy,
+        blend: deepis::segment::Blend::Window,
+        tta: false,
+        save_probabilities: false,
+        voxel_size: None,
+        shard: None,
+        shards: None,
+        manifest: None,
+        keep_going: false,
+        resample: false,
+        backend: deepis::cli::BackendKind::CpuRef,
+        batch: 1,
+        gpu: Default::default(),
+    }
 }
