@@ -17,8 +17,10 @@ use crate::tensor::Tensor;
 use crate::weights::Weights;
 use std::path::{Path, PathBuf};
 
+mod pipeline;
 mod stream;
 mod tiles;
+pub use pipeline::workers;
 pub use stream::{gpu_predictor, Done, GpuStream, Immediate, Predictor, Stream, Streamer};
 pub use tiles::{check_tiling, predict_tiled, predict_tiled_batched, predict_tiled_with, predict_tta, tile_starts, tta_transforms, Blend, Work};
 
@@ -81,15 +83,20 @@ pub fn regrow(labels: &mut [u8], d: &[f32], dims: [usize; 3]) {
 /// components of each class smaller than `min_size` voxels removed (the largest of each class
 /// always kept). Returns the labels and the voxels removed.
 pub fn labels_from_output(y: &Tensor, head: Head, tau: f64, grow: bool, min_size: usize) -> Result<(Vec<u8>, usize)> {
+    use rayon::prelude::*;
     let mut l = masks(y, head, tau)?;
     let vox = y.shape.voxels();
-    let mut removed = 0;
-    for (v, d) in l.chunks_mut(vox).zip(y.data.chunks(vox * y.shape.c)) {
-        if grow && head == Head::Distance {
-            regrow(v, d, y.shape.d);
-        }
-        removed += remove_small_components(v, y.shape.d, &[1, 2], min_size);
-    }
+    // the frames of a time-lapse in parallel
+    let removed = l
+        .par_chunks_mut(vox)
+        .zip(y.data.par_chunks(vox * y.shape.c))
+        .map(|(v, d)| {
+            if grow && head == Head::Distance {
+                regrow(v, d, y.shape.d);
+            }
+            remove_small_components(v, y.shape.d, &[1, 2], min_size)
+        })
+        .sum();
     Ok((l, removed))
 }
 
@@ -204,6 +211,13 @@ pub struct SegmentArgs {
     /// transforms and inputs in a row (a GPU computes a batch faster per volume; more uses more memory)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
+    /// Threads reading inputs (default: a quarter of the cores, 1 to 4); each holds one input
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub readers: Option<u32>,
+    /// Threads labelling and writing outputs (default: the cores left but one, 1 to 8); each holds
+    /// one input, its output and labels
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub writers: Option<u32>,
     #[command(flatten)]
     pub gpu: crate::gpu::plan::GpuOptions,
 }
@@ -311,8 +325,10 @@ pub fn run_stream(a: &SegmentArgs, weights: &Weights, stream: &mut dyn Stream) -
     let t0 = std::time::Instant::now();
     let jobs: Vec<(&Path, &str)> = mine.iter().map(|&i| (all[i].as_path(), stems[i].as_str())).collect();
     let trained = crate::voxel::trained_voxel_size(&a.weights)?;
-    let ctx = Ctx { a, weights, trained, wsha: &wsha, options: &options, pb: &pb };
-    let mut report = std::thread::scope(|s| pipeline(s, &ctx, &jobs, stream))?;
+    let workers = workers(a.readers, a.writers);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let ctx = pipeline::Ctx { a, weights, trained, wsha: &wsha, options: &options, pb: &pb, workers, stop };
+    let mut report = std::thread::scope(|s| pipeline::pipeline(s, &ctx, &jobs, stream))?;
     pb.finish_and_clear();
     let list = crate::batch::failed_list_path(&a.out_dir, shard);
     if report.failed.is_empty() {
@@ -329,258 +345,6 @@ pub fn run_stream(a: &SegmentArgs, weights: &Weights, stream: &mut dyn Stream) -
     let rate = if report.written.is_empty() { String::new() } else { format!(" ({:.2} files/s)", report.written.len() as f64 / secs.max(1e-9)) };
     eprintln!("{} written, {} skipped (already done), {} failed in {secs:.1} s{rate}", report.written.len(), report.skipped.len(), report.failed.len());
     Ok(report)
-}
-
-/// What the stages of [`pipeline`] share.
-struct Ctx<'a> {
-    a: &'a SegmentArgs,
-    weights: &'a Weights,
-    /// The voxel size the weights were trained at, where they record it.
-    trained: Option<[f64; 3]>,
-    wsha: &'a str,
-    options: &'a serde_json::Value,
-    pb: &'a indicatif::ProgressBar,
-}
-
-impl Ctx<'_> {
-    fn say(&self, line: String) {
-        if self.pb.is_hidden() {
-            eprintln!("{line}")
-        } else {
-            self.pb.println(line)
-        }
-    }
-}
-
-/// One input as the reader hands it on.
-struct Job {
-    input: PathBuf,
-    outs: Vec<PathBuf>,
-    prov: serde_json::Value,
-    /// None when its outputs are done (same weights, options and input): skipped.
-    load: Option<Result<Loaded>>,
-}
-
-/// An input volume read, with what its outputs record.
-struct Loaded {
-    vol: crate::io::Volume,
-    voxel: Option<crate::voxel::VoxelSize>,
-    time_interval_s: Option<f64>,
-}
-
-/// A job after the network: None when skipped, else its volume and output (or the error); timed
-/// from the start of its prediction.
-struct Predicted {
-    job: Job,
-    y: Option<Result<(Loaded, Tensor)>>,
-    t0: std::time::Instant,
-}
-
-/// The run in three stages, one input after another in each: a reader thread reads the next input
-/// while the network (this thread: a GPU plan stays on the thread that made it) predicts the
-/// current ones, and a writer thread labels and writes the last one. The network's stage is a
-/// [`Streamer`]: tiles of consecutive inputs share batches, and on a GPU the next batch is
-/// queued while one computes. At most one input waits between two stages, and the network holds
-/// the inputs of about three batches, so memory stays at a few inputs and outputs. An input that
-/// fails stops the run, unless --keep-going.
-fn pipeline<'s, 'e>(s: &'s std::thread::Scope<'s, 'e>, c: &'s Ctx<'e>, jobs: &'s [(&'e Path, &'e str)], stream: &mut dyn Stream) -> Result<Report> {
-    let (to_net, from_reader) = std::sync::mpsc::sync_channel::<Job>(1);
-    let (to_writer, from_net) = std::sync::mpsc::sync_channel::<Predicted>(1);
-    s.spawn(move || {
-        for &(input, stem) in jobs {
-            if to_net.send(read_job(c, input, stem)).is_err() {
-                break;
-            }
-        }
-    });
-    let writer = s.spawn(move || {
-        let mut report = Report::default();
-        for p in from_net {
-            write_job(c, p, &mut report)?;
-            c.pb.inc(1);
-        }
-        Ok::<Report, Error>(report)
-    });
-    let mut net = Streamer::new(stream, c.a.batch as usize);
-    // a writer that stopped (an input failed) ends the run, as does a failure here
-    let send = |done: Vec<Done<InNet>>| {
-        done.into_iter().all(|d| {
-            let p = predicted(d);
-            let stop = !c.a.keep_going && matches!(p.y, Some(Err(_)));
-            to_writer.send(p).is_ok() && !stop
-        })
-    };
-    let mut going = true;
-    for job in from_reader {
-        let (tag, work) = to_network(c, job);
-        net.push(tag, work);
-        going = send(net.advance());
-        if !going {
-            break;
-        }
-    }
-    if going {
-        send(net.finish());
-    }
-    drop(to_writer);
-    writer.join().map_err(|_| Error::Other("segment: the writer thread panicked".into()))?
-}
-
-/// An input in the network's stage: its job and volume, the size it is predicted at when that
-/// differs (--resample), and when its prediction began.
-struct InNet {
-    job: Job,
-    loaded: Option<Loaded>,
-    resampled: bool,
-    t0: std::time::Instant,
-}
-
-/// An input as the network takes it: its tiled (and test-time augmented, and resampled)
-/// prediction, the error that stopped it before, or nothing (done before).
-fn to_network(c: &Ctx, mut job: Job) -> (InNet, Option<Result<Work>>) {
-    let t0 = std::time::Instant::now();
-    let mut tag = InNet { job: Job { load: None, ..job }, loaded: None, resampled: false, t0 };
-    let work = match job.load.take() {
-        None => None,
-        Some(Err(e)) => Some(Err(e)),
-        Some(Ok(mut l)) => {
-            c.pb.set_message(tag.job.input.display().to_string());
-            let x = network_input(c, &tag.job.input, &mut l);
-            tag.resampled = matches!(x, Ok(Some(_)));
-            let x = x.map(|x| x.unwrap_or_else(|| std::mem::take(&mut l.vol.tensor)));
-            tag.loaded = Some(l);
-            let a = c.a;
-            Some(x.and_then(|x| Work::new(x, a.tile, a.overlap, a.blend, a.tta)))
-        }
-    };
-    (tag, work)
-}
-
-/// The volume the network sees when it is not the input's own: resampled to the voxel size of
-/// the weights' training (--resample); warns when that size differs and it is not resampled.
-fn network_input(c: &Ctx, input: &Path, l: &mut Loaded) -> Result<Option<Tensor>> {
-    let d = l.vol.tensor.shape.d;
-    let (v, t) = match (&l.voxel, c.trained) {
-        (Some(v), Some(t)) if crate::voxel::differs(v.um, t, 0.10) => (v.um, t),
-        _ => return Ok(None),
-    };
-    if c.a.resample {
-        let to: [usize; 3] = std::array::from_fn(|k| ((d[k] as f64 * v[k] / t[k]).round() as usize).max(1));
-        c.say(format!("{}: resampled from {d:?} voxels of {v:?} um to {to:?} of {t:?} um (the weights' training voxel size) and back", input.display()));
-        return crate::voxel::resample(&l.vol.tensor, to).map(Some);
-    }
-    let worst = (0..3).map(|k| (v[k] / t[k] - 1.0).abs()).fold(0.0, f64::max);
-    c.say(format!(
-        "warning: {}: voxels of {v:?} um, but the weights were trained at {t:?} um ({:.1}% apart): the network sees cells at another scale; --resample predicts at the training voxel size",
-        input.display(),
-        100.0 * worst
-    ));
-    Ok(None)
-}
-
-/// An input out of the network, for the writer: its volume and output (at the input's size).
-fn predicted((tag, y): Done<InNet>) -> Predicted {
-    let InNet { job, loaded, resampled, t0 } = tag;
-    let y = y.map(|r| {
-        let (x, y) = r?;
-        let mut l = loaded.ok_or_else(|| Error::Other("segment: a prediction without its input".into()))?;
-        if resampled {
-            let y = crate::voxel::resample(&y, l.vol.tensor.shape.d)?;
-            return Ok((l, y));
-        }
-        l.vol.tensor = x;
-        Ok((l, y))
-    });
-    Predicted { job, y, t0 }
-}
-
-/// The reader's stage: outputs, provenance, and the volume unless the outputs are done.
-fn read_job(c: &Ctx, input: &Path, stem: &str) -> Job {
-    let a = c.a;
-    let mut outs = vec![output_path(&a.out_dir, stem, a.format)];
-    if a.save_probabilities {
-        outs.push(probabilities_path(&a.out_dir, stem, a.format));
-    }
-    let (prov, load) = match crate::batch::provenance(c.wsha, c.options, input) {
-        Ok(p) if crate::batch::is_done(&outs, &p) => (p, None),
-        Ok(p) => (p, Some(load(c, input))),
-        Err(e) => (serde_json::Value::Null, Some(Err(e))),
-    };
-    Job { input: input.to_path_buf(), outs, prov, load }
-}
-
-fn load(c: &Ctx, input: &Path) -> Result<Loaded> {
-    let vol = crate::io::read_volume(input)?;
-    let voxel = crate::voxel::resolve(c.a.voxel_size, &[input])?;
-    let d = vol.tensor.shape.d;
-    let len: [usize; 3] = std::array::from_fn(|k| c.a.tile[k].min(d[k]));
-    c.weights.config.check_input_size(len).map_err(|e| Error::Input(format!("{}: tiles of {len:?}: {}", input.display(), e.message())))?;
-    Ok(Loaded { vol, voxel, time_interval_s: crate::sidecar::time_interval_of(input)? })
-}
-
-/// The writer's stage: one input's line printed and its outcome recorded; an error when it failed
-/// and the run stops at a failure.
-fn write_job(c: &Ctx, p: Predicted, report: &mut Report) -> Result<()> {
-    let Predicted { job, y, t0 } = p;
-    let Some(y) = y else {
-        c.say(format!("{} -> {}: done before (same weights, options and input), skipped", job.input.display(), job.outs[0].display()));
-        report.skipped.push(job.input);
-        return Ok(());
-    };
-    match y.and_then(|(l, y)| finish_job(c, &job, &l, &y, t0)) {
-        Ok(line) => {
-            c.say(line);
-            report.written.push(job.outs[0].clone());
-            Ok(())
-        }
-        Err(e) if c.a.keep_going => {
-            c.say(format!("{}: FAILED: {e}", job.input.display()));
-            report.failed.push((job.input, e.to_string()));
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Labels one input's output and writes its files; returns the line to print.
-fn finish_job(c: &Ctx, job: &Job, l: &Loaded, y: &Tensor, t0: std::time::Instant) -> Result<String> {
-    let (a, outs) = (c.a, &job.outs);
-    let (labels, removed) = labels_from_output(y, c.weights.config.head, a.tau, !a.no_regrow, a.min_size)?;
-    let (vol, voxel, time_interval_s) = (&l.vol, &l.voxel, l.time_interval_s);
-    let s = vol.tensor.shape;
-    let dims: Vec<usize> = if vol.rank == 3 { s.d.to_vec() } else { vec![s.n, s.d[0], s.d[1], s.d[2]] };
-    let um = voxel.as_ref().map(|v| v.um);
-    let card = |shape: Vec<usize>, lead: &[&str]| crate::sidecar::Sidecar {
-        axes: crate::sidecar::axes_for(shape.len(), lead),
-        shape,
-        voxel_size_um: um,
-        voxel_size_from: voxel.as_ref().map(|v| v.from.clone()),
-        time_interval_s,
-        provenance: Some(job.prov.clone()),
-    };
-    // made only now, so that a run refused on its first input leaves no folder behind
-    std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
-    if a.save_probabilities {
-        let pdims = crate::io::output_dims(y, vol.rank)?;
-        write_map(&outs[1], y, &pdims, um, time_interval_s)?;
-        crate::sidecar::write(&outs[1], &card(pdims.clone(), if pdims.len() == 5 { &["T", "C"] } else { &["C"] }))?;
-    }
-    write_labels_out(&outs[0], &dims, &labels, um, time_interval_s)?;
-    // The labels' sidecar last: its provenance marks the input done.
-    crate::sidecar::write(&outs[0], &card(dims.clone(), &["T"]))?;
-    let count = |c: u8| labels.iter().filter(|&&l| l == c).count();
-    let vs = voxel.as_ref().map_or("no voxel size recorded".to_string(), |v| format!("voxels {:?} um from {}", v.um, v.from));
-    Ok(format!(
-        "{} -> {}: {} volume(s) of {:?} in {:.1} s; effector {} voxels, target {} voxels, {} spurious voxels removed; {vs}",
-        job.input.display(),
-        outs[0].display(),
-        s.n,
-        s.d,
-        t0.elapsed().as_secs_f64(),
-        count(1),
-        count(2),
-        removed
-    ))
 }
 
 /// Labels as .npy, or as OME-TIFF carrying the voxel size.

@@ -166,6 +166,8 @@ pub fn segment_args(inputs: Vec<String>, out: &Path, w: &Path) -> SegmentArgs {
         resample: false,
         backend: deepis::cli::BackendKind::CpuRef,
         batch: 1,
+        readers: None,
+        writers: None,
         gpu: Default::default(),
     }
 }
