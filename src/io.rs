@@ -159,8 +159,7 @@ fn read_npy(path: &Path, mut reader: impl Read, len: u64, check_dims: impl Fn(&[
     let bad = |m: String| Error::format(path, m);
     let (pre, header) = npy_header(path, &mut reader, len)?;
     let head_len = (pre.len() + header.len()) as u64;
-    let npy = npyz::NpyFile::new(std::io::Cursor::new([pre, header].concat()).chain(reader))
-        .map_err(|e| bad(format!("not a readable .npy file: {e}")))?;
+    let npy = npyz::NpyHeader::from_reader(std::io::Cursor::new([pre, header].concat())).map_err(|e| bad(format!("not a readable .npy file: {e}")))?;
     let shape = npy.shape().to_vec();
     let count = crate::limits::product(&shape);
     let dims: Vec<usize> = match count {
@@ -195,14 +194,36 @@ fn read_npy(path: &Path, mut reader: impl Read, len: u64, check_dims: impl Fn(&[
     };
     let strides: Vec<usize> = npy.strides().iter().map(|&s| s as usize).collect();
     let fortran = npy.order() == npyz::Order::Fortran;
-    let data: Vec<f32> = match (tc, size) {
-        (TypeChar::Float, 4) => npy.into_vec::<f32>().map_err(trunc)?,
-        (TypeChar::Float, 8) => npy.into_vec::<f64>().map_err(trunc)?.into_iter().map(|x| x as f32).collect(),
-        (TypeChar::Uint, 2) => npy.into_vec::<u16>().map_err(trunc)?.into_iter().map(f32::from).collect(),
-        _ => npy.into_vec::<u8>().map_err(trunc)?.into_iter().map(f32::from).collect(),
-    };
+    let big = matches!(&dtype, DType::Plain(ts) if ts.endianness() == npyz::Endianness::Big);
+    let data = read_values(&mut reader, count.unwrap_or(0) as usize, tc == TypeChar::Float, size as usize, big).map_err(trunc)?;
     let data = if fortran && dims.len() > 1 { to_c_order(&dims, &strides, &data) } else { data };
     Ok((dims, data))
+}
+
+/// `n` values of a `.npy`'s data as float32: read in bulk, then converted from float32 / float64
+/// (`float`) or uint8 / uint16, of `size` bytes, little- or `big`-endian.
+fn read_values(r: &mut impl Read, n: usize, float: bool, size: usize, big: bool) -> std::io::Result<Vec<f32>> {
+    if (float, size) == (true, 4) {
+        // straight into the values, then into this machine's byte order
+        let mut v = vec![0f32; n];
+        r.read_exact(bytemuck::cast_slice_mut(&mut v))?;
+        if big != cfg!(target_endian = "big") {
+            v.iter_mut().for_each(|x| *x = f32::from_bits(x.to_bits().swap_bytes()));
+        }
+        return Ok(v);
+    }
+    let mut bytes = vec![0u8; n * size];
+    r.read_exact(&mut bytes)?;
+    Ok(match (float, size) {
+        (true, _) => convert(&bytes, |b: [u8; 8]| (if big { f64::from_be_bytes(b) } else { f64::from_le_bytes(b) }) as f32),
+        (false, 2) => convert(&bytes, |b: [u8; 2]| f32::from(if big { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) })),
+        _ => bytes.into_iter().map(f32::from).collect(),
+    })
+}
+
+/// Every `N` bytes of `bytes` converted by `f`.
+fn convert<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+    bytes.chunks_exact(N).map(|c| f(c.try_into().unwrap_or([0; N]))).collect()
 }
 
 /// Reads the magic, version, header length and header text of a `.npy` stream, checking the
@@ -564,12 +585,22 @@ pub fn write_npy(path: &Path, dims: &[usize], data: &[f32]) -> Result<()> {
 }
 
 /// `data` of C-order `dims` as `.npy` bytes (float32 maps, uint8 labels).
-pub(crate) fn write_npy_to<T: npyz::AutoSerialize + Copy>(w: impl Write, dims: &[usize], data: &[T]) -> std::io::Result<()> {
+pub(crate) fn write_npy_to<T: npyz::AutoSerialize + bytemuck::Pod>(mut w: impl Write, dims: &[usize], data: &[T]) -> std::io::Result<()> {
     use npyz::WriterBuilder;
     let shape: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
-    let mut npy = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(w).begin_nd()?;
-    npy.extend(data.iter().copied())?;
-    npy.finish()
+    if cfg!(target_endian = "big") {
+        let mut npy = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(w).begin_nd()?;
+        npy.extend(data.iter().copied())?;
+        return npy.finish();
+    }
+    // npyz writes the header (its default dtype is little-endian, this machine's order) when it
+    // begins; the values then go in bulk rather than one call each. Dropped unfinished, npyz's
+    // writer adds nothing to the header (its count check's error is ignored on drop).
+    let mut header = Vec::new();
+    drop(npyz::WriteOptions::<T>::new().default_dtype().shape(&shape).writer(&mut header).begin_nd()?);
+    w.write_all(&header)?;
+    w.write_all(bytemuck::cast_slice(data))?;
+    w.flush()
 }
 
 /// `data` as a multi-page grayscale TIFF of pages of D1 rows x D2 columns (`C`: `Gray32Float`

@@ -209,3 +209,66 @@ fn atomic_write_leaves_no_temporary_file() {
     assert!(e.contains("out.npy"), "{e}");
     assert_eq!(files_in(dir.path()), vec![p]);
 }
+
+/// Every dtype in both byte orders (numpy writes `>f4` and so on when asked), against the values
+/// written: the bulk read and its byte swaps.
+#[test]
+fn npy_both_byte_orders_of_every_dtype() {
+    use npyz::{DType, TypeStr};
+    let dir = tempfile::tempdir().unwrap();
+    let dims = [2usize, 3, 4];
+    let vals: Vec<f32> = (0..24).map(|i| (i * 7 % 24) as f32 + if i % 3 == 0 { 200.0 } else { 0.0 }).collect();
+    let write = |p: &Path, descr: &str, bytes: Vec<u8>| {
+        // the .npy 1.0 layout: magic, version, header length, header padded to 64 bytes
+        let h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': (2, 3, 4), }}");
+        let h = format!("{h:<width$}\n", width = (10 + h.len() + 1).div_ceil(64) * 64 - 10 - 1);
+        let mut f = b"\x93NUMPY\x01\x00".to_vec();
+        f.extend((h.len() as u16).to_le_bytes());
+        f.extend(h.as_bytes());
+        f.extend(bytes);
+        std::fs::write(p, f).unwrap();
+        // npyz reads the header as numpy wrote it
+        assert!(matches!(npyz::NpyFile::new(&std::fs::read(p).unwrap()[..]).unwrap().dtype(), DType::Plain(t) if t == descr.parse::<TypeStr>().unwrap()));
+    };
+    for descr in ["<f4", ">f4", "<f8", ">f8", "<u2", ">u2", "|u1"] {
+        let big = descr.starts_with('>');
+        let bytes: Vec<u8> = vals
+            .iter()
+            .flat_map(|&x| -> Vec<u8> {
+                let (le, be) = match &descr[1..] {
+                    "f4" => (x.to_le_bytes().to_vec(), x.to_be_bytes().to_vec()),
+                    "f8" => ((x as f64).to_le_bytes().to_vec(), (x as f64).to_be_bytes().to_vec()),
+                    "u2" => ((x as u16).to_le_bytes().to_vec(), (x as u16).to_be_bytes().to_vec()),
+                    _ => (vec![x as u8], vec![x as u8]),
+                };
+                if big { be } else { le }
+            })
+            .collect();
+        let p = dir.path().join(format!("v{}.npy", descr.replace(['<', '>', '|'], "_")));
+        write(&p, descr, bytes);
+        let v = read_volume(&p).unwrap_or_else(|e| panic!("{descr}: {e}"));
+        assert_eq!(v.tensor.shape, Shape::new(1, dims, 1), "{descr}");
+        assert_eq!(v.tensor.data, vals, "{descr}");
+    }
+    println!("npy <f4 >f4 <f8 >f8 <u2 >u2 |u1: the values written read back");
+}
+
+/// The values written in bulk after npyz's header: the files are byte for byte what npyz writes
+/// value by value (float32 maps, uint8 labels; 3D and 4D).
+#[test]
+fn npy_outputs_are_what_npyz_writes_value_by_value() {
+    let dir = tempfile::tempdir().unwrap();
+    for dims in [vec![3usize, 4, 5], vec![2, 3, 4, 5]] {
+        let n: usize = dims.iter().product();
+        let maps = ramp(n);
+        let labels: Vec<u8> = (0..n).map(|i| (i % 3) as u8).collect();
+        let (pm, pl, rm, rl) = (dir.path().join("m.npy"), dir.path().join("l.npy"), dir.path().join("rm.npy"), dir.path().join("rl.npy"));
+        write_npy(&pm, &dims, &maps).unwrap();
+        deepis::analysis::write_labels(&pl, &dims, &labels).unwrap();
+        write_npy_typed(&rm, &dims, &maps, false);
+        write_npy_typed(&rl, &dims, &labels, false);
+        assert_eq!(std::fs::read(&pm).unwrap(), std::fs::read(&rm).unwrap(), "float32 {dims:?}");
+        assert_eq!(std::fs::read(&pl).unwrap(), std::fs::read(&rl).unwrap(), "uint8 {dims:?}");
+    }
+    println!("float32 and uint8 .npy in 3D and 4D: byte for byte npyz's own");
+}

@@ -351,3 +351,85 @@ fn gaussian_blending_reproduces_a_pointwise_predictor_and_a_local_network() {
     println!("local network, tiled vs whole: window {:.2e}, gaussian {:.2e}", e[0], e[1]);
     assert!(e[0] <= 1e-4 && e[1] < 0.05 && e[1] > e[0], "{e:?}");
 }
+
+/// The 26-connected components of `mask` by a plain flood fill with every bound checked: ids in
+/// the C order of each component's first voxel, and sizes.
+fn plain_components(mask: &[bool], [n0, n1, n2]: [usize; 3]) -> (Vec<u32>, Vec<usize>) {
+    let mut id = vec![0u32; mask.len()];
+    let mut sizes = vec![0usize];
+    for start in 0..mask.len() {
+        if !mask[start] || id[start] != 0 {
+            continue;
+        }
+        let label = sizes.len() as u32;
+        let (mut stack, mut count) = (vec![start], 0);
+        id[start] = label;
+        while let Some(p) = stack.pop() {
+            count += 1;
+            let (i, j, k) = (p / (n1 * n2), p / n2 % n1, p % n2);
+            for a in i.saturating_sub(1)..(i + 2).min(n0) {
+                for b in j.saturating_sub(1)..(j + 2).min(n1) {
+                    for c in k.saturating_sub(1)..(k + 2).min(n2) {
+                        let q = (a * n1 + b) * n2 + c;
+                        if mask[q] && id[q] == 0 {
+                            id[q] = label;
+                            stack.push(q);
+                        }
+                    }
+                }
+            }
+        }
+        sizes.push(count);
+    }
+    (id, sizes)
+}
+
+/// Connected components, the regrowth of cores and the removal of small components (all classes
+/// at once), on the padded volume with fixed neighbour offsets, against a plain flood fill class
+/// by class on random volumes of odd sizes (1-voxel sides too) and densities: the same ids,
+/// sizes and labels.
+#[test]
+fn components_and_regrowth_equal_a_plain_flood_fill() {
+    use deepis::analysis::components::label_components;
+    let sizes = [[1, 1, 1], [1, 7, 5], [6, 1, 9], [7, 3, 9], [19, 17, 13], [32, 24, 20]];
+    let mut cases = 0;
+    for (s, &d) in sizes.iter().enumerate() {
+        let n: usize = d.iter().product();
+        for (t, cut) in [-0.6f32, 0.0, 0.5].into_iter().enumerate() {
+            let v = common::values(n, 100 + 10 * s as u64 + t as u64);
+            let mask: Vec<bool> = v.iter().map(|&x| x > cut).collect();
+            let (id, sz) = label_components(&mask, d);
+            assert_eq!((id, sz), plain_components(&mask, d), "components of {d:?} at density {cut}");
+            // cores where |x| > 0.7, regrown through voxels of the same sign
+            let mut l: Vec<u8> = v.iter().map(|&x| if x > 0.7 { 1 } else if x < -0.7 { 2 } else { 0 }).collect();
+            let (pos, _) = plain_components(&v.iter().map(|&x| x > 0.0).collect::<Vec<_>>(), d);
+            let (neg, _) = plain_components(&v.iter().map(|&x| x < 0.0).collect::<Vec<_>>(), d);
+            // a voxel is effector (target) when its component of x > 0 (x < 0) holds an effector (target) core
+            let holds = |ids: &[u32], c: u8| -> std::collections::HashSet<u32> { (0..n).filter(|&p| l[p] == c).map(|p| ids[p]).collect() };
+            let (e, g) = (holds(&pos, 1), holds(&neg, 2));
+            let want: Vec<u8> = (0..n).map(|p| if e.contains(&pos[p]) && pos[p] != 0 { 1 } else if g.contains(&neg[p]) && neg[p] != 0 { 2 } else { 0 }).collect();
+            segment::regrow(&mut l, &v, d);
+            assert_eq!(l, want, "regrowth in {d:?} (seed {s}/{t})");
+            // small components of classes 1 and 2 removed (3 left alone), as class by class
+            let three: Vec<u8> = v.iter().map(|&x| if x > cut + 0.2 { 1 } else if x < cut - 0.2 { 2 } else if x.abs() < 0.05 { 3 } else { 0 }).collect();
+            let mut want = three.clone();
+            let mut want_removed = 0;
+            for class in [1u8, 2] {
+                let (id, sz) = plain_components(&three.iter().map(|&x| x == class).collect::<Vec<_>>(), d);
+                let Some(largest) = (1..sz.len()).max_by_key(|&c| (sz[c], std::cmp::Reverse(c))) else { continue };
+                for p in 0..n {
+                    let c = id[p] as usize;
+                    if c != 0 && c != largest && sz[c] < 4 {
+                        want[p] = 0;
+                        want_removed += 1;
+                    }
+                }
+            }
+            let mut got = three.clone();
+            let removed = deepis::analysis::components::remove_small_components(&mut got, d, &[1, 2], 4);
+            assert_eq!((got, removed), (want, want_removed), "small components of {d:?} (seed {s}/{t})");
+            cases += 1;
+        }
+    }
+    println!("{cases} random volumes: components, regrowth and the removal of small components as a plain flood fill gives them");
+}
