@@ -26,7 +26,8 @@
 #      tensor-core conv in fp16 / bf16 / tf32 (tensor_conv cuda_tensor_conv_throughput); the GPU
 #      plan at batch 1 without the CUDA graph (--no-graph: the graph's gain); bf16 at batch 8 with
 #      8 batches streamed in one run (--stream: the copies overlapped); the end-to-end folder
-#      rate of `deepis segment --backend cuda` (files/s) at --batch 1 and 8;
+#      rate of `deepis segment --backend cuda` (files/s) at --batch 1 and 8, and the host's
+#      ceiling on it (benches/host_pipeline.rs: the same stages with a network that costs nothing);
 #   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8: deepis bench in
 #      fp32 / tf32 / fp16 / bf16 and tf32 / fp16 / bf16 with --wgmma, batch 1 and 8, against PyTorch in
 #      the same precisions, on the same weights (needs python3 with torch, numpy, safetensors;
@@ -56,6 +57,13 @@ build() {
         [ -n "$exe" ] || { echo "gpu_check build: no test binary for $t" >&2; exit 1; }
         strip -o "$gpu/tests/$t" "$exe"
     done
+    # the host's ceiling on the folder rate (benches/host_pipeline.rs), on the GPU machine's cores
+    local bench
+    bench=$(cargo bench --no-run --message-format=json --bench host_pipeline |
+        jq -r 'select(.reason == "compiler-artifact" and .target.name == "host_pipeline" and .executable != null) | .executable' | tail -1)
+    [ -n "$bench" ] || { echo "gpu_check build: no host_pipeline bench binary" >&2; exit 1; }
+    mkdir -p "$gpu/benches"
+    strip -o "$gpu/benches/host_pipeline" "$bench"
     # Test binaries find tests/data, kernels/testing and the deepis binary under the folder they
     # were built in (CARGO_MANIFEST_DIR): `run` links that path to the repository copy it runs in.
     {
@@ -178,6 +186,10 @@ run() {
     step segment-folder-b8 180 "$gpu/deepis" segment --weights weights/deepis-synth-w16.safetensors "$out/folder/input" -o "$out/folder/labels-b8" --backend cuda --precision bf16 --batch 8
     excerpt segment-folder-b8 'written|^gpu plan'
     rm -rf "$out/folder"
+    # what the host alone can do: the same pipeline with a network that costs nothing, 1 reader +
+    # 1 writer against segment's counts for these cores
+    step host-pipeline 120 "$gpu/benches/host_pipeline" 32 8
+    excerpt host-pipeline '^host pipeline|^  '
 
     if [ "${SKIP_COMPARE:-0}" = 1 ]; then
         echo "## compare: skipped (SKIP_COMPARE=1)" >>"$results"

@@ -23,6 +23,15 @@ pub fn check(y: &Tensor) -> Result<()> {
     }
 }
 
+/// [`check`] on the values of an output of `shape` (copied into a tensor only to say where one
+/// is not finite).
+pub fn check_values(shape: crate::tensor::Shape, v: &[f32]) -> Result<()> {
+    match first_non_finite(v) {
+        None => Ok(()),
+        Some(_) => Err(non_finite(None, &Tensor { shape, data: v.to_vec() }, None)),
+    }
+}
+
 pub fn non_finite(x: Option<&Tensor>, y: &Tensor, first: Option<(String, usize, f32)>) -> Error {
     let (i, v) = first_non_finite(&y.data).unwrap_or((0, f32::NAN));
     let per = (y.shape.voxels() * y.shape.c).max(1);

@@ -559,17 +559,23 @@ impl<D: Device> GpuPlan<D> {
         let mut pending: Option<(Ticket, usize)> = None;
         for first in (0..x.shape.n).step_by(self.batch) {
             let m = self.batch.min(x.shape.n - first);
-            let queued = self.submit_values(&x.data[first * per_in..(first + m) * per_in], m);
+            let queued = self.submit_values(m, |host| host.copy_from_slice(&x.data[first * per_in..(first + m) * per_in]));
             if let Some((t, f)) = pending.take() {
                 // collected even when the queueing failed: the slot is free again for a later run
                 let y = &mut out.data[f * per_out..(f + t.n) * per_out];
-                self.collect_values(t, y)?;
+                self.collect_values(t, |v| {
+                    y.copy_from_slice(&v[..y.len()]);
+                    Ok(())
+                })?;
             }
             pending = Some((queued?, first));
         }
         if let Some((t, f)) = pending {
             let y = &mut out.data[f * per_out..(f + t.n) * per_out];
-            self.collect_values(t, y)?;
+            self.collect_values(t, |v| {
+                y.copy_from_slice(&v[..y.len()]);
+                Ok(())
+            })?;
         }
         crate::finite::plain(out)
     }
@@ -586,10 +592,16 @@ impl<D: Device> GpuPlan<D> {
     /// and the next download are all ordered after its last use (the emulator checks each order).
     pub fn submit(&self, x: &Tensor) -> Result<Ticket> {
         self.check_input(x)?;
-        if x.shape.n == 0 || x.shape.n > self.batch {
-            return Err(Error::Shape(format!("this GPU plan takes batches of 1 to {} volumes, got {}", self.batch, x.shape.n)));
+        self.submit_with(x.shape.n, |host| host.copy_from_slice(&x.data))
+    }
+
+    /// [`GpuPlan::submit`] of `n` volumes that `fill` writes straight into the pinned host memory
+    /// they are uploaded from (`n` volumes' values, channels-last; the rest of the batch is zeroed).
+    pub fn submit_with(&self, n: usize, fill: impl FnOnce(&mut [f32])) -> Result<Ticket> {
+        if n == 0 || n > self.batch {
+            return Err(Error::Shape(format!("this GPU plan takes batches of 1 to {} volumes, got {n}", self.batch)));
         }
-        self.submit_values(&x.data, x.shape.n)
+        self.submit_values(n, fill)
     }
 
     /// Waits for a batch queued by [`GpuPlan::submit`] and returns its outputs (its `n` volumes).
@@ -601,11 +613,24 @@ impl<D: Device> GpuPlan<D> {
 
     /// [`GpuPlan::collect`] into `y`, reusing its memory.
     pub fn collect_into(&self, t: Ticket, y: &mut Tensor) -> Result<()> {
+        self.collect_with(t, |shape, v| {
+            y.shape = shape;
+            y.data.clear();
+            y.data.extend_from_slice(v);
+            Ok(())
+        })
+    }
+
+    /// [`GpuPlan::collect`] handing the batch's outputs (its `n` volumes, checked finite) to `take`
+    /// straight from the pinned host memory they were downloaded into.
+    pub fn collect_with<R>(&self, t: Ticket, take: impl FnOnce(Shape, &[f32]) -> Result<R>) -> Result<R> {
         let os = self.vals[self.output].shape;
-        y.shape = Shape::new(t.n, os.d, os.c);
-        y.data.resize(y.shape.len(), 0.0);
-        self.collect_values(t, &mut y.data)?;
-        crate::finite::check(y)
+        let shape = Shape::new(t.n, os.d, os.c);
+        self.collect_values(t, |v| {
+            let v = &v[..shape.len()];
+            crate::finite::check_values(shape, v)?;
+            take(shape, v)
+        })
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {
@@ -619,8 +644,9 @@ impl<D: Device> GpuPlan<D> {
         Ok(())
     }
 
-    /// Queues the `n` volumes of `x` through a free slot: upload, forward, download.
-    fn submit_values(&self, x: &[f32], n: usize) -> Result<Ticket> {
+    /// Queues `n` volumes, written by `fill` into a free slot's pinned memory, through that slot:
+    /// upload, forward, download.
+    fn submit_values(&self, n: usize, fill: impl FnOnce(&mut [f32])) -> Result<Ticket> {
         let mut staging = self.staging.borrow_mut();
         let staging = match &mut *staging {
             Some(s) => s,
@@ -631,8 +657,9 @@ impl<D: Device> GpuPlan<D> {
         };
         let (dev, slot, st) = (self.device(), &self.slots[s], &mut staging[s]);
         let host = dev.pinned_mut(&mut st.input)?;
-        host[..x.len()].copy_from_slice(x);
-        host[x.len()..].fill(0.0);
+        let len = n * self.vals[self.input].shape.len() / self.batch;
+        fill(&mut host[..len]);
+        host[len..].fill(0.0);
         dev.upload(&mut st.input, &slot.input.data)?;
         dev.wait(Queue::Compute, &dev.record(Queue::Upload)?)?;
         self.exec(s)?;
@@ -642,9 +669,9 @@ impl<D: Device> GpuPlan<D> {
         Ok(Ticket { plan: self.id, slot: s, n })
     }
 
-    /// Waits for the download of ticket `t`'s slot, frees the slot and copies the batch's values
-    /// (its first `y.len()`) out.
-    fn collect_values(&self, t: Ticket, y: &mut [f32]) -> Result<()> {
+    /// Waits for the download of ticket `t`'s slot, frees the slot and hands its pinned output
+    /// memory (the whole batch's) to `take`.
+    fn collect_values<R>(&self, t: Ticket, take: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
         if t.plan != self.id {
             return Err(Error::Other("gpu plan: a batch collected from another plan than the one that queued it".into()));
         }
@@ -655,8 +682,7 @@ impl<D: Device> GpuPlan<D> {
         };
         let e = st.downloaded.take().ok_or_else(|| Error::Other("gpu plan: a batch collected twice".into()))?;
         dev.host_wait(&e)?;
-        y.copy_from_slice(&dev.pinned_ref(&st.output)?[..y.len()]);
-        Ok(())
+        take(dev.pinned_ref(&st.output)?)
     }
 
     fn staging_slot(&self) -> Result<Staging<D>> {

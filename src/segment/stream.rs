@@ -14,25 +14,30 @@ use std::rc::Rc;
 pub type Predictor<'a> = dyn FnMut(&Tensor) -> Result<Tensor> + 'a;
 
 /// A network that takes batches (N x D0 x D1 x D2 x 1) and gives their outputs back in the order
-/// they went in, with up to [`Stream::depth`] batches queued and not yet collected.
+/// they went in, with up to [`Stream::depth`] batches queued and not yet collected. The values go
+/// in and come out through the stream's own memory (on a GPU, the pinned memory the copies use),
+/// so the host writes each tile once on the way in and reads it once on the way out.
 pub trait Stream {
     /// How many batches may be queued at once: 1 where a batch is computed when it is submitted.
     fn depth(&self) -> usize;
-    fn submit(&mut self, x: &Tensor) -> Result<()>;
-    /// The output of the oldest batch submitted and not yet collected, into `y` (whose memory
-    /// the stream may reuse).
-    fn collect(&mut self, y: &mut Tensor) -> Result<()>;
+    /// Queues a batch of `shape` whose values (channels-last) `fill` writes.
+    fn submit_with(&mut self, shape: Shape, fill: &mut dyn FnMut(&mut [f32])) -> Result<()>;
+    /// Hands the output of the oldest batch submitted and not yet collected (its shape, and its
+    /// values channels-last) to `take`.
+    fn collect_with(&mut self, take: &mut dyn FnMut(Shape, &[f32]) -> Result<()>) -> Result<()>;
 }
 
 /// A [`Predictor`] as a stream of depth 1: each batch computed when it is submitted.
 pub struct Immediate<'p, 'a> {
     predict: &'p mut Predictor<'a>,
+    /// The batch's input, its memory reused.
+    x: Tensor,
     done: Option<Result<Tensor>>,
 }
 
 impl<'p, 'a> Immediate<'p, 'a> {
     pub fn new(predict: &'p mut Predictor<'a>) -> Self {
-        Immediate { predict, done: None }
+        Immediate { predict, x: Tensor::default(), done: None }
     }
 }
 
@@ -41,17 +46,20 @@ impl Stream for Immediate<'_, '_> {
         1
     }
 
-    fn submit(&mut self, x: &Tensor) -> Result<()> {
+    fn submit_with(&mut self, shape: Shape, fill: &mut dyn FnMut(&mut [f32])) -> Result<()> {
         if self.done.is_some() {
             return Err(Error::Other("stream: a batch submitted before the last was collected".into()));
         }
-        self.done = Some((self.predict)(x));
+        self.x.shape = shape;
+        self.x.data.resize(shape.len(), 0.0);
+        fill(&mut self.x.data);
+        self.done = Some((self.predict)(&self.x));
         Ok(())
     }
 
-    fn collect(&mut self, y: &mut Tensor) -> Result<()> {
-        *y = self.done.take().unwrap_or_else(|| Err(Error::Other("stream: nothing to collect".into())))?;
-        Ok(())
+    fn collect_with(&mut self, take: &mut dyn FnMut(Shape, &[f32]) -> Result<()>) -> Result<()> {
+        let y = self.done.take().unwrap_or_else(|| Err(Error::Other("stream: nothing to collect".into())))?;
+        take(y.shape, &y.data)
     }
 }
 
@@ -99,19 +107,22 @@ impl<D: Device> Stream for GpuStream<'_, D> {
         2
     }
 
-    fn submit(&mut self, x: &Tensor) -> Result<()> {
+    fn submit_with(&mut self, shape: Shape, fill: &mut dyn FnMut(&mut [f32])) -> Result<()> {
         if self.queued.len() >= self.depth() {
             return Err(Error::Other("gpu stream: two batches are queued already".into()));
         }
-        let i = self.plan(x.shape.d, x.shape.n)?;
-        let t = self.plans[i].submit(x)?;
+        if shape.c != 1 {
+            return Err(Error::Shape(format!("the GPU plan runs 1-channel volumes, got {shape}")));
+        }
+        let i = self.plan(shape.d, shape.n)?;
+        let t = self.plans[i].submit_with(shape.n, fill)?;
         self.queued.push_back((i, t));
         Ok(())
     }
 
-    fn collect(&mut self, y: &mut Tensor) -> Result<()> {
+    fn collect_with(&mut self, take: &mut dyn FnMut(Shape, &[f32]) -> Result<()>) -> Result<()> {
         let (i, t) = self.queued.pop_front().ok_or_else(|| Error::Other("gpu stream: nothing to collect".into()))?;
-        self.plans[i].collect_into(t, y)
+        self.plans[i].collect_with(t, take)
     }
 }
 
@@ -141,9 +152,6 @@ pub struct Streamer<'s, T> {
     base: usize,
     /// The input of each tile of each batch queued, oldest first.
     queued: VecDeque<Vec<usize>>,
-    /// A batch's tiles in and out, their memory reused from batch to batch.
-    tiles_in: Tensor,
-    tiles_out: Tensor,
 }
 
 /// An input handed back: its tag, and (unless it had nothing to predict) its input and output, or
@@ -152,7 +160,7 @@ pub type Done<T> = (T, Option<Result<(Tensor, Tensor)>>);
 
 impl<'s, T> Streamer<'s, T> {
     pub fn new(stream: &'s mut dyn Stream, batch: usize) -> Self {
-        Streamer { stream, batch: batch.max(1), inputs: VecDeque::new(), base: 0, queued: VecDeque::new(), tiles_in: Tensor::default(), tiles_out: Tensor::default() }
+        Streamer { stream, batch: batch.max(1), inputs: VecDeque::new(), base: 0, queued: VecDeque::new() }
     }
 
     /// Adds an input: its work, the error that stopped it before the network, or None when there
@@ -170,16 +178,16 @@ impl<'s, T> Streamer<'s, T> {
     /// ends), keeping no more than depth - 1 batches queued when it returns, and hands back the
     /// inputs that are done, in order.
     pub fn advance(&mut self) -> Vec<Done<T>> {
-        while let Some(owners) = self.next_batch(false) {
-            self.queue(owners);
+        while let Some((owners, tile)) = self.next_batch(false) {
+            self.queue(owners, tile);
         }
         self.pop_done()
     }
 
     /// Queues what is left (partial batches too), collects everything, hands back every input.
     pub fn finish(&mut self) -> Vec<Done<T>> {
-        while let Some(owners) = self.next_batch(true) {
-            self.queue(owners);
+        while let Some((owners, tile)) = self.next_batch(true) {
+            self.queue(owners, tile);
         }
         while !self.queued.is_empty() {
             self.collect_one();
@@ -193,51 +201,52 @@ impl<'s, T> Streamer<'s, T> {
         done
     }
 
-    /// The next batch, cut into `tiles_in`: up to `batch` tiles of the same size, from the first
-    /// input with tiles left on; None unless it is full, its tile size changes after it, or
-    /// `partial`. Returns the input of each tile.
-    fn next_batch(&mut self, partial: bool) -> Option<Vec<usize>> {
+    /// The next batch: up to `batch` tiles of the same size, from the first input with tiles
+    /// left on; None unless it is full, its tile size changes after it, or `partial`. Returns the
+    /// input of each tile, and the tile size.
+    fn next_batch(&self, partial: bool) -> Option<(Vec<usize>, [usize; 3])> {
         let first = self.inputs.iter().position(|(_, s)| matches!(s, State::Work(w) if w.left() > 0))?;
         let State::Work(w) = &self.inputs[first].1 else { return None };
         let tile = w.tile();
-        let mut have = 0;
+        let mut owners = Vec::new();
         let mut ended = false;
-        for (_, s) in self.inputs.iter().skip(first) {
+        for (k, (_, s)) in self.inputs.iter().enumerate().skip(first) {
             match s {
-                State::Work(w) if w.tile() == tile => have += w.left(),
+                State::Work(w) if w.tile() == tile => {
+                    let n = w.left().min(self.batch - owners.len());
+                    owners.extend(std::iter::repeat_n(self.base + k, n));
+                }
                 State::Work(w) if w.left() > 0 => {
                     ended = true;
                     break;
                 }
                 _ => {}
             }
-            if have >= self.batch {
+            if owners.len() == self.batch {
                 break;
             }
         }
-        if have < self.batch && !ended && !partial {
+        if owners.len() < self.batch && !ended && !partial {
             return None;
         }
-        let mut data = std::mem::take(&mut self.tiles_in.data);
-        data.clear();
-        let mut owners = Vec::new();
-        for (k, (_, s)) in self.inputs.iter_mut().enumerate().skip(first) {
-            let State::Work(w) = s else { continue };
-            if w.tile() != tile && w.left() > 0 {
-                break;
-            }
-            while owners.len() < self.batch && w.take(&mut data) {
-                owners.push(self.base + k);
-            }
-        }
-        self.tiles_in = Tensor { shape: Shape::new(owners.len(), tile, 1), data };
-        Some(owners)
+        Some((owners, tile))
     }
 
-    /// Submits a batch, then collects the oldest while `depth` batches are queued: the host takes
-    /// the next step while the last batch submitted computes.
-    fn queue(&mut self, owners: Vec<usize>) {
-        match self.stream.submit(&self.tiles_in) {
+    /// Submits a batch (each tile cut straight into the stream's memory), then collects the
+    /// oldest while `depth` batches are queued: the host takes the next step while the last batch
+    /// submitted computes.
+    fn queue(&mut self, owners: Vec<usize>, tile: [usize; 3]) {
+        let shape = Shape::new(owners.len(), tile, 1);
+        let per = shape.voxels();
+        let (inputs, base) = (&mut self.inputs, self.base);
+        let mut fill = |buf: &mut [f32]| {
+            for (&id, dst) in owners.iter().zip(buf.chunks_exact_mut(per)) {
+                if let Some((_, State::Work(w))) = inputs.get_mut(id - base) {
+                    w.take(dst);
+                }
+            }
+        };
+        match self.stream.submit_with(shape, &mut fill) {
             Ok(()) => self.queued.push_back(owners),
             Err(e) => self.fail(&owners, e),
         }
@@ -249,20 +258,30 @@ impl<'s, T> Streamer<'s, T> {
     /// Collects the oldest batch and gives each tile's output to its input.
     fn collect_one(&mut self) {
         let Some(owners) = self.queued.pop_front() else { return };
-        let mut y = std::mem::take(&mut self.tiles_out);
-        match self.stream.collect(&mut y) {
-            Ok(()) if y.shape.n == owners.len() && y.data.len() == y.shape.len() => {}
-            Ok(()) => return self.fail(&owners, Error::Shape(format!("the network gave {} for a batch of {} tiles", y.shape, owners.len()))),
-            Err(e) => return self.fail(&owners, e),
-        }
-        let per = y.shape.voxels() * y.shape.c;
-        for (j, &id) in owners.iter().enumerate() {
-            let Some((_, State::Work(w))) = id.checked_sub(self.base).and_then(|k| self.inputs.get_mut(k)) else { continue };
-            if let Err(e) = w.give(&y.data[j * per..(j + 1) * per]) {
-                self.fail(&[id], e);
+        let (inputs, base) = (&mut self.inputs, self.base);
+        let mut failed: Vec<(usize, Error)> = Vec::new();
+        let mut give = |shape: Shape, y: &[f32]| {
+            if shape.n != owners.len() || y.len() != shape.len() {
+                return Err(Error::Shape(format!("the network gave {shape} ({} values) for a batch of {} tiles", y.len(), owners.len())));
             }
+            let per = shape.voxels() * shape.c;
+            for (&id, y) in owners.iter().zip(y.chunks_exact(per)) {
+                let Some((_, State::Work(w))) = id.checked_sub(base).and_then(|k| inputs.get_mut(k)) else { continue };
+                if failed.iter().any(|f| f.0 == id) {
+                    continue;
+                }
+                if let Err(e) = w.give(y) {
+                    failed.push((id, e));
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = self.stream.collect_with(&mut give) {
+            return self.fail(&owners, e);
         }
-        self.tiles_out = y;
+        for (id, e) in failed {
+            self.fail(&[id], e);
+        }
     }
 
     /// Fails the inputs that own tiles of a batch: the first with `e`, the others with its text.

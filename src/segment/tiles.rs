@@ -169,20 +169,16 @@ fn add_tile(dst: &mut [f32], d: [usize; 3], s: [usize; 3], len: [usize; 3], c: u
     }
 }
 
-/// Appends the tile [s, s + len) of `x` (of size `d`) to `out`.
-fn crop(x: &[f32], d: [usize; 3], s: [usize; 3], len: [usize; 3], out: &mut Vec<f32>) {
+/// The tile [s, s + len) of `x` (of size `d`) into `out` (its size).
+fn crop(x: &[f32], d: [usize; 3], s: [usize; 3], len: [usize; 3], out: &mut [f32]) {
     if len == d {
-        return out.extend_from_slice(x);
+        return out.copy_from_slice(x);
     }
-    out.reserve(len[0] * len[1] * len[2]);
-    for i in 0..len[0] {
-        for j in 0..len[1] {
-            let q = ((s[0] + i) * d[1] + s[1] + j) * d[2] + s[2];
-            out.extend_from_slice(&x[q..q + len[2]]);
-        }
+    for (r, row) in out.chunks_exact_mut(len[2]).enumerate() {
+        let q = ((s[0] + r / len[1]) * d[1] + s[1] + r % len[1]) * d[2] + s[2];
+        row.copy_from_slice(&x[q..q + len[2]]);
     }
 }
-
 
 /// The tiles of a volume of size `d` and the summed weight of every voxel.
 struct Tiling {
@@ -303,8 +299,9 @@ impl Work {
         self.back == self.items()
     }
 
-    /// Appends the next item's input (a tile of one unit) to `batch`; false when all are out.
-    pub fn take(&mut self, batch: &mut Vec<f32>) -> bool {
+    /// Writes the next item's input (a tile of one unit) into `dst` (a tile's values); false,
+    /// writing nothing, when all are out.
+    pub fn take(&mut self, dst: &mut [f32]) -> bool {
         if self.left() == 0 {
             return false;
         }
@@ -316,14 +313,14 @@ impl Work {
         let vox = self.x.shape.voxels();
         let frame = &self.x.data[frame * vox..(frame + 1) * vox];
         if self.passes[pass] == Augment::NONE {
-            crop(frame, d, s, len, batch);
+            crop(frame, d, s, len, dst);
             return true;
         }
         let cut = match self.cut.take() {
             Some((u, c)) if u == unit => c,
             _ => self.passes[pass].apply(&Tensor { shape: Shape::new(1, d, 1), data: frame.to_vec() }),
         };
-        crop(&cut.data, d, s, len, batch);
+        crop(&cut.data, d, s, len, dst);
         self.cut = Some((unit, cut));
         true
     }
