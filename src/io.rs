@@ -424,8 +424,8 @@ fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
 /// Writes a file through `write` into a temporary file next to `path`, then renames it over `path`.
 /// On any error (or a crash) no partial file is left at `path`; an I/O error names `path`. The
 /// file gets the usual mode (0666 less the umask). The temporary, `.NAME.PID.XXXXXX.tmp`, is
-/// removed on SIGINT/SIGTERM/SIGHUP ([`clean_up_on_signals`]), and one left by a killed process
-/// is removed by the next write of the same file.
+/// removed on SIGINT/SIGTERM/SIGHUP ([`clean_up_on_signals`]), and those left by killed
+/// processes are removed by this process's first write into their folder.
 pub fn write_atomic<F>(path: &Path, write: F) -> Result<()>
 where
     F: FnOnce(&mut BufWriter<&mut File>) -> std::io::Result<()>,
@@ -436,7 +436,7 @@ where
         _ => Path::new("."),
     };
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    remove_stale_temporaries(dir, name);
+    sweep_once(dir);
     let mut tmp = {
         let mut live = live();
         let tmp = tempfile::Builder::new()
@@ -472,14 +472,31 @@ pub fn remove_temporaries() {
     }
 }
 
-/// Removes the temporaries of `write_atomic` for `name` in `dir` whose process no longer runs.
-fn remove_stale_temporaries(dir: &Path, name: &str) {
+/// The folders this process has swept of stale temporaries.
+static SWEPT: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> = std::sync::LazyLock::new(Default::default);
+
+/// Removes the stale temporaries of `dir` at the first write into it: once per folder, not at
+/// every write (a folder of thousands of outputs would be listed at each one).
+fn sweep_once(dir: &Path) {
+    let first = SWEPT.lock().unwrap_or_else(|e| e.into_inner()).insert(dir.to_path_buf());
+    if first {
+        remove_stale_temporaries(dir);
+    }
+}
+
+/// Removes the temporaries of `write_atomic` in `dir` (`.NAME.PID.XXXXXX.tmp`, XXXXXX six letters
+/// or digits) whose process no longer runs.
+fn remove_stale_temporaries(dir: &Path) {
     let Ok(rd) = std::fs::read_dir(dir) else { return };
-    let prefix = format!(".{name}.");
     for e in rd.flatten() {
         let file = e.file_name();
-        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)).filter(|r| r.ends_with(".tmp")) else { continue };
-        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix('.')).and_then(|f| f.strip_suffix(".tmp")) else { continue };
+        let mut parts = rest.rsplitn(3, '.');
+        let (Some(random), Some(pid), Some(name)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if name.is_empty() || random.len() != 6 || !random.chars().all(|c| c.is_ascii_alphanumeric()) {
+            continue;
+        }
+        let Ok(pid) = pid.parse::<i32>() else { continue };
         // SAFETY: kill with signal 0 only asks whether the process exists.
         let gone = pid > 0 && unsafe { libc::kill(pid, 0) } == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
         if gone {

@@ -276,12 +276,21 @@ fn outputs_get_the_usual_mode_and_stale_temporaries_are_removed() {
     dead.wait().unwrap();
     let stale = d.join(format!(".out.npy.{pid}.AbC123.tmp"));
     std::fs::write(&stale, b"partial").unwrap();
+    // another output's, and files that only look like temporaries (kept)
+    let other = d.join(format!(".other.v1.npy.{pid}.XyZ789.tmp"));
+    std::fs::write(&other, b"partial").unwrap();
+    let keep = [".notes.tmp".to_string(), format!(".out.npy.{pid}.toolong1.tmp"), format!("out.npy.{pid}.AbC123.tmp")].map(|n| d.join(n));
+    keep.iter().for_each(|k| std::fs::write(k, b"mine").unwrap());
     let o = deepis(&["predict", "-w", s(&tiny("weights.safetensors")), s(&tiny("input.npy")), "-o", s(&out), "--backend", "cpu"], &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
     println!("output mode {mode:o} under umask 022; stale temporary removed: {}", !stale.exists());
     assert_eq!(mode, 0o644);
     assert!(!stale.exists(), "the stale temporary is still there");
+    assert!(!other.exists(), "another output's stale temporary is still there");
+    for k in &keep {
+        assert!(k.exists(), "{} is not a temporary of deepis's, but was removed", k.display());
+    }
 }
 
 /// The child half of `a_signal_during_a_write_leaves_no_temporary`: installs the handler, starts

@@ -133,6 +133,8 @@ fn a_killed_shard_is_finished_by_its_rerun_without_redoing_anything() {
     assert!(e.contains(&format!("{} written, {} skipped", k - done.len(), done.len())), "{e}");
     let after: Vec<_> = done.iter().map(|p| std::fs::metadata(p).unwrap().modified().unwrap()).collect();
     assert_eq!(before, after, "complete outputs are not redone");
+    let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".tmp")).collect();
+    assert!(left.is_empty(), "the killed run's temporaries outlived the rerun: {left:?}");
     for i in 0..k {
         assert!(deepis::sidecar::path_for(&out.join(format!("t{i}_labels.npy"))).is_file());
     }
