@@ -90,9 +90,9 @@ enum Outcome {
 /// the network's stage is a [`Streamer`] (tiles of consecutive inputs share batches, and on a GPU
 /// the next batch is queued while one computes); the writers take the predicted inputs as they
 /// come, and a reporter prints and records what each did in the run's order. At most one input
-/// waits after each reader, and as many as there are writers before them, so memory stays at a
-/// few inputs and outputs per thread. An input that fails stops the run (the inputs already
-/// being written are finished), unless --keep-going.
+/// waits after each reader and one before the writers, so memory stays at an input or two per
+/// thread (and the inputs of the batches in the network). An input that fails stops the run
+/// (the inputs already being written are finished), unless --keep-going.
 pub fn pipeline<'s, 'e>(s: &'s Scope<'s, 'e>, c: &'s Ctx<'e>, jobs: &'s [(&'e Path, &'e str)], stream: &mut dyn Stream) -> Result<Report> {
     let (readers, writers) = c.workers;
     let mut from_readers = Vec::new();
@@ -107,7 +107,7 @@ pub fn pipeline<'s, 'e>(s: &'s Scope<'s, 'e>, c: &'s Ctx<'e>, jobs: &'s [(&'e Pa
             }
         });
     }
-    let (to_writers, work) = sync_channel::<(usize, Predicted)>(writers);
+    let (to_writers, work) = sync_channel::<(usize, Predicted)>(1);
     let work = Arc::new(Mutex::new(work));
     let (to_reporter, outcomes) = channel::<(usize, Outcome)>();
     for _ in 0..writers {
