@@ -395,8 +395,13 @@ fn components_and_regrowth_equal_a_plain_flood_fill() {
     let mut cases = 0;
     for (s, &d) in sizes.iter().enumerate() {
         let n: usize = d.iter().product();
-        for (t, cut) in [-0.6f32, 0.0, 0.5].into_iter().enumerate() {
-            let v = common::values(n, 100 + 10 * s as u64 + t as u64);
+        // random values (short runs), and a smooth field (long runs, large blobs)
+        for (t, (cut, smooth)) in [(-0.6f32, false), (0.0, false), (0.5, false), (0.0, true), (0.3, true)].into_iter().enumerate() {
+            let v = if smooth {
+                (0..n).map(|p| (((p / (d[1] * d[2])) as f32 * 0.45).sin() + ((p / d[2] % d[1]) as f32 * 0.35).cos() + ((p % d[2]) as f32 * 0.3).sin()) / 3.0).collect()
+            } else {
+                common::values(n, 100 + 10 * s as u64 + t as u64)
+            };
             let mask: Vec<bool> = v.iter().map(|&x| x > cut).collect();
             let (id, sz) = label_components(&mask, d);
             assert_eq!((id, sz), plain_components(&mask, d), "components of {d:?} at density {cut}");
