@@ -563,19 +563,13 @@ impl<D: Device> GpuPlan<D> {
             if let Some((t, f)) = pending.take() {
                 // collected even when the queueing failed: the slot is free again for a later run
                 let y = &mut out.data[f * per_out..(f + t.n) * per_out];
-                self.collect_values(t, |v| {
-                    y.copy_from_slice(&v[..y.len()]);
-                    Ok(())
-                })?;
+                self.collect_values_into(t, y)?;
             }
             pending = Some((queued?, first));
         }
         if let Some((t, f)) = pending {
             let y = &mut out.data[f * per_out..(f + t.n) * per_out];
-            self.collect_values(t, |v| {
-                y.copy_from_slice(&v[..y.len()]);
-                Ok(())
-            })?;
+            self.collect_values_into(t, y)?;
         }
         crate::finite::plain(out)
     }
@@ -683,6 +677,14 @@ impl<D: Device> GpuPlan<D> {
         let e = st.downloaded.take().ok_or_else(|| Error::Other("gpu plan: a batch collected twice".into()))?;
         dev.host_wait(&e)?;
         take(dev.pinned_ref(&st.output)?)
+    }
+
+    /// [`GpuPlan::collect_values`] copying the batch's first `y.len()` values into `y`.
+    fn collect_values_into(&self, t: Ticket, y: &mut [f32]) -> Result<()> {
+        self.collect_values(t, |v| {
+            y.copy_from_slice(&v[..y.len()]);
+            Ok(())
+        })
     }
 
     fn staging_slot(&self) -> Result<Staging<D>> {
