@@ -20,13 +20,13 @@
 //   softmax_backward_f32   — dx = y * (dy - sum_c dy * y), channel sum in order (softmax_backward)
 #include "deepis_device.h"
 
-extern "C" __global__ void relu_backward_f32(gptr<float> dx, gptr<float> dy, gptr<float> y, int total) {
+extern "C" __global__ void relu_backward_f32(gptr<float> dx, gptr<const float> dy, gptr<const float> y, int total) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= total) return;
     dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
 }
 
-extern "C" __global__ void sigmoid_backward_f32(gptr<float> dx, gptr<float> dy, gptr<float> y, int total) {
+extern "C" __global__ void sigmoid_backward_f32(gptr<float> dx, gptr<const float> dy, gptr<const float> y, int total) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= total) return;
     const float v = y[i];
@@ -34,25 +34,25 @@ extern "C" __global__ void sigmoid_backward_f32(gptr<float> dx, gptr<float> dy, 
     dx[i] = gy * (1.0f - v);
 }
 
-extern "C" __global__ void mul_f32(gptr<float> y, gptr<float> a, gptr<float> b, int total) {
+extern "C" __global__ void mul_f32(gptr<float> y, gptr<const float> a, gptr<const float> b, int total) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= total) return;
     y[i] = a[i] * b[i];
 }
 
-extern "C" __global__ void accumulate_f32(gptr<float> acc, gptr<float> g, int total) {
+extern "C" __global__ void accumulate_f32(gptr<float> acc, gptr<const float> g, int total) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= total) return;
     acc[i] = acc[i] + g[i];
 }
 
-extern "C" __global__ void copy_f32(gptr<float> y, gptr<float> x, int total) {
+extern "C" __global__ void copy_f32(gptr<float> y, gptr<const float> x, int total) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= total) return;
     y[i] = x[i];
 }
 
-extern "C" __global__ void maxpool2_backward_f32(gptr<float> dx, gptr<float> dy, gptr<float> x, int n, int d0,
+extern "C" __global__ void maxpool2_backward_f32(gptr<float> dx, gptr<const float> dy, gptr<const float> x, int n, int d0,
                                                  int d1, int d2, int c, int o0, int o1, int o2) {
     const int total = n * d0 * d1 * d2 * c;
     const int idx = (int)(blockIdx.x * blockDim.x + threadIdx.x);
@@ -110,7 +110,7 @@ DEEPIS_DEVICE int up_first(float r, int out, int in, int i) {
     return lo;
 }
 
-extern "C" __global__ void upsample_trilinear_backward_f32(gptr<float> dx, gptr<float> dy, int n, int d0, int d1,
+extern "C" __global__ void upsample_trilinear_backward_f32(gptr<float> dx, gptr<const float> dy, int n, int d0, int d1,
                                                            int d2, int c, int o0, int o1, int o2, float r0,
                                                            float r1, float r2) {
     const int total = n * d0 * d1 * d2 * c;
@@ -148,7 +148,7 @@ extern "C" __global__ void upsample_trilinear_backward_f32(gptr<float> dx, gptr<
     dx[idx] = acc0;
 }
 
-extern "C" __global__ void softmax_backward_f32(gptr<float> dx, gptr<float> dy, gptr<float> y, int voxels, int c) {
+extern "C" __global__ void softmax_backward_f32(gptr<float> dx, gptr<const float> dy, gptr<const float> y, int voxels, int c) {
     const int p = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (p >= voxels) return;
     const int base = p * c;

@@ -48,7 +48,7 @@ DEEPIS_DEVICE int double_lo(double d) { return __double2loint(d); }
 DEEPIS_DEVICE int double_hi(double d) { return __double2hiint(d); }
 #endif
 
-DEEPIS_DEVICE double load_d(gptr<float> p, int i) {
+DEEPIS_DEVICE double load_d(gptr<const float> p, int i) {
     return bits_to_double(__float_as_int(p[2 * i]), __float_as_int(p[2 * i + 1]));
 }
 DEEPIS_DEVICE void store_d(gptr<float> p, int i, double v) {
@@ -68,7 +68,7 @@ template <class S> DEEPIS_DEVICE void tree8(S& s, int tx, int ty) {
     __syncthreads();
 }
 
-extern "C" __global__ void channel_sum_partial_f32(gptr<float> part, gptr<float> x, int rows, int c, int chunk_rows) {
+extern "C" __global__ void channel_sum_partial_f32(gptr<float> part, gptr<const float> x, int rows, int c, int chunk_rows) {
     DEEPIS_SHARED2(double, s, RED_Y, RED_X);
     const int tx = (int)threadIdx.x, ty = (int)threadIdx.y;
     const int ch = (int)blockIdx.x * RED_X + tx;
@@ -82,7 +82,7 @@ extern "C" __global__ void channel_sum_partial_f32(gptr<float> part, gptr<float>
     if (ty == 0 && ch < c) store_d(part, (int)blockIdx.y * c + ch, s[0][tx]);
 }
 
-extern "C" __global__ void bn_sqdev_partial_f32(gptr<float> part, gptr<float> x, gptr<float> sum, int rows, int c,
+extern "C" __global__ void bn_sqdev_partial_f32(gptr<float> part, gptr<const float> x, gptr<const float> sum, int rows, int c,
                                                 int chunk_rows) {
     DEEPIS_SHARED2(double, s, RED_Y, RED_X);
     const int tx = (int)threadIdx.x, ty = (int)threadIdx.y;
@@ -102,8 +102,8 @@ extern "C" __global__ void bn_sqdev_partial_f32(gptr<float> part, gptr<float> x,
     if (ty == 0 && ch < c) store_d(part, (int)blockIdx.y * c + ch, s[0][tx]);
 }
 
-extern "C" __global__ void bn_backward_partial_f32(gptr<float> part, gptr<float> dy, gptr<float> x, gptr<float> sum,
-                                                   gptr<float> invstd, int rows, int c, int chunk_rows) {
+extern "C" __global__ void bn_backward_partial_f32(gptr<float> part, gptr<const float> dy, gptr<const float> x, gptr<const float> sum,
+                                                   gptr<const float> invstd, int rows, int c, int chunk_rows) {
     DEEPIS_SHARED2(double, sd, RED_Y, RED_X);
     DEEPIS_SHARED2(double, sx, RED_Y, RED_X);
     const int tx = (int)threadIdx.x, ty = (int)threadIdx.y;
@@ -131,7 +131,7 @@ extern "C" __global__ void bn_backward_partial_f32(gptr<float> part, gptr<float>
     }
 }
 
-extern "C" __global__ void sum_partials_f64_f32(gptr<float> out, gptr<float> part, int chunks, int len,
+extern "C" __global__ void sum_partials_f64_f32(gptr<float> out, gptr<const float> part, int chunks, int len,
                                                 int out_double) {
     const int j = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (j >= len) return;
@@ -142,8 +142,8 @@ extern "C" __global__ void sum_partials_f64_f32(gptr<float> out, gptr<float> par
 }
 
 extern "C" __global__ void bn_stats_f32(gptr<float> mean, gptr<float> invstd, gptr<float> var, gptr<float> scale,
-                                        gptr<float> shift, gptr<float> sum, gptr<float> sq, gptr<float> gamma,
-                                        gptr<float> beta, int rows, int c, float eps_hi, float eps_lo) {
+                                        gptr<float> shift, gptr<const float> sum, gptr<const float> sq, gptr<const float> gamma,
+                                        gptr<const float> beta, int rows, int c, float eps_hi, float eps_lo) {
     const int ch = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (ch >= c) return;
     const double m = load_d(sum, ch) / (double)rows;
@@ -159,8 +159,8 @@ extern "C" __global__ void bn_stats_f32(gptr<float> mean, gptr<float> invstd, gp
 
 // coef (doubles, 4 per channel): mean, gamma * invstd, sum dy / M, sum dy * xhat / M.
 extern "C" __global__ void bn_backward_params_f32(gptr<float> dgamma, gptr<float> dbeta, gptr<float> coef,
-                                                  gptr<float> sums, gptr<float> xsum, gptr<float> gamma,
-                                                  gptr<float> invstd, int rows, int c) {
+                                                  gptr<const float> sums, gptr<const float> xsum, gptr<const float> gamma,
+                                                  gptr<const float> invstd, int rows, int c) {
     const int ch = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (ch >= c) return;
     const double sd = load_d(sums, ch), sx = load_d(sums, c + ch);
@@ -173,8 +173,8 @@ extern "C" __global__ void bn_backward_params_f32(gptr<float> dgamma, gptr<float
     store_d(coef, 4 * ch + 3, sx / m);
 }
 
-extern "C" __global__ void bn_backward_dx_f32(gptr<float> dx, gptr<float> dy, gptr<float> x, gptr<float> coef,
-                                              gptr<float> invstd, int total, int c) {
+extern "C" __global__ void bn_backward_dx_f32(gptr<float> dx, gptr<const float> dy, gptr<const float> x, gptr<const float> coef,
+                                              gptr<const float> invstd, int total, int c) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= total) return;
     const int ch = i % c;

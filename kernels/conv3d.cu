@@ -13,7 +13,7 @@
 // CPU reference: CpuBackend::conv3d (src/cpu/).
 #include "deepis_device.h"
 
-extern "C" __global__ void conv3d_direct_f32(gptr<float> y, gptr<float> x, gptr<float> w, gptr<float> bias,
+extern "C" __global__ void conv3d_direct_f32(gptr<float> y, gptr<const float> x, gptr<const float> w, gptr<const float> bias,
                                          int has_bias, int n, int d0, int d1, int d2, int cin,
                                          int o0, int o1, int o2, int cout, int k0, int k1, int k2,
                                          int s0, int s1, int s2, int p0, int p1, int p2) {
@@ -51,7 +51,7 @@ extern "C" __global__ void conv3d_direct_f32(gptr<float> y, gptr<float> x, gptr<
 #define CT_BK 16   // reduction step
 #define CT_AS 68   // padded row stride of the A tile (fewer bank conflicts on the transposed store)
 
-extern "C" __global__ void conv3d_tiled_f32(gptr<float> y, gptr<float> x, gptr<float> w, gptr<float> bias,
+extern "C" __global__ void conv3d_tiled_f32(gptr<float> y, gptr<const float> x, gptr<const float> w, gptr<const float> bias,
                                         int has_bias, int n, int d0, int d1, int d2, int cin,
                                         int o0, int o1, int o2, int cout, int k0, int k1, int k2,
                                         int s0, int s1, int s2, int p0, int p1, int p2) {

@@ -20,7 +20,7 @@
 // conv3d_backward_weight (float32 chunk sums added in float64, like this).
 #include "deepis_device.h"
 
-extern "C" __global__ void conv3d_flip_weights_f32(gptr<float> wf, gptr<float> w, int k0, int k1, int k2, int cin,
+extern "C" __global__ void conv3d_flip_weights_f32(gptr<float> wf, gptr<const float> w, int k0, int k1, int k2, int cin,
                                                    int cout) {
     const int total = k0 * k1 * k2 * cin * cout;
     const int idx = (int)(blockIdx.x * blockDim.x + threadIdx.x);
@@ -34,7 +34,7 @@ extern "C" __global__ void conv3d_flip_weights_f32(gptr<float> wf, gptr<float> w
     wf[(tf * cout + co) * cin + ci] = w[idx];
 }
 
-extern "C" __global__ void conv3d_backward_input_f32(gptr<float> dx, gptr<float> dy, gptr<float> w, int n, int d0,
+extern "C" __global__ void conv3d_backward_input_f32(gptr<float> dx, gptr<const float> dy, gptr<const float> w, int n, int d0,
                                                      int d1, int d2, int cin, int o0, int o1, int o2, int cout,
                                                      int k0, int k1, int k2, int s0, int s1, int s2, int p0,
                                                      int p1, int p2) {
@@ -66,7 +66,7 @@ extern "C" __global__ void conv3d_backward_input_f32(gptr<float> dx, gptr<float>
     dx[idx] = acc;
 }
 
-extern "C" __global__ void conv3d_wgrad_partial_f32(gptr<float> part, gptr<float> x, gptr<float> dy, int n, int d0,
+extern "C" __global__ void conv3d_wgrad_partial_f32(gptr<float> part, gptr<const float> x, gptr<const float> dy, int n, int d0,
                                                     int d1, int d2, int cin, int o0, int o1, int o2, int cout,
                                                     int k0, int k1, int k2, int s0, int s1, int s2, int p0,
                                                     int p1, int p2, int chunk_vox) {
@@ -106,7 +106,7 @@ extern "C" __global__ void conv3d_wgrad_partial_f32(gptr<float> part, gptr<float
     part[(int)blockIdx.y * wlen + idx] = acc;
 }
 
-extern "C" __global__ void sum_partials_f32(gptr<float> out, gptr<float> part, int chunks, int len) {
+extern "C" __global__ void sum_partials_f32(gptr<float> out, gptr<const float> part, int chunks, int len) {
     const int j = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (j >= len) return;
     double s = 0.0;

@@ -6,8 +6,8 @@
 //   sigmoid_f32        — y = 1 / (1 + exp(-x))                                 (CpuBackend::sigmoid)
 #include "deepis_device.h"
 
-extern "C" __global__ void channel_affine_f32(gptr<float> y, gptr<float> x, gptr<float> scale,
-                                              gptr<float> shift, int total, int c, int relu) {
+extern "C" __global__ void channel_affine_f32(gptr<float> y, gptr<const float> x, gptr<const float> scale,
+                                              gptr<const float> shift, int total, int c, int relu) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= total) return;
     const int ch = i % c;
@@ -16,14 +16,14 @@ extern "C" __global__ void channel_affine_f32(gptr<float> y, gptr<float> x, gptr
     y[i] = v;
 }
 
-extern "C" __global__ void relu_f32(gptr<float> y, gptr<float> x, int total) {
+extern "C" __global__ void relu_f32(gptr<float> y, gptr<const float> x, int total) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= total) return;
     const float v = x[i];
     y[i] = v > 0.0f ? v : 0.0f;
 }
 
-extern "C" __global__ void add_f32(gptr<float> y, gptr<float> a, gptr<float> b, int total, int relu) {
+extern "C" __global__ void add_f32(gptr<float> y, gptr<const float> a, gptr<const float> b, int total, int relu) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= total) return;
     float v = a[i] + b[i];
@@ -31,7 +31,7 @@ extern "C" __global__ void add_f32(gptr<float> y, gptr<float> a, gptr<float> b, 
     y[i] = v;
 }
 
-extern "C" __global__ void sigmoid_f32(gptr<float> y, gptr<float> x, int total) {
+extern "C" __global__ void sigmoid_f32(gptr<float> y, gptr<const float> x, int total) {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= total) return;
     y[i] = 1.0f / (1.0f + expf(-x[i]));

@@ -6,7 +6,7 @@
 // CPU reference: CpuBackend::maxpool2.
 #include "deepis_device.h"
 
-template <class T> DEEPIS_DEVICE void maxpool2_all(gptr<T> y, gptr<T> x, int n, int d0, int d1, int d2,
+template <class T> DEEPIS_DEVICE void maxpool2_all(gptr<T> y, gptr<const T> x, int n, int d0, int d1, int d2,
                                                    int c, int o0, int o1, int o2) {
     const int total = n * o0 * o1 * o2 * c;
     const int idx = (int)(blockIdx.x * blockDim.x + threadIdx.x);
@@ -29,15 +29,15 @@ template <class T> DEEPIS_DEVICE void maxpool2_all(gptr<T> y, gptr<T> x, int n, 
     y[idx] = half_cast(m, T{});
 }
 
-extern "C" __global__ void maxpool2_f32(gptr<float> y, gptr<float> x, int n, int d0, int d1, int d2,
+extern "C" __global__ void maxpool2_f32(gptr<float> y, gptr<const float> x, int n, int d0, int d1, int d2,
                                         int c, int o0, int o1, int o2) {
     maxpool2_all(y, x, n, d0, d1, d2, c, o0, o1, o2);
 }
-extern "C" __global__ void maxpool2_f16(gptr<f16> y, gptr<f16> x, int n, int d0, int d1, int d2,
+extern "C" __global__ void maxpool2_f16(gptr<f16> y, gptr<const f16> x, int n, int d0, int d1, int d2,
                                         int c, int o0, int o1, int o2) {
     maxpool2_all(y, x, n, d0, d1, d2, c, o0, o1, o2);
 }
-extern "C" __global__ void maxpool2_bf16(gptr<bf16> y, gptr<bf16> x, int n, int d0, int d1, int d2,
+extern "C" __global__ void maxpool2_bf16(gptr<bf16> y, gptr<const bf16> x, int n, int d0, int d1, int d2,
                                          int c, int o0, int o1, int o2) {
     maxpool2_all(y, x, n, d0, d1, d2, c, o0, o1, o2);
 }

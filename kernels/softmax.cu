@@ -5,7 +5,7 @@
 // CPU reference: CpuBackend::softmax.
 #include "deepis_device.h"
 
-extern "C" __global__ void softmax_channels_f32(gptr<float> y, gptr<float> x, int voxels, int c) {
+extern "C" __global__ void softmax_channels_f32(gptr<float> y, gptr<const float> x, int voxels, int c) {
     const int p = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (p >= voxels) return;
     const int base = p * c;

@@ -10,7 +10,7 @@
 #include "deepis_device.h"
 
 // The up-sampled value of output element idx (of n * o0 * o1 * o2 * c) of x, in f32.
-template <class T> DEEPIS_DEVICE float trilinear_at(gptr<T> x, int idx, int d0, int d1, int d2, int c,
+template <class T> DEEPIS_DEVICE float trilinear_at(gptr<const T> x, int idx, int d0, int d1, int d2, int c,
                                                     int o0, int o1, int o2, float r0, float r1, float r2) {
     const int ch = idx % c;
     int v = idx / c;
@@ -44,7 +44,7 @@ template <class T> DEEPIS_DEVICE float trilinear_at(gptr<T> x, int idx, int d0, 
            l0 * (h1 * (h2 * v100 + l2 * v101) + l1 * (h2 * v110 + l2 * v111));
 }
 
-extern "C" __global__ void upsample_trilinear_f32(gptr<float> y, gptr<float> x, int n, int d0, int d1,
+extern "C" __global__ void upsample_trilinear_f32(gptr<float> y, gptr<const float> x, int n, int d0, int d1,
                                               int d2, int c, int o0, int o1, int o2, float r0,
                                               float r1, float r2) {
     const int idx = (int)(blockIdx.x * blockDim.x + threadIdx.x);
@@ -52,7 +52,7 @@ extern "C" __global__ void upsample_trilinear_f32(gptr<float> y, gptr<float> x, 
     y[idx] = trilinear_at(x, idx, d0, d1, d2, c, o0, o1, o2, r0, r1, r2);
 }
 
-template <class T> DEEPIS_DEVICE void upsample_add_all(gptr<T> y, gptr<T> skip, gptr<T> x, int n, int d0,
+template <class T> DEEPIS_DEVICE void upsample_add_all(gptr<T> y, gptr<const T> skip, gptr<const T> x, int n, int d0,
                                                        int d1, int d2, int c, int o0, int o1, int o2,
                                                        float r0, float r1, float r2) {
     const int idx = (int)(blockIdx.x * blockDim.x + threadIdx.x);
@@ -61,17 +61,17 @@ template <class T> DEEPIS_DEVICE void upsample_add_all(gptr<T> y, gptr<T> skip, 
     y[idx] = half_cast(half_cast(s, 0.0f) + trilinear_at(x, idx, d0, d1, d2, c, o0, o1, o2, r0, r1, r2), T{});
 }
 
-extern "C" __global__ void upsample_add_f32(gptr<float> y, gptr<float> skip, gptr<float> x, int n, int d0,
+extern "C" __global__ void upsample_add_f32(gptr<float> y, gptr<const float> skip, gptr<const float> x, int n, int d0,
                                             int d1, int d2, int c, int o0, int o1, int o2, float r0,
                                             float r1, float r2) {
     upsample_add_all(y, skip, x, n, d0, d1, d2, c, o0, o1, o2, r0, r1, r2);
 }
-extern "C" __global__ void upsample_add_f16(gptr<f16> y, gptr<f16> skip, gptr<f16> x, int n, int d0,
+extern "C" __global__ void upsample_add_f16(gptr<f16> y, gptr<const f16> skip, gptr<const f16> x, int n, int d0,
                                             int d1, int d2, int c, int o0, int o1, int o2, float r0,
                                             float r1, float r2) {
     upsample_add_all(y, skip, x, n, d0, d1, d2, c, o0, o1, o2, r0, r1, r2);
 }
-extern "C" __global__ void upsample_add_bf16(gptr<bf16> y, gptr<bf16> skip, gptr<bf16> x, int n, int d0,
+extern "C" __global__ void upsample_add_bf16(gptr<bf16> y, gptr<const bf16> skip, gptr<const bf16> x, int n, int d0,
                                              int d1, int d2, int c, int o0, int o1, int o2, float r0,
                                              float r1, float r2) {
     upsample_add_all(y, skip, x, n, d0, d1, d2, c, o0, o1, o2, r0, r1, r2);

@@ -201,3 +201,76 @@ fn rounds_through_two_slots<D: Device>(dev: &D, n: usize) {
     }
     println!("{rounds} rounds of {n} values through two slots on three streams, every value checked");
 }
+
+/// Every op of the network and of training declares the buffers it only reads `gptr<const T>`, so
+/// the order check lets a download read an input while the op runs (what the GPU plan's pipelined
+/// copies do) and still catches an unordered read of what the op writes. A kernel that took an
+/// input as a writable `gptr<T>` would fail the first check below, naming the op and the kernel.
+#[test]
+fn ops_only_read_their_inputs() {
+    use deepis::backend::{Backend, ConvSpec, DevTensor};
+    use deepis::gpu::emu::EmuBuf;
+    use deepis::gpu::ops::{ConvVariant, GpuBackend};
+    use deepis::train::TrainBackend;
+    use deepis::tensor::Shape;
+    type Op<'a> = Box<dyn Fn(&GpuBackend<EmuDevice>) -> deepis::Result<EmuBuf> + 'a>;
+
+    let shape = Shape::new(1, [4, 6, 5], 3);
+    let value = |i: usize| ((i * 37 % 29) as f32 - 14.0) / 7.0;
+    let mut gpu = GpuBackend::new(EmuDevice::new());
+    let dev = gpu.device();
+    let t = |s: Shape| DevTensor { shape: s, data: dev.htod(&(0..s.len()).map(value).collect::<Vec<_>>()).unwrap() };
+    let p = |n: usize| dev.htod(&(0..n).map(|i| value(i + 3).abs() + 0.5).collect::<Vec<_>>()).unwrap();
+    let (x, dy, w, bias, gamma, beta) = (t(shape), t(shape), p(27 * 3 * 3), p(3), p(3), p(3));
+    let small = t(Shape::new(1, [2, 3, 2], 3));
+    let saved = gpu.batch_norm_train(&x, &gamma, &beta, 1e-5).unwrap().1;
+    let spec = ConvSpec { cin: 3, cout: 3, k: [3; 3], stride: [1; 3], pad: [1; 3] };
+    let conv: Op = Box::new(|g| Ok(g.conv3d(&x, &w, Some(&bias), &spec)?.data));
+    let cases: Vec<(&str, Vec<&EmuBuf>, Op)> = vec![
+        ("conv3d direct", vec![&x.data, &w, &bias], Box::new(|g| Ok(g.conv3d(&x, &w, Some(&bias), &spec)?.data))),
+        ("conv3d tiled", vec![&x.data, &w, &bias], conv),
+        ("channel_affine", vec![&x.data, &gamma, &beta], Box::new(|g| Ok(g.channel_affine(&x, &gamma, &beta, true)?.data))),
+        ("relu", vec![&x.data], Box::new(|g| Ok(g.relu(&x)?.data))),
+        ("add", vec![&x.data, &dy.data], Box::new(|g| Ok(g.add(&x, &dy, true)?.data))),
+        ("maxpool2", vec![&x.data], Box::new(|g| Ok(g.maxpool2(&x)?.data))),
+        ("upsample", vec![&small.data], Box::new(|g| Ok(g.upsample(&small, [4, 6, 5])?.data))),
+        ("sigmoid", vec![&x.data], Box::new(|g| Ok(g.sigmoid(&x)?.data))),
+        ("softmax", vec![&x.data], Box::new(|g| Ok(g.softmax(&x)?.data))),
+        ("upsample_add", vec![&x.data, &small.data], Box::new(|g| {
+            let y = DevTensor { shape, data: g.device().alloc_zeros(shape.len())? };
+            g.upsample_add_into(&x, &small, &y)?;
+            Ok(y.data)
+        })),
+        ("duplicate", vec![&x.data], Box::new(|g| Ok(g.duplicate(&x)?.data))),
+        ("accumulate", vec![&dy.data], Box::new(|g| {
+            let mut acc = g.duplicate(&x)?;
+            g.accumulate(&mut acc, &dy)?;
+            Ok(acc.data)
+        })),
+        ("mul", vec![&x.data, &dy.data], Box::new(|g| Ok(g.mul(&x, &dy)?.data))),
+        ("conv3d_backward_input", vec![&dy.data, &w], Box::new(|g| Ok(g.conv3d_backward_input(&dy, &w, &spec, [4, 6, 5])?.data))),
+        ("conv3d_backward_weight", vec![&x.data, &dy.data], Box::new(|g| g.conv3d_backward_weight(&x, &dy, &spec))),
+        ("conv3d_backward_bias", vec![&dy.data], Box::new(|g| g.conv3d_backward_bias(&dy))),
+        ("batch_norm_train", vec![&x.data, &gamma, &beta], Box::new(|g| Ok(g.batch_norm_train(&x, &gamma, &beta, 1e-5)?.0.data))),
+        ("batch_norm_backward", vec![&dy.data, &x.data, &gamma, &saved.mean, &saved.invstd, &saved.var],
+            Box::new(|g| Ok(g.batch_norm_backward(&dy, &x, &gamma, &saved)?.0.data))),
+        ("relu_backward", vec![&dy.data, &x.data], Box::new(|g| Ok(g.relu_backward(&dy, &x)?.data))),
+        ("maxpool2_backward", vec![&small.data, &x.data], Box::new(|g| Ok(g.maxpool2_backward(&small, &x)?.data))),
+        ("upsample_backward", vec![&x.data], Box::new(|g| Ok(g.upsample_backward(&x, [2, 3, 2])?.data))),
+        ("sigmoid_backward", vec![&dy.data, &x.data], Box::new(|g| Ok(g.sigmoid_backward(&dy, &x)?.data))),
+        ("softmax_backward", vec![&dy.data, &x.data], Box::new(|g| Ok(g.softmax_backward(&dy, &x)?.data))),
+    ];
+    for (name, inputs, op) in &cases {
+        gpu.set_conv_variant(Some(if *name == "conv3d direct" { ConvVariant::Direct } else { ConvVariant::Tiled }));
+        let dev = gpu.device();
+        dev.synchronize().unwrap();
+        let mut pins: Vec<_> = inputs.iter().map(|b| dev.alloc_pinned(dev.buf_len(b)).unwrap()).collect();
+        for (b, pin) in inputs.iter().zip(&mut pins) {
+            dev.download(b, pin).unwrap();
+        }
+        // The downloads are still in flight: nothing orders the compute queue after them.
+        let y = op(&gpu).unwrap_or_else(|e| panic!("{name} while its inputs are being downloaded: {e}"));
+        let mut pin = dev.alloc_pinned(dev.buf_len(&y)).unwrap();
+        unordered(dev.download(&y, &mut pin), &format!("{name}: a download of its output, no wait"));
+    }
+}
