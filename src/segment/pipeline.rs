@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::Scope;
+use std::time::Instant;
 
 /// Threads reading inputs and threads labelling and writing outputs: `--readers` / `--writers`,
 /// else from the cores the process may use: a quarter of them read (1 to 4), the rest but one
@@ -70,12 +71,13 @@ struct Loaded {
     time_interval_s: Option<f64>,
 }
 
-/// A job after the network: None when skipped, else its volume and output (or the error); timed
-/// from the start of its prediction.
+/// A job after the network: None when skipped, else its volume and output (or the error); when
+/// the network took it, and how long it spent there (with the wait for the rest of its batch).
 struct Predicted {
     job: Job,
     y: Option<Result<(Loaded, Tensor)>>,
-    t0: std::time::Instant,
+    t0: Instant,
+    network_s: f64,
 }
 
 /// What a writer did with an input, for the report.
@@ -200,13 +202,13 @@ struct InNet {
     job: Job,
     loaded: Option<Loaded>,
     resampled: bool,
-    t0: std::time::Instant,
+    t0: Instant,
 }
 
 /// An input as the network takes it: its tiled (and test-time augmented, and resampled)
 /// prediction, the error that stopped it before, or nothing (done before).
 fn to_network(c: &Ctx, mut job: Job) -> (InNet, Option<Result<Work>>) {
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     let mut tag = InNet { job: Job { load: None, ..job }, loaded: None, resampled: false, t0 };
     let work = match job.load.take() {
         None => None,
@@ -259,7 +261,7 @@ fn predicted((tag, y): Done<InNet>) -> Predicted {
         l.vol.tensor = x;
         Ok((l, y))
     });
-    Predicted { job, y, t0 }
+    Predicted { job, y, t0, network_s: t0.elapsed().as_secs_f64() }
 }
 
 /// The reader's stage: outputs, provenance, and the volume unless the outputs are done.
@@ -288,18 +290,29 @@ fn load(c: &Ctx, input: &Path) -> Result<Loaded> {
 
 /// The writer's stage: one input labelled and written (or skipped, or failed).
 fn write_job(c: &Ctx, p: Predicted) -> Outcome {
-    let Predicted { job, y, t0 } = p;
+    let Predicted { job, y, t0, network_s } = p;
     let Some(y) = y else {
         return Outcome::Skipped { input: job.input, out: job.outs[0].clone() };
     };
-    match y.and_then(|(l, y)| finish_job(c, &job, &l, &y, t0)) {
+    let times = Times { t0, network_s, writing: Instant::now() };
+    match y.and_then(|(l, y)| finish_job(c, &job, &l, &y, times)) {
         Ok(line) => Outcome::Written { out: job.outs[0].clone(), line },
         Err(error) => Outcome::Failed { input: job.input, error },
     }
 }
 
-/// Labels one input's output and writes its files; returns the line to print.
-fn finish_job(c: &Ctx, job: &Job, l: &Loaded, y: &Tensor, t0: std::time::Instant) -> Result<String> {
+/// When the network took an input, its time there, and when a writer took it.
+struct Times {
+    t0: Instant,
+    network_s: f64,
+    writing: Instant,
+}
+
+/// Labels one input's output and writes its files; returns the line to print: the time from the
+/// network taking the input to its files written, split into the network's stage (its batch's
+/// wait for later inputs included) and the writer's (labels and files); the rest waited for a
+/// free writer.
+fn finish_job(c: &Ctx, job: &Job, l: &Loaded, y: &Tensor, times: Times) -> Result<String> {
     let (a, outs) = (c.a, &job.outs);
     let (labels, removed) = labels_from_output(y, c.weights.config.head, a.tau, !a.no_regrow, a.min_size)?;
     let (vol, voxel, time_interval_s) = (&l.vol, &l.voxel, l.time_interval_s);
@@ -327,12 +340,14 @@ fn finish_job(c: &Ctx, job: &Job, l: &Loaded, y: &Tensor, t0: std::time::Instant
     let count = |c: u8| labels.iter().filter(|&&l| l == c).count();
     let vs = voxel.as_ref().map_or("no voxel size recorded".to_string(), |v| format!("voxels {:?} um from {}", v.um, v.from));
     Ok(format!(
-        "{} -> {}: {} volume(s) of {:?} in {:.1} s; effector {} voxels, target {} voxels, {} spurious voxels removed; {vs}",
+        "{} -> {}: {} volume(s) of {:?} in {:.2} s (network {:.2} s, labels and files {:.2} s); effector {} voxels, target {} voxels, {} spurious voxels removed; {vs}",
         job.input.display(),
         outs[0].display(),
         s.n,
         s.d,
-        t0.elapsed().as_secs_f64(),
+        times.t0.elapsed().as_secs_f64(),
+        times.network_s,
+        times.writing.elapsed().as_secs_f64(),
         count(1),
         count(2),
         removed
