@@ -77,7 +77,7 @@ impl Config {
         if self.widths.iter().any(|&w| !(2..=MAX_WIDTH).contains(&w) || w % 2 != 0) {
             return bad(format!("widths must be even, from 2 to {MAX_WIDTH}, got {:?}", self.widths));
         }
-        if !(2..=MAX_WIDTH).contains(&self.trans_feature) || self.trans_feature % 2 != 0 {
+        if !(2..=MAX_WIDTH).contains(&self.trans_feature) || !self.trans_feature.is_multiple_of(2) {
             return bad(format!("trans_feature must be even, from 2 to {MAX_WIDTH}, got {}", self.trans_feature));
         }
         if self.blocks.iter().any(|&b| !(1..=MAX_BLOCKS).contains(&b)) {
@@ -90,7 +90,7 @@ impl Config {
             return bad(format!("out_channels must be from 1 to {MAX_WIDTH}, got {}", self.out_channels));
         }
         if !(self.input_scale.is_finite() && self.input_scale != 0.0 && self.input_offset.is_finite()) {
-            return bad(format!("input_scale must be finite and non-zero, input_offset finite"));
+            return bad("input_scale must be finite and non-zero, input_offset finite".to_string());
         }
         if !(self.bn_eps.is_finite() && self.bn_eps > 0.0) {
             return bad(format!("bn_eps must be positive, got {}", self.bn_eps));

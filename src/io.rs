@@ -176,14 +176,14 @@ fn read_npy(path: &Path, mut reader: impl Read, len: u64, check_dims: impl Fn(&[
     if !matches!((tc, size), (TypeChar::Float, 4 | 8) | (TypeChar::Uint, 1 | 2)) {
         return Err(unsupported());
     }
-    let need = crate::limits::bytes_of(count, size as u64);
+    let need = crate::limits::bytes_of(count, size);
     let data_len = len.saturating_sub(head_len);
     if need.is_some_and(|n| n > data_len) || need.is_none() {
         let need = need.map_or("more than 2^64".to_string(), |n| n.to_string());
         return Err(bad(format!("the file is truncated: its header announces shape {dims:?} ({need} bytes of data), the file holds {data_len}")));
     }
     // the values as float32, plus the file's own type while converting
-    let peak = crate::limits::bytes_of(count, if size == 4 { 4 } else { 4 + size as u64 });
+    let peak = crate::limits::bytes_of(count, if size == 4 { 4 } else { 4 + size });
     crate::limits::check(&format!("reading shape {dims:?}"), peak).map_err(bad)?;
     let trunc = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {

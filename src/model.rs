@@ -49,7 +49,7 @@ impl<B: Backend> Network<B> {
                     b: if bias { Some(backend.upload_param(&get("bias")?)?) } else { None },
                 },
                 Op::BatchNorm => {
-                    let (scale, shift) = bn_params(&backend, &get, cfg.bn_eps)?;
+                    let (scale, shift) = bn_params(&backend, get, cfg.bn_eps)?;
                     Param::Affine { scale, shift }
                 }
                 Op::Scale { scale, shift } => {

@@ -60,7 +60,7 @@ fn missing_barrier_is_caught_as_a_race() {
         let dev = EmuDevice::with_schedule(s);
         let xb = dev.htod(&x).unwrap();
         let out = dev.alloc_zeros(4).unwrap();
-        let r = dev.launch("emu_block_sum_nosync", cfg(4, 256, 0), &[KArg::Buf(&xb), KArg::Buf(&out), KArg::I32(n as i32)]);
+        let r = dev.launch("emu_block_sum_nosync", cfg(4, 256, 0), &[KArg::Buf(&xb), KArg::Buf(&out), KArg::I32(n)]);
         let (k, msg) = kernel_err(r);
         println!("{k} ({s:?}): {msg}");
         assert_eq!(k, "emu_block_sum_nosync");

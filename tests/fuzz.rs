@@ -153,7 +153,7 @@ fn mutate(seed: &[u8], r: &mut Rng) -> Vec<u8> {
 fn campaign(format: &str, seeds: Vec<(String, Vec<u8>)>, load: &dyn Fn(&[u8]) -> Result<(), String>) {
     let iters = env_or("DEEPIS_FUZZ_ITERS", 10000);
     let secs = env_or("DEEPIS_FUZZ_SECS", 8);
-    let mut r = Rng(0xDEE9_15 ^ format.len() as u64);
+    let mut r = Rng(0x00DE_E915 ^ format.len() as u64);
     let t0 = std::time::Instant::now();
     let (mut ok, mut refused, mut worst) = (0u64, 0u64, 0usize);
     let mut run = |name: &str, bytes: &[u8]| {

@@ -176,7 +176,7 @@ fn with_training_voxel_size(src: &Path, dst: &Path, um: &str) {
     let mut h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
     h["__metadata__"]["voxel_size_um"] = serde_json::Value::String(um.into());
     let mut hs = serde_json::to_vec(&h).unwrap();
-    while hs.len() % 8 != 0 {
+    while !hs.len().is_multiple_of(8) {
         hs.push(b' ');
     }
     let mut out = (hs.len() as u64).to_le_bytes().to_vec();

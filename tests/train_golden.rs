@@ -114,7 +114,7 @@ fn check_step<B: TrainBackend>(case: &str, b: &Kinks<B>, golden_file: &str, lw: 
             }
         }
         let (bad, worst) = compare(case, &p, step.loss, &grads, &golden, false);
-        if best.map_or(true, |b| (bad, worst) < (b.0, b.1)) {
+        if best.is_none_or(|b| (bad, worst) < (b.0, b.1)) {
             best = Some((bad, worst, mask));
         }
     }

@@ -137,7 +137,7 @@ fn augmentation_flips_and_rotates_consistently() {
     assert_eq!(f.apply(&f.apply(&t)), t);
     // a quarter turn moves (i, j) to (j, A-1-i), channels together
     let y = r1.apply(&t);
-    assert_eq!(y.data[y.idx(0, [1, 4 - 1 - 0, 2], 1)], t.data[t.idx(0, [0, 1, 2], 1)]);
+    assert_eq!(y.data[y.idx(0, [1, (4 - 1), 2], 1)], t.data[t.idx(0, [0, 1, 2], 1)]);
     // non-square planes get half turns only, and keep their shape
     let mut rng = Rng::new(3);
     for _ in 0..20 {

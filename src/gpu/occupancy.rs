@@ -171,7 +171,7 @@ fn smem_limit(l: &SmLimits, static_smem: u32, dyn_smem: u32) -> (u32, u32) {
     if alloc > per_block + l.smem_reserved_per_block {
         return (0, alloc);
     }
-    (if alloc == 0 { u32::MAX } else { l.smem_per_sm / alloc }, alloc)
+    (l.smem_per_sm.checked_div(alloc).unwrap_or(u32::MAX), alloc)
 }
 
 /// Resident blocks per SM of a kernel launched with `threads` per block and `dyn_smem` bytes of

@@ -389,7 +389,7 @@ impl<B> Built<B> {
             return Err(Error::Input("the GPU plan needs a batch of at least one volume".into()));
         }
         if precision != Precision::Fp32 && !dev.has_tensor_cores() {
-            return Err(Error::backend(&dev.name(), format!("--precision {}: needs tensor cores (sm_80 or newer)", precision.name())));
+            return Err(Error::backend(dev.name(), format!("--precision {}: needs tensor cores (sm_80 or newer)", precision.name())));
         }
         let mut l = Lower {
             g,

@@ -272,7 +272,7 @@ impl Graph {
             b.module(fm, &layer);
             gc.push((arch.gcn)(&mut b, &format!("gcn{}", i + 2), fm, t, cfg.gcn_kernels[i]));
         }
-        let mut fs = vec![gc[4]; 5];
+        let mut fs = [gc[4]; 5];
         for lvl in (0..4).rev() {
             fs[lvl] = (arch.decoder)(&mut b, &format!("ConBR{}", lvl + 1), fs[lvl + 1], gc[lvl]);
         }

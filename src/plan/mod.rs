@@ -13,6 +13,7 @@
 //! - `fuse_gcn_planes`: the GCN's two in-plane convs ((1,1,k) then (1,k,1), and (1,k,1) then
 //!   (1,1,k)) run plane by plane through a cache-resident buffer instead of a whole tensor;
 //! - `reuse_buffers`: values whose lifetimes do not overlap share memory.
+//!
 //! Convolutions run on the microkernels of `kernel` (AVX-512, AVX2+FMA or portable, chosen at run time).
 pub mod graph;
 pub mod kernel;

@@ -398,7 +398,7 @@ fn read_mat73(path: &Path, c: usize) -> Result<(Tensor, Tensor)> {
     let read = |key: &str, ch: usize| -> Result<Tensor> {
         let ds = f.dataset(&format!("/{key}")).map_err(|_| Error::format(path, format!("no array `{key}` in this v7.3 MAT file; expected `input` and `target`")))?;
         let size: Vec<usize> = ds.shape().iter().rev().map(|&d| d as usize).collect();
-        let total = crate::limits::product(&ds.shape().iter().map(|&d| d as u64).collect::<Vec<_>>());
+        let total = crate::limits::product(ds.shape());
         crate::limits::check(&format!("`{key}`"), crate::limits::bytes_of(total, 8)).map_err(|m| Error::format(path, m))?;
         let n: usize = size.iter().product();
         let bad = |e: hdf5_reader::error::Error| Error::format(path, format!("`{key}`: {e}"));
