@@ -91,11 +91,7 @@ DEEPIS_DEVICE bf16 bf16_from_f32(float x) {
 }
 DEEPIS_DEVICE float bf16_to_f32(bf16 h) { return __uint_as_float((unsigned)h.bits << 16); }
 
-DEEPIS_DEVICE unsigned deepis_smem_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
+DEEPIS_DEVICE unsigned deepis_smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 template <class T> DEEPIS_DEVICE void ldmatrix_x1(unsigned* r, const T* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];" : "=r"(r[0]) : "r"(deepis_smem_addr(p)));
 }
