@@ -13,7 +13,8 @@
 # `run` does, each step under its own time limit (about 8 minutes in all on an H100/H200):
 #   1. the machine: nvidia-smi, `deepis info` (CUDA device and NVRTC found);
 #   2. `deepis kernels` for the GPU's architecture twice on an empty cubin cache (all compiled,
-#      then all cached), with the occupancy table;
+#      then all cached), with the occupancy table; the tensor-core kernels' inner loops in SASS
+#      (benches/sass_loops.py with the machine's cuobjdump);
 #   3. the CUDA tests: every op on the GPU against the CPU, forward and backward (ops_table), the
 #      launch layer's shape errors (gpu_ops), the golden
 #      cases through `deepis predict --backend cuda` and the second start compiling nothing (cuda),
@@ -159,6 +160,9 @@ run() {
     excerpt kernels-first '^kernels:'
     step kernels-second 60 "$gpu/deepis" kernels --arch "$arch"
     excerpt kernels-second '^kernels:|^file|^conv3d|spill'
+    # the tensor-core inner loops as this machine's NVRTC built them (its cuobjdump, no GPU time)
+    step sass 60 python3 benches/sass_loops.py "$DEEPIS_CACHE_DIR"
+    excerpt sass 'loop|no '
     for t in "${TESTS[@]}"; do
         # the op table also runs every op on the emulator, under two schedules
         limit=150
