@@ -33,7 +33,8 @@
 #      rate of `deepis segment --backend cuda` (files/s) at --batch 1 and 8, and the host's
 #      ceiling on it (benches/host_pipeline.rs: the same stages with a network that costs nothing);
 #   5. the comparison with PyTorch, benches/gpu_compare.sh published 10 1,8: deepis bench in
-#      fp32 / tf32 / fp16 / bf16 and tf32 / fp16 / bf16 with --wgmma, batch 1 and 8, against PyTorch in
+#      fp32 / tf32 / fp16 / bf16, tf32 / fp16 / bf16 with --wgmma and bf16 with --warp-tile m64,
+#      batch 1 and 8, against PyTorch in
 #      the same precisions, on the same weights (needs python3 with torch, numpy, safetensors;
 #      RUNS=N changes the 10 timed runs; SKIP_COMPARE=1 leaves it out and benches deepis alone
 #      in step 4 instead).
@@ -184,9 +185,10 @@ run() {
     # ms per volume of every precision (tf32 / fp16 / bf16 also on wgmma) at batch 1 and 8: in the
     # comparison below, on the same weights as PyTorch; here only when it is skipped
     if [ "${SKIP_COMPARE:-0}" = 1 ]; then
-        for p in fp32 tf32 fp16 bf16 tf32+wgmma fp16+wgmma bf16+wgmma; do
-            flags=(--precision "${p%+wgmma}")
-            [ "$p" = "${p%+wgmma}" ] || flags+=(--wgmma)
+        for p in fp32 tf32 fp16 bf16 tf32+wgmma fp16+wgmma bf16+wgmma bf16+m64 bf16+wgmma+m64; do
+            flags=(--precision "${p%%+*}")
+            case "$p" in *+wgmma*) flags+=(--wgmma) ;; esac
+            case "$p" in *+m64*) flags+=(--warp-tile m64) ;; esac
             for b in 1 8; do
                 step "plan-$p-b$b" 120 "$gpu/deepis" bench --backend cuda "${flags[@]}" --batch "$b" --runs 5 --warmup 2
                 excerpt "plan-$p-b$b" '^gpu plan|^median|^backend|error'

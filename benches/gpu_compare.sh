@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # deepis on CUDA against PyTorch/cuDNN on the same weights and volume, in the same run.
 #   benches/gpu_compare.sh [published|readme|check] [runs] [batches]      (defaults: published 10 1,8)
-# deepis: `deepis bench --backend cuda --batch B --precision P [--wgmma]` for every P of
-# PRECISIONS (default on cuda: fp32 tf32 fp16 bf16 tf32+wgmma fp16+wgmma bf16+wgmma; on the CPU
-# check: fp32),
+# deepis: `deepis bench --backend cuda --batch B --precision P [--wgmma] [--warp-tile m64]` for
+# every P[+wgmma][+m64] of PRECISIONS (default on cuda: fp32 tf32 fp16 bf16 tf32+wgmma fp16+wgmma
+# bf16+wgmma bf16+m64 bf16+wgmma+m64; on the CPU check: fp32),
 # timed host to host (upload, forward, download).
 # PyTorch, in one process (benches/pytorch_bench.py --sweep): fp32 (strict), tf32, fp16 and bf16,
 # all channels_last_3d with cudnn.benchmark, eager and replayed as a CUDA graph, at every batch;
@@ -28,11 +28,12 @@ trap 'rm -rf "$dir"' EXIT
 med() { sed -n 's/^median of .* run(s): \([0-9.]*\) s per volume.*/\1/p' "$1"; }
 
 python3 benches/pytorch_bench.py --make-weights "$dir/w.safetensors" --make-input "$dir/x.npy" --config "$cfg" --size "$size"
-default_precisions=$([ "$device" = cuda ] && echo "fp32 tf32 fp16 bf16 tf32+wgmma fp16+wgmma bf16+wgmma" || echo fp32)
+default_precisions=$([ "$device" = cuda ] && echo "fp32 tf32 fp16 bf16 tf32+wgmma fp16+wgmma bf16+wgmma bf16+m64 bf16+wgmma+m64" || echo fp32)
 peer=""
 for p in ${PRECISIONS:-$default_precisions}; do
-    flags=(--precision "${p%+wgmma}")
-    [ "$p" = "${p%+wgmma}" ] || flags+=(--wgmma)
+    flags=(--precision "${p%%+*}")
+    case "$p" in *+wgmma*) flags+=(--wgmma) ;; esac
+    case "$p" in *+m64*) flags+=(--warp-tile m64) ;; esac
     for b in ${batches//,/ }; do
         echo "== deepis bench --backend $backend --batch $b ${flags[*]} ($cfg, $size)"
         "$deepis" bench --weights "$dir/w.safetensors" --backend "$backend" --size "$size" --batch "$b" "${flags[@]}" \

@@ -18,7 +18,7 @@ use crate::gpu::{nvrtc, Device};
 use crate::io;
 use crate::engine::{choose, with_backend, Chosen, Job};
 use crate::gpu::emu::EmuDevice;
-use crate::gpu::plan::{GpuOptions, GpuPlan, Precision};
+use crate::gpu::plan::{GpuOptions, GpuPlan, MmaTile, Precision};
 pub use crate::engine::{parse_size, BackendKind};
 use crate::model::{flops, Network};
 use crate::rng::Rng;
@@ -346,6 +346,9 @@ fn check_gpu_options(chosen: Chosen, o: GpuOptions) -> Result<Chosen> {
         ))),
         Chosen::Plan | Chosen::CpuRef if o.wgmma => {
             Err(Error::Input("--wgmma: a GPU plan option (--backend emu or cuda, --precision tf32, fp16 or bf16)".into()))
+        }
+        Chosen::Plan | Chosen::CpuRef if o.warp_tile != MmaTile::M32 => {
+            Err(Error::Input("--warp-tile: a GPU plan option (--backend emu or cuda, --precision tf32, fp16 or bf16)".into()))
         }
         chosen => Ok(chosen),
     }

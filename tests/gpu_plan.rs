@@ -29,7 +29,7 @@ mod common;
 use common::*;
 use deepis::backend::ConvSpec;
 use deepis::gpu::emu::{EmuDevice, Schedule};
-use deepis::gpu::plan::{GpuPlan, Precision};
+use deepis::gpu::plan::{GpuPlan, MmaTile, Precision};
 use deepis::graph::passes::{Act, Lin, Passes, WOp, Weighted};
 use deepis::graph::{Graph, Mode};
 use deepis::plan::{Plan, PlanOptions};
@@ -140,6 +140,7 @@ fn wgmma_plans_equal_the_mma_sync_plans_bit_for_bit() {
             let n = plan.set_wgmma(true).unwrap();
             assert_eq!(n, plan.wgmma_convs());
             let wgmma = plan.run(&x).unwrap();
+            assert_eq!(launched(&plan, "conv3d_wgmma_") > 0, n > 0, "{name} {}: {n} convs on wgmma, launches {:?}", p.name(), plan.device().launch_counts());
             assert!(same_bits(&mma.data, &wgmma.data), "{name} {}: the wgmma plan differs from the mma.sync plan", p.name());
             println!("{name:<8} {}: {n} of the plan's convs on wgmma, output bit for bit the mma.sync plan's ({})", p.name(), plan.summary());
             total += n;
@@ -149,6 +150,42 @@ fn wgmma_plans_equal_the_mma_sync_plans_bit_for_bit() {
         assert!(err.contains("not fp32"), "{err}");
     }
     assert!(total > 0, "no golden case has a conv the wgmma kernel takes: the test checked nothing");
+}
+
+/// Launches so far of the kernels whose names start with `prefix`, on the plan's emulator.
+fn launched(plan: &GpuPlan<EmuDevice>, prefix: &str) -> usize {
+    plan.device().launch_counts().iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, n)| n).sum()
+}
+
+/// The wide warp tile (m64: 4 warps of 64 voxels) sums the same products in the same order as the
+/// default m32, so its plan's output is the m32 plan's bit for bit, in tf32, fp16 and bf16 (and in
+/// bf16 beside wgmma on the convs it takes), and the launches show the wide kernels ran instead;
+/// an fp32 plan refuses it.
+#[test]
+fn m64_warp_tile_plans_equal_the_m32_plans_bit_for_bit() {
+    for name in CASES {
+        let (w, x, _) = case(name);
+        let wg = passed(&w, x.shape.d);
+        for (p, wgmma) in [(Precision::Tf32, false), (Precision::Fp16, false), (Precision::Bf16, false), (Precision::Bf16, true)] {
+            let mut plan = GpuPlan::from_weighted(EmuDevice::new(), &wg, x.shape.n, p).unwrap();
+            let on_wgmma = plan.set_wgmma(wgmma).unwrap();
+            let m32 = plan.run(&x).unwrap();
+            let narrow = launched(&plan, "conv3d_tc_") - launched(&plan, "conv3d_tc_wide_");
+            assert!(narrow > 0 && launched(&plan, "conv3d_tc_wide_") == 0, "{name} {}: the m32 plan's launches", p.name());
+            let n = plan.set_mma_tile(MmaTile::M64).unwrap();
+            assert_eq!(plan.wgmma_convs(), on_wgmma, "the m64 tile took convs off wgmma");
+            assert!(plan.summary().contains("warp tile m64"), "{}", plan.summary());
+            let m64 = plan.run(&x).unwrap();
+            let wide = launched(&plan, "conv3d_tc_wide_");
+            assert_eq!(launched(&plan, "conv3d_tc_") - wide, narrow, "{name} {}: m32 kernels in the m64 plan's run", p.name());
+            assert_eq!(wide, narrow, "{name} {}: {wide} wide launches for the m32 plan's {narrow}", p.name());
+            assert!(same_bits(&m32.data, &m64.data), "{name} {} (wgmma {wgmma}): the m64 plan differs from the m32 plan", p.name());
+            println!("{name:<8} {} wgmma {wgmma}: {n} convs ({wide} launches) on the m64 warp tile, output bit for bit the m32 plan's", p.name());
+        }
+        let mut plan = GpuPlan::from_weighted(EmuDevice::new(), &wg, x.shape.n, Precision::Fp32).unwrap();
+        let err = plan.set_mma_tile(MmaTile::M64).expect_err("m64 in fp32").to_string();
+        assert!(err.contains("not fp32"), "{err}");
+    }
 }
 
 /// The same checks on a real GPU, when there is one: fp32 against the oracle, tf32 / fp16 / bf16 within
@@ -555,8 +592,9 @@ fn predict_takes_the_precision() {
 }
 
 /// `deepis predict --wgmma` runs the wgmma plan (its summary says how many convs; on the emulator
-/// bit for bit the mma.sync plan's output), and is refused, before any work, where it cannot run:
-/// on a CPU backend and in fp32.
+/// bit for bit the mma.sync plan's output), `--warp-tile m64` the wide mma.sync kernels (the same
+/// output again), and both are refused, before any work, where they cannot run: on a CPU backend
+/// and in fp32.
 #[test]
 fn predict_takes_wgmma() {
     let dir = tempfile::tempdir().unwrap();
@@ -579,9 +617,17 @@ fn predict_takes_wgmma() {
     assert!(o.status.success() && err.contains("4 on wgmma"), "{err}");
     let lib = GpuPlan::new(EmuDevice::new(), &w, x.shape.d, x.shape.n, Precision::Bf16).unwrap().run(&x).unwrap();
     assert!(same_bits(&read_npy(&out).1, &lib.to_ncdhw()), "the CLI's wgmma output is not the mma.sync plan's");
+    let out = dir.path().join("m64.npy");
+    let o = predict(&["--backend", "emu", "--precision", "bf16", "--wgmma", "--warp-tile", "m64"], &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("4 on wgmma, the others warp tile m64"), "{err}");
+    assert!(same_bits(&read_npy(&out).1, &lib.to_ncdhw()), "the CLI's m64 output is not the m32 plan's");
     for (args, want) in [
         (&["--backend", "cpu", "--wgmma"][..], "--wgmma: a GPU plan option"),
         (&["--backend", "emu", "--wgmma"][..], "--wgmma: a tensor-core option (--precision tf32, fp16 or bf16), not fp32"),
+        (&["--backend", "cpu", "--warp-tile", "m64"][..], "--warp-tile: a GPU plan option"),
+        (&["--backend", "emu", "--warp-tile", "m64"][..], "--warp-tile: a tensor-core option (--precision tf32, fp16 or bf16), not fp32"),
+        (&["--backend", "emu", "--warp-tile", "m16"][..], "invalid value 'm16' for '--warp-tile"),
     ] {
         let out = dir.path().join("refused.npy");
         let o = predict(args, &out);

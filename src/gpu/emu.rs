@@ -185,6 +185,8 @@ pub struct EmuDevice {
     allocated: Cell<usize>,
     /// What the queues and the host did, and in which order ([`order`]).
     order: RefCell<Order>,
+    /// Launches run so far, per kernel ([`EmuDevice::launch_counts`]).
+    launched: RefCell<std::collections::BTreeMap<&'static str, usize>>,
 }
 
 /// The environment variable that picks the schedule of [`EmuDevice::new`] (`forward`, `reverse`),
@@ -259,8 +261,15 @@ impl EmuDevice {
         Ok(())
     }
 
+    /// How many launches of each kernel have run (each replay of a graph counts its launches):
+    /// which kernels a plan or op really runs, where their outputs cannot tell.
+    pub fn launch_counts(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        self.launched.borrow().clone()
+    }
+
     /// Runs one checked launch now.
     fn run_launch(&self, k: &EmuKernel, cfg: LaunchCfg, args: &[KArg<'_, EmuBuf>]) -> Result<()> {
+        *self.launched.borrow_mut().entry(k.name).or_default() += 1;
         // Every argument gets a slot that outlives the call; `ptrs` points into `slots`.
         enum Slot {
             Buf(EmuBufArg),

@@ -76,6 +76,34 @@ impl Precision {
     }
 }
 
+/// The warp tile of the convolutions on mma.sync (`--warp-tile`): the same sums in the same order
+/// whichever, so the same output bit for bit; which is faster is for a GPU to say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum MmaTile {
+    /// 8 warps of 32 voxels x 64 channels (conv3d_tc_*)
+    #[default]
+    M32,
+    /// 4 warps of 64 voxels x 64 channels (conv3d_tc_wide_*): a third fewer shared-memory bytes
+    /// per multiply-add, more registers
+    M64,
+}
+
+impl MmaTile {
+    fn warp_tile(self) -> WarpTile {
+        match self {
+            MmaTile::M32 => WarpTile::M32,
+            MmaTile::M64 => WarpTile::M64,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MmaTile::M32 => "m32",
+            MmaTile::M64 => "m64",
+        }
+    }
+}
+
 /// How the GPU plan computes (`--backend emu` or `cuda` of predict, segment and bench).
 #[derive(clap::Args, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GpuOptions {
@@ -95,6 +123,10 @@ pub struct GpuOptions {
     /// checked on the emulator against float64, not yet measured on a GPU
     #[arg(long)]
     pub wgmma: bool,
+    /// The warp tile of the tensor-core convolutions on mma.sync (--precision tf32, fp16 or
+    /// bf16; those not on --wgmma): m32 or m64, the same output bit for bit; for comparing the two
+    #[arg(long, value_enum, default_value_t = MmaTile::M32)]
+    pub warp_tile: MmaTile,
 }
 
 /// A value of the plan (an index into its shapes and types).
@@ -148,6 +180,8 @@ pub struct GpuPlan<D: Device> {
     staging: RefCell<Option<[Staging<D>; 2]>>,
     gpu: GpuBackend<D>,
     precision: Precision,
+    /// The warp tile of the tensor-core convs not on wgmma ([`GpuPlan::set_mma_tile`]).
+    mma_tile: MmaTile,
     batch: usize,
     steps: Vec<Step>,
     convs: Vec<Conv<D::Buf>>,
@@ -352,6 +386,9 @@ impl<D: Device> GpuPlan<D> {
     pub fn with_options(dev: D, weights: &Weights, d: [usize; 3], batch: usize, o: GpuOptions) -> Result<Self> {
         let mut plan = GpuPlan::new(dev, weights, d, batch, o.precision)?;
         plan.set_graph(!o.no_graph);
+        if o.warp_tile != MmaTile::M32 {
+            plan.set_mma_tile(o.warp_tile)?;
+        }
         if o.wgmma {
             plan.set_wgmma(true)?;
         }
@@ -363,7 +400,7 @@ impl<D: Device> GpuPlan<D> {
         let Built { steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, arena } = Built::lower(&dev, g, batch, precision)?;
         let gpu = GpuBackend::new(dev);
         let (graphs, staging) = ([OnceCell::new(), OnceCell::new()], RefCell::new(None));
-        Ok(GpuPlan { graphs, use_graph: true, staging, gpu, precision, batch, steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, id: next_plan_id(), _arena: arena })
+        Ok(GpuPlan { graphs, use_graph: true, staging, gpu, precision, mma_tile: MmaTile::M32, batch, steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, id: next_plan_id(), _arena: arena })
     }
 }
 
@@ -475,8 +512,28 @@ impl<D: Device> GpuPlan<D> {
         for c in &mut self.convs {
             if let Conv::Tc(tc) = c {
                 let wg = on && tensor_conv::wgmma_supports(&tc.spec).is_none();
-                tc.tile = if wg { WarpTile::Wgmma } else { WarpTile::M32 };
+                tc.tile = if wg { WarpTile::Wgmma } else { self.mma_tile.warp_tile() };
                 n += wg as usize;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Runs the tensor-core convolutions not on wgmma with warp tile `t`; returns how many. An
+    /// error in fp32 (no tensor cores).
+    pub fn set_mma_tile(&mut self, t: MmaTile) -> Result<usize> {
+        if self.precision == Precision::Fp32 {
+            return Err(Error::Input("--warp-tile: a tensor-core option (--precision tf32, fp16 or bf16), not fp32".into()));
+        }
+        self.graphs.iter_mut().for_each(|g| drop(g.take()));
+        self.mma_tile = t;
+        let mut n = 0;
+        for c in &mut self.convs {
+            if let Conv::Tc(tc) = c {
+                if tc.tile != WarpTile::Wgmma {
+                    tc.tile = t.warp_tile();
+                    n += 1;
+                }
             }
         }
         Ok(n)
@@ -536,9 +593,11 @@ impl<D: Device> GpuPlan<D> {
             self.batch,
             self.steps.len(),
             self.convs.len(),
-            match self.wgmma_convs() {
-                0 => String::new(),
-                n => format!(", {n} on wgmma"),
+            match (self.wgmma_convs(), self.mma_tile) {
+                (0, MmaTile::M32) => String::new(),
+                (0, t) => format!(", warp tile {}", t.name()),
+                (n, MmaTile::M32) => format!(", {n} on wgmma"),
+                (n, t) => format!(", {n} on wgmma, the others warp tile {}", t.name()),
             },
             self.launches(),
             if self.uses_graph() { "replayed as one graph" } else { "queued one by one" },
