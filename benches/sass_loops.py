@@ -3,7 +3,9 @@
 
 Reads the cubins of deepis's kernel cache (`deepis kernels` fills it), disassembles them with
 cuobjdump, and prints every loop that issues tensor-core instructions (HMMA, HGMMA): its length
-in instructions, its instruction mix, and instructions per tensor-core instruction. These are
+in instructions, instructions per tensor-core instruction, how many carry a high word (`.X`:
+64-bit integer arithmetic, in these loops address arithmetic), how many touch local memory
+(LDL / STL), and its instruction mix. These are
 static counts of the code, not timings: they show what each loop asks of the issue slots and how
 much of it is address arithmetic, before any GPU runs it.
 
@@ -56,7 +58,8 @@ def tool(name, env):
         pass
     found = shutil.which(name)
     if not found:
-        raise SystemExit(f"no {name}: python3 -m pip install nvidia-cuda-{name} (or set ${env})")
+        print(f"no {name}: python3 -m pip install nvidia-cuda-{name} (or set ${env})", file=sys.stderr)
+        sys.exit(3)  # tests/sass.rs: the tool is missing (not a failure of the code)
     return found
 
 
@@ -71,21 +74,22 @@ def functions(sass):
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m and fn:
             text = re.sub(r"^@!?U?P[0-9T]\s+", "", m.group(2).strip())
-            out[fn].append((int(m.group(1), 16), text.split()[0].split(".")[0], text))
+            out[fn].append((int(m.group(1), 16), text.split()[0], text))
     return out
 
 
 def tensor_loops(code):
-    """(start, end, Counter) of each loop that holds HMMA or HGMMA, shortest first."""
+    """(start, end, body) of each loop that holds HMMA or HGMMA, shortest first; body: the
+    (opcode with its modifiers, text) of its instructions."""
     loops = []
     for addr, op, text in code:
-        m = re.search(r"0x([0-9a-f]+)", text) if op == "BRA" else None
+        m = re.search(r"0x([0-9a-f]+)", text) if op.startswith("BRA") else None
         if m and int(m.group(1), 16) < addr:
             start = int(m.group(1), 16)
-            mix = collections.Counter(o for a, o, _ in code if start <= a <= addr)
-            if mix["HMMA"] or mix["HGMMA"]:
-                loops.append((start, addr, mix))
-    return sorted(loops, key=lambda l: sum(l[2].values()))
+            body = [(o, t) for a, o, t in code if start <= a <= addr]
+            if any(o.split(".")[0] in ("HMMA", "HGMMA") for o, _ in body):
+                loops.append((start, addr, body))
+    return sorted(loops, key=lambda l: len(l[2]))
 
 
 def main():
@@ -108,10 +112,14 @@ def main():
         for fn, code in sorted(functions(sass).items()):
             if kernels and fn not in kernels:
                 continue
-            for start, end, mix in tensor_loops(code):
-                n, tc = sum(mix.values()), mix["HMMA"] + mix["HGMMA"]
+            for start, end, body in tensor_loops(code):
+                mix = collections.Counter(o.split(".")[0] for o, _ in body)
+                n, tc = len(body), mix["HMMA"] + mix["HGMMA"]
+                wide = sum("X" in o.split(".")[1:] for o, _ in body)
+                local = mix["LDL"] + mix["STL"]
                 top = ", ".join(f"{k} {v}" for k, v in mix.most_common(8))
-                print(f"{arch:7} {fn:24} loop {start:#06x}..{end:#06x}: {n:5} instructions, {tc:3} tensor ({n / tc:5.2f} per): {top}")
+                print(f"{arch:7} {fn:24} loop {start:#06x}..{end:#06x}: {n:5} instructions, {tc:3} tensor, {n / tc:5.2f} per tensor, "
+                      f"{wide:3} with a carry (.X), {local} local: {top}")
 
 
 if __name__ == "__main__":
