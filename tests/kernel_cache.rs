@@ -7,20 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use deepis::gpu::kernels::{SOURCES, TESTING_SOURCES};
+mod common;
 use deepis::gpu::nvrtc::{self, cache::CubinCache, BuildStats};
 
 const BIN: &str = env!("CARGO_BIN_EXE_deepis");
-
-fn nvrtc_or_skip() -> bool {
-    match nvrtc::ensure_loaded() {
-        Ok(_) => true,
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("CI=true and NVRTC is missing: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            false
-        }
-    }
-}
 
 fn archs(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
@@ -38,7 +28,7 @@ fn counts(s: &BuildStats) -> (usize, usize) {
 
 #[test]
 fn second_run_loads_every_kernel_from_the_cache() {
-    if !nvrtc_or_skip() {
+    if !common::nvrtc_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -69,7 +59,7 @@ fn second_run_loads_every_kernel_from_the_cache() {
 
 #[test]
 fn a_changed_source_or_option_misses() {
-    if !nvrtc_or_skip() {
+    if !common::nvrtc_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -99,7 +89,7 @@ fn a_changed_source_or_option_misses() {
 
 #[test]
 fn damaged_entries_are_recompiled_never_loaded() {
-    if !nvrtc_or_skip() {
+    if !common::nvrtc_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -151,7 +141,7 @@ fn stderr_of(o: &std::process::Output) -> String {
 
 #[test]
 fn deepis_kernels_says_what_came_from_the_cache() {
-    if !nvrtc_or_skip() {
+    if !common::nvrtc_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -183,7 +173,7 @@ fn deepis_kernels_says_what_came_from_the_cache() {
 
 #[test]
 fn racing_processes_leave_a_valid_cache() {
-    if !nvrtc_or_skip() {
+    if !common::nvrtc_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -213,7 +203,7 @@ fn racing_processes_leave_a_valid_cache() {
 
 #[test]
 fn an_unwritable_cache_costs_a_warning_not_a_failure() {
-    if !nvrtc_or_skip() {
+    if !common::nvrtc_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -25,9 +25,7 @@ fn testing_sources() -> Vec<(String, String)> {
 
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
-    if let Err(e) = nvrtc::ensure_loaded() {
-        assert!(!common::on_ci(), "CI is set and NVRTC is missing: {e}");
-        common::skip(&format!("no NVRTC ({e})"));
+    if !common::nvrtc_or_skip() {
         return;
     }
     let (major, minor) = nvrtc::version().expect("nvrtcVersion");
@@ -64,9 +62,7 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
 
 #[test]
 fn compile_error_carries_the_full_log() {
-    if let Err(e) = nvrtc::ensure_loaded() {
-        assert!(!common::on_ci(), "CI is set and NVRTC is missing: {e}");
-        common::skip(&format!("no NVRTC ({e})"));
+    if !common::nvrtc_or_skip() {
         return;
     }
     let bad = "#include \"deepis_device.h\"\nextern \"C\" __global__ void broken(gptr<float> y) { y[0] = undefined_name; }\n";
@@ -81,9 +77,7 @@ fn compile_error_carries_the_full_log() {
 /// wgmma_gemm touches them on purpose, in its planted faults: it is only required to build.)
 #[test]
 fn wgmma_kernels_build_for_sm90a_without_serialization() {
-    if let Err(e) = nvrtc::ensure_loaded() {
-        assert!(!common::on_ci(), "CI is set and NVRTC is missing: {e}");
-        common::skip(&format!("no NVRTC ({e})"));
+    if !common::nvrtc_or_skip() {
         return;
     }
     let all = deepis::gpu::kernels::SOURCES.iter().chain(deepis::gpu::kernels::TESTING_SOURCES);

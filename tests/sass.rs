@@ -10,7 +10,6 @@
 //! Skips when NVRTC or cuobjdump / nvdisasm is missing, except under CI, where `.ci/run` installs
 //! all three.
 mod common;
-use deepis::gpu::nvrtc;
 use std::collections::BTreeMap;
 use std::process::Command;
 
@@ -33,9 +32,7 @@ fn parse(out: &str) -> Loops {
 
 #[test]
 fn tensor_core_inner_loops_keep_addresses_in_32_bits_and_out_of_local_memory() {
-    if let Err(e) = nvrtc::ensure_loaded() {
-        assert!(!common::on_ci(), "CI is set and NVRTC is missing: {e}");
-        common::skip(&format!("no NVRTC ({e})"));
+    if !common::nvrtc_or_skip() {
         return;
     }
     let cache = tempfile::tempdir().unwrap();

@@ -75,6 +75,19 @@ pub fn on_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
 }
 
+/// Whether NVRTC loads. When it does not, the running test says so and skips its checks, except
+/// under CI (where `.ci/run` installs NVRTC), where a missing NVRTC fails it.
+pub fn nvrtc_or_skip() -> bool {
+    match deepis::gpu::nvrtc::ensure_loaded() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(!on_ci(), "CI is set and NVRTC is missing: {e}");
+            skip(&format!("no NVRTC ({e})"));
+            false
+        }
+    }
+}
+
 /// Says that the running test skips its checks and why: printed, and appended to
 /// `$DEEPIS_SKIP_LOG` (one `test<TAB>reason` line) so that `.ci/run` can count the skips.
 pub fn skip(reason: &str) {
