@@ -180,7 +180,9 @@ pub struct GpuPlan<D: Device> {
     staging: RefCell<Option<[Staging<D>; 2]>>,
     gpu: GpuBackend<D>,
     precision: Precision,
-    /// The warp tile of the tensor-core convs not on wgmma ([`GpuPlan::set_mma_tile`]).
+    /// The kernels of the tensor-core convs ([`GpuPlan::set_wgmma`], [`GpuPlan::set_mma_tile`]):
+    /// wgmma on the convs it takes, else mma.sync in this warp tile.
+    wgmma: bool,
     mma_tile: MmaTile,
     batch: usize,
     steps: Vec<Step>,
@@ -400,7 +402,7 @@ impl<D: Device> GpuPlan<D> {
         let Built { steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, arena } = Built::lower(&dev, g, batch, precision)?;
         let gpu = GpuBackend::new(dev);
         let (graphs, staging) = ([OnceCell::new(), OnceCell::new()], RefCell::new(None));
-        Ok(GpuPlan { graphs, use_graph: true, staging, gpu, precision, mma_tile: MmaTile::M32, batch, steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, id: next_plan_id(), _arena: arena })
+        Ok(GpuPlan { graphs, use_graph: true, staging, gpu, precision, wgmma: false, mma_tile: MmaTile::M32, batch, steps, convs, affines, slots, vals, arena_bytes, slot_bytes, weight_bytes, input, output, id: next_plan_id(), _arena: arena })
     }
 }
 
@@ -507,16 +509,9 @@ impl<D: Device> GpuPlan<D> {
         if on && self.precision == Precision::Fp32 {
             return Err(Error::Input("--wgmma: a tensor-core option (--precision tf32, fp16 or bf16), not fp32".into()));
         }
-        self.graphs.iter_mut().for_each(|g| drop(g.take()));
-        let mut n = 0;
-        for c in &mut self.convs {
-            if let Conv::Tc(tc) = c {
-                let wg = on && tensor_conv::wgmma_supports(&tc.spec).is_none();
-                tc.tile = if wg { WarpTile::Wgmma } else { self.mma_tile.warp_tile() };
-                n += wg as usize;
-            }
-        }
-        Ok(n)
+        self.wgmma = on;
+        self.retile();
+        Ok(self.wgmma_convs())
     }
 
     /// Runs the tensor-core convolutions not on wgmma with warp tile `t`; returns how many. An
@@ -525,18 +520,22 @@ impl<D: Device> GpuPlan<D> {
         if self.precision == Precision::Fp32 {
             return Err(Error::Input("--warp-tile: a tensor-core option (--precision tf32, fp16 or bf16), not fp32".into()));
         }
-        self.graphs.iter_mut().for_each(|g| drop(g.take()));
         self.mma_tile = t;
-        let mut n = 0;
+        self.retile();
+        Ok(self.convs.iter().filter(|c| matches!(c, Conv::Tc(tc) if tc.tile != WarpTile::Wgmma)).count())
+    }
+
+    /// Gives every tensor-core convolution its kernel from the plan's choices: wgmma where it is on
+    /// and takes the conv, else mma.sync in the plan's warp tile. The graphs recorded with the old
+    /// kernels are dropped (the next run records new ones).
+    fn retile(&mut self) {
+        self.graphs.iter_mut().for_each(|g| drop(g.take()));
         for c in &mut self.convs {
             if let Conv::Tc(tc) = c {
-                if tc.tile != WarpTile::Wgmma {
-                    tc.tile = t.warp_tile();
-                    n += 1;
-                }
+                let wg = self.wgmma && tensor_conv::wgmma_supports(&tc.spec).is_none();
+                tc.tile = if wg { WarpTile::Wgmma } else { self.mma_tile.warp_tile() };
             }
         }
-        Ok(n)
     }
 
     /// How many convolutions run on wgmma ([`GpuPlan::set_wgmma`]).
