@@ -15,7 +15,8 @@ much of it is address arithmetic, before any GPU runs it.
 
 A loop is a backward branch and the instructions it jumps over; nested loops are all printed,
 innermost (shortest) first. cuobjdump is taken from $CUOBJDUMP, else from the nvidia-cuda-cuobjdump
-wheel of this python3 (nvdisasm likewise, which cuobjdump runs), else from PATH.
+wheel of this python3 (nvdisasm likewise, which cuobjdump runs), else from PATH;
+`sass_loops.py --tool cuobjdump` prints where (exit 3 when it is nowhere).
 """
 import collections
 import glob
@@ -95,6 +96,9 @@ def tensor_loops(code):
 def main():
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
+    if sys.argv[1] == "--tool" and len(sys.argv) == 3:
+        print(tool(sys.argv[2], sys.argv[2].upper()))
+        return
     cache, file = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "conv3d_tc"
     kernels = set(sys.argv[3:])
     entries = sorted(glob.glob(os.path.join(cache, "cubin", f"{file}.*.cubin")))
